@@ -1,0 +1,48 @@
+"""hessgap: sharpness, Hessian spectra and the large-batch generalization gap (Keskar et al. 2017).
+
+The public API reads like PyTorch::
+
+    import hessgap
+    result = hessgap.sharpness(model, loader, epsilon=1e-3)          # Metric 2.1 of Keskar et al.
+    top = hessgap.eigenvalues(model, loader, k=5)                    # Lanczos on batched HVPs
+    Hv = hessgap.hvp(model, loader, vectors)                         # H·v for k vectors in one pass
+
+Names are imported on first use, so ``import hessgap`` stays light (no matplotlib, no scipy).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    "sharpness": "hessgap.sharp.metric",
+    "adaptive_sharpness": "hessgap.sharp.metric",
+    "SharpnessResult": "hessgap.sharp.metric",
+    "hvp": "hessgap.curvature.hvp",
+    "HessianOperator": "hessgap.curvature.operator",
+    "eigenvalues": "hessgap.spectrum.lanczos",
+    "trace": "hessgap.spectrum.trace",
+    "density": "hessgap.spectrum.density",
+    "LossOverData": "hessgap.curvature.objective",
+    "preserved": "hessgap._state",
+    "HessgapError": "hessgap.errors",
+    "NonFiniteError": "hessgap.errors",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hessgap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

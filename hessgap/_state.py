@@ -1,0 +1,37 @@
+"""Leave a model exactly as it was: parameters bit for bit, buffers, gradients and train/eval modes."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, train: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Run a block that perturbs ``model`` and put everything back afterwards, also on error.
+
+    Inside the block the model is in eval mode (``train=False``, the default: BatchNorm uses its running
+    statistics and dropout is off) or in train mode. Yields a snapshot of the trainable parameters by
+    name; callers use it as the centre x instead of keeping a second copy.
+    """
+    params = {name: p for name, p in model.named_parameters()}
+    saved_params = {name: p.detach().clone() for name, p in params.items()}
+    saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    saved_grads = {name: p.grad for name, p in params.items()}
+    saved_modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.train(train)
+        yield {name: saved_params[name] for name, p in params.items() if p.requires_grad}
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved_params[name])
+                p.grad = saved_grads[name]
+            for name, b in model.named_buffers():
+                if name in saved_buffers:
+                    b.copy_(saved_buffers[name])
+        for module, mode in saved_modes:
+            module.training = mode

@@ -1,0 +1,44 @@
+"""``python -m hessgap.info``: what this installation of hessgap was built with."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from . import __version__, _extension
+
+
+def build_info() -> dict:
+    module = _extension.load()
+    info = {
+        "hessgap": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "extension_loaded": module is not None,
+        "cpu_kernels": module is not None,
+        "cuda_kernels": bool(module is not None and module.with_cuda),
+        "cuda_architectures": (module.cuda_archs or "torch default") if module is not None and module.with_cuda else None,
+        "openmp": bool(module is not None and module.built_with_openmp),
+        "cuda_device_available": torch.cuda.is_available(),
+        "ops": sorted(name for name in dir(torch.ops.hessgap) if not name.startswith("_") and name != "name") if module else [],
+    }
+    if module is None:
+        info["extension_error"] = str(_extension.load_error())
+    return info
+
+
+def main(argv=None) -> int:
+    info = build_info()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--json" in argv:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        print(f"{key:22s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
