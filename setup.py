@@ -64,11 +64,12 @@ def _extensions():
         ("HESSGAP_VERSION", f'"{VERSION}"'),
         ("HESSGAP_CUDA_ARCHS", f'"{arch_list}"'),
     ]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    # no -std flag: torch's build helper picks the standard its headers need (C++17 or C++20)
+    cxx_flags = ["-O3", "-fopenmp"] if os.name != "nt" else ["/O2"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
         define_macros.append(("HESSGAP_WITH_CUDA", None))
-        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+        nvcc_flags = ["-O3", "-lineinfo"]
         return [
             CUDAExtension(
                 "hessgap._C",

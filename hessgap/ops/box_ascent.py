@@ -1,0 +1,107 @@
+"""The fused projected box-ascent step ``torch.ops.hessgap.box_ascent_step`` and its plain-PyTorch twin.
+
+One call performs one step of projected ascent on the perturbation y over every parameter tensor of a
+model, in one pass and without flattening copies:
+
+    r      = box radius:  keskar ε(|x| + 1)  |  adaptive ε|x|  |  absolute ε
+    s      = sign(g)  (direction="sign")  or  g  (direction="gradient")
+    z      = clamp(y + step·s, −r, r)
+    y_new  = clamp(y + (1 − μ)(z − y) + μ·m, −r, r)      (μ = momentum; μ = 0 gives y_new = z)
+    m      ← y_new − y        (only when μ > 0: the previous step, Auto-PGD's momentum term)
+    y      ← y_new
+    params ← x + y_new        (the model's weights, written in the same pass)
+
+and returns a float64 tensor of three reductions over all coordinates:
+``[Σ (y_new − y)², #{i : |y_new_i| ≥ r_i}, Σ g·(y_new − y)]``: the squared step length, the number of
+coordinates on the box's faces, and the first-order predicted increase of f.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+BOX_KINDS = ("keskar", "adaptive", "absolute")
+DIRECTIONS = ("sign", "gradient")
+
+
+def _check_choices(box: str, direction: str) -> None:
+    if box not in BOX_KINDS:
+        raise ValueError(f"box must be one of {BOX_KINDS}, got {box!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def box_radius(x: torch.Tensor, epsilon: float, box: str) -> torch.Tensor:
+    """The half-width r of the box around x, element by element."""
+    if box == "keskar":
+        return epsilon * (x.abs() + 1)
+    if box == "adaptive":
+        return epsilon * x.abs()
+    if box == "absolute":
+        return torch.full_like(x, epsilon)
+    raise ValueError(f"box must be one of {BOX_KINDS}, got {box!r}")
+
+
+@torch.no_grad()
+def box_ascent_step_reference(
+    x: Sequence[torch.Tensor],
+    y: Sequence[torch.Tensor],
+    grad: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    *,
+    step: float,
+    epsilon: float,
+    box: str = "keskar",
+    direction: str = "sign",
+    momentum: float = 0.0,
+    prev_step: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The same step as :func:`box_ascent_step`, written with unfused PyTorch ops, in float64 sums."""
+    _check_choices(box, direction)
+    if momentum > 0 and prev_step is None:
+        raise ValueError("momentum > 0 needs prev_step, one buffer per parameter holding the previous step")
+    step_sq = torch.zeros((), dtype=torch.float64, device=x[0].device if len(x) else "cpu")
+    on_faces = torch.zeros_like(step_sq)
+    predicted = torch.zeros_like(step_sq)
+    for i, (xi, yi, gi, pi) in enumerate(zip(x, y, grad, params)):
+        r = box_radius(xi, epsilon, box)
+        s = torch.sign(gi) if direction == "sign" else gi
+        z = torch.maximum(torch.minimum(yi + step * s, r), -r)
+        if momentum > 0:
+            mi = prev_step[i]
+            y_new = yi + (1 - momentum) * (z - yi) + momentum * mi
+            y_new = torch.maximum(torch.minimum(y_new, r), -r)
+        else:
+            y_new = z
+        delta = y_new - yi
+        step_sq += (delta.double() ** 2).sum()
+        on_faces += (y_new.abs() >= r).sum().double()
+        predicted += (gi.double() * delta.double()).sum()
+        if momentum > 0:
+            prev_step[i].copy_(delta)
+        yi.copy_(y_new)
+        pi.copy_(xi + y_new)
+    return torch.stack([step_sq, on_faces, predicted])
+
+
+def box_ascent_step(
+    x: Sequence[torch.Tensor],
+    y: Sequence[torch.Tensor],
+    grad: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    *,
+    step: float,
+    epsilon: float,
+    box: str = "keskar",
+    direction: str = "sign",
+    momentum: float = 0.0,
+    prev_step: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One fused projected ascent step; updates ``y``, ``params`` (and ``prev_step``) in place.
+
+    Runs the compiled kernel (CPU or CUDA, by the tensors' device). Raises a RuntimeError saying how to
+    build the extension when it is missing. See the module docstring for the exact update.
+    """
+    raise NotImplementedError("the compiled kernel is being wired in; use box_ascent_step_reference")
