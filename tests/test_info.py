@@ -1,0 +1,42 @@
+"""The package imports without side effects and reports what was built."""
+
+import json
+import subprocess
+import sys
+
+import hessgap
+from hessgap import _extension
+from hessgap.info import build_info
+
+
+def test_build_info_reports_the_extension():
+    info = build_info()
+    assert info["hessgap"] == hessgap.__version__
+    assert info["extension_loaded"], info.get("extension_error")
+    assert info["cpu_kernels"]
+    assert "box_ascent_step" in info["ops"]
+
+
+def test_info_module_prints_json():
+    out = subprocess.run([sys.executable, "-m", "hessgap.info", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["torch"]
+
+
+def test_missing_extension_message_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(_extension, "_module", None)
+    monkeypatch.setattr(_extension, "_error", ImportError("no module named hessgap._C"))
+    try:
+        _extension.require()
+    except RuntimeError as exc:
+        assert "pip install --no-build-isolation -e ." in str(exc)
+    else:
+        raise AssertionError("require() must raise when the extension is missing")
+
+
+def test_unknown_public_name_is_an_attribute_error():
+    try:
+        hessgap.not_a_function
+    except AttributeError as exc:
+        assert "not_a_function" in str(exc)
+    else:
+        raise AssertionError
