@@ -1,0 +1,120 @@
+"""The element-wise second-order pieces of the fused HVP engine, ``torch.ops.hessgap.hvp_*``, and their twins.
+
+For k directions at once (tensors named ``t``, ``rz``, ``rg`` have shape ``(k, *z.shape)``):
+
+    act_jvp(z, t)                 σ'(z) ⊙ t[j]                            R{a} of a = σ(z)
+    act_rbackward(z, g, rz, rg)   σ'(z) ⊙ rg[j] + σ''(z) ⊙ g ⊙ rz[j]       R{∂L/∂z}, g = ∂L/∂a
+    softmax_ce_rgrad(p, rz, s)    s · p ⊙ (rz[j] − ⟨p, rz[j]⟩ per row)      R{∂L/∂logits} of softmax CE
+
+Activation kinds: ``relu``, ``leaky_relu`` (with ``slope``), ``tanh``, ``sigmoid``, ``gelu`` (erf form) and
+``gelu_tanh`` (GELU's tanh approximation). ReLU and LeakyReLU take PyTorch's left derivative at 0.
+The ``*_reference`` functions compute the same with plain PyTorch ops (σ', σ'' by autograd), for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+
+ACTIVATION_KINDS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ACTIVATION_KINDS:
+        raise ValueError(f"kind must be one of {ACTIVATION_KINDS}, got {kind!r}")
+
+
+def _ops():
+    _extension.require()
+    return torch.ops.hessgap
+
+
+def act_jvp(z: torch.Tensor, t: torch.Tensor, kind: str, slope: float = 0.01) -> torch.Tensor:
+    """σ'(z) ⊙ t[j] for each of the k slices of ``t`` (shape ``(k, *z.shape)``), by the compiled kernel."""
+    _check_kind(kind)
+    return _ops().hvp_act_jvp.default(z, t, kind, float(slope))
+
+
+def act_rbackward(
+    z: torch.Tensor, g: torch.Tensor, rz: torch.Tensor, rg: torch.Tensor, kind: str, slope: float = 0.01
+) -> torch.Tensor:
+    """σ'(z) ⊙ rg[j] + σ''(z) ⊙ g ⊙ rz[j] for k directions, by the compiled kernel."""
+    _check_kind(kind)
+    return _ops().hvp_act_rbackward.default(z, g, rz, rg, kind, float(slope))
+
+
+def softmax_ce_rgrad(p: torch.Tensor, rz: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · p ⊙ (rz[j] − ⟨p, rz[j]⟩_row)``: the softmax cross-entropy Hessian w.r.t. the logits applied
+    to k directions; ``p`` is the (batch, classes) softmax, ``scale`` is 1/(samples the loss averages over)."""
+    return _ops().hvp_softmax_ce_rgrad.default(p, rz, float(scale))
+
+
+# ---- plain-PyTorch twins -------------------------------------------------------------------------------
+
+
+def activation_reference(z: torch.Tensor, kind: str, slope: float = 0.01) -> torch.Tensor:
+    """σ(z) with torch.nn.functional, the function whose derivatives the kernels compute."""
+    _check_kind(kind)
+    f = torch.nn.functional
+    if kind == "relu":
+        return f.relu(z)
+    if kind == "leaky_relu":
+        return f.leaky_relu(z, slope)
+    if kind == "tanh":
+        return torch.tanh(z)
+    if kind == "sigmoid":
+        return torch.sigmoid(z)
+    if kind == "gelu":
+        return f.gelu(z)
+    return f.gelu(z, approximate="tanh")
+
+
+def activation_derivatives_reference(z: torch.Tensor, kind: str, slope: float = 0.01):
+    """σ'(z) and σ''(z) by double autograd through :func:`activation_reference`."""
+    with torch.enable_grad():
+        x = z.detach().clone().requires_grad_(True)
+        (d1,) = torch.autograd.grad(activation_reference(x, kind, slope).sum(), x, create_graph=True)
+        if d1.requires_grad:
+            (d2,) = torch.autograd.grad(d1.sum(), x, allow_unused=True)
+        else:
+            d2 = None
+    d2 = torch.zeros_like(z) if d2 is None else d2
+    return d1.detach(), d2.detach()
+
+
+def act_jvp_reference(z: torch.Tensor, t: torch.Tensor, kind: str, slope: float = 0.01) -> torch.Tensor:
+    d1, _ = activation_derivatives_reference(z, kind, slope)
+    return d1.unsqueeze(0) * t
+
+
+def act_rbackward_reference(
+    z: torch.Tensor, g: torch.Tensor, rz: torch.Tensor, rg: torch.Tensor, kind: str, slope: float = 0.01
+) -> torch.Tensor:
+    d1, d2 = activation_derivatives_reference(z, kind, slope)
+    return d1.unsqueeze(0) * rg + (d2 * g).unsqueeze(0) * rz
+
+
+def softmax_ce_rgrad_reference(p: torch.Tensor, rz: torch.Tensor, scale: float) -> torch.Tensor:
+    dot = (p.unsqueeze(0) * rz).sum(-1, keepdim=True)
+    return scale * p.unsqueeze(0) * (rz - dot)
+
+
+# ---- fake kernels (shape only) for torch.compile and meta tensors; only when the build is there ----------
+
+if _extension.available():
+
+    @torch.library.register_fake("hessgap::hvp_act_jvp")
+    def _act_jvp_fake(z, t, kind, slope=0.01):
+        torch._check(t.dim() == z.dim() + 1, lambda: "t must have shape (k, *z.shape)")
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("hessgap::hvp_act_rbackward")
+    def _act_rbackward_fake(z, g, rz, rg, kind, slope=0.01):
+        torch._check(rg.dim() == z.dim() + 1, lambda: "rg must have shape (k, *z.shape)")
+        return torch.empty_like(rg, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("hessgap::hvp_softmax_ce_rgrad")
+    def _softmax_ce_rgrad_fake(p, rz, scale):
+        torch._check(p.dim() == 2 and rz.dim() == 3, lambda: "p must be (batch, classes), rz (k, batch, classes)")
+        return torch.empty_like(rz, memory_format=torch.contiguous_format)
