@@ -22,15 +22,18 @@ from typing import Sequence
 
 import torch
 
+from .. import _extension
+from ..errors import HessgapError
+
 BOX_KINDS = ("keskar", "adaptive", "absolute")
 DIRECTIONS = ("sign", "gradient")
 
 
 def _check_choices(box: str, direction: str) -> None:
     if box not in BOX_KINDS:
-        raise ValueError(f"box must be one of {BOX_KINDS}, got {box!r}")
+        raise HessgapError(f"box must be one of {BOX_KINDS}, got {box!r}")
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        raise HessgapError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
 
 def box_radius(x: torch.Tensor, epsilon: float, box: str) -> torch.Tensor:
@@ -41,7 +44,7 @@ def box_radius(x: torch.Tensor, epsilon: float, box: str) -> torch.Tensor:
         return epsilon * x.abs()
     if box == "absolute":
         return torch.full_like(x, epsilon)
-    raise ValueError(f"box must be one of {BOX_KINDS}, got {box!r}")
+    raise HessgapError(f"box must be one of {BOX_KINDS}, got {box!r}")
 
 
 @torch.no_grad()
@@ -61,7 +64,7 @@ def box_ascent_step_reference(
     """The same step as :func:`box_ascent_step`, written with unfused PyTorch ops, in float64 sums."""
     _check_choices(box, direction)
     if momentum > 0 and prev_step is None:
-        raise ValueError("momentum > 0 needs prev_step, one buffer per parameter holding the previous step")
+        raise HessgapError("momentum > 0 needs prev_step, one buffer per parameter holding the previous step")
     step_sq = torch.zeros((), dtype=torch.float64, device=x[0].device if len(x) else "cpu")
     on_faces = torch.zeros_like(step_sq)
     predicted = torch.zeros_like(step_sq)
@@ -101,7 +104,55 @@ def box_ascent_step(
 ) -> torch.Tensor:
     """One fused projected ascent step; updates ``y``, ``params`` (and ``prev_step``) in place.
 
-    Runs the compiled kernel (CPU or CUDA, by the tensors' device). Raises a RuntimeError saying how to
-    build the extension when it is missing. See the module docstring for the exact update.
+    Args:
+        x: the box's centre, one tensor per parameter (a copy of the weights, not the parameters).
+        y: the perturbation, updated in place.
+        grad: the gradient of f at x + y.
+        params: the model's parameters; receive x + y_new (written under ``torch.no_grad()``).
+        step: the step size η.
+        epsilon: the box's size ε (> 0).
+        box: ``"keskar"`` ε(|x| + 1), ``"adaptive"`` ε|x| or ``"absolute"`` ε.
+        direction: ``"sign"`` (sign of g) or ``"gradient"`` (g itself).
+        momentum: μ in [0, 1); μ > 0 needs ``prev_step`` (the previous step, updated in place).
+
+    Returns:
+        float64 tensor ``[Σ Δy², #coordinates on the box's faces, Σ g·Δy]`` on the tensors' device.
+
+    All tensors share one device and one dtype (float32 or float64) and have pairwise equal shapes.
+    Runs the compiled kernel (CPU or CUDA, by the tensors' device) in one pass over all tensors; tensors
+    that do not share a dense layout go through contiguous temporaries (correct, slower). Raises a
+    RuntimeError saying how to build the extension when it is missing. See the module docstring for
+    the exact update.
     """
-    raise NotImplementedError("the compiled kernel is being wired in; use box_ascent_step_reference")
+    _check_choices(box, direction)
+    x, y, grad, params = (list(t) for t in (x, y, grad, params))
+    if not x:
+        raise HessgapError("box_ascent_step got no tensors; pass one tensor per parameter in x, y, grad and params")
+    if momentum > 0 and prev_step is None:
+        raise HessgapError("momentum > 0 needs prev_step, one buffer per parameter holding the previous step")
+    _extension.require()
+    with torch.no_grad():
+        return torch.ops.hessgap.box_ascent_step.default(
+            x,
+            y,
+            grad,
+            params,
+            None if prev_step is None else list(prev_step),
+            float(step),
+            float(epsilon),
+            BOX_KINDS.index(box),
+            DIRECTIONS.index(direction),
+            float(momentum),
+        )
+
+
+def _register_fake() -> None:
+    """Shape-only kernel for torch.compile; registered only when the compiled op exists."""
+
+    @torch.library.register_fake("hessgap::box_ascent_step")
+    def _box_ascent_step_fake(x, y, grad, params, prev_step, step, epsilon, box, direction, momentum):
+        return x[0].new_empty((3,), dtype=torch.float64)
+
+
+if _extension.available():
+    _register_fake()
