@@ -1,0 +1,300 @@
+"""ε-sharpness (Keskar et al. 2017, Metric 2.1) and adaptive sharpness (Andriushchenko et al. 2023).
+
+    φ_{x,f}(ε, A) = ( max_{y ∈ C_ε} f(x + A y) − f(x) ) / (1 + f(x)) × 100,
+    C_ε = { y : |y_i| ≤ ε (|(A⁺x)_i| + 1) }
+
+with f the mean loss over the data and A = I (full space) or a random n × p matrix (subspace; see
+:mod:`hessgap.sharp.subspace` for its distribution). Adaptive sharpness is
+max_{‖δ ⊙ |x|⁻¹‖_p ≤ ρ} f(x + δ) − f(x), p ∈ {∞, 2}, without the (1 + f) normalization.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from numbers import Real
+
+import torch
+from torch import nn
+
+from .._state import preserved
+from ..curvature.objective import LossFn, LossOverData, check_finite_parameters
+from ..errors import HessgapError
+from ..ops.box_ascent import box_radius
+from . import solvers
+from .subspace import SCALES, RandomSubspace
+
+KINDS = ("keskar", "adaptive")
+NORMS = ("linf", "l2")
+DEFAULT_MAX_ITER = {"lbfgsb": 10, "box-ascent": 10}
+DEFAULT_RHO = {"linf": 2e-3, "l2": 0.1}
+DEFAULT_SUBSPACE_DIM = 100
+
+
+@dataclass
+class SharpnessResult:
+    """The outcome of :func:`sharpness`; every field is a plain number, string or list (JSON-ready).
+
+    ``value`` is the metric: Keskar's φ in percent for ``kind="keskar"``, the loss increase
+    ``max_loss − loss`` for ``kind="adaptive"``. ``loss`` is f(x), ``max_loss`` the largest f found in
+    the box (≥ ``loss``). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``evaluations`` counts passes of
+    loss and gradient over the data, f(x) included; ``history`` lists f at each of them.
+    """
+
+    value: float
+    loss: float
+    max_loss: float
+    epsilon: float
+    subspace_dim: int | None
+    solver: str
+    iterations: int
+    evaluations: int
+    seconds: float
+    kind: str = "keskar"
+    norm: str = "linf"
+    num_parameters: int = 0
+    num_samples: int | None = None
+    train_mode: bool = False
+    seed: int = 0
+    max_batches: int | None = None
+    kernel: str = ""
+    restarts: int = 0
+    message: str = ""
+    history: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        space = "full space" if self.subspace_dim is None else f"{self.subspace_dim}-dim subspace"
+        unit = "" if self.kind == "adaptive" else " (Metric 2.1, %)"
+        return (
+            f"{self.kind} sharpness{unit} = {self.value:.6g} at eps={self.epsilon:g}, {space}, "
+            f"loss {self.loss:.6g} -> {self.max_loss:.6g}, {self.solver}, {self.evaluations} evaluations, "
+            f"{self.seconds:.2f}s"
+        )
+
+
+def _positive_number(value, name: str, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise HessgapError(f"{name} must be a finite number > 0, got {value!r}; {hint}")
+    return float(value)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise HessgapError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_buffers(model: nn.Module, objective: LossOverData) -> None:
+    """Buffers (BatchNorm statistics) must live with the parameters; torch's own error would be obscure."""
+    for name, b in model.named_buffers():
+        if b.device != objective.device:
+            raise HessgapError(
+                f"buffer {name} is on {b.device} but the parameters are on {objective.device}; "
+                "move the whole model with model.to(device)"
+            )
+        if b.is_floating_point() and b.dtype != objective.dtype:
+            raise HessgapError(
+                f"buffer {name} is {b.dtype} but the parameters are {objective.dtype}; "
+                "cast the whole model with model.to(dtype)"
+            )
+
+
+def sharpness(
+    model: nn.Module,
+    loader,
+    epsilon: float = 1e-3,
+    subspace_dim: int | None = None,
+    loss_fn: LossFn | None = None,
+    solver: str = "box-ascent",
+    max_iter: int | None = None,
+    seed: int = 0,
+    max_batches: int | None = None,
+    train_mode: bool = False,
+    progress: bool = False,
+    *,
+    kind: str = "keskar",
+    norm: str = "linf",
+    momentum: float = 0.25,
+    subspace_scale: str = "unit",
+    subspace_memory_bytes: int = 2**28,
+    cache_batches: bool = False,
+    lbfgsb_options: dict | None = None,
+) -> SharpnessResult:
+    """ε-sharpness of ``model`` at its current weights x over the data in ``loader`` (Metric 2.1).
+
+    Args:
+        model: the network; its weights, buffers, gradients and train/eval modes are restored bit for bit
+            on return, also when the call raises or is interrupted.
+        loader: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list) or one such pair;
+            f is the mean loss over all of it. Batches are moved to the model's device, and floating
+            inputs cast to its dtype.
+        epsilon: the box size ε (ρ for ``kind="adaptive"``).
+        subspace_dim: None for the full space (A = I); p for a random n × p matrix A (100 in the paper).
+        loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
+        solver: ``"box-ascent"`` (default: projected sign ascent with momentum, step halving and the best
+            point kept, using the fused op) or ``"lbfgsb"`` (scipy's L-BFGS-B from y = 0, the paper's).
+        max_iter: iterations; 10 for both solvers by default (each box-ascent iteration is one pass of
+            loss and gradient; an L-BFGS-B iteration may take several).
+        seed: seeds the random subspace A and the tie-breaking of zero gradients.
+        max_batches: limit f to the first batches of ``loader``, for speed.
+        train_mode: evaluate in train mode (BatchNorm on batch statistics, dropout on); the default is
+            eval mode, as Andriushchenko et al. BatchNorm buffers are restored either way.
+        progress: show a tqdm progress bar over the iterations.
+        kind: ``"keskar"`` (Metric 2.1) or ``"adaptive"`` (see :func:`adaptive_sharpness`).
+        norm: ``"linf"`` or ``"l2"`` (adaptive only).
+        momentum: the weight of the previous step (Auto-PGD's 1 − α; 0.25 is its α = 0.75).
+        subspace_scale: ``"unit"``: A has i.i.d. N(0, 1) entries; ``"sqrt_n"``: N(0, 1/n).
+        subspace_memory_bytes: keep A in memory when it fits, else regenerate it block by block.
+        cache_batches: keep the loader's batches in memory across the passes.
+        lbfgsb_options: extra ``options`` for scipy's L-BFGS-B (e.g. ``{"maxfun": 50}``).
+
+    Returns:
+        :class:`SharpnessResult`.
+    """
+    started = time.perf_counter()
+    if kind not in KINDS:
+        raise HessgapError(f"unknown sharpness kind {kind!r}; choose one of {KINDS}")
+    if norm not in NORMS:
+        raise HessgapError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    if kind == "keskar" and norm != "linf":
+        raise HessgapError("Keskar's sharpness is defined on a box (norm='linf'); norm='l2' needs kind='adaptive'")
+    solvers.check_solver(solver)
+    if norm == "l2" and solver == "lbfgsb":
+        raise HessgapError("L-BFGS-B handles box bounds only; use solver='box-ascent' for the l2 ball")
+    name = "rho" if kind == "adaptive" else "epsilon"
+    epsilon = _positive_number(epsilon, name, f"{name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)")
+    max_iter = _positive_int(DEFAULT_MAX_ITER[solver] if max_iter is None else max_iter, "max_iter")
+    if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0 <= momentum < 1:
+        raise HessgapError(f"momentum must be in [0, 1), got {momentum!r}")
+    if subspace_dim is not None and kind == "adaptive":
+        raise HessgapError("adaptive sharpness is defined in the full space; leave subspace_dim=None")
+    if subspace_scale not in SCALES:
+        raise HessgapError(f"subspace_scale must be one of {SCALES}, got {subspace_scale!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise HessgapError(f"seed must be an integer, got {seed!r}")
+
+    objective = LossOverData(model, loader, loss_fn=loss_fn, max_batches=max_batches)
+    _check_buffers(model, objective)
+    check_finite_parameters(objective.params, objective.names)
+    n = objective.num_parameters
+    subspace = None
+    if subspace_dim is not None:
+        subspace = RandomSubspace(
+            n,
+            subspace_dim,
+            seed,
+            device=objective.device,
+            dtype=objective.dtype,
+            scale=subspace_scale,
+            memory_bytes=subspace_memory_bytes,
+        )
+
+    from tqdm.auto import tqdm
+
+    with preserved(model, train=train_mode) as snapshot:
+        x = [snapshot[name] for name in objective.names]
+        if cache_batches:
+            objective.cache_batches()
+        box = "adaptive" if kind == "adaptive" else "keskar"
+        if subspace is not None:
+            space = solvers.SubspaceSpace(objective, x, subspace)
+        elif norm == "l2":
+            space = solvers.ScaledSpace(objective, x)
+        else:
+            space = solvers.FullSpace(objective, x)
+        loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
+        num_samples = objective.num_samples() if cache_batches else None  # free only when cached
+        with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({solver})", leave=False) as bar:
+            if solver == "lbfgsb":
+                radii = [box_radius(c, epsilon, box) for c in space.box_centre]
+                outcome = solvers.lbfgsb(
+                    space,
+                    [-r for r in radii],
+                    radii,
+                    loss0,
+                    grad0,
+                    max_iter=max_iter,
+                    options=lbfgsb_options,
+                    tick=lambda: bar.update(1),
+                )
+            else:
+                step_rule = (
+                    solvers.L2Step(space, epsilon) if norm == "l2" else solvers.LinfStep(space, epsilon, box)
+                )
+                outcome = solvers.box_ascent(
+                    space,
+                    step_rule,
+                    loss0,
+                    grad0,
+                    max_iter=max_iter,
+                    momentum=float(momentum),
+                    seed=seed,
+                    tick=lambda: bar.update(1),
+                )
+        history = list(space.history)
+        evaluations = space.evaluations
+
+    max_loss = max(outcome.max_loss, loss0)
+    value = max_loss - loss0 if kind == "adaptive" else (max_loss - loss0) / (1.0 + loss0) * 100.0
+    return SharpnessResult(
+        value=value,
+        loss=loss0,
+        max_loss=max_loss,
+        epsilon=epsilon,
+        subspace_dim=subspace_dim,
+        solver=solver,
+        iterations=outcome.iterations,
+        evaluations=evaluations,
+        seconds=time.perf_counter() - started,
+        kind=kind,
+        norm=norm,
+        num_parameters=n,
+        num_samples=num_samples,
+        train_mode=bool(train_mode),
+        seed=seed,
+        max_batches=max_batches,
+        kernel=outcome.kernel,
+        restarts=outcome.restarts,
+        message=outcome.message,
+        history=history,
+    )
+
+
+def adaptive_sharpness(
+    model: nn.Module,
+    loader,
+    rho: float | None = None,
+    norm: str = "linf",
+    *,
+    loss_fn: LossFn | None = None,
+    solver: str = "box-ascent",
+    max_iter: int | None = None,
+    **kwargs,
+) -> SharpnessResult:
+    """Adaptive worst-case sharpness (Andriushchenko et al. 2023): max_{‖δ ⊙ |x|⁻¹‖ ≤ ρ} f(x + δ) − f(x).
+
+    ``norm="linf"``: the box |δ_i| ≤ ρ|x_i| (default ρ = 2e-3); ``norm="l2"``: the ball
+    ‖δ / |x|‖₂ ≤ ρ over all coordinates together (default ρ = 0.1). Coordinates with x_i = 0 cannot move.
+    No (1 + f) normalization: ``value`` is the loss increase. Other arguments as :func:`sharpness`.
+    """
+    if norm not in NORMS:
+        raise HessgapError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    return sharpness(
+        model,
+        loader,
+        epsilon=DEFAULT_RHO[norm] if rho is None else rho,
+        loss_fn=loss_fn,
+        solver=solver,
+        max_iter=max_iter,
+        kind="adaptive",
+        norm=norm,
+        **kwargs,
+    )

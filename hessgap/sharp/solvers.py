@@ -1,0 +1,422 @@
+"""Maximizers of f(x + A y) over a box (or a ball): projected sign ascent and scipy's L-BFGS-B.
+
+A *space* says what the variable y is and how it moves the model: :class:`FullSpace` (A = I, y has the
+parameters' shapes), :class:`ScaledSpace` (δ = c ⊙ u, for the ℓ2 ball of adaptive sharpness) and
+:class:`SubspaceSpace` (A is a random n × p matrix, y = z ∈ R^p). Every loss evaluation goes through
+the space, which counts it, records its value and keeps the largest one.
+
+Solvers:
+
+- :func:`box_ascent`: Auto-PGD-style projected ascent (Croce & Hein 2020). The first step goes to the
+  box corner sign(∇f)·r; later steps y ← Proj(y + α(z − y) + (1 − α)(y − y_prev)) with
+  z = Proj(y + η·sign(∇f)), α = 1 − momentum; at Auto-PGD's checkpoints η is halved and the ascent
+  restarts from the best point when too few steps improved f or nothing improved since the last
+  checkpoint. The ℓ∞ step is the fused op ``box_ascent_step``: one pass updates y and writes x + y into
+  the model.
+- :func:`lbfgsb`: ``scipy.optimize.minimize(method="L-BFGS-B")`` on −f from y = 0 with the box as
+  bounds and ``maxiter`` iterations, Keskar et al.'s method, through a float64 numpy interface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import _extension
+from ..curvature.objective import LossOverData
+from ..errors import HessgapError
+from ..ops import box_ascent as box_ops
+from .subspace import FlatParameters, RandomSubspace
+
+SOLVERS = ("box-ascent", "lbfgsb")
+
+
+def step_function(device: torch.device) -> tuple[Callable[..., torch.Tensor], str]:
+    """The box-ascent step to use on ``device``: the compiled kernel when built for it, else its twin."""
+    if _extension.available() and hasattr(torch.ops.hessgap, "box_ascent_step"):
+        if device.type == "cpu" or (device.type == "cuda" and _extension.cuda_kernels_built()):
+            return box_ops.box_ascent_step, "compiled"
+    return box_ops.box_ascent_step_reference, "reference"
+
+
+# ----------------------------------------------------------------------------------------------- spaces
+
+
+class _Space:
+    """Shared bookkeeping: the objective, the centre x (a snapshot, never the live weights), counts."""
+
+    def __init__(self, objective: LossOverData, x: Sequence[torch.Tensor]):
+        self.objective = objective
+        self.x = list(x)
+        self.params = [p.detach() for p in objective.params]  # same storage as the model's weights
+        self.evaluations = 0
+        self.history: list[float] = []
+        self.best = -math.inf
+        self.on_evaluation: Callable[[float], None] | None = None
+
+    def _record(self, value: float) -> None:
+        self.evaluations += 1
+        self.history.append(value)
+        self.best = max(self.best, value)
+        if self.on_evaluation is not None:
+            self.on_evaluation(value)
+
+    def zeros(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def set_point(self, y: Sequence[torch.Tensor]) -> None:
+        """Write x + A y into the model's weights."""
+        raise NotImplementedError
+
+    def pull_back(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∇_y f from ∇_x f."""
+        raise NotImplementedError
+
+    def evaluate(self) -> tuple[float, list[torch.Tensor]]:
+        """f and ∇_y f at the point currently written into the model (one pass over the data)."""
+        value, grads = self.objective.value_and_grad()
+        self._record(value)
+        return value, self.pull_back(grads)
+
+    def to_numpy(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+        return torch.cat([t.reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
+
+    def from_numpy(self, flat: np.ndarray) -> list[torch.Tensor]:
+        like = self.zeros()
+        values = torch.from_numpy(np.ascontiguousarray(flat))
+        out, offset = [], 0
+        for t in like:
+            n = t.numel()
+            out.append(values[offset : offset + n].view(t.shape).to(t.device, t.dtype))
+            offset += n
+        return out
+
+
+class FullSpace(_Space):
+    """A = I: y has the parameters' shapes; the box is centred on x itself."""
+
+    fused = True  # the box-ascent op writes x + y into the weights in the same pass
+
+    def __init__(self, objective: LossOverData, x: Sequence[torch.Tensor]):
+        super().__init__(objective, x)
+        self.box_centre = self.x
+        self.op_params = self.params
+
+    @property
+    def dim(self) -> int:
+        return sum(t.numel() for t in self.x)
+
+    def zeros(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(t) for t in self.x]
+
+    @torch.no_grad()
+    def set_point(self, y: Sequence[torch.Tensor]) -> None:
+        for p, xi, yi in zip(self.params, self.x, y):
+            torch.add(xi, yi, out=p) if p.is_contiguous() else p.copy_(xi + yi)
+
+    def pull_back(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return grads
+
+
+class ScaledSpace(FullSpace):
+    """δ = c ⊙ u with c = |x|: the variable u lives in the unit-free coordinates of adaptive sharpness."""
+
+    fused = False
+
+    def __init__(self, objective: LossOverData, x: Sequence[torch.Tensor]):
+        super().__init__(objective, x)
+        self.scale = [t.abs() for t in self.x]
+
+    @torch.no_grad()
+    def set_point(self, u: Sequence[torch.Tensor]) -> None:
+        for p, xi, ci, ui in zip(self.params, self.x, self.scale, u):
+            p.copy_(torch.addcmul(xi, ci, ui))
+
+    def pull_back(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [g.mul_(c) for g, c in zip(grads, self.scale)]
+
+
+class SubspaceSpace(_Space):
+    """y = z ∈ R^p moves the weights to x + A z; the box is centred on A⁺x (Metric 2.1)."""
+
+    fused = False
+
+    def __init__(self, objective: LossOverData, x: Sequence[torch.Tensor], subspace: RandomSubspace):
+        super().__init__(objective, x)
+        self.subspace = subspace
+        self.flat_x = FlatParameters(self.x)
+        self.flat_params = FlatParameters(self.params)
+        self.pinv_x = subspace.pinv_apply(self.flat_x)
+        # the box-ascent op runs on the p coordinates of z; it writes c + z into this scratch vector
+        self.box_centre = [self.pinv_x.to(subspace.dtype)]
+        self.op_params = [torch.empty_like(self.box_centre[0])]
+
+    @property
+    def dim(self) -> int:
+        return self.subspace.p
+
+    def zeros(self) -> list[torch.Tensor]:
+        return [torch.zeros(self.subspace.p, dtype=self.subspace.dtype, device=self.subspace.device)]
+
+    def set_point(self, z: Sequence[torch.Tensor]) -> None:
+        self.subspace.write_shifted(self.flat_x, z[0], self.flat_params)
+
+    def pull_back(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.subspace.rmatvec(FlatParameters(grads)).to(self.subspace.dtype)]
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+
+class LinfStep:
+    """Projected sign step in the box |y_i| ≤ r_i, by the fused op (which also writes x + y when it can)."""
+
+    def __init__(self, space: _Space, epsilon: float, box: str):
+        self.space, self.epsilon, self.box = space, epsilon, box
+        self.op, self.kernel = step_function(space.box_centre[0].device)
+        radii = [box_ops.box_radius(c, epsilon, box) for c in space.box_centre]
+        count = sum(r.numel() for r in radii)
+        self.max_radius = max(float(r.max()) for r in radii)
+        self.mean_radius = sum(float(r.double().sum()) for r in radii) / count
+
+    def initial_step(self) -> float:
+        return 2.0 * self.mean_radius  # Auto-PGD's η = 2ε, ε the box's (mean) half-width
+
+    def corner_step(self) -> float:
+        return self.max_radius  # from y = 0, any step ≥ max r lands every moving coordinate on a face
+
+    def __call__(self, y, g, step: float, momentum: float, prev) -> float:
+        stats = self.op(
+            self.space.box_centre,
+            y,
+            g,
+            self.space.op_params,
+            step=step,
+            epsilon=self.epsilon,
+            box=self.box,
+            direction="sign",
+            momentum=momentum,
+            prev_step=prev if momentum > 0 else None,
+        )
+        if not self.space.fused:
+            self.space.set_point(y)
+        return float(stats[0])
+
+
+class L2Step:
+    """Normalized gradient step in the ball ‖u‖₂ ≤ ρ, then projection onto the ball (Auto-PGD ℓ2)."""
+
+    kernel = "torch"
+
+    def __init__(self, space: _Space, rho: float):
+        self.space, self.rho = space, rho
+
+    def initial_step(self) -> float:
+        return 2.0 * self.rho
+
+    def corner_step(self) -> float:
+        return self.rho  # from u = 0 a step of ρ along g/‖g‖ reaches the sphere: the linear maximizer
+
+    @torch.no_grad()
+    def __call__(self, u, g, step: float, momentum: float, prev) -> float:
+        g_norm = math.sqrt(sum(float(gi.double().pow(2).sum()) for gi in g))
+        if g_norm == 0.0:
+            return 0.0
+        z = [ui + (step / g_norm) * gi for ui, gi in zip(u, g)]
+        self._project(z)
+        if momentum > 0:
+            new = [ui + (1 - momentum) * (zi - ui) + momentum * mi for ui, zi, mi in zip(u, z, prev)]
+            self._project(new)
+        else:
+            new = z
+        step_sq = 0.0
+        for i, (ui, ni) in enumerate(zip(u, new)):
+            delta = ni - ui
+            step_sq += float(delta.double().pow(2).sum())
+            if momentum > 0:
+                prev[i].copy_(delta)
+            ui.copy_(ni)
+        self.space.set_point(u)
+        return step_sq
+
+    def _project(self, u: list[torch.Tensor]) -> None:
+        norm = math.sqrt(sum(float(ui.double().pow(2).sum()) for ui in u))
+        if norm > self.rho:
+            for ui in u:
+                ui.mul_(self.rho / norm)
+
+
+# ----------------------------------------------------------------------------------------------- solvers
+
+
+@dataclass
+class SolverOutcome:
+    """What a solver found: the largest f over every evaluated point, and how it got there."""
+
+    max_loss: float
+    iterations: int
+    kernel: str
+    restarts: int = 0
+    message: str = ""
+    steps: list[float] = field(default_factory=list)
+
+
+def apgd_checkpoints(max_iter: int) -> list[int]:
+    """Auto-PGD's checkpoints w_j = ⌈p_j·N⌉ with p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)."""
+    p = [0.0, 0.22]
+    while p[-1] < 1.0:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    points = sorted({min(max_iter, math.ceil(q * max_iter)) for q in p})
+    return [w for w in points if w > 0]
+
+
+def box_ascent(
+    space: _Space,
+    step_rule: LinfStep | L2Step,
+    loss0: float,
+    grad0: list[torch.Tensor],
+    *,
+    max_iter: int,
+    momentum: float = 0.25,
+    stall_fraction: float = 0.75,
+    seed: int = 0,
+    tick: Callable[[], None] | None = None,
+) -> SolverOutcome:
+    """Auto-PGD-style ascent from y = 0 for ``max_iter`` steps (each step costs one loss+gradient pass).
+
+    ``loss0``/``grad0`` are f and ∇_y f at y = 0 (already evaluated). Returns the best f seen; the
+    model's weights are left at some point of the search (the caller restores them).
+    """
+    y = space.zeros()
+    prev = space.zeros() if momentum > 0 else None
+    best_y = [t.clone() for t in y]
+    best_g = grad0
+    best_value, value, g = loss0, loss0, grad0
+    step = step_rule.initial_step()
+    checkpoints = apgd_checkpoints(max_iter)
+    last_checkpoint, improved_since, best_at_checkpoint, halved_last = 0, 0, loss0, False
+    restarts, steps = 0, []
+    iterations = 0
+    for k in range(max_iter):
+        if k == 0:
+            # the linear model's maximizer in the box: every coordinate to the face sign(g)·r
+            moved = step_rule(y, _break_ties(g, seed), step_rule.corner_step(), 0.0, None)
+            if prev is not None:
+                for m, yi in zip(prev, y):
+                    m.copy_(yi)
+        else:
+            moved = step_rule(y, g, step, momentum, prev)
+        if moved == 0.0:
+            break  # y did not move: the same gradient would give the same empty step again
+        iterations += 1
+        steps.append(step)
+        previous_value = value
+        value, g = space.evaluate()
+        if value > previous_value:
+            improved_since += 1
+        if value > best_value:
+            best_value = value
+            for b, yi in zip(best_y, y):
+                b.copy_(yi)
+            best_g = g
+        if tick is not None:
+            tick()
+        if k + 1 in checkpoints and k + 1 < max_iter:
+            interval = k + 1 - last_checkpoint
+            stalled = improved_since < stall_fraction * interval
+            no_progress = (not halved_last) and best_value <= best_at_checkpoint
+            if stalled or no_progress:
+                step /= 2.0
+                halved_last = True
+                restarts += 1
+                # restart from the best point: its weights, its gradient, no momentum
+                for yi, b in zip(y, best_y):
+                    yi.copy_(b)
+                space.set_point(y)
+                g = best_g
+                value = best_value
+                if prev is not None:
+                    for m in prev:
+                        m.zero_()
+            else:
+                halved_last = False
+            last_checkpoint, improved_since, best_at_checkpoint = k + 1, 0, best_value
+    return SolverOutcome(
+        max_loss=max(best_value, space.best),
+        iterations=iterations,
+        kernel=step_rule.kernel,
+        restarts=restarts,
+        steps=steps,
+    )
+
+
+def _break_ties(g: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """g with its exact zeros replaced by tiny values of random sign, so that the first (sign) step moves
+    every coordinate to a face: at a stationary point (∇f = 0) sign ascent could not move at all."""
+    if not any(bool((gi == 0).any()) for gi in g):
+        return g
+    generator = torch.Generator(device=g[0].device).manual_seed(seed)
+    out = []
+    for gi in g:
+        signs = torch.randint(0, 2, gi.shape, generator=generator, device=gi.device).to(gi.dtype).mul_(2).sub_(1)
+        out.append(torch.where(gi == 0, signs * torch.finfo(gi.dtype).tiny, gi))
+    return out
+
+
+def lbfgsb(
+    space: _Space,
+    lower: list[torch.Tensor],
+    upper: list[torch.Tensor],
+    loss0: float,
+    grad0: list[torch.Tensor],
+    *,
+    max_iter: int = 10,
+    options: dict | None = None,
+    tick: Callable[[], None] | None = None,
+) -> SolverOutcome:
+    """Keskar et al.'s solver: scipy's L-BFGS-B on −f from y = 0, ``maxiter=max_iter``, other options default.
+
+    ``lower``/``upper`` are the box bounds in y's layout. The evaluation at y = 0 reuses ``loss0`` and
+    ``grad0``. The returned max is the largest f over every point L-BFGS-B evaluated (all feasible).
+    """
+    from scipy.optimize import minimize
+
+    bounds = np.stack([space.to_numpy(lower), space.to_numpy(upper)], axis=1)
+    start = np.zeros(bounds.shape[0])
+    first = {"pending": True}
+
+    def negative_f(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        if first["pending"] and not flat.any():
+            first["pending"] = False
+            return -loss0, -space.to_numpy(grad0)
+        first["pending"] = False
+        space.set_point(space.from_numpy(flat))
+        value, grad = space.evaluate()
+        return -value, -space.to_numpy(grad)
+
+    opts = {"maxiter": max_iter}
+    opts.update(options or {})
+    result = minimize(
+        negative_f,
+        start,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options=opts,
+        callback=(lambda *_: tick()) if tick is not None else None,
+    )
+    return SolverOutcome(
+        max_loss=max(loss0, space.best),
+        iterations=int(result.nit),
+        kernel="scipy",
+        message=str(result.message),
+    )
+
+
+def check_solver(solver: str) -> None:
+    if solver not in SOLVERS:
+        raise HessgapError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
