@@ -1,0 +1,116 @@
+"""Per-epoch checkpoints of a training run: atomic writes, clear errors on damaged files.
+
+A run folder holds ``checkpoints/epoch_0001.pt`` … (model, optimizer, RNG states, history, x0 and the
+configuration: everything to resume bit-exactly) and ``history.json`` (the per-epoch metrics, readable
+without torch). A write goes to a temporary file in the same folder and is renamed into place, so an
+interrupted write never leaves a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import HessgapError
+
+CHECKPOINT_DIR = "checkpoints"
+HISTORY_FILE = "history.json"
+_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def checkpoint_path(out_dir: str | Path, epoch: int) -> Path:
+    return Path(out_dir) / CHECKPOINT_DIR / f"epoch_{int(epoch):04d}.pt"
+
+
+def list_checkpoints(out_dir: str | Path) -> dict[int, Path]:
+    """{epoch: path} of the checkpoints in a run folder, in epoch order."""
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for path in folder.iterdir():
+        match = _PATTERN.match(path.name)
+        if match and path.is_file():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` the payload atomically (temporary file + rename)."""
+    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; a damaged file raises an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise HessgapError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises many kinds on truncated or foreign files
+        raise HessgapError(
+            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}). The other checkpoints "
+            f"and history.json are untouched: delete this file to resume from the previous epoch."
+        ) from exc
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise HessgapError(f"checkpoint {path} is not a hessgap training checkpoint (no model state in it)")
+    return payload
+
+
+def load_epoch_state(out_dir: str | Path, epoch: int, map_location: str | torch.device | None = "cpu") -> dict:
+    """The model ``state_dict`` saved after ``epoch`` of the run in ``out_dir`` (for warm starts)."""
+    available = list_checkpoints(out_dir)
+    if int(epoch) not in available:
+        raise HessgapError(
+            f"no checkpoint for epoch {epoch} in {Path(out_dir) / CHECKPOINT_DIR}; "
+            f"available epochs: {list(available) or 'none'}"
+        )
+    return load_checkpoint(available[int(epoch)], map_location)["model"]
+
+
+def json_safe(value: Any) -> Any:
+    """Non-finite floats become None so the result is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False)
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HessgapError(f"cannot read {path}: {exc}") from exc

@@ -1,0 +1,206 @@
+"""The data sets hessgap trains on, with fixed train/test splits, and seeded loaders.
+
+``digits`` (scikit-learn's 8×8 handwritten digits, shipped with the package: the default) and
+``mnist1d`` (generated here) need no files. ``mnist`` reads the IDX files and ``cifar10`` / ``cifar100``
+the python pickles from a directory the user names; nothing is ever downloaded.
+
+Inputs are float32, standardized with statistics of the training split (per channel for images), so
+the same scale holds for every network; labels are int64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+from ..errors import HessgapError
+
+DATASET_NAMES = ("digits", "mnist1d", "mnist", "cifar10", "cifar100")
+_NEEDS_ROOT = ("mnist", "cifar10", "cifar100")
+
+
+@dataclass
+class Dataset:
+    """A train/test pair of ``TensorDataset`` (float32 inputs, int64 labels) and what the models need to know.
+
+    ``input_shape`` is (C, H, W) for images or (L,) for flat signals; ``image`` says whether spatial
+    augmentation (rotations, translations) makes sense; ``flip_ok`` whether horizontal flips keep the class.
+    """
+
+    name: str
+    train: TensorDataset
+    test: TensorDataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+    image: bool
+    flip_ok: bool
+    source: str = ""
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test)
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        """The same data with its tensors on ``device`` (loaders then index on the device)."""
+        move = lambda ds: TensorDataset(*(t.to(device) for t in ds.tensors))  # noqa: E731
+        return Dataset(self.name, move(self.train), move(self.test), self.input_shape, self.num_classes,
+                       self.image, self.flip_ok, self.source)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "num_train": self.num_train,
+            "num_test": self.num_test,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "image": self.image,
+            "flip_ok": self.flip_ok,
+            "source": self.source,
+        }
+
+
+def _standardize(train: np.ndarray, test: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    train = train.astype(np.float32)
+    test = test.astype(np.float32)
+    if channel_axis is None:
+        mean, std = train.mean(), train.std()
+    else:
+        axes = tuple(a for a in range(train.ndim) if a != channel_axis)
+        mean = train.mean(axis=axes, keepdims=True)
+        std = train.std(axis=axes, keepdims=True)
+    std = np.where(std > 0, std, 1.0).astype(np.float32)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _pair(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                         torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
+
+
+def _check_labels(name: str, labels: np.ndarray, num_classes: int, where: str) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise HessgapError(f"{name} labels in {where} run from {labels.min()} to {labels.max()}, outside 0..{num_classes - 1}")
+
+
+def _load_digits(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[:, None] / 16.0  # N × 1 × 8 × 8, pixel values 0..16
+    labels = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=0.2, random_state=seed, stratify=labels
+    )
+    x_train, x_test = _standardize(x_train, x_test, channel_axis=1)
+    return Dataset("digits", _pair(x_train, y_train), _pair(x_test, y_test), (1, 8, 8), 10, image=True,
+                   flip_ok=False, source=f"scikit-learn load_digits, stratified 80/20 split (seed {seed})")
+
+
+def _load_mnist1d(seed: int) -> Dataset:
+    from .datasets.mnist1d import generate
+
+    x_train, y_train, x_test, y_test = generate(seed)
+    return Dataset("mnist1d", _pair(x_train, y_train), _pair(x_test, y_test), (x_train.shape[1],), 10,
+                   image=False, flip_ok=False, source=f"MNIST-1D generated locally (Greydanus 2020 defaults, seed {seed})")
+
+
+def _load_mnist(root: Path) -> Dataset:
+    from .datasets.idx import load_mnist
+
+    x_train, y_train, x_test, y_test = load_mnist(root)
+    for split, labels in (("train", y_train), ("test", y_test)):
+        _check_labels("MNIST", labels.astype(np.int64), 10, f"{root} ({split})")
+    x_train, x_test = _standardize(x_train[:, None] / 255.0, x_test[:, None] / 255.0, channel_axis=1)
+    return Dataset("mnist", _pair(x_train, y_train.astype(np.int64)), _pair(x_test, y_test.astype(np.int64)),
+                   tuple(x_train.shape[1:]), 10, image=True, flip_ok=False, source=f"MNIST IDX files in {root}")
+
+
+def _load_cifar(name: str, root: Path) -> Dataset:
+    from .datasets.cifar import CIFAR_LAYOUT, load_cifar
+
+    x_train, y_train, x_test, y_test = load_cifar(name, root)
+    x_train, x_test = _standardize(x_train / 255.0, x_test / 255.0, channel_axis=1)
+    return Dataset(name, _pair(x_train, y_train), _pair(x_test, y_test), (3, 32, 32), CIFAR_LAYOUT[name]["classes"],
+                   image=True, flip_ok=True, source=f"{name.upper()} python pickles in {root}")
+
+
+def load_dataset(name: str, root: str | Path | None = None, seed: int = 0) -> Dataset:
+    """Load one of :data:`DATASET_NAMES`.
+
+    ``root`` is the directory holding MNIST's IDX files or CIFAR's pickles (not needed for ``digits``
+    and ``mnist1d``). ``seed`` fixes the digits split and the MNIST-1D sample; the same seed always gives
+    the same data, so vary the training seed, not this one, across repeated runs.
+    """
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key not in DATASET_NAMES:
+        raise HessgapError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if key in _NEEDS_ROOT and root is None:
+        raise HessgapError(
+            f"data set {key!r} is read from files: name their directory (data_root / --data-root); "
+            f"'digits' and 'mnist1d' need no files"
+        )
+    seed = int(seed)
+    if key == "digits":
+        return _load_digits(seed)
+    if key == "mnist1d":
+        return _load_mnist1d(seed)
+    if key == "mnist":
+        return _load_mnist(Path(root))
+    return _load_cifar(key, Path(root))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 63-bit seed for (run seed, epoch), so every epoch has its own reproducible order."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def make_loader(
+    tensor_dataset: TensorDataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``tensor_dataset`` whose order depends only on (seed, epoch).
+
+    Batches are cut by indexing the tensors with a whole batch of indices at once (no per-sample
+    collation), so the loader is fast and works on tensors that already live on a GPU.
+    """
+    if not isinstance(tensor_dataset, TensorDataset):
+        raise HessgapError(f"make_loader expects a torch.utils.data.TensorDataset, got {type(tensor_dataset).__name__}")
+    size = len(tensor_dataset)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise HessgapError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if size == 0:
+        raise HessgapError("the data set is empty (0 samples)")
+    if batch_size > size:
+        raise HessgapError(
+            f"batch size {batch_size} is larger than the data set ({size} samples); use at most {size} "
+            f"(the paper's large batch is 10% of the training set, here {max(1, size // 10)})"
+        )
+    if shuffle:
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        sampler = RandomSampler(tensor_dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(tensor_dataset)
+    batches = BatchSampler(sampler, int(batch_size), drop_last=drop_last)
+    return DataLoader(tensor_dataset, sampler=batches, batch_size=None)
+
+
+SMALL_BATCH = 256
+
+
+def large_batch_size(dataset: Dataset | int, fraction: float = 0.1) -> int:
+    """The paper's large batch: 10% of the training set (6000 for MNIST, 5000 for CIFAR)."""
+    n = dataset if isinstance(dataset, int) else dataset.num_train
+    return max(1, int(round(n * fraction)))

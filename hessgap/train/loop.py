@@ -1,0 +1,513 @@
+"""SB/LB training as in Keskar et al. (2017): ADAM, mean cross-entropy, per-epoch metrics, checkpoints.
+
+:func:`train` runs one configuration (:class:`TrainConfig`) and returns a :class:`TrainResult`. Per epoch it
+records train/test loss and accuracy (eval mode, over the whole split), the distance ‖x − x0‖ from the
+starting point, optionally the sharpness (Metric 2.1), the batch size, the learning rate and the time.
+With ``out_dir`` every epoch is checkpointed (see :mod:`hessgap.train.checkpoint`) and rerunning on the
+same folder resumes bit-exactly where it stopped; a finished run returns at once.
+
+Reproducibility: the initial weights come from ``seed``; the data order of epoch e from (seed, e); dropout
+and augmentation from RNG states saved in every checkpoint. Sharpness runs under a forked RNG, so turning
+it on does not change the trajectory. The caller's global RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+
+from ..curvature.objective import LossOverData
+from ..errors import HessgapError
+from .checkpoint import (
+    HISTORY_FILE,
+    checkpoint_path,
+    json_safe,
+    list_checkpoints,
+    load_checkpoint,
+    read_json,
+    save_checkpoint,
+    write_json,
+)
+from .data import SMALL_BATCH, Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
+from .models import MODEL_NAMES, build_model, count_parameters
+from .remedies import REMEDIES, BatchSchedule, make_training_step
+
+OPTIMIZERS = ("adam", "sgd")
+# fields that may change between a run and its resumption (they do not change the trajectory)
+_RESUMABLE_CHANGES = frozenset({
+    "epochs", "patience", "min_delta", "device", "data_root", "sharpness_every", "sharpness_epsilon",
+    "sharpness_batches", "eval_batch_size", "keep_checkpoints",
+})
+_AUGMENT_STREAM = 1 << 30  # the augmentation generator's seed stream, apart from the epochs' streams
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; JSON round-trips through :meth:`to_dict` / :meth:`from_dict`.
+
+    ``batch_size``: an integer, or ``"sb"`` (256, the paper's small batch) or ``"lb"`` (10% of the
+    training set, the paper's large batch). ``patience``: None trains exactly ``epochs`` epochs; an integer
+    stops once the training loss has not improved by more than ``min_delta`` for that many epochs
+    (``epochs`` is then the maximum). ``remedy``: None or one of "augment", "conservative", "adversarial",
+    "dynamic". ``batch_schedule`` (dynamic sampling): (start size, final size, growth factor per epoch);
+    None uses (batch_size, 10% of the training set, 1.2). ``fgsm_epsilon`` is in units of the standardized
+    inputs. ``sharpness_every``: compute Metric 2.1 every that many epochs (and at the last), 0 = never;
+    ``sharpness_batches`` limits it to the first batches of the training set. ``keep_checkpoints``: None
+    keeps every epoch's checkpoint, k keeps the last k. ``device``: "auto" (CUDA if available), "cpu", "cuda", ...
+    """
+
+    model: str = "F1"
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    batch_size: Any = SMALL_BATCH
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    patience: Optional[int] = None
+    min_delta: float = 0.0
+    seed: int = 0
+    data_seed: int = 0
+    width: float = 1.0
+    depth: float = 1.0
+    dropout: float = 0.5
+    remedy: Optional[str] = None
+    prox_lambda: float = 1e-3
+    prox_steps: int = 3
+    fgsm_epsilon: float = 0.1
+    batch_schedule: Optional[tuple] = None
+    sharpness_every: int = 0
+    sharpness_epsilon: float = 1e-3
+    sharpness_batches: Optional[int] = None
+    eval_batch_size: int = 1024
+    keep_checkpoints: Optional[int] = None
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        if out["batch_schedule"] is not None:
+            out["batch_schedule"] = list(out["batch_schedule"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        if isinstance(data, TrainConfig):
+            return data
+        if not isinstance(data, dict):
+            raise HessgapError(f"a training configuration must be a dict or TrainConfig, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HessgapError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(data)
+        if values.get("batch_schedule") is not None:
+            values["batch_schedule"] = tuple(values["batch_schedule"])
+        return cls(**values)
+
+    def validate(self) -> "TrainConfig":
+        """Raise :class:`HessgapError` naming the first bad option; returns self."""
+        if str(self.model).upper() not in MODEL_NAMES:
+            raise HessgapError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+        def positive_int(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HessgapError(f"{name} must be a positive integer, got {value!r}")
+
+        if isinstance(self.batch_size, str):
+            if self.batch_size.lower() not in ("sb", "lb"):
+                raise HessgapError(f"batch_size must be a positive integer, 'sb' or 'lb', got {self.batch_size!r}")
+        else:
+            positive_int("batch_size", self.batch_size)
+        positive_int("epochs", self.epochs)
+        positive_int("patience", self.patience, allow_none=True)
+        positive_int("eval_batch_size", self.eval_batch_size)
+        positive_int("sharpness_batches", self.sharpness_batches, allow_none=True)
+        positive_int("keep_checkpoints", self.keep_checkpoints, allow_none=True)
+        positive_int("prox_steps", self.prox_steps)
+        if isinstance(self.sharpness_every, bool) or not isinstance(self.sharpness_every, int) or self.sharpness_every < 0:
+            raise HessgapError(f"sharpness_every must be an integer ≥ 0 (0 = never), got {self.sharpness_every!r}")
+        if str(self.optimizer).lower() not in OPTIMIZERS:
+            raise HessgapError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        for name in ("lr", "sharpness_epsilon", "fgsm_epsilon", "width", "depth"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise HessgapError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("momentum", "prox_lambda", "min_delta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise HessgapError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if not 0 <= self.dropout < 1:
+            raise HessgapError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.remedy is not None and self.remedy not in REMEDIES:
+            raise HessgapError(f"unknown remedy {self.remedy!r}; choose None or one of {', '.join(REMEDIES)}")
+        if self.batch_schedule is not None:
+            if self.remedy != "dynamic":
+                raise HessgapError("batch_schedule is used by remedy='dynamic' only; set remedy='dynamic' or drop it")
+            BatchSchedule.from_value(self.batch_schedule)
+        resolve_device(self.device)
+        return self
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise HessgapError(f"unknown device {device!r}: {exc}; use 'auto', 'cpu' or 'cuda[:index]'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise HessgapError(f"device {device!r} asked for, but this torch build or machine has no CUDA device; use 'cpu'")
+    return resolved
+
+
+def resolve_batch_size(batch_size, num_train: int) -> int:
+    if isinstance(batch_size, str):
+        return SMALL_BATCH if batch_size.lower() == "sb" else large_batch_size(num_train)
+    return int(batch_size)
+
+
+@dataclass
+class TrainResult:
+    """A trained model (eval mode) with its starting point and per-epoch history.
+
+    ``history`` holds one dict per epoch (epoch, train_loss, train_acc, test_loss, test_acc,
+    distance_from_start, sharpness, batch_size, lr, seconds); accuracies are fractions in [0, 1].
+    ``diverged`` is the epoch whose loss became non-finite (training stopped there; ``model`` then holds
+    the last finite weights, the checkpoint of the epoch before), or None. ``stopped_early`` is the epoch
+    at which patience ended the run, or None.
+    """
+
+    model: nn.Module
+    x0: torch.Tensor
+    history: list[dict]
+    diverged: Optional[int]
+    config: TrainConfig
+    input_shape: tuple = ()
+    num_classes: int = 0
+    dataset: str = ""
+    stopped_early: Optional[int] = None
+    out_dir: Optional[str] = None
+    resumed_from: Optional[int] = None
+
+    @property
+    def final(self) -> dict:
+        return dict(self.history[-1]) if self.history else {}
+
+    @property
+    def num_parameters(self) -> int:
+        return count_parameters(self.model)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (everything except the tensors)."""
+        return json_safe({
+            "config": self.config.to_dict(),
+            "dataset": self.dataset,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "num_parameters": self.num_parameters,
+            "history": self.history,
+            "final": self.final,
+            "diverged": self.diverged,
+            "stopped_early": self.stopped_early,
+            "out_dir": self.out_dir,
+        })
+
+    def save(self, path: str | Path) -> None:
+        """Write the trained weights, x0, history and config to one file (atomic)."""
+        payload = {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "x0": self.x0.detach().cpu(),
+            **{k: v for k, v in self.to_dict().items() if k not in ("final", "num_parameters")},
+            "history": self.history,
+        }
+        save_checkpoint(path, payload)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "TrainResult":
+        """Read a file written by :meth:`save` (or a run's per-epoch checkpoint) and rebuild the model."""
+        payload = load_checkpoint(path, map_location)
+        try:
+            config = TrainConfig.from_dict(payload["config"])
+            model = build_model(config.model, payload["input_shape"], payload["num_classes"],
+                                config.width, config.depth, config.dropout)
+            model.load_state_dict(payload["model"])
+        except (KeyError, RuntimeError) as exc:
+            raise HessgapError(f"{path} does not hold a complete hessgap training result: {exc}") from exc
+        model.to(map_location).eval()
+        return cls(model=model, x0=payload["x0"], history=list(payload.get("history", [])),
+                   diverged=payload.get("diverged"), config=config, input_shape=tuple(payload["input_shape"]),
+                   num_classes=payload["num_classes"], dataset=payload.get("dataset", config.dataset),
+                   stopped_early=payload.get("stopped_early"), out_dir=payload.get("out_dir"))
+
+
+def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float, float]:
+    """(mean loss, accuracy in [0, 1]) of ``model`` in eval mode over every batch of ``loader``.
+
+    A non-finite loss is returned as it is (NaN or inf), not raised: the training loop decides what a
+    diverged run does. The model's train/eval mode is restored.
+    """
+    objective = LossOverData(model, loader, loss_fn)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=objective.device)
+    correct = torch.zeros((), dtype=torch.int64, device=objective.device)
+    count = 0
+    try:
+        with torch.no_grad():
+            for index, (inputs, targets) in enumerate(objective.batches()):
+                outputs = model(inputs)
+                loss = objective.batch_loss(outputs, targets, index)
+                total += loss.double() * inputs.shape[0]
+                if targets.dim() == 1 and outputs.dim() == 2:
+                    correct += (outputs.argmax(1) == targets).sum()
+                count += inputs.shape[0]
+    finally:
+        model.train(was_training)
+    return float(total) / count, int(correct) / count
+
+
+def _rng_state(device: torch.device, augment_generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "augment": augment_generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device, augment_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    augment_generator.set_state(state["augment"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer.lower() == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+
+
+def _check_same_run(saved: dict, config: TrainConfig, folder: Path) -> None:
+    current = config.to_dict()
+    for key in sorted(set(saved) | set(current)):
+        if key in _RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != current.get(key):
+            raise HessgapError(
+                f"{folder} holds a run with {key}={saved.get(key)!r}, but this configuration has {key}={current.get(key)!r}; "
+                "use a new output folder (or the same configuration to resume that run)"
+            )
+
+
+def _sharpness_value(model, dataset: Dataset, config: TrainConfig, device: torch.device) -> float:
+    import hessgap  # lazily: the metric lives in another part of the package
+
+    loader = make_loader(dataset.train, min(config.eval_batch_size, dataset.num_train), shuffle=False)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        result = hessgap.sharpness(model, loader, epsilon=config.sharpness_epsilon, max_batches=config.sharpness_batches)
+    return float(getattr(result, "value", result))
+
+
+def train(
+    config: TrainConfig | dict,
+    out_dir: str | Path | None = None,
+    dataset: Dataset | None = None,
+    init_state: dict | None = None,
+    progress: bool = True,
+    epoch_callback: Callable[[dict, nn.Module], Any] | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset`` (or on the given ``dataset``) and return the result.
+
+    ``init_state`` (a ``state_dict``) warm-starts from given weights; x0 is then that point.
+    ``epoch_callback(record, model)`` runs after every epoch (after its checkpoint); returning True stops
+    the run there (not marked finished: rerunning on ``out_dir`` continues).
+    Diverging runs (non-finite loss) stop at once, record the epoch and keep the earlier checkpoints.
+    """
+    config = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config).validate()
+    device = resolve_device(config.device)
+    folder = Path(out_dir) if out_dir is not None else None
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_root, seed=config.data_seed)
+    elif not isinstance(dataset, Dataset):
+        raise HessgapError(f"dataset must be a hessgap.train.data.Dataset, got {type(dataset).__name__}")
+    batch_size = resolve_batch_size(config.batch_size, dataset.num_train)
+    schedule = None
+    if config.remedy == "dynamic":
+        schedule = BatchSchedule.from_value(
+            config.batch_schedule or (batch_size, max(batch_size, large_batch_size(dataset)), 1.2))
+        batch_size = schedule.start
+    largest = schedule.final if schedule else batch_size
+    if largest > dataset.num_train:
+        raise HessgapError(
+            f"batch size {largest} is larger than the training set of {dataset.name} ({dataset.num_train} samples); "
+            f"use at most {dataset.num_train} (the paper's large batch, 10%, is {large_batch_size(dataset)})"
+        )
+    data = dataset.to(device) if device.type != "cpu" else dataset
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
+        return _run(config, device, folder, dataset, data, batch_size, schedule, init_state, progress, epoch_callback)
+
+
+def _run(config, device, folder, dataset, data, batch_size, schedule, init_state, progress, epoch_callback):
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(config.seed)
+    model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.width, config.depth,
+                        config.dropout).to(device)
+    if init_state is not None:
+        try:
+            model.load_state_dict(init_state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise HessgapError(f"init_state does not fit model {config.model} (width {config.width}, depth "
+                               f"{config.depth}) on {dataset.name}: {exc}") from exc
+    optimizer = _make_optimizer(config, model)
+    augment_generator = torch.Generator().manual_seed(epoch_seed(config.seed, _AUGMENT_STREAM))
+    step = make_training_step(config.remedy, flip_ok=dataset.flip_ok, image=dataset.image,
+                              prox_lambda=config.prox_lambda, prox_steps=config.prox_steps,
+                              fgsm_epsilon=config.fgsm_epsilon, generator=augment_generator)
+    x0 = parameters_to_vector(model.parameters()).detach().clone()
+    history: list[dict] = []
+    best_loss, bad_epochs = math.inf, 0
+    diverged = stopped_early = resumed_from = None
+    meta = {"input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes, "dataset": dataset.name}
+
+    def result() -> TrainResult:
+        model.eval()
+        return TrainResult(model=model, x0=x0, history=history, diverged=diverged, config=config,
+                           input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes,
+                           dataset=dataset.name, stopped_early=stopped_early,
+                           out_dir=str(folder) if folder else None, resumed_from=resumed_from)
+
+    def payload(epoch: int) -> dict:
+        return {
+            "format": 1, "epoch": epoch, "config": config.to_dict(), **meta,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(device, augment_generator), "history": history, "x0": x0,
+            "best_loss": best_loss, "bad_epochs": bad_epochs, "stopped_early": stopped_early, "diverged": None,
+        }
+
+    def write_history() -> None:
+        write_json(folder / HISTORY_FILE, {"config": config.to_dict(), **meta, "history": history,
+                                            "diverged": diverged, "stopped_early": stopped_early})
+
+    if folder is not None:
+        available = list_checkpoints(folder)
+        if available:
+            last_epoch, last_path = next(reversed(available.items()))
+            state = load_checkpoint(last_path, map_location=device)
+            _check_same_run(state["config"], config, folder)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"], device, augment_generator)
+            x0 = state["x0"].to(device)
+            history = list(state["history"])
+            best_loss, bad_epochs = state["best_loss"], state["bad_epochs"]
+            stopped_early = state["stopped_early"]
+            resumed_from = last_epoch
+            recorded = read_json(folder / HISTORY_FILE) if (folder / HISTORY_FILE).is_file() else {}
+            if recorded.get("diverged") is not None:  # the epoch after the last checkpoint diverged
+                diverged = recorded["diverged"]
+                history = history + [h for h in recorded.get("history", []) if h["epoch"] > last_epoch][:1]
+                return result()
+        else:
+            save_checkpoint(checkpoint_path(folder, 0), payload(0))  # the starting point x0
+            write_history()
+    start_epoch = len(history) + 1
+    if stopped_early is not None or start_epoch > config.epochs:
+        return result()
+
+    last_good = _copy_state(model) if folder is None else None
+    eval_size = lambda split: min(config.eval_batch_size, len(split))  # noqa: E731
+    train_eval = make_loader(data.train, eval_size(data.train), shuffle=False)
+    test_eval = make_loader(data.test, eval_size(data.test), shuffle=False)
+    epochs_bar = tqdm(total=config.epochs, initial=start_epoch - 1, desc=f"{config.model} on {dataset.name}",
+                      unit="epoch", disable=not progress)
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            began = time.perf_counter()
+            size = schedule.batch_size(epoch) if schedule else batch_size
+            # BatchNorm cannot train on a batch of one sample: drop such a last batch
+            loader = make_loader(data.train, size, shuffle=True, seed=config.seed, epoch=epoch,
+                                 drop_last=len(data.train) % size == 1)
+            model.train()
+            running = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
+            for inputs, targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=not progress):
+                loss = step(model, optimizer, inputs, targets)
+                running += loss.double() * inputs.shape[0]
+                seen += inputs.shape[0]
+            train_loss, train_acc = evaluate(model, train_eval)
+            test_loss, test_acc = evaluate(model, test_eval)
+            finite = math.isfinite(float(running)) and math.isfinite(train_loss) and math.isfinite(test_loss)
+            finite = finite and bool(torch.isfinite(parameters_to_vector(model.parameters())).all())
+            sharp = None
+            due = config.sharpness_every and (epoch % config.sharpness_every == 0 or epoch == config.epochs)
+            if finite and due:
+                sharp = _sharpness_value(model, data, config, device)
+            with torch.no_grad():
+                distance = float(torch.linalg.vector_norm(parameters_to_vector(model.parameters()) - x0))
+            record = {
+                "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+                "test_acc": test_acc, "distance_from_start": distance, "sharpness": sharp,
+                "batch_size": size, "lr": optimizer.param_groups[0]["lr"],
+                "batch_loss": float(running) / max(seen, 1), "seconds": time.perf_counter() - began,
+            }
+            history.append(record)
+            epochs_bar.update(1)
+            epochs_bar.set_postfix(loss=f"{train_loss:.3g}", train=f"{train_acc:.3f}", test=f"{test_acc:.3f}")
+            if not finite:
+                diverged = epoch
+                if folder is not None:  # hand back the last finite weights: the latest checkpoint
+                    last = {e: p for e, p in list_checkpoints(folder).items() if e < epoch}
+                    if last:
+                        last_good = load_checkpoint(last[max(last)], map_location=device)["model"]
+                    write_history()
+                if last_good is not None:
+                    model.load_state_dict(last_good)
+                break
+            if config.patience is not None:
+                if train_loss < best_loss - config.min_delta:
+                    best_loss, bad_epochs = train_loss, 0
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= config.patience:
+                        stopped_early = epoch
+            if folder is not None:
+                save_checkpoint(checkpoint_path(folder, epoch), payload(epoch))
+                write_history()
+                _prune(folder, config.keep_checkpoints)
+            else:
+                last_good = _copy_state(model)
+            if epoch_callback is not None and epoch_callback(dict(record), model):
+                break
+            if stopped_early is not None:
+                break
+    finally:
+        epochs_bar.close()
+    return result()
+
+
+def _copy_state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _prune(folder: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    available = list_checkpoints(folder)
+    for epoch in list(available)[:-keep]:
+        available[epoch].unlink(missing_ok=True)

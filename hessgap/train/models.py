@@ -1,0 +1,197 @@
+"""The networks of Keskar et al. (2017), Table 1 / Appendix B, built from standard layers only.
+
+Every model is a flat ``nn.Sequential`` of Flatten, Linear, Conv2d, BatchNorm1d/2d, ReLU, MaxPool2d and
+Dropout (plus one Unflatten for 1-D signals), with no custom forward, so hessgap's fused HVP engine can
+walk it layer by layer.
+
+Scaling: ``width`` multiplies every channel and unit count (at least 1 each); ``depth`` multiplies the
+number of repeated blocks (F nets: hidden layers; C1/C3: conv blocks; C2/C4: convolutions per stack;
+at least 1 each). ``width=depth=1`` gives the paper's networks.
+
+Adapting to the data:
+
+- Images (C×H×W): the F nets flatten them; the C nets use the paper's square kernels with "same"
+  padding. A pooling layer that would shrink a side below 1 pixel leaves that side alone, and is left
+  out entirely when both sides are already 1 (so VGG's five pools fit 8×8 digits).
+- Flat feature vectors (L,), e.g. MNIST-1D: the F nets use them as they are; the C nets view the
+  signal as a 1×1×L image (one ``nn.Unflatten``) and use 1×k kernels and 1×k pools along it. A 1-D
+  signal is ordered along L, so 1-D convolutions are meaningful there (MNIST-1D was designed for
+  them); unordered tabular features would not be, and are not among hessgap's data sets.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from ..errors import HessgapError
+
+MODEL_NAMES = ("F1", "F2", "C1", "C2", "C3", "C4")
+
+# hidden layers of the fully connected nets (Linear 512 + BN + ReLU each)
+_DENSE_LAYERS = {"F1": 5, "F2": 7}
+# AlexNet-like: conv blocks of 64 channels, 5×5, then dense 384 and 192
+_ALEX_BLOCKS, _ALEX_CHANNELS, _ALEX_KERNEL, _ALEX_DENSE = 2, 64, 5, (384, 192)
+# VGG-like: (channels, convolutions) per stack, 3×3 kernels, 2×2 pool after each stack, dense 512
+_VGG_STACKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+_VGG_DENSE = 512
+
+
+def _check_scale(name: str, value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise HessgapError(f"{name} must be a positive number, got {value!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise HessgapError(f"{name} must be a positive finite number (1.0 = the paper's network), got {value}")
+    return value
+
+
+def _scaled(count: int, factor: float) -> int:
+    return max(1, int(round(count * factor)))
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        raise HessgapError(f"input_shape must be a tuple of ints (C, H, W) or (L,), got {input_shape!r}") from None
+    if len(shape) not in (1, 3) or any(s <= 0 for s in shape):
+        raise HessgapError(
+            f"input_shape must be (C, H, W) for images or (L,) for a flat feature vector, with positive sizes; "
+            f"got {shape}"
+        )
+    return shape
+
+
+def _dense_block(in_features: int, out_features: int, dropout: float | None) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return layers
+
+
+class _ConvShape:
+    """Tracks the spatial size through conv/pool layers and builds kernels that fit it."""
+
+    def __init__(self, input_shape: tuple[int, ...]):
+        if len(input_shape) == 1:
+            self.flat = True
+            self.channels, self.height, self.width = 1, 1, input_shape[0]
+        else:
+            self.flat = False
+            self.channels, self.height, self.width = input_shape
+
+    def prefix(self) -> list[nn.Module]:
+        return [nn.Unflatten(1, (1, 1, self.width))] if self.flat else []
+
+    def conv(self, out_channels: int, kernel: int) -> list[nn.Module]:
+        # "same" padding (odd kernels); a 1-D signal gets 1×k kernels
+        kh = 1 if self.flat else kernel
+        layer = nn.Conv2d(self.channels, out_channels, (kh, kernel), padding=(kh // 2, kernel // 2))
+        self.channels = out_channels
+        return [layer, nn.BatchNorm2d(out_channels), nn.ReLU()]
+
+    def pool(self, kernel: int, stride: int, padding: int) -> list[nn.Module]:
+        def side(size: int) -> tuple[int, int, int, int]:
+            if size < 2:  # pooling would shrink it below one pixel (or do nothing): leave the side alone
+                return 1, 1, 0, size
+            k = min(kernel, size + 2 * padding)
+            p = min(padding, k // 2)
+            return k, stride, p, (size + 2 * p - k) // stride + 1
+
+        kh, sh, ph, new_h = side(self.height)
+        kw, sw, pw, new_w = side(self.width)
+        if (kh, kw) == (1, 1):
+            return []
+        self.height, self.width = new_h, new_w
+        return [nn.MaxPool2d((kh, kw), stride=(sh, sw), padding=(ph, pw))]
+
+    @property
+    def features(self) -> int:
+        return self.channels * self.height * self.width
+
+
+def _fully_connected(name, shape, num_classes, width, depth) -> list[nn.Module]:
+    in_features = 1
+    for s in shape:
+        in_features *= s
+    units = _scaled(512, width)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for _ in range(_scaled(_DENSE_LAYERS[name], depth)):
+        layers += _dense_block(in_features, units, None)
+        in_features = units
+    layers.append(nn.Linear(in_features, num_classes))
+    return layers
+
+
+def _alexnet_like(shape, num_classes, width, depth, dropout) -> list[nn.Module]:
+    # Keras's 3×3 max-pool with stride 2 and "same" padding: size -> ceil(size / 2)
+    tracker = _ConvShape(shape)
+    layers = tracker.prefix()
+    for _ in range(_scaled(_ALEX_BLOCKS, depth)):
+        layers += tracker.conv(_scaled(_ALEX_CHANNELS, width), _ALEX_KERNEL)
+        layers += tracker.pool(3, 2, 1)
+    layers.append(nn.Flatten())
+    in_features = tracker.features
+    for units in _ALEX_DENSE:
+        layers += _dense_block(in_features, _scaled(units, width), dropout)
+        in_features = _scaled(units, width)
+    layers.append(nn.Linear(in_features, num_classes))
+    return layers
+
+
+def _vgg_like(shape, num_classes, width, depth, dropout) -> list[nn.Module]:
+    tracker = _ConvShape(shape)
+    layers = tracker.prefix()
+    for channels, convs in _VGG_STACKS:
+        for _ in range(_scaled(convs, depth)):
+            layers += tracker.conv(_scaled(channels, width), 3)
+        layers += tracker.pool(2, 2, 0)
+    layers.append(nn.Flatten())
+    layers += _dense_block(tracker.features, _scaled(_VGG_DENSE, width), dropout)
+    layers.append(nn.Linear(_scaled(_VGG_DENSE, width), num_classes))
+    return layers
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    width: float = 1.0,
+    depth: float = 1.0,
+    dropout: float = 0.5,
+) -> nn.Sequential:
+    """One of the paper's networks, adapted to ``input_shape`` ((C, H, W) or (L,)) and ``num_classes``.
+
+    F1/F2: fully connected, 5/7 × [Linear 512, BatchNorm1d, ReLU]. C1/C3: AlexNet-like, 2 × [Conv 64 5×5,
+    BN, ReLU, MaxPool 3×3 stride 2] → dense 384 → dense 192 (BN, ReLU, dropout each). C2/C4: VGG-like conv
+    3×3 stacks 2×64, 2×128, 3×256, 3×512, 3×512 with BN, ReLU and a 2×2 max-pool after each stack, then
+    dense 512 (BN, ReLU, dropout). C1 and C3 (and C2 and C4) differ only in the class count, which comes
+    from the data. ``dropout`` applies to the C nets' dense layers (0 leaves the Dropout layers out).
+    The initialisation is PyTorch's default; seed with ``torch.manual_seed`` before calling.
+    """
+    key = str(name).upper()
+    if key not in MODEL_NAMES:
+        raise HessgapError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    shape = _check_shape(input_shape)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise HessgapError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
+    width = _check_scale("width", width)
+    depth = _check_scale("depth", depth)
+    dropout = float(dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise HessgapError(f"dropout must be in [0, 1), got {dropout}")
+    if key in _DENSE_LAYERS:
+        layers = _fully_connected(key, shape, num_classes, width, depth)
+    elif key in ("C1", "C3"):
+        layers = _alexnet_like(shape, num_classes, width, depth, dropout)
+    else:
+        layers = _vgg_like(shape, num_classes, width, depth, dropout)
+    return nn.Sequential(*layers)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (the n of the paper's x ∈ R^n)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
