@@ -184,7 +184,7 @@ Reductions step_range(const S* x, S* y, const S* g, S* p, S* m, int64_t n, const
     if (kMomentum) m[i] = e.delta;
     const double dk = static_cast<double>(e.delta);
     out[0] += dk * dk;
-    out[1] += static_cast<double>(Ops::on_face(e.y_new, e.radius));
+    out[1] += static_cast<double>(on_face(e.y_new, e.radius));
     out[2] += static_cast<double>(g[i]) * dk;
   }
   return out;

@@ -10,6 +10,7 @@
 // plain-PyTorch reference then round every intermediate identically.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -46,17 +47,16 @@ template <typename S>
 struct ScalarOps {
   static HESSGAP_HOST_DEVICE inline S splat(S v) { return v; }
   static HESSGAP_HOST_DEVICE inline S neg(S v) { return -v; }
-  static HESSGAP_HOST_DEVICE inline S abs(S v) { return v < S(0) ? -v : v; }
   // IEEE minimum/maximum: NaN in either argument propagates, like torch.minimum/torch.maximum.
   static HESSGAP_HOST_DEVICE inline S minimum(S a, S b) { return a != a ? a : (b != b ? b : (b < a ? b : a)); }
   static HESSGAP_HOST_DEVICE inline S maximum(S a, S b) { return a != a ? a : (b != b ? b : (b > a ? b : a)); }
   // torch.sign: ±1, zero stays zero, NaN stays NaN.
   static HESSGAP_HOST_DEVICE inline S sign(S g) { return g > S(0) ? S(1) : (g < S(0) ? S(-1) : g); }
-  static HESSGAP_HOST_DEVICE inline S on_face(S y, S r) { return abs(y) >= r ? S(1) : S(0); }
 };
 
 template <>
 struct ElementOps<float> : ScalarOps<float> {
+  static HESSGAP_HOST_DEVICE inline float abs(float v) { return ::fabsf(v); }
   static HESSGAP_HOST_DEVICE inline float add(float a, float b) {
 #ifdef __CUDA_ARCH__
     return __fadd_rn(a, b);
@@ -82,6 +82,7 @@ struct ElementOps<float> : ScalarOps<float> {
 
 template <>
 struct ElementOps<double> : ScalarOps<double> {
+  static HESSGAP_HOST_DEVICE inline double abs(double v) { return ::fabs(v); }
   static HESSGAP_HOST_DEVICE inline double add(double a, double b) {
 #ifdef __CUDA_ARCH__
     return __dadd_rn(a, b);
@@ -104,6 +105,12 @@ struct ElementOps<double> : ScalarOps<double> {
 #endif
   }
 };
+
+// 1 where y lies on a face of the box (|y| ≥ r), else 0.
+template <typename S>
+HESSGAP_HOST_DEVICE inline S on_face(S y, S r) {
+  return ElementOps<S>::abs(y) >= r ? S(1) : S(0);
+}
 
 // What one step produces for one coordinate (or one vector of coordinates).
 template <typename T>
