@@ -1,0 +1,224 @@
+"""The trained networks that experiments analyse: data, training runs in the run folder, evaluation, sharpness.
+
+Training runs are named by a hash of their configuration, so two experiments that need the same
+network (the gap table's SB model and the sweep's point at the same batch size) share one run, and a
+repeated command finds it finished. Sharpness values are cached per network in the run folder too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import TensorDataset
+
+from ..errors import HessgapError
+from .presets import Settings
+from .runs import RunFolder, digest
+
+_DATASETS: dict[tuple, Any] = {}
+
+
+@dataclass
+class Trained:
+    """A training run of the folder: its tag (folder name under models/), config and result."""
+
+    tag: str
+    result: Any  # hessgap.train.loop.TrainResult
+    out_dir: Path
+
+    @property
+    def model(self):
+        return self.result.model
+
+    @property
+    def diverged(self):
+        return self.result.diverged
+
+    @property
+    def history(self) -> list[dict]:
+        return self.result.history
+
+
+def dataset(settings: Settings):
+    """The settings' data set, loaded once per process (fixed split, seed 0, whatever the run's seeds)."""
+    key = (settings.dataset, settings.data_root)
+    if key not in _DATASETS:
+        from ..train.data import load_dataset
+
+        _DATASETS[key] = load_dataset(settings.dataset, root=settings.data_root, seed=0)
+    return _DATASETS[key]
+
+
+def eval_loader(tensor_dataset, settings: Settings):
+    """A fixed-order loader for evaluation and sharpness (batches of ``settings.eval_batch``)."""
+    from ..train.data import make_loader
+
+    return make_loader(tensor_dataset, batch_size=min(settings.eval_batch, len(tensor_dataset)), shuffle=False)
+
+
+def analysis_loader(settings: Settings):
+    """The training data that sharpness and spectra are measured over: all of it, or the first
+    ``sharpness_batches`` batches of ``eval_batch`` samples (a fixed subset, the same for every network)."""
+    train_set = dataset(settings).train
+    if settings.sharpness_batches is not None:
+        count = min(len(train_set), settings.sharpness_batches * settings.eval_batch)
+        train_set = TensorDataset(*(t[:count] for t in train_set.tensors))
+    return eval_loader(train_set, settings)
+
+
+def train_config(
+    settings: Settings,
+    batch_size: int,
+    seed: int,
+    remedy: str | None = None,
+    sharpness_every: int = 0,
+    epochs: int | None = None,
+    batch_schedule: tuple | None = None,
+):
+    """The :class:`hessgap.train.loop.TrainConfig` of one run under ``settings``."""
+    from ..train.loop import TrainConfig
+
+    kwargs = dict(
+        model=settings.model,
+        dataset=settings.dataset,
+        data_root=settings.data_root,
+        batch_size=batch_size,
+        epochs=epochs if epochs is not None else settings.epochs,
+        optimizer=settings.optimizer,
+        lr=settings.lr,
+        patience=settings.patience,
+        seed=seed,
+        width=settings.width,
+        depth=settings.depth,
+        remedy=remedy,
+        sharpness_every=sharpness_every,
+        sharpness_epsilon=settings.epsilons[0],
+        sharpness_batches=settings.sharpness_batches,
+        eval_batch_size=settings.eval_batch,
+        device=settings.device,
+    )
+    if remedy == "conservative":
+        kwargs["prox_lambda"] = settings.prox_lambda
+    if remedy == "adversarial" and settings.fgsm_epsilon is not None:
+        kwargs["fgsm_epsilon"] = settings.fgsm_epsilon
+    if batch_schedule is not None:
+        kwargs["batch_schedule"] = tuple(batch_schedule)
+    return TrainConfig(**kwargs)
+
+
+def train(run: RunFolder, config, label: str, data=None, init_state=None, init_label: str | None = None,
+          epoch_callback=None) -> Trained:
+    """Train (or resume, or load the finished) run ``config`` in ``run.models_dir``.
+
+    A diverged run (non-finite loss) is reported and returned with ``diverged`` set; its checkpoints stay.
+    """
+    from ..train.loop import train as train_loop
+
+    identity = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root")}
+    if init_state is not None:
+        if init_label is None:
+            raise HessgapError("a warm-started run needs init_label naming where its weights came from")
+        identity["init"] = init_label
+    tag = f"{label}-{digest(identity)}"
+    if tag in run.memory:  # already trained or loaded by this command
+        return run.memory[tag]
+    out_dir = run.models_dir / tag
+    finished = (out_dir / "history.json").exists()
+    run.log(f"{'loading' if finished else 'training'} {tag} (batch {config.batch_size}, seed {config.seed})")
+    result = train_loop(
+        config, out_dir=out_dir, dataset=data, init_state=init_state, progress=run.progress,
+        epoch_callback=epoch_callback,
+    )
+    if result.diverged is not None:
+        run.log(
+            f"warning: {tag} diverged at epoch {result.diverged} (non-finite training loss); it is left out of "
+            f"the statistics; its checkpoints are kept in {out_dir} (a smaller --lr may help)"
+        )
+    trained = Trained(tag=tag, result=result, out_dir=out_dir)
+    run.memory[tag] = trained
+    return trained
+
+
+def train_pair(run: RunFolder, settings: Settings, seed: int) -> dict[str, Trained]:
+    """The SB and the LB network of one seed (same initial weights); the first seed records sharpness per epoch."""
+    data = dataset(settings)
+    n = len(data.train)
+    sb, lb = settings.sb_batch, settings.lb_size(n)
+    check_batch(sb, n, "SB batch size")
+    check_batch(lb, n, "LB batch size")
+    every = settings.sharpness_every if seed == settings.seed else 0
+    return {
+        "sb": train(run, train_config(settings, sb, seed, sharpness_every=every), f"sb-seed{seed}", data),
+        "lb": train(run, train_config(settings, lb, seed, sharpness_every=every), f"lb-seed{seed}", data),
+    }
+
+
+def check_batch(batch_size: int, n: int, what: str = "batch size") -> None:
+    if batch_size > n:
+        raise HessgapError(
+            f"the {what} {batch_size} is larger than the training set ({n} samples); choose at most {n}"
+        )
+
+
+def evaluate(model, settings: Settings) -> dict:
+    """Train and test loss and accuracy (percent) of ``model`` in eval mode, over the whole splits."""
+    from ..train.loop import evaluate as evaluate_loop
+
+    data = dataset(settings)
+    out = {}
+    for split in ("train", "test"):
+        loss, acc = evaluate_loop(model, eval_loader(getattr(data, split), settings))
+        out[f"{split}_loss"] = float(loss)
+        out[f"{split}_acc"] = percent(acc)
+    return out
+
+
+def final_metrics(trained: Trained) -> dict:
+    """Train/test loss and accuracy (percent) after the last epoch, as the training loop measured them
+    (eval mode, whole splits), and the distance from the start."""
+    last = trained.history[-1] if trained.history else {}
+    return {
+        "train_loss": last.get("train_loss"),
+        "train_acc": percent(last["train_acc"]) if last.get("train_acc") is not None else None,
+        "test_loss": last.get("test_loss"),
+        "test_acc": percent(last["test_acc"]) if last.get("test_acc") is not None else None,
+        "distance_from_start": last.get("distance_from_start"),
+    }
+
+
+def percent(accuracy: float) -> float:
+    """Accuracy in percent (the training module reports a fraction in [0, 1])."""
+    return float(accuracy) * 100.0
+
+
+def sharpness(run: RunFolder, trained: Trained, settings: Settings, epsilon: float, subspace_dim: int | None = None,
+              seed: int = 0) -> dict:
+    """Metric 2.1 of a trained network over the training set, cached in the run folder per network."""
+    key = f"{trained.tag}/{'full' if subspace_dim is None else f'sub{subspace_dim}'}/eps{epsilon:g}/seed{seed}"
+    cache = run.parts("measurements")
+    if key in cache:
+        return cache.get(key)
+
+    import hessgap
+
+    result = hessgap.sharpness(
+        trained.model, analysis_loader(settings), epsilon=epsilon, subspace_dim=subspace_dim,
+        solver=settings.sharpness_solver, seed=seed,
+    )
+    run.log(f"sharpness {key}: {result.value:.4g} (loss {result.loss:.3g}, {result.seconds:.1f} s)")
+    return cache.put(key, result.to_dict())
+
+
+def mean_std(values) -> tuple[float, float] | None:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value) of the finite values."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return None
+    mean = sum(finite) / len(finite)
+    if len(finite) == 1:
+        return (mean, 0.0)
+    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
+    return (mean, math.sqrt(var))

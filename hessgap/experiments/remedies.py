@@ -1,0 +1,78 @@
+"""Experiment 7, Appendix E: large-batch training with each remedy, its gap and its sharpness.
+
+Remedies (implemented in :mod:`hessgap.train.remedies`): ``augment`` (flips where they make sense,
+rotations up to 10°, translations up to 0.2 of the image), ``conservative`` (each step solves
+min_x mean_B f(x) + λ/2‖x − x_k‖² by 3 ADAM steps), ``adversarial`` (FGSM on the inputs) and
+``dynamic`` (the batch size grows from the SB size to the LB size over the first half of training).
+Each remedy trains LB networks for every seed; plain SB and LB rows come from the gap experiment's runs.
+"""
+
+from __future__ import annotations
+
+from .. import plots
+from . import networks
+from .paper import REMEDIES
+from .presets import Settings
+from .runs import RunFolder
+
+NAME = "remedies"
+
+
+def dynamic_schedule(settings: Settings, lb: int) -> tuple[int, int, float]:
+    """(start, final, growth per epoch): from the SB size to the LB size within half the epochs."""
+    ramp = max(1, settings.epochs // 2)
+    return settings.sb_batch, lb, (lb / settings.sb_batch) ** (1.0 / ramp)
+
+
+def run(folder: RunFolder, settings: Settings) -> dict:
+    stored = folder.load_result(NAME)
+    if stored is not None:
+        return stored
+    data = networks.dataset(settings)
+    lb = settings.lb_size(len(data.train))
+    eps = settings.epsilons[0]
+    groups: dict[str, list] = {"SB": [], "LB": []}
+    for seed in settings.seed_list():
+        pair = networks.train_pair(folder, settings, seed)
+        groups["SB"].append((seed, pair["sb"]))
+        groups["LB"].append((seed, pair["lb"]))
+    for remedy in settings.remedies:
+        schedule = dynamic_schedule(settings, lb) if remedy == "dynamic" else None
+        runs = []
+        for seed in settings.seed_list():
+            config = networks.train_config(settings, lb, seed, remedy=remedy, batch_schedule=schedule)
+            runs.append((seed, networks.train(folder, config, f"lb-{remedy}-seed{seed}", data)))
+        groups[f"LB + {remedy}"] = runs
+    rows = []
+    for name, runs in groups.items():
+        evaluations, values, diverged = [], [], []
+        for seed, trained in runs:
+            if trained.diverged is not None:
+                diverged.append({"seed": seed, "epoch": trained.diverged})
+                continue
+            evaluations.append(networks.final_metrics(trained))
+            values.append(networks.sharpness(folder, trained, settings, eps, seed=seed)["value"])
+        remedy = name.split(" + ")[1] if " + " in name else None
+        paper = REMEDIES.get(remedy, {}) if remedy else {}
+        rows.append({
+            "name": name,
+            "remedy": remedy,
+            "models": [t.tag for _, t in runs],
+            "train_acc": networks.mean_std(e["train_acc"] for e in evaluations),
+            "test_acc": networks.mean_std(e["test_acc"] for e in evaluations),
+            "sharpness": networks.mean_std(values),
+            "diverged": diverged,
+            "paper_test_lb": paper.get("test_lb", {}).get(settings.model),
+            "paper_sharpness_lb": paper.get("sharpness_lb_1e-3", {}).get(settings.model),
+            "paper_note": paper.get("note"),
+        })
+    result = {
+        "experiment": NAME,
+        "settings": settings.to_dict(),
+        "epsilon": eps,
+        "rows": rows,
+        "dynamic_schedule": list(dynamic_schedule(settings, lb)) if "dynamic" in settings.remedies else None,
+    }
+    result["figures"] = {"remedies": plots.remedies(result, folder.figure("remedies")).name}
+    folder.save_result(NAME, result)
+    return result

@@ -1,0 +1,211 @@
+"""A run folder: configuration, results JSON, figures, trained models, and resuming where a run stopped.
+
+Layout of a folder written by any ``hessgap`` command::
+
+    <out>/config.json          the command and its settings (checked again on resume)
+    <out>/report.md            tables and figures beside the paper's numbers
+    <out>/results/<name>.json  one file per finished experiment (skipped when the run is repeated)
+    <out>/results/<name>.parts.json   finished pieces of an unfinished experiment
+    <out>/figures/<name>.png
+    <out>/models/<tag>/        one training run each (per-epoch checkpoints, history.json)
+
+Every JSON write goes to a temporary file first and is renamed into place, so an interrupted run never
+leaves a half-written result behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import HessgapError
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types: tuples become lists, non-finite floats become None, tensors become lists."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "to_dict"):
+        return to_jsonable(value.to_dict())
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return to_jsonable(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(to_jsonable(data), handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise HessgapError(
+            f"{path} is not valid JSON ({exc}); the file is damaged: delete it to recompute that part"
+        ) from exc
+
+
+def digest(data: dict, length: int = 8) -> str:
+    """A short stable hash of a JSON-able dict (names training runs by their configuration)."""
+    text = json.dumps(to_jsonable(data), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _differences(stored: dict, current: dict) -> list[str]:
+    keys = sorted(set(stored) | set(current))
+    return [f"{k}: {stored.get(k)!r} in the folder, {current.get(k)!r} now" for k in keys if stored.get(k) != current.get(k)]
+
+
+class RunFolder:
+    """One output folder of a ``hessgap`` command; resumes what an earlier call in it left unfinished."""
+
+    def __init__(self, path, command: str, settings: dict, progress: bool = True, log: Callable[[str], None] | None = None):
+        self.path = Path(path)
+        self.command = command
+        self.settings = to_jsonable(settings)
+        self.progress = progress
+        self._log = log
+        self.memory: dict = {}  # objects this command already loaded (trained networks), by name
+
+    # -- layout --------------------------------------------------------------------------------
+    @property
+    def results_dir(self) -> Path:
+        return self.path / "results"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / "figures"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.path / "models"
+
+    def figure(self, name: str) -> Path:
+        self.figures_dir.mkdir(parents=True, exist_ok=True)
+        return self.figures_dir / f"{name}.png"
+
+    def result_path(self, name: str) -> Path:
+        return self.results_dir / f"{name}.json"
+
+    # -- configuration -------------------------------------------------------------------------
+    def open(self, ignore: tuple[str, ...] = ("device", "experiments")) -> "RunFolder":
+        """Create the folder, or check that an existing one was made by the same command and settings.
+
+        Keys in ``ignore`` (where the run executes, which experiments run this time) may change
+        between calls; anything else that differs would mix results of two configurations.
+        """
+        config_path = self.path / "config.json"
+        if config_path.exists():
+            stored = read_json(config_path)
+            if stored.get("command") != self.command:
+                raise HessgapError(
+                    f"{self.path} holds a '{stored.get('command')}' run, not '{self.command}'; "
+                    "choose another --out folder"
+                )
+            old = {k: v for k, v in stored.get("settings", {}).items() if k not in ignore}
+            new = {k: v for k, v in self.settings.items() if k not in ignore}
+            diff = _differences(old, new)
+            if diff:
+                raise HessgapError(
+                    f"{self.path} holds results of different settings ({'; '.join(diff)}); rerun with the "
+                    "same settings to resume, or choose another --out folder to start a new run"
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+        import torch
+
+        from .. import __version__
+
+        write_json(
+            config_path,
+            {
+                "command": self.command,
+                "settings": self.settings,
+                "hessgap": __version__,
+                "torch": torch.__version__,
+                "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
+                "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        return self
+
+    # -- results -------------------------------------------------------------------------------
+    def has_result(self, name: str) -> bool:
+        return self.result_path(name).exists()
+
+    def load_result(self, name: str) -> dict | None:
+        path = self.result_path(name)
+        return read_json(path) if path.exists() else None
+
+    def save_result(self, name: str, result: dict) -> Path:
+        path = self.result_path(name)
+        write_json(path, result)
+        parts = self.results_dir / f"{name}.parts.json"
+        if parts.exists():
+            parts.unlink()
+        return path
+
+    def parts(self, name: str) -> "Parts":
+        return Parts(self.results_dir / f"{name}.parts.json")
+
+    def results(self) -> dict[str, dict]:
+        """Every finished result in the folder, by name."""
+        if not self.results_dir.exists():
+            return {}
+        found = {}
+        for path in sorted(self.results_dir.glob("*.json")):
+            if not path.name.endswith(".parts.json"):
+                found[path.stem] = read_json(path)
+        return found
+
+    def log(self, message: str) -> None:
+        if self._log is not None:
+            self._log(message)
+        self.path.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
+        with open(self.path / "run.log", "a", encoding="utf-8") as handle:
+            handle.write(f"{stamp} {message}\n")
+
+
+class Parts:
+    """Finished pieces of an experiment (one sharpness value, one warm start...), saved as they finish."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._data: dict = read_json(self.path) if self.path.exists() else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def get(self, key: str, default=None):
+        return self._data.get(key, default)
+
+    def put(self, key: str, value) -> Any:
+        self._data[key] = to_jsonable(value)
+        write_json(self.path, self._data)
+        return self._data[key]
+
+    def compute(self, key: str, fn: Callable[[], Any]) -> Any:
+        """The stored value for ``key``, or ``fn()`` stored under it."""
+        if key not in self._data:
+            self.put(key, fn())
+        return self._data[key]

@@ -1,0 +1,70 @@
+"""Experiment 5, Figure 5: large-batch training warm-started from small-batch iterates ("piggybacking").
+
+SB trains for ``warmstart_sb_epochs`` epochs; its checkpoint after every epoch is kept. From the iterate
+after epoch e (every ``warmstart_every`` epochs, and e = 0, the common start), LB trains for
+``warmstart_lb_epochs`` epochs. The paper: early warm starts end sharp, later ones flat and as accurate as SB.
+"""
+
+from __future__ import annotations
+
+from .. import plots
+from . import networks
+from .paper import FIGURE_NOTES
+from .presets import Settings
+from .runs import RunFolder
+
+NAME = "warmstart"
+
+
+def warm_epochs(settings: Settings) -> list[int]:
+    """The SB epochs to warm-start from: 0 (no SB at all), every ``warmstart_every``, and the last."""
+    epochs = list(range(0, settings.warmstart_sb_epochs + 1, settings.warmstart_every))
+    if epochs[-1] != settings.warmstart_sb_epochs:
+        epochs.append(settings.warmstart_sb_epochs)
+    return epochs
+
+
+def run(folder: RunFolder, settings: Settings) -> dict:
+    stored = folder.load_result(NAME)
+    if stored is not None:
+        return stored
+    from ..train.checkpoint import load_epoch_state
+
+    data = networks.dataset(settings)
+    lb = settings.lb_size(len(data.train))
+    networks.check_batch(lb, len(data.train), "LB batch size")
+    seed = settings.seed
+    sb_config = networks.train_config(settings, settings.sb_batch, seed, epochs=settings.warmstart_sb_epochs)
+    sb = networks.train(folder, sb_config, f"warm-sb-seed{seed}", data)
+    rows = []
+    for epoch in warm_epochs(settings):
+        lb_config = networks.train_config(settings, lb, seed, epochs=settings.warmstart_lb_epochs)
+        if sb.diverged is not None and epoch >= sb.diverged:
+            rows.append({"warm_epoch": epoch, "diverged": None, "skipped": f"SB diverged at epoch {sb.diverged}"})
+            continue
+        if epoch == 0:  # the common start: plain LB training from the seed's initial weights
+            trained = networks.train(folder, lb_config, f"warm-lb-from0-seed{seed}", data)
+        else:
+            state = load_epoch_state(sb.out_dir, epoch)
+            trained = networks.train(folder, lb_config, f"warm-lb-from{epoch}-seed{seed}", data, init_state=state,
+                                     init_label=f"{sb.tag}/epoch{epoch}")
+        row = {"warm_epoch": epoch, "model": trained.tag, "diverged": trained.diverged, "sharpness": {}}
+        if trained.diverged is None:
+            row.update(networks.final_metrics(trained))
+            for eps in settings.epsilons:
+                row["sharpness"][f"{eps:g}"] = networks.sharpness(folder, trained, settings, eps, seed=seed)["value"]
+        rows.append(row)
+    sb_eval = networks.final_metrics(sb) if sb.diverged is None else None
+    result = {
+        "experiment": NAME,
+        "settings": settings.to_dict(),
+        "epsilons": list(settings.epsilons),
+        "lb_batch": lb,
+        "sb_model": sb.tag,
+        "sb_final": sb_eval,
+        "rows": rows,
+        "paper": FIGURE_NOTES["warmstart"],
+    }
+    result["figures"] = {"warmstart": plots.warmstart(result, folder.figure("warmstart")).name}
+    folder.save_result(NAME, result)
+    return result
