@@ -1,0 +1,17 @@
+"""The Hessian's spectrum from batched Hessian-vector products.
+
+- :func:`eigenvalues`: extreme eigenvalues and eigenvectors (block Lanczos, thick restart)
+- :func:`trace`: Hutchinson trace estimate with a confidence interval
+- :func:`density`: spectral density by stochastic Lanczos quadrature
+
+Each takes a model with its data, an operator (``n``, ``dtype``, ``device``, ``matmat``), or an
+explicit symmetric matrix (:class:`MatrixOperator`), and returns a JSON-serializable result.
+"""
+
+from ._operator import MatrixOperator
+from ._results import DensityResult, EigenResult, TraceResult
+from .density import density
+from .lanczos import eigenvalues
+from .trace import trace
+
+__all__ = ["eigenvalues", "trace", "density", "MatrixOperator", "EigenResult", "TraceResult", "DensityResult"]

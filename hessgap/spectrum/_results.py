@@ -1,0 +1,158 @@
+"""Results of the spectrum methods: plain numbers plus the tensors, each JSON-serializable via ``to_dict``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import torch
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.detach().cpu().tolist())
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    return value
+
+
+class _Serializable:
+    _left_out: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """Every field but the large tensors, as plain Python numbers, lists and strings."""
+        return {
+            field.name: _jsonable(getattr(self, field.name))
+            for field in dataclasses.fields(self)
+            if field.name not in self._left_out
+        }
+
+    def to_json(self, path: str | None = None, indent: int | None = 2) -> str:
+        """The result as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w") as handle:
+                handle.write(text + "\n")
+        return text
+
+
+@dataclasses.dataclass
+class EigenResult(_Serializable):
+    """Extreme eigenvalues of the Hessian found by (block) Lanczos.
+
+    ``eigenvalues`` are ordered by ``which``: descending for "LA", ascending for "SA", by descending
+    magnitude for "LM". ``eigenvectors`` (k × n, unit rows, same order) are left out of ``to_dict``;
+    save them with :meth:`save_eigenvectors`. ``residuals`` are ‖H·v − λ·v‖ computed explicitly from
+    the returned vectors; ``error_bounds`` bound |λ − λ_true| (see :func:`hessgap.eigenvalues`).
+    """
+
+    eigenvalues: list[float]
+    eigenvectors: torch.Tensor
+    residuals: list[float]
+    error_bounds: list[float]
+    converged: bool
+    which: str
+    tol: float
+    criterion: str
+    block_size: int
+    max_basis: int
+    iterations: int
+    restarts: int
+    hvps: int
+    seconds: float
+    n: int
+    dtype: str
+    device: str
+    path: str | None
+
+    _left_out = ("eigenvectors",)
+
+    def save_eigenvectors(self, path: str) -> None:
+        """Write the eigenvectors (k × n tensor, on CPU) with ``torch.save``."""
+        torch.save(self.eigenvectors.detach().cpu(), path)
+
+
+@dataclasses.dataclass
+class TraceResult(_Serializable):
+    """Hutchinson estimate of tr(H) with its standard error and a Student-t confidence interval.
+
+    ``estimates`` holds zᵀHz for every Rademacher probe z; ``value`` is their mean. With one probe
+    ``stderr`` and ``ci`` are None (no spread to estimate them from).
+    """
+
+    value: float
+    stderr: float | None
+    ci: tuple[float, float] | None
+    confidence: float
+    num_probes: int
+    estimates: list[float]
+    hvps: int
+    seconds: float
+    n: int
+    dtype: str
+    device: str
+    path: str | None
+
+
+@dataclasses.dataclass
+class DensityResult(_Serializable):
+    """Spectral density of the Hessian by stochastic Lanczos quadrature.
+
+    ``nodes[i]`` and ``weights[i]`` are the Ritz values and Gauss quadrature weights of probe i
+    (weights sum to 1); ``density`` is their average, broadened by Gaussians of width ``sigma`` and
+    evaluated on ``grid``, so it integrates to about 1 over a grid that covers the nodes.
+    """
+
+    grid: list[float]
+    density: list[float]
+    nodes: list[list[float]]
+    weights: list[list[float]]
+    sigma: float
+    num_probes: int
+    lanczos_steps: int
+    reorthogonalize: bool
+    hvps: int
+    seconds: float
+    n: int
+    dtype: str
+    device: str
+    path: str | None
+
+    def mean(self) -> float:
+        """Σ weights·nodes averaged over probes: an estimate of tr(H) / n."""
+        return sum(sum(w * x for w, x in zip(ws, xs)) for ws, xs in zip(self.weights, self.nodes)) / len(self.nodes)
+
+    def plot(self, path: str, *, log: bool = True, title: str | None = None) -> str:
+        """Write the density as a PNG (log scale by default, as Hessian spectra span decades); returns ``path``."""
+        # A bare Figure renders with the Agg canvas and leaves pyplot's global backend alone.
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(6.4, 4.0), dpi=120)
+        axes = figure.add_subplot(1, 1, 1)
+        values = torch.tensor(self.density, dtype=torch.float64)
+        if log:
+            floor = max(float(values.max()) * 1e-8, 1e-300)
+            axes.semilogy(self.grid, values.clamp_min(floor).tolist(), color="C0", linewidth=1.2)
+            axes.set_ylim(bottom=floor)
+        else:
+            axes.plot(self.grid, values.tolist(), color="C0", linewidth=1.2)
+        axes.set_xlabel("eigenvalue")
+        axes.set_ylabel("density")
+        axes.set_title(
+            title
+            if title is not None
+            else f"Hessian spectral density (n={self.n}, {self.num_probes} probes × {self.lanczos_steps} Lanczos steps)",
+            fontsize=9,
+        )
+        axes.grid(True, alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+        return path

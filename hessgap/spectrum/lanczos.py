@@ -1,0 +1,297 @@
+"""Extreme eigenvalues of the Hessian by block Lanczos with full reorthogonalization and thick restart.
+
+Each Lanczos step multiplies one block of ``block_size`` vectors by the Hessian in a single batched
+``matmat`` (one pass over the data serves the whole block). The basis is kept explicitly together
+with its Hessian images, so the projected matrix T = V·(HV)ᵀ is exact (no three-term recurrence to
+lose orthogonality) and a thick restart (Krylov–Schur) keeps the most wanted Ritz vectors and their
+images without any new product. Convergence is judged on residual norms ‖H·x − θ·x‖.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..errors import HessgapError
+from ._operator import CheckedOperator, check_positive_int, generator_for, resolve_operator
+from ._results import EigenResult
+
+_WHICH = ("LA", "SA", "LM")
+_CRITERIA = ("eigenvalue", "residual")
+
+
+def eigenvalues(
+    target,
+    data=None,
+    *,
+    k: int = 1,
+    which: str = "LA",
+    tol: float = 1e-3,
+    criterion: str = "eigenvalue",
+    block_size: int | None = None,
+    max_basis: int | None = None,
+    max_iter: int = 300,
+    seed: int = 0,
+    loss_fn=None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> EigenResult:
+    """The k extreme eigenvalues of the Hessian, with eigenvectors and residual norms.
+
+    ``target`` is a model (then ``data``, ``loss_fn`` and ``max_batches`` build a
+    :class:`~hessgap.curvature.operator.HessianOperator` over the mean loss of the data), an
+    operator with ``n``, ``dtype``, ``device`` and ``matmat``, or a square symmetric tensor.
+
+    ``which``: "LA" largest algebraic (descending), "SA" smallest algebraic (ascending), "LM"
+    largest magnitude (by descending magnitude).
+
+    Stopping rule (``tol`` is relative): a Ritz pair (θ, x) is accepted when its error bound is at
+    most ``tol · max(|θ|, ε^(2/3)·‖T‖)`` (ARPACK's scaling). With ``criterion="residual"`` the bound
+    is the residual norm r = ‖H·x − θ·x‖, which guarantees an eigenvalue within r of θ. With
+    ``criterion="eigenvalue"`` (default) it is min(r, r²/gap), the Kato–Temple bound on the
+    eigenvalue error, with the gap to the other Ritz values (each shrunk by its own residual); the
+    eigenvalue is then accurate to ``tol`` while the eigenvector is accurate to about r/gap.
+
+    ``block_size`` vectors are multiplied per step (default 1 for k = 1, else min(k, 4)); larger blocks
+    find clustered or repeated eigenvalues more reliably and use batched Hessian products.
+    ``max_basis`` bounds the basis (default max(30, 3k + 4·block_size), at most n); memory is
+    2 · max_basis · n numbers. ``max_iter`` bounds the steps, so at most ``max_iter · block_size``
+    Hessian-vector products. Results that did not converge come back with ``converged=False``.
+    """
+    started = time.perf_counter()
+    if which not in _WHICH:
+        raise HessgapError(f"which must be one of {', '.join(_WHICH)} (largest algebraic, smallest algebraic, largest magnitude), got {which!r}")
+    if criterion not in _CRITERIA:
+        raise HessgapError(f"criterion must be 'eigenvalue' or 'residual', got {criterion!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1):
+        raise HessgapError(f"tol is a relative tolerance and must lie in (0, 1), got {tol!r}")
+    check_positive_int(k, "k", " (the number of eigenvalues wanted)")
+    check_positive_int(max_iter, "max_iter")
+    operator = CheckedOperator(
+        resolve_operator(target, data, loss_fn=loss_fn, max_batches=max_batches, caller="eigenvalues")
+    )
+    n = operator.n
+    if k > n:
+        raise HessgapError(f"k = {k} eigenvalues asked for, but the Hessian is only {n} × {n}; use k <= {n}")
+    if block_size is None:
+        block_size = 1 if k == 1 else min(k, 4)
+    check_positive_int(block_size, "block_size")
+    block_size = min(block_size, n)
+    if max_basis is None:
+        max_basis = max(30, 3 * k + 4 * block_size)
+    check_positive_int(max_basis, "max_basis")
+    max_basis = min(max_basis, n)
+    if max_basis < n and max_basis < k + 2 * block_size:
+        raise HessgapError(
+            f"max_basis = {max_basis} is too small for k = {k} and block_size = {block_size}: the basis must hold "
+            f"the k kept vectors and two blocks, so use max_basis >= {k + 2 * block_size}"
+        )
+    solver = _BlockLanczos(operator, k, which, float(tol), criterion, block_size, max_basis, seed)
+    solver.run(max_iter, progress)
+    return solver.result(time.perf_counter() - started)
+
+
+def _wanted_order(theta: torch.Tensor, which: str) -> torch.Tensor:
+    """Indices of the Ritz values, most wanted first."""
+    if which == "LA":
+        key = -theta
+    elif which == "SA":
+        key = theta
+    else:
+        key = -theta.abs()
+    return torch.argsort(key, stable=True)
+
+
+def _error_bounds(theta, residuals, wanted, tol, criterion, eps):
+    """Bounds on |λ − θ| for the wanted Ritz values and whether each meets the tolerance."""
+    wanted_theta = theta[wanted]
+    r = residuals[wanted]
+    if criterion == "residual" or theta.numel() == 1:
+        bound = r
+    else:
+        # Distance from each wanted Ritz value to every other one, minus the other's own uncertainty.
+        gaps = (theta[None, :] - wanted_theta[:, None]).abs() - residuals[None, :]
+        gaps[torch.arange(wanted.numel()), wanted] = math.inf
+        gap = gaps.min(dim=1).values
+        kato_temple = torch.where(gap > 0, r * r / gap.clamp_min(1e-300), torch.full_like(r, math.inf))
+        bound = torch.minimum(r, kato_temple)
+    floor = eps ** (2.0 / 3.0) * float(theta.abs().max())
+    threshold = tol * wanted_theta.abs().clamp_min(floor)
+    return bound, bound <= threshold, threshold
+
+
+class _BlockLanczos:
+    def __init__(self, operator: CheckedOperator, k, which, tol, criterion, block_size, max_basis, seed):
+        self.op = operator
+        self.k, self.which, self.tol, self.criterion = k, which, tol, criterion
+        self.block_size, self.max_basis = block_size, max_basis
+        self.dtype, self.device, self.n = operator.dtype, operator.device, operator.n
+        self.eps = torch.finfo(self.dtype).eps
+        # A direction whose part outside the basis is this small (relative) carries no new information.
+        self.drop_tol = 100 * self.eps
+        self.generator = generator_for(self.device, seed)
+        self.V = torch.empty(max_basis, self.n, dtype=self.dtype, device=self.device)
+        self.HV = torch.empty_like(self.V)
+        self.m = 0
+        self.T = torch.zeros(0, 0, dtype=torch.float64)
+        self.iterations = 0
+        self.restarts = 0
+        self.converged = False
+
+    # -- pieces -----------------------------------------------------------------------------------
+
+    def _random(self, rows: int) -> torch.Tensor:
+        return torch.randn(rows, self.n, generator=self.generator, dtype=self.dtype, device=self.device)
+
+    def _orthonormal_block(self, W: torch.Tensor, max_rows: int) -> torch.Tensor:
+        """Rows of W made orthonormal and orthogonal to the basis (classical Gram–Schmidt, twice).
+
+        A row that vanishes (the Krylov space became invariant) is replaced by a random direction, so
+        the basis keeps growing; fewer rows come back only when the basis would exceed ``max_rows``.
+        """
+        V = self.V[: self.m]
+        reference = W.norm(dim=1)
+        W = W.clone()
+        for _ in range(2):
+            if self.m:
+                W -= (W @ V.T) @ V
+        accepted: list[torch.Tensor] = []
+        for row in range(W.shape[0]):
+            if len(accepted) >= max_rows:
+                break
+            w, size = W[row], reference[row]
+            for _attempt in range(4):
+                if accepted:
+                    Q = torch.stack(accepted)
+                    for _ in range(2):
+                        w = w - (Q @ w) @ Q
+                norm = w.norm()
+                if norm > self.drop_tol * size:
+                    accepted.append(w / norm)
+                    break
+                w = self._random(1)[0]
+                size = w.norm()
+                for _ in range(2):
+                    if self.m:
+                        w = w - (V @ w) @ V
+        if not accepted:
+            return W.new_zeros(0, self.n)
+        return torch.stack(accepted)
+
+    def _append(self, P: torch.Tensor, HP: torch.Tensor) -> None:
+        m0, m = self.m, self.m + P.shape[0]
+        self.V[m0:m] = P
+        self.HV[m0:m] = HP
+        self.m = m
+        coupling = (self.V[:m] @ HP.T).to(torch.float64).cpu()  # (m, b): new columns of T = V·(HV)ᵀ
+        T = torch.zeros(m, m, dtype=torch.float64)
+        T[:m0, :m0] = self.T
+        T[:, m0:] = coupling
+        T[m0:, :m0] = coupling[:m0].T
+        diagonal_block = coupling[m0:]
+        T[m0:, m0:] = (diagonal_block + diagonal_block.T) / 2
+        self.T = T
+
+    def _restart(self, S: torch.Tensor, theta: torch.Tensor, order: torch.Tensor) -> None:
+        """Thick restart: keep the most wanted Ritz vectors and their images (no new products)."""
+        room = self.max_basis - 2 * self.block_size
+        keep = max(self.k, min(room, self.k + (self.max_basis - self.k) // 2, self.m - 1))
+        kept = order[:keep]
+        rotation = S[:, kept].to(self.dtype).to(self.device)
+        self.V[:keep] = (rotation.T @ self.V[: self.m]).clone()
+        self.HV[:keep] = (rotation.T @ self.HV[: self.m]).clone()
+        self.m = keep
+        self.T = torch.diag(theta[kept])
+        self.restarts += 1
+
+    def _explicit(self, S, theta, wanted):
+        """Ritz vectors of the wanted pairs and their true residual norms."""
+        rotation = S[:, wanted].to(self.dtype).to(self.device)
+        X = rotation.T @ self.V[: self.m]
+        HX = rotation.T @ self.HV[: self.m]
+        values = theta[wanted].to(self.dtype).to(self.device)
+        residual = (HX - values[:, None] * X).norm(dim=1).to(torch.float64).cpu()
+        return X, residual
+
+    # -- the iteration ----------------------------------------------------------------------------
+
+    def run(self, max_iter: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        block = self._orthonormal_block(self._random(self.block_size), self.block_size)
+        bar = tqdm(total=max_iter, desc="lanczos", unit="step", disable=not progress, leave=False)
+        try:
+            while True:
+                HP = self.op.matmat(block)
+                self.iterations += 1
+                bar.update(1)
+                self._append(block, HP)
+                theta, S = torch.linalg.eigh(self.T)
+                order = _wanted_order(theta, self.which)
+                wanted = order[: self.k]
+                exhausted = self.m >= self.n
+                if exhausted:
+                    next_block = None
+                    estimates = torch.zeros_like(theta)
+                else:
+                    # The next block is H·(last block) made orthogonal to the basis; every Ritz
+                    # residual lies in its span, so its coefficients give the residual norms cheaply.
+                    next_block = self._orthonormal_block(HP, self.n - self.m)
+                    coefficients = (self.HV[: self.m] @ next_block.T).to(torch.float64).cpu()
+                    estimates = (coefficients.T @ S).norm(dim=0)
+                bound, ok, threshold = _error_bounds(theta, estimates, wanted, self.tol, self.criterion, self.eps)
+                bar.set_postfix(worst=f"{float((bound / threshold).max()):.2g}")
+                out_of_steps = self.iterations >= max_iter
+                if bool(ok.all()) or exhausted or out_of_steps:
+                    X, residual = self._explicit(S, theta, wanted)
+                    checked = estimates.clone()
+                    checked[wanted] = residual
+                    bound, ok, _ = _error_bounds(theta, checked, wanted, self.tol, self.criterion, self.eps)
+                    if bool(ok.all()) or exhausted or out_of_steps:
+                        self.converged = bool(ok.all()) or exhausted
+                        self._final = (theta[wanted], X, residual, bound)
+                        return
+                if self.m + next_block.shape[0] > self.max_basis:
+                    self._restart(S, theta, order)
+                block = next_block
+        finally:
+            bar.close()
+
+    def result(self, seconds: float) -> EigenResult:
+        values, X, residual, bound = self._final
+        X = X / X.norm(dim=1, keepdim=True)
+        # Fix each eigenvector's sign (largest entry positive) so results are reproducible.
+        pivots = X.abs().argmax(dim=1)
+        signs = torch.sign(X.gather(1, pivots[:, None]))
+        X = X * torch.where(signs == 0, torch.ones_like(signs), signs)
+        if not self.converged:
+            import warnings
+
+            warnings.warn(
+                f"Lanczos stopped after {self.iterations} steps without reaching tol={self.tol}; "
+                "raise max_iter or max_basis, or loosen tol (float32 cannot reach much below 1e-5)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return EigenResult(
+            eigenvalues=[float(v) for v in values],
+            eigenvectors=X,
+            residuals=[float(r) for r in residual],
+            error_bounds=[float(b) for b in bound],
+            converged=self.converged,
+            which=self.which,
+            tol=self.tol,
+            criterion=self.criterion,
+            block_size=self.block_size,
+            max_basis=self.max_basis,
+            iterations=self.iterations,
+            restarts=self.restarts,
+            hvps=self.op.hvps,
+            seconds=seconds,
+            n=self.n,
+            dtype=str(self.dtype).replace("torch.", ""),
+            device=str(self.device),
+            path=self.op.path,
+        )
