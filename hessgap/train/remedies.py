@@ -54,22 +54,36 @@ def augment_batch(
         )
     if max_degrees < 0 or not 0 <= max_translate <= 1:
         raise HessgapError(f"max_degrees must be ≥ 0 and max_translate in [0, 1], got {max_degrees}, {max_translate}")
-    n, _, height, width = inputs.shape
+    n = inputs.shape[0]
     draw = lambda: torch.rand(n, generator=generator, dtype=torch.float64)  # noqa: E731
     angle = (2 * draw() - 1) * math.radians(max_degrees)
-    # affine_grid works in [-1, 1] coordinates: a shift by a fraction t of the image is 2t
-    shift_x = (2 * draw() - 1) * max_translate * 2
-    shift_y = (2 * draw() - 1) * max_translate * 2
-    mirror = torch.where(draw() < 0.5, -1.0, 1.0) if flip else torch.ones(n, dtype=torch.float64)
+    shift_x = (2 * draw() - 1) * max_translate
+    shift_y = (2 * draw() - 1) * max_translate
+    mirror = draw() < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return affine_images(inputs, angle, shift_x, shift_y, mirror)
+
+
+def affine_images(inputs: torch.Tensor, angle: torch.Tensor, shift_x: torch.Tensor, shift_y: torch.Tensor,
+                  mirror: torch.Tensor) -> torch.Tensor:
+    """Each image i mirrored left-right if ``mirror[i]``, rotated by ``angle[i]`` radians about its centre and
+    shifted by ``shift_x[i]`` of its width and ``shift_y[i]`` of its height (bilinear, border fill)."""
+    if inputs.dim() != 4:
+        raise HessgapError(f"expected a batch of images N × C × H × W, got shape {tuple(inputs.shape)}")
+    n, _, height, width = inputs.shape
+    as64 = lambda t: torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(n)  # noqa: E731
+    angle, shift_x, shift_y = as64(angle), as64(shift_x), as64(shift_y)
+    sign = torch.where(torch.as_tensor(mirror).reshape(-1).expand(n), -1.0, 1.0).to(torch.float64)
     cos, sin = torch.cos(angle), torch.sin(angle)
     aspect = width / height  # rotate in pixel space, not in the stretched [-1, 1] square
+    # affine_grid maps each output point (in [-1, 1] coordinates) to the input point it samples;
+    # a shift by a fraction t of the image is 2t there
     theta = torch.zeros(n, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = cos * mirror
+    theta[:, 0, 0] = cos * sign
     theta[:, 0, 1] = -sin / aspect
-    theta[:, 0, 2] = shift_x
-    theta[:, 1, 0] = sin * aspect * mirror
+    theta[:, 0, 2] = -2 * shift_x  # content moves by +shift
+    theta[:, 1, 0] = sin * aspect * sign
     theta[:, 1, 1] = cos
-    theta[:, 1, 2] = shift_y
+    theta[:, 1, 2] = -2 * shift_y
     theta = theta.to(device=inputs.device, dtype=inputs.dtype)
     grid = F.affine_grid(theta, list(inputs.shape), align_corners=False)
     return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -1,0 +1,247 @@
+"""Data sets and loaders: the real on-disk formats (IDX, CIFAR pickles) written by the tests, MNIST-1D, digits."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from hessgap.errors import HessgapError
+from hessgap.train.data import DATASET_NAMES, large_batch_size, load_dataset, make_loader
+from hessgap.train.datasets.idx import read_idx
+from hessgap.train.datasets.mnist1d import generate, templates
+
+
+# --- writers of the real formats ------------------------------------------------------------------
+
+def write_idx(path, array, compress=False):
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def write_mnist(folder, n_train=12, n_test=6, side=28, compress=False, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, side, side)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, side, side)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test),
+    }
+    for name, array in arrays.items():
+        write_idx(folder / (name + (".gz" if compress else "")), array, compress)
+    return {k: v.astype(np.uint8) for k, v in arrays.items()}
+
+
+def write_cifar(folder, name="cifar10", per_file=4, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "cifar10":
+        files, key, classes = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10
+    else:
+        files, key, classes = ["train", "test"], b"fine_labels", 100
+    written = {}
+    for f in files:
+        entry = {b"data": rng.integers(0, 256, (per_file, 3072)).astype(np.uint8),
+                 key: rng.integers(0, classes, per_file).tolist(), b"batch_label": f.encode()}
+        if name == "cifar100":
+            entry[b"coarse_labels"] = rng.integers(0, 20, per_file).tolist()
+        with open(folder / f, "wb") as fh:
+            pickle.dump(entry, fh, protocol=2)
+        written[f] = entry
+    return written
+
+
+def standardize(train, test):
+    """Per-channel standardization with the training split's statistics (the independent reference)."""
+    train = train.astype(np.float64)
+    test = test.astype(np.float64)
+    mean = train.mean(axis=(0, 2, 3), keepdims=True)
+    std = train.std(axis=(0, 2, 3), keepdims=True)
+    return (train - mean) / std, (test - mean) / std
+
+
+# --- MNIST (IDX) ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compress,subdir", [(False, "."), (True, "MNIST/raw")])
+def test_mnist_reads_idx_files(tmp_path, compress, subdir):
+    arrays = write_mnist(tmp_path / subdir, compress=compress)
+    data = load_dataset("mnist", root=tmp_path)
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10 and data.image and not data.flip_ok
+    x_train, y_train = data.train.tensors
+    x_test, y_test = data.test.tensors
+    assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
+    ref_train, ref_test = standardize(arrays["train-images-idx3-ubyte"][:, None] / 255.0,
+                                      arrays["t10k-images-idx3-ubyte"][:, None] / 255.0)
+    np.testing.assert_allclose(x_train.numpy(), ref_train, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_test.numpy(), ref_test, rtol=1e-5, atol=1e-5)
+    assert y_train.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert y_test.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+
+
+def test_idx_reader_checks_the_header(tmp_path):
+    good = tmp_path / "good"
+    write_idx(good, np.arange(24).reshape(2, 3, 4))
+    np.testing.assert_array_equal(read_idx(good), np.arange(24).reshape(2, 3, 4))
+    bad_magic = tmp_path / "bad_magic"
+    bad_magic.write_bytes(b"\x01\x02\x08\x01" + struct.pack(">I", 3) + b"abc")
+    with pytest.raises(HessgapError, match="not an IDX file"):
+        read_idx(bad_magic)
+    wrong_type = tmp_path / "wrong_type"
+    wrong_type.write_bytes(b"\x00\x00\x0d\x01" + struct.pack(">I", 1) + b"abcd")
+    with pytest.raises(HessgapError, match="unsigned byte"):
+        read_idx(wrong_type)
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(good.read_bytes()[:-5])
+    with pytest.raises(HessgapError, match="truncated"):
+        read_idx(truncated)
+
+
+def test_mnist_missing_files_are_listed(tmp_path):
+    with pytest.raises(HessgapError, match="does not exist.*train-images-idx3-ubyte"):
+        load_dataset("mnist", root=tmp_path / "nowhere")
+    write_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(HessgapError, match="missing: t10k-labels-idx1-ubyte"):
+        load_dataset("mnist", root=tmp_path)
+    with pytest.raises(HessgapError, match="data_root"):
+        load_dataset("mnist")
+
+
+def test_mnist_labels_out_of_range(tmp_path):
+    write_mnist(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.full(12, 11))
+    with pytest.raises(HessgapError, match="outside 0..9"):
+        load_dataset("mnist", root=tmp_path)
+
+
+# --- CIFAR (pickles) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,subdir", [("cifar10", "cifar-10-batches-py"), ("cifar10", "."),
+                                         ("cifar100", "cifar-100-python")])
+def test_cifar_reads_pickles(tmp_path, name, subdir):
+    written = write_cifar(tmp_path / subdir, name)
+    data = load_dataset(name, root=tmp_path)
+    if name == "cifar10":
+        train_files, test_files, key, classes = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10
+    else:
+        train_files, test_files, key, classes = ["train"], ["test"], b"fine_labels", 100
+    assert data.num_classes == classes and data.input_shape == (3, 32, 32) and data.flip_ok
+    raw_train = np.concatenate([written[f][b"data"] for f in train_files]).reshape(-1, 3, 32, 32) / 255.0
+    raw_test = np.concatenate([written[f][b"data"] for f in test_files]).reshape(-1, 3, 32, 32) / 255.0
+    ref_train, ref_test = standardize(raw_train, raw_test)
+    np.testing.assert_allclose(data.train.tensors[0].numpy(), ref_train, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(data.test.tensors[0].numpy(), ref_test, rtol=1e-5, atol=1e-5)
+    assert data.train.tensors[1].tolist() == sum((written[f][key] for f in train_files), [])
+    assert data.test.tensors[1].tolist() == sum((written[f][key] for f in test_files), [])
+
+
+def test_cifar_missing_and_damaged_files(tmp_path):
+    with pytest.raises(HessgapError, match="data_batch_1.*cifar-10-batches-py"):
+        load_dataset("cifar10", root=tmp_path)
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(HessgapError, match="missing: data_batch_3"):
+        load_dataset("cifar10", root=tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(HessgapError, match="data_batch_3"):
+        load_dataset("cifar10", root=tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, fh)  # no labels
+    with pytest.raises(HessgapError, match="not a CIFAR batch"):
+        load_dataset("cifar10", root=tmp_path)
+
+
+# --- digits and MNIST-1D --------------------------------------------------------------------------
+
+def test_digits_split_is_fixed_stratified_and_standardized():
+    from sklearn.datasets import load_digits
+
+    data = load_dataset("digits")
+    assert (data.num_train, data.num_test) == (1437, 360)
+    assert data.input_shape == (1, 8, 8) and data.num_classes == 10 and data.image and not data.flip_ok
+    x = data.train.tensors[0]
+    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-3
+    counts = torch.bincount(data.test.tensors[1], minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: 20% of each class
+    again = load_dataset("digits")
+    assert torch.equal(again.train.tensors[0], x) and torch.equal(again.test.tensors[1], data.test.tensors[1])
+    assert not torch.equal(load_dataset("digits", seed=1).test.tensors[1], data.test.tensors[1])
+    # the images are sklearn's, up to one affine standardization (raw pixels span exactly 0..16)
+    raw = load_digits().images.reshape(1797, -1) / 16.0
+    ours = torch.cat([data.train.tensors[0], data.test.tensors[0]]).reshape(1797, -1).double().numpy()
+    ours = (ours - ours.min()) / (ours.max() - ours.min())
+    rows = lambda a: a[np.lexsort(np.round(a, 6).T[::-1])]  # noqa: E731
+    np.testing.assert_allclose(rows(ours), rows(raw), atol=1e-5)
+    labels = torch.cat([data.train.tensors[1], data.test.tensors[1]])
+    assert torch.bincount(labels).tolist() == np.bincount(load_digits().target).tolist()
+
+
+def test_mnist1d_matches_the_reference_generator_statistics():
+    data = load_dataset("mnist1d")
+    assert (data.num_train, data.num_test) == (4000, 1000) and data.input_shape == (40,)
+    assert not data.image and data.num_classes == 10
+    assert not torch.equal(load_dataset("mnist1d", seed=1).train.tensors[0], data.train.tensors[0])
+    base = templates()
+    assert base.shape == (10, 12) and np.allclose(base[:, 0], 0)
+    # Greydanus (2020) reports ≈32% test accuracy for logistic regression on MNIST-1D: hard for linear
+    # models, yet far above chance (10%). A least-squares linear classifier lands just below that.
+    x_train, y_train, x_test, y_test = generate(0)
+    np.testing.assert_array_equal(x_train, data.train.tensors[0].numpy())
+    with_bias = lambda x: np.hstack([x, np.ones((len(x), 1))])  # noqa: E731
+    weights = np.linalg.lstsq(with_bias(x_train), np.eye(10)[y_train], rcond=None)[0]
+    accuracy = float(np.mean((with_bias(x_test) @ weights).argmax(1) == y_test))
+    assert 0.18 < accuracy < 0.4, accuracy
+    # a nonlinear classifier does much better: the classes are there, in the shapes
+    from sklearn.neighbors import KNeighborsClassifier
+
+    assert KNeighborsClassifier().fit(x_train, y_train).score(x_test, y_test) > 0.45
+    assert np.bincount(y_train, minlength=10).min() > 300
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(HessgapError, match=", ".join(DATASET_NAMES)):
+        load_dataset("imagenet")
+
+
+# --- loaders --------------------------------------------------------------------------------------
+
+def tiny(n=10):
+    return torch.utils.data.TensorDataset(torch.arange(n, dtype=torch.float32)[:, None], torch.arange(n))
+
+
+def order(loader):
+    return torch.cat([y for _, y in loader]).tolist()
+
+
+def test_loader_order_depends_only_on_seed_and_epoch():
+    data = tiny()
+    first = order(make_loader(data, 3, shuffle=True, seed=5, epoch=1))
+    assert sorted(first) == list(range(10))
+    assert order(make_loader(data, 3, shuffle=True, seed=5, epoch=1)) == first
+    assert order(make_loader(data, 3, shuffle=True, seed=5, epoch=2)) != first
+    assert order(make_loader(data, 3, shuffle=True, seed=6, epoch=1)) != first
+    assert order(make_loader(data, 4, shuffle=False)) == list(range(10))
+    sizes = [len(y) for _, y in make_loader(data, 4, shuffle=True)]
+    assert sizes == [4, 4, 2]
+    assert [len(y) for _, y in make_loader(data, 4, shuffle=True, drop_last=True)] == [4, 4]
+    batch_x, batch_y = next(iter(make_loader(data, 3, shuffle=False)))
+    assert batch_x.shape == (3, 1) and batch_y.tolist() == [0, 1, 2]
+
+
+def test_loader_bad_batch_sizes():
+    with pytest.raises(HessgapError, match="larger than the data set"):
+        make_loader(tiny(), 11, shuffle=True)
+    with pytest.raises(HessgapError, match="positive integer"):
+        make_loader(tiny(), 0, shuffle=True)
+    with pytest.raises(HessgapError, match="TensorDataset"):
+        make_loader([(1, 2)], 1, shuffle=True)
+
+
+def test_large_batch_is_ten_percent():
+    assert large_batch_size(60000) == 6000 and large_batch_size(50000) == 5000
+    assert large_batch_size(load_dataset("digits")) == 144

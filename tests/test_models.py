@@ -1,0 +1,135 @@
+"""The paper's networks: parameter counts against hand-computed formulas, shapes, scaling, bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from hessgap.errors import HessgapError
+from hessgap.train.models import MODEL_NAMES, build_model, count_parameters
+
+ALLOWED = (nn.Flatten, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Dropout)
+SHAPES = {"digits": ((1, 8, 8), 10), "mnist1d": ((40,), 10), "mnist": ((1, 28, 28), 10), "cifar100": ((3, 32, 32), 100)}
+
+
+def linear(i, o):
+    return i * o + o
+
+
+def bn(c):
+    return 2 * c
+
+
+def conv(i, o, k):
+    return i * o * k + o
+
+
+def test_f1_on_mnist_has_the_papers_size():
+    expected = linear(784, 512) + bn(512) + 4 * (linear(512, 512) + bn(512)) + linear(512, 10)
+    model = build_model("F1", (1, 28, 28), 10)
+    assert count_parameters(model) == expected == 1_462_794  # ≈ 1.5M, as the paper's F1
+    assert sum(isinstance(m, nn.Linear) for m in model) == 6
+
+
+def test_f2_on_timit_shape():
+    expected = linear(360, 512) + bn(512) + 6 * (linear(512, 512) + bn(512)) + linear(512, 1973)
+    assert count_parameters(build_model("F2", (360,), 1973)) == expected
+
+
+@pytest.mark.parametrize("name,classes", [("C1", 10), ("C3", 100)])
+def test_alexnet_like_on_cifar(name, classes):
+    # 32 → 16 → 8 after two 3×3 stride-2 "same" pools
+    expected = (conv(3, 64, 25) + bn(64) + conv(64, 64, 25) + bn(64)
+                + linear(64 * 8 * 8, 384) + bn(384) + linear(384, 192) + bn(192) + linear(192, classes))
+    model = build_model(name, (3, 32, 32), classes)
+    assert count_parameters(model) == expected
+    assert sum(isinstance(m, nn.Dropout) for m in model) == 2
+    assert all(m.p == 0.5 for m in model if isinstance(m, nn.Dropout))
+
+
+@pytest.mark.parametrize("name,classes", [("C2", 10), ("C4", 100)])
+def test_vgg_like_on_cifar(name, classes):
+    expected, channels = 0, 3
+    for out, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+        for _ in range(convs):
+            expected += conv(channels, out, 9) + bn(out)
+            channels = out
+    expected += linear(512 * 1 * 1, 512) + bn(512) + linear(512, classes)
+    model = build_model(name, (3, 32, 32), classes)
+    assert count_parameters(model) == expected
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model) == 5
+
+
+@pytest.mark.parametrize("dataset", sorted(SHAPES))
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_shape_and_standard_layers(name, dataset):
+    shape, classes = SHAPES[dataset]
+    model = build_model(name, shape, classes, width=0.125).eval()
+    out = model(torch.randn(3, *shape))
+    assert out.shape == (3, classes)
+    assert torch.isfinite(out).all()
+    layers = [m for m in model.modules() if not isinstance(m, nn.Sequential)]
+    extra = (nn.Unflatten,) if len(shape) == 1 and name.startswith("C") else ()
+    assert all(isinstance(m, ALLOWED + extra) for m in layers), [type(m).__name__ for m in layers]
+
+
+def test_small_images_leave_out_pools_that_would_shrink_below_one_pixel():
+    vgg = build_model("C2", (1, 8, 8), 10, width=0.125)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in vgg) == 3  # 8 → 4 → 2 → 1, then no more
+    flat_in = next(m for m in vgg if isinstance(m, nn.Linear)).in_features
+    assert flat_in == 64  # 512 · 0.125 channels × 1 × 1
+    alex = build_model("C1", (1, 8, 8), 10, width=0.25)
+    assert next(m for m in alex if isinstance(m, nn.Linear)).in_features == 16 * 2 * 2  # 8 → 4 → 2
+
+
+def test_flat_signals_use_one_by_k_kernels():
+    model = build_model("C1", (40,), 10, width=0.25)
+    assert isinstance(model[0], nn.Unflatten)
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    assert all(c.kernel_size == (1, 5) and c.padding == (0, 2) for c in convs)
+    pools = [m for m in model if isinstance(m, nn.MaxPool2d)]
+    assert all(p.kernel_size == (1, 3) for p in pools)
+    assert next(m for m in model if isinstance(m, nn.Linear)).in_features == 16 * 1 * 10  # 40 → 20 → 10
+    vgg = build_model("C2", (40,), 10, width=0.125)
+    assert next(m for m in vgg if isinstance(m, nn.Linear)).in_features == 64 * 1 * 1  # 40→20→10→5→2→1
+
+
+def test_width_scales_units_and_depth_scales_blocks():
+    f1 = build_model("F1", (1, 8, 8), 10, width=0.5, depth=0.4)
+    hidden = [m for m in f1 if isinstance(m, nn.Linear)][:-1]
+    assert [m.out_features for m in hidden] == [256, 256]  # round(5 · 0.4) = 2 blocks of 256
+    c1 = build_model("C1", (3, 32, 32), 10, width=0.5, depth=1.5)
+    assert [m.out_channels for m in c1 if isinstance(m, nn.Conv2d)] == [32, 32, 32]
+    assert [m.out_features for m in c1 if isinstance(m, nn.Linear)] == [192, 96, 10]
+    c2 = build_model("C2", (3, 32, 32), 10, width=0.25, depth=1 / 3)
+    assert [m.out_channels for m in c2 if isinstance(m, nn.Conv2d)] == [16, 32, 64, 128, 128]
+    tiny = build_model("F1", (40,), 10, width=1e-6, depth=1e-6)
+    assert [m.out_features for m in tiny if isinstance(m, nn.Linear)] == [1, 10]  # never below 1
+
+
+def test_dropout_zero_leaves_dropout_out():
+    model = build_model("C1", (1, 8, 8), 10, width=0.25, dropout=0.0)
+    assert not any(isinstance(m, nn.Dropout) for m in model)
+
+
+def test_same_seed_same_weights():
+    torch.manual_seed(3)
+    a = build_model("C1", (1, 8, 8), 10, width=0.25)
+    torch.manual_seed(3)
+    b = build_model("C1", (1, 8, 8), 10, width=0.25)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_bad_input():
+    with pytest.raises(HessgapError, match="F1, F2, C1, C2, C3, C4"):
+        build_model("resnet", (1, 8, 8), 10)
+    with pytest.raises(HessgapError, match="width"):
+        build_model("F1", (1, 8, 8), 10, width=0)
+    with pytest.raises(HessgapError, match="depth"):
+        build_model("F1", (1, 8, 8), 10, depth=float("nan"))
+    with pytest.raises(HessgapError, match="input_shape"):
+        build_model("C1", (8, 8), 10)
+    with pytest.raises(HessgapError, match="num_classes"):
+        build_model("F1", (40,), 1)
+    with pytest.raises(HessgapError, match="dropout"):
+        build_model("C1", (1, 8, 8), 10, dropout=1.0)
+    assert isinstance(build_model("c1", (1, 8, 8), 10, width=0.1), nn.Sequential)  # names are case-blind
