@@ -75,15 +75,16 @@ def affine_images(inputs: torch.Tensor, angle: torch.Tensor, shift_x: torch.Tens
     sign = torch.where(torch.as_tensor(mirror).reshape(-1).expand(n), -1.0, 1.0).to(torch.float64)
     cos, sin = torch.cos(angle), torch.sin(angle)
     aspect = width / height  # rotate in pixel space, not in the stretched [-1, 1] square
-    # affine_grid maps each output point (in [-1, 1] coordinates) to the input point it samples;
-    # a shift by a fraction t of the image is 2t there
+    # affine_grid maps each output point (in [-1, 1] coordinates) to the input point it samples:
+    # input = A (output − t), so content is rotated/mirrored about the centre, then moved by t exactly
+    # (a shift by a fraction s of the image is t = 2s in these coordinates)
     theta = torch.zeros(n, 2, 3, dtype=torch.float64)
     theta[:, 0, 0] = cos * sign
     theta[:, 0, 1] = -sin / aspect
-    theta[:, 0, 2] = -2 * shift_x  # content moves by +shift
     theta[:, 1, 0] = sin * aspect * sign
     theta[:, 1, 1] = cos
-    theta[:, 1, 2] = -2 * shift_y
+    shift = torch.stack([2 * shift_x, 2 * shift_y], dim=1)
+    theta[:, :, 2] = -torch.einsum("nij,nj->ni", theta[:, :, :2], shift)
     theta = theta.to(device=inputs.device, dtype=inputs.dtype)
     grid = F.affine_grid(theta, list(inputs.shape), align_corners=False)
     return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="border", align_corners=False)

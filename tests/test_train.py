@@ -1,0 +1,248 @@
+"""The training loop: metrics, exact resume, divergence, corrupt checkpoints, patience, warm starts, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector
+
+from hessgap.errors import HessgapError
+from hessgap.train import (
+    TrainConfig,
+    TrainResult,
+    build_model,
+    evaluate,
+    list_checkpoints,
+    load_dataset,
+    load_epoch_state,
+    make_loader,
+    train,
+)
+from hessgap.train.checkpoint import checkpoint_path
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def tiny(**overrides):
+    base = dict(model="F1", dataset="digits", width=0.05, depth=0.4, batch_size=128, epochs=2, device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def without_time(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_history_records_the_papers_quantities(digits):
+    result = train(tiny(epochs=3), dataset=digits, progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    keys = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "distance_from_start", "sharpness",
+            "batch_size", "lr", "seconds"}
+    assert keys <= set(result.final) and result.final == result.history[-1]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.final["train_acc"] > 0.5 and result.final["sharpness"] is None
+    assert all(h["batch_size"] == 128 and h["lr"] == 1e-3 for h in result.history)
+    assert result.diverged is None and not result.model.training
+    # x0 is the seeded initialisation, and the distance is ‖x − x0‖
+    torch.manual_seed(0)
+    init = build_model("F1", (1, 8, 8), 10, width=0.05, depth=0.4)
+    torch.testing.assert_close(result.x0, parameters_to_vector(init.parameters()), rtol=0, atol=0)
+    distance = float((parameters_to_vector(result.model.parameters()).detach() - result.x0).norm())
+    assert result.final["distance_from_start"] == pytest.approx(distance, rel=1e-6)
+    # the metrics are the model's, in eval mode, over the whole splits
+    train_loss, train_acc = evaluate(result.model, make_loader(digits.train, 500, shuffle=False))
+    assert train_loss == pytest.approx(result.final["train_loss"], rel=1e-5)
+    assert train_acc == pytest.approx(result.final["train_acc"])
+    json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_evaluate_matches_a_direct_computation(digits):
+    torch.manual_seed(1)
+    model = build_model("C1", (1, 8, 8), 10, width=0.1).train()
+    x, y = digits.test.tensors
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train()
+    loss, acc = evaluate(model, make_loader(digits.test, 97, shuffle=False))  # unequal last batch
+    assert loss == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-5)
+    assert acc == pytest.approx(float((out.argmax(1) == y).double().mean()))
+    assert model.training  # mode restored
+
+
+def test_resume_is_bit_exact(digits, tmp_path):
+    # C1 has dropout (global RNG) and augmentation draws from its own generator: both must resume exactly
+    config = tiny(model="C1", width=0.1, depth=0.5, batch_size=200, epochs=4, remedy="augment")
+    whole = train(config, out_dir=tmp_path / "whole", dataset=digits, progress=False)
+    first = train(tiny(**{**config.to_dict(), "epochs": 2}), out_dir=tmp_path / "split", dataset=digits, progress=False)
+    assert len(first.history) == 2
+    resumed = train(config, out_dir=tmp_path / "split", dataset=digits, progress=False)
+    assert resumed.resumed_from == 2
+    assert same_weights(weights(whole.model), weights(resumed.model))
+    assert without_time(whole.history) == without_time(resumed.history)
+    assert torch.equal(whole.x0, resumed.x0)
+    assert sorted(list_checkpoints(tmp_path / "split")) == [0, 1, 2, 3, 4]
+    saved = json.loads((tmp_path / "split" / "history.json").read_text())
+    assert [h["epoch"] for h in saved["history"]] == [1, 2, 3, 4]
+
+
+def test_interrupted_run_resumes_and_finished_run_returns_at_once(digits, tmp_path):
+    config = tiny(epochs=3)
+    reference = train(config, dataset=digits, progress=False)
+
+    def interrupt(record, model):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, out_dir=tmp_path, dataset=digits, progress=False, epoch_callback=interrupt)
+    assert sorted(list_checkpoints(tmp_path)) == [0, 1, 2]
+    calls = []
+    resumed = train(config, out_dir=tmp_path, dataset=digits, progress=False,
+                    epoch_callback=lambda record, model: calls.append(record["epoch"]))
+    assert calls == [3] and same_weights(weights(reference.model), weights(resumed.model))
+    again = train(config, out_dir=tmp_path, dataset=digits, progress=False,
+                  epoch_callback=lambda record, model: calls.append(record["epoch"]))
+    assert calls == [3] and again.resumed_from == 3 and len(again.history) == 3
+    assert same_weights(weights(resumed.model), weights(again.model))
+
+
+def test_callback_returning_true_stops_without_finishing(digits, tmp_path):
+    stopped = train(tiny(epochs=3), out_dir=tmp_path, dataset=digits, progress=False,
+                    epoch_callback=lambda record, model: True)
+    assert len(stopped.history) == 1
+    assert len(train(tiny(epochs=3), out_dir=tmp_path, dataset=digits, progress=False).history) == 3
+
+
+def test_resuming_with_another_configuration_is_refused(digits, tmp_path):
+    train(tiny(epochs=1), out_dir=tmp_path, dataset=digits, progress=False)
+    with pytest.raises(HessgapError, match="batch_size=128.*batch_size=64"):
+        train(tiny(epochs=2, batch_size=64), out_dir=tmp_path, dataset=digits, progress=False)
+
+
+def test_corrupt_checkpoint_names_the_file_and_keeps_the_others(digits, tmp_path):
+    train(tiny(epochs=2), out_dir=tmp_path, dataset=digits, progress=False)
+    latest = checkpoint_path(tmp_path, 2)
+    latest.write_bytes(latest.read_bytes()[:100])
+    with pytest.raises(HessgapError, match=r"epoch_0002\.pt is corrupt"):
+        train(tiny(epochs=3), out_dir=tmp_path, dataset=digits, progress=False)
+    assert load_epoch_state(tmp_path, 1)  # the earlier epochs are intact
+    latest.unlink()  # as the message says: delete it and resume from the epoch before
+    assert len(train(tiny(epochs=3), out_dir=tmp_path, dataset=digits, progress=False).history) == 3
+
+
+def test_diverging_run_stops_and_keeps_the_checkpoints(digits, tmp_path):
+    config = tiny(optimizer="sgd", lr=1e6, momentum=0.9, epochs=5)
+    result = train(config, out_dir=tmp_path, dataset=digits, progress=False)
+    assert result.diverged is not None and len(result.history) == result.diverged < 5
+    assert not math.isfinite(result.final["train_loss"])
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())  # the last finite weights
+    last_good = load_epoch_state(tmp_path, result.diverged - 1)
+    assert same_weights(weights(result.model), last_good)
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert saved["diverged"] == result.diverged and saved["history"][-1]["train_loss"] is None
+    again = train(config, out_dir=tmp_path, dataset=digits, progress=False)
+    assert again.diverged == result.diverged and len(again.history) == len(result.history)
+    in_memory = train(config, dataset=digits, progress=False)
+    assert in_memory.diverged == result.diverged
+    assert same_weights(weights(in_memory.model), last_good)
+
+
+def test_patience_stops_when_the_training_loss_stops_improving(digits, tmp_path):
+    config = tiny(lr=1e-9, patience=2, min_delta=1e-3, epochs=10)
+    result = train(config, out_dir=tmp_path, dataset=digits, progress=False)
+    assert result.stopped_early == 3 and len(result.history) == 3  # epoch 1 sets the best, 2 and 3 fail
+    assert len(train(config, out_dir=tmp_path, dataset=digits, progress=False).history) == 3
+
+
+def test_warm_start_from_given_weights(digits, tmp_path):
+    sb = train(tiny(batch_size=32, epochs=1), out_dir=tmp_path / "sb", dataset=digits, progress=False)
+    start = load_epoch_state(tmp_path / "sb", 1)
+    lb = train(tiny(batch_size=500, epochs=1, seed=3), dataset=digits, init_state=start, progress=False)
+    assert torch.equal(lb.x0, parameters_to_vector(sb.model.parameters()))
+    with pytest.raises(HessgapError, match="init_state does not fit"):
+        train(tiny(width=0.1), dataset=digits, init_state=start, progress=False)
+
+
+def test_result_save_and_load(digits, tmp_path):
+    result = train(tiny(model="C2", width=0.05, depth=0.34, epochs=1), dataset=digits, progress=False)
+    result.save(tmp_path / "result.pt")
+    loaded = TrainResult.load(tmp_path / "result.pt")
+    x = digits.test.tensors[0][:16]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), result.model(x), rtol=0, atol=0)
+    assert loaded.history == result.history and torch.equal(loaded.x0, result.x0)
+    assert loaded.config == result.config and loaded.final == result.final
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(HessgapError, match="bad.pt"):
+        TrainResult.load(tmp_path / "bad.pt")
+
+
+def test_sharpness_is_recorded_without_changing_the_trajectory(digits):
+    plain = train(tiny(epochs=2), dataset=digits, progress=False)
+    measured = train(tiny(epochs=2, sharpness_every=2, sharpness_batches=1, eval_batch_size=256),
+                     dataset=digits, progress=False)
+    assert measured.history[0]["sharpness"] is None
+    assert measured.history[1]["sharpness"] > 0
+    assert same_weights(weights(plain.model), weights(measured.model))
+
+
+def test_train_leaves_the_callers_random_state_alone(digits):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    train(tiny(epochs=1), dataset=digits, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_sb_and_lb_shorthands_and_sgd(digits):
+    lb = train(tiny(batch_size="lb", epochs=1), dataset=digits, progress=False)
+    assert lb.history[0]["batch_size"] == 144
+    sgd = train(tiny(optimizer="sgd", lr=0.05, epochs=1, batch_size="sb"), dataset=digits, progress=False)
+    assert sgd.history[0]["batch_size"] == 256 and math.isfinite(sgd.final["train_loss"])
+
+
+def test_config_round_trip_and_bad_options(digits):
+    config = tiny(remedy="dynamic", batch_schedule=(16, 64, 1.5))
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(HessgapError, match="unknown training option.*colour"):
+        TrainConfig.from_dict({"colour": "red"})
+    bad = [
+        (dict(model="VGG16"), "F1, F2, C1"), (dict(optimizer="rmsprop"), "adam, sgd"),
+        (dict(remedy="mixup"), "augment"), (dict(batch_size=0), "batch_size"), (dict(batch_size="xl"), "'sb' or 'lb'"),
+        (dict(epochs=0), "epochs"), (dict(lr=-1.0), "lr"), (dict(batch_schedule=(1, 2, 3.0)), "remedy='dynamic'"),
+        (dict(device="tpu9"), "device"), (dict(sharpness_every=-1), "sharpness_every"),
+    ]
+    for options, message in bad:
+        with pytest.raises(HessgapError, match=message):
+            train(tiny(**options), dataset=digits, progress=False)
+    with pytest.raises(HessgapError, match="larger than the training set of digits \\(1437 samples\\)"):
+        train(tiny(batch_size=5000), dataset=digits, progress=False)
+    with pytest.raises(HessgapError, match="digits, mnist1d, mnist"):
+        train(tiny(dataset="svhn"), progress=False)
+
+
+def test_c_nets_train_on_flat_signals():
+    data = load_dataset("mnist1d")
+    result = train(tiny(model="C1", dataset="mnist1d", width=0.1, epochs=1, batch_size=256), dataset=data, progress=False)
+    assert result.input_shape == (40,) and math.isfinite(result.final["test_loss"])
