@@ -194,6 +194,9 @@ def test_result_save_and_load(digits, tmp_path):
         torch.testing.assert_close(loaded.model(x), result.model(x), rtol=0, atol=0)
     assert loaded.history == result.history and torch.equal(loaded.x0, result.x0)
     assert loaded.config == result.config and loaded.final == result.final
+    train(tiny(epochs=1), out_dir=tmp_path / "run", dataset=digits, progress=False)
+    epoch_file = TrainResult.load(checkpoint_path(tmp_path / "run", 1))
+    assert len(epoch_file.history) == 1 and epoch_file.config.model == "F1"  # a run's checkpoint loads too
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(HessgapError, match="bad.pt"):
         TrainResult.load(tmp_path / "bad.pt")
@@ -240,6 +243,9 @@ def test_config_round_trip_and_bad_options(digits):
         train(tiny(batch_size=5000), dataset=digits, progress=False)
     with pytest.raises(HessgapError, match="digits, mnist1d, mnist"):
         train(tiny(dataset="svhn"), progress=False)
+    with pytest.raises(HessgapError, match="names data set 'mnist1d' but the Dataset passed is 'digits'"):
+        train(tiny(dataset="MNIST-1D"), dataset=digits, progress=False)
+    assert train(tiny(model="f1", dataset="Digits", epochs=1), dataset=digits, progress=False).config.model == "F1"
 
 
 def test_c_nets_train_on_flat_signals():

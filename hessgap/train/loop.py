@@ -37,7 +37,7 @@ from .checkpoint import (
     save_checkpoint,
     write_json,
 )
-from .data import SMALL_BATCH, Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
+from .data import DATASET_NAMES, SMALL_BATCH, Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
 from .models import MODEL_NAMES, build_model, count_parameters
 from .remedies import REMEDIES, BatchSchedule, make_training_step
 
@@ -114,9 +114,14 @@ class TrainConfig:
         return cls(**values)
 
     def validate(self) -> "TrainConfig":
-        """Raise :class:`HessgapError` naming the first bad option; returns self."""
+        """Raise :class:`HessgapError` naming the first bad option; returns self (names normalized)."""
         if str(self.model).upper() not in MODEL_NAMES:
             raise HessgapError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        self.model = str(self.model).upper()
+        key = str(self.dataset).lower().replace("-", "").replace("_", "")
+        if key in DATASET_NAMES:
+            self.dataset = key
+        self.optimizer = str(self.optimizer).lower()
 
         def positive_int(name, value, allow_none=False):
             if value is None and allow_none:
@@ -330,8 +335,8 @@ def train(
     """Train ``config.model`` on ``config.dataset`` (or on the given ``dataset``) and return the result.
 
     ``init_state`` (a ``state_dict``) warm-starts from given weights; x0 is then that point.
-    ``epoch_callback(record, model)`` runs after every epoch (after its checkpoint); returning True stops
-    the run there (not marked finished: rerunning on ``out_dir`` continues).
+    ``epoch_callback(record, model)`` runs after every epoch (after its checkpoint) with the model in eval
+    mode; returning True stops the run there (not marked finished: rerunning on ``out_dir`` continues).
     Diverging runs (non-finite loss) stop at once, record the epoch and keep the earlier checkpoints.
     """
     config = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config).validate()
@@ -341,6 +346,11 @@ def train(
         dataset = load_dataset(config.dataset, config.data_root, seed=config.data_seed)
     elif not isinstance(dataset, Dataset):
         raise HessgapError(f"dataset must be a hessgap.train.data.Dataset, got {type(dataset).__name__}")
+    elif dataset.name != config.dataset:
+        raise HessgapError(
+            f"the configuration names data set {config.dataset!r} but the Dataset passed is {dataset.name!r}; "
+            f"set TrainConfig.dataset={dataset.name!r} so that the run records what it trained on"
+        )
     batch_size = resolve_batch_size(config.batch_size, dataset.num_train)
     schedule = None
     if config.remedy == "dynamic":
@@ -408,7 +418,7 @@ def _run(config, device, folder, dataset, data, batch_size, schedule, init_state
         available = list_checkpoints(folder)
         if available:
             last_epoch, last_path = next(reversed(available.items()))
-            state = load_checkpoint(last_path, map_location=device)
+            state = load_checkpoint(last_path, map_location="cpu")  # RNG states must stay on the CPU
             _check_same_run(state["config"], config, folder)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -474,7 +484,7 @@ def _run(config, device, folder, dataset, data, batch_size, schedule, init_state
                 if folder is not None:  # hand back the last finite weights: the latest checkpoint
                     last = {e: p for e, p in list_checkpoints(folder).items() if e < epoch}
                     if last:
-                        last_good = load_checkpoint(last[max(last)], map_location=device)["model"]
+                        last_good = load_checkpoint(last[max(last)], map_location="cpu")["model"]
                     write_history()
                 if last_good is not None:
                     model.load_state_dict(last_good)
@@ -492,6 +502,7 @@ def _run(config, device, folder, dataset, data, batch_size, schedule, init_state
                 _prune(folder, config.keep_checkpoints)
             else:
                 last_good = _copy_state(model)
+            model.eval()  # a callback that runs the model must not move BatchNorm statistics
             if epoch_callback is not None and epoch_callback(dict(record), model):
                 break
             if stopped_early is not None:
