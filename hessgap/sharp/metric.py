@@ -154,7 +154,9 @@ def sharpness(
         subspace_scale: ``"unit"``: A has i.i.d. N(0, 1) entries; ``"sqrt_n"``: N(0, 1/n).
         subspace_memory_bytes: keep A in memory when it fits, else regenerate it block by block.
         cache_batches: keep the loader's batches in memory across the passes.
-        lbfgsb_options: extra ``options`` for scipy's L-BFGS-B (e.g. ``{"maxfun": 50}``).
+        lbfgsb_options: extra ``options`` for scipy's L-BFGS-B; by default it runs exactly ``max_iter``
+            iterations (``gtol = ftol = 0``): scipy's default ``gtol=1e-5`` stops it at y = 0 on any
+            well-trained model, whose gradient is that small.
 
     Returns:
         :class:`SharpnessResult`.
