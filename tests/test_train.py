@@ -170,9 +170,10 @@ def test_diverging_run_stops_and_keeps_the_checkpoints(digits, tmp_path):
 
 
 def test_patience_stops_when_the_training_loss_stops_improving(digits, tmp_path):
-    config = tiny(lr=1e-9, patience=2, min_delta=1e-3, epochs=10)
+    config = tiny(lr=1e-9, patience=2, min_delta=1e-3, epochs=10, sharpness_every=5, sharpness_batches=1)
     result = train(config, out_dir=tmp_path, dataset=digits, progress=False)
     assert result.stopped_early == 3 and len(result.history) == 3  # epoch 1 sets the best, 2 and 3 fail
+    assert [h["sharpness"] is not None for h in result.history] == [False, False, True]  # the last epoch's
     assert len(train(config, out_dir=tmp_path, dataset=digits, progress=False).history) == 3
 
 
@@ -181,6 +182,11 @@ def test_warm_start_from_given_weights(digits, tmp_path):
     start = load_epoch_state(tmp_path / "sb", 1)
     lb = train(tiny(batch_size=500, epochs=1, seed=3), dataset=digits, init_state=start, progress=False)
     assert torch.equal(lb.x0, parameters_to_vector(sb.model.parameters()))
+    train(tiny(batch_size=500, epochs=1, seed=3), out_dir=tmp_path / "lb", dataset=digits, init_state=start,
+          progress=False)
+    with pytest.raises(HessgapError, match="warm-started from other weights"):
+        train(tiny(batch_size=500, epochs=2, seed=3), out_dir=tmp_path / "lb", dataset=digits,
+              init_state=load_epoch_state(tmp_path / "sb", 0), progress=False)
     with pytest.raises(HessgapError, match="init_state does not fit"):
         train(tiny(width=0.1), dataset=digits, init_state=start, progress=False)
 

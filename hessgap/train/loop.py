@@ -187,7 +187,9 @@ class TrainResult:
     """A trained model (eval mode) with its starting point and per-epoch history.
 
     ``history`` holds one dict per epoch (epoch, train_loss, train_acc, test_loss, test_acc,
-    distance_from_start, sharpness, batch_size, lr, seconds); accuracies are fractions in [0, 1].
+    distance_from_start, sharpness, batch_size, lr, seconds, batch_loss: the mean loss of the epoch's
+    training steps, and sharpness_seconds where sharpness was measured); accuracies are fractions in [0, 1],
+    ``seconds`` is the time of the epoch's training and evaluation.
     ``diverged`` is the epoch whose loss became non-finite (training stopped there; ``model`` then holds
     the last finite weights, the checkpoint of the epoch before), or None. ``stopped_early`` is the epoch
     at which patience ended the run, or None.
@@ -367,149 +369,190 @@ def train(
 
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
-        return _run(config, device, folder, dataset, data, batch_size, schedule, init_state, progress, epoch_callback)
+        return _Run(config, device, folder, dataset, data, batch_size, schedule, init_state).run(progress, epoch_callback)
 
 
-def _run(config, device, folder, dataset, data, batch_size, schedule, init_state, progress, epoch_callback):
-    from tqdm.auto import tqdm
+class _Run:
+    """One training run's mutable state: model, optimizer, RNGs, history, and its run folder (if any)."""
 
-    torch.manual_seed(config.seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(config.seed)
-    model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.width, config.depth,
-                        config.dropout).to(device)
-    if init_state is not None:
-        try:
-            model.load_state_dict(init_state)
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            raise HessgapError(f"init_state does not fit model {config.model} (width {config.width}, depth "
-                               f"{config.depth}) on {dataset.name}: {exc}") from exc
-    optimizer = _make_optimizer(config, model)
-    augment_generator = torch.Generator().manual_seed(epoch_seed(config.seed, _AUGMENT_STREAM))
-    step = make_training_step(config.remedy, flip_ok=dataset.flip_ok, image=dataset.image,
-                              prox_lambda=config.prox_lambda, prox_steps=config.prox_steps,
-                              fgsm_epsilon=config.fgsm_epsilon, generator=augment_generator)
-    x0 = parameters_to_vector(model.parameters()).detach().clone()
-    history: list[dict] = []
-    best_loss, bad_epochs = math.inf, 0
-    diverged = stopped_early = resumed_from = None
-    meta = {"input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes, "dataset": dataset.name}
+    def __init__(self, config: TrainConfig, device: torch.device, folder: Path | None, dataset: Dataset,
+                 data: Dataset, batch_size: int, schedule: BatchSchedule | None, init_state: dict | None):
+        self.config, self.device, self.folder = config, device, folder
+        self.dataset, self.data, self.batch_size, self.schedule = dataset, data, batch_size, schedule
+        torch.manual_seed(config.seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(config.seed)
+        self.model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.width,
+                                 config.depth, config.dropout).to(device)
+        if init_state is not None:
+            try:
+                self.model.load_state_dict(init_state)
+            except (RuntimeError, TypeError, AttributeError) as exc:
+                raise HessgapError(f"init_state does not fit model {config.model} (width {config.width}, depth "
+                                   f"{config.depth}) on {dataset.name}: {exc}") from exc
+        self.warm_started = init_state is not None
+        self.optimizer = _make_optimizer(config, self.model)
+        self.augment_generator = torch.Generator().manual_seed(epoch_seed(config.seed, _AUGMENT_STREAM))
+        self.step = make_training_step(config.remedy, flip_ok=dataset.flip_ok, image=dataset.image,
+                                       prox_lambda=config.prox_lambda, prox_steps=config.prox_steps,
+                                       fgsm_epsilon=config.fgsm_epsilon, generator=self.augment_generator)
+        self.x0 = parameters_to_vector(self.model.parameters()).detach().clone()
+        self.history: list[dict] = []
+        self.best_loss, self.bad_epochs = math.inf, 0
+        self.diverged = self.stopped_early = self.resumed_from = None
+        self.meta = {"input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
+                     "dataset": dataset.name}
+        self.last_good: dict | None = None  # the last finite weights, handed back if an epoch diverges
 
-    def result() -> TrainResult:
-        model.eval()
-        return TrainResult(model=model, x0=x0, history=history, diverged=diverged, config=config,
-                           input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes,
-                           dataset=dataset.name, stopped_early=stopped_early,
-                           out_dir=str(folder) if folder else None, resumed_from=resumed_from)
+    # --- the run folder -------------------------------------------------------------------------------
 
-    def payload(epoch: int) -> dict:
+    def result(self) -> TrainResult:
+        self.model.eval()
+        return TrainResult(model=self.model, x0=self.x0, history=self.history, diverged=self.diverged,
+                           config=self.config, input_shape=tuple(self.dataset.input_shape),
+                           num_classes=self.dataset.num_classes, dataset=self.dataset.name,
+                           stopped_early=self.stopped_early, out_dir=str(self.folder) if self.folder else None,
+                           resumed_from=self.resumed_from)
+
+    def payload(self, epoch: int) -> dict:
         return {
-            "format": 1, "epoch": epoch, "config": config.to_dict(), **meta,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(device, augment_generator), "history": history, "x0": x0,
-            "best_loss": best_loss, "bad_epochs": bad_epochs, "stopped_early": stopped_early, "diverged": None,
+            "format": 1, "epoch": epoch, "config": self.config.to_dict(), **self.meta,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": _rng_state(self.device, self.augment_generator), "history": self.history, "x0": self.x0,
+            "best_loss": self.best_loss, "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early,
         }
 
-    def write_history() -> None:
-        write_json(folder / HISTORY_FILE, {"config": config.to_dict(), **meta, "history": history,
-                                            "diverged": diverged, "stopped_early": stopped_early})
+    def write_history(self) -> None:
+        write_json(self.folder / HISTORY_FILE, {"config": self.config.to_dict(), **self.meta, "history": self.history,
+                                                 "diverged": self.diverged, "stopped_early": self.stopped_early})
 
-    if folder is not None:
-        available = list_checkpoints(folder)
-        if available:
-            last_epoch, last_path = next(reversed(available.items()))
-            state = load_checkpoint(last_path, map_location="cpu")  # RNG states must stay on the CPU
-            _check_same_run(state["config"], config, folder)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"], device, augment_generator)
-            x0 = state["x0"].to(device)
-            history = list(state["history"])
-            best_loss, bad_epochs = state["best_loss"], state["bad_epochs"]
-            stopped_early = state["stopped_early"]
-            resumed_from = last_epoch
-            recorded = read_json(folder / HISTORY_FILE) if (folder / HISTORY_FILE).is_file() else {}
-            if recorded.get("diverged") is not None:  # the epoch after the last checkpoint diverged
-                diverged = recorded["diverged"]
-                history = history + [h for h in recorded.get("history", []) if h["epoch"] > last_epoch][:1]
-                return result()
-        else:
-            save_checkpoint(checkpoint_path(folder, 0), payload(0))  # the starting point x0
-            write_history()
-    start_epoch = len(history) + 1
-    if stopped_early is not None or start_epoch > config.epochs:
-        return result()
+    def start_or_resume(self) -> bool:
+        """Set up the run folder or restore its latest checkpoint; False when the run has nothing left to do."""
+        if self.folder is None:
+            self.last_good = _copy_state(self.model)
+            return True
+        available = list_checkpoints(self.folder)
+        if not available:
+            save_checkpoint(checkpoint_path(self.folder, 0), self.payload(0))  # the starting point x0
+            self.write_history()
+            return True
+        last_epoch, last_path = next(reversed(available.items()))
+        state = load_checkpoint(last_path, map_location="cpu")  # RNG states must stay on the CPU
+        _check_same_run(state["config"], self.config, self.folder)
+        if self.warm_started and not torch.equal(self.x0.cpu(), state["x0"]):
+            raise HessgapError(
+                f"{self.folder} holds a run warm-started from other weights than the init_state given; "
+                "use a new output folder for a new warm start"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], self.device, self.augment_generator)
+        self.x0 = state["x0"].to(self.device)
+        self.history = list(state["history"])
+        self.best_loss, self.bad_epochs = state["best_loss"], state["bad_epochs"]
+        self.stopped_early = state["stopped_early"]
+        self.resumed_from = last_epoch
+        recorded = read_json(self.folder / HISTORY_FILE) if (self.folder / HISTORY_FILE).is_file() else {}
+        if recorded.get("diverged") is not None:  # the epoch after the last checkpoint diverged
+            self.diverged = recorded["diverged"]
+            self.history += [h for h in recorded.get("history", []) if h["epoch"] > last_epoch][:1]
+            return False
+        return self.stopped_early is None and len(self.history) < self.config.epochs
 
-    last_good = _copy_state(model) if folder is None else None
-    eval_size = lambda split: min(config.eval_batch_size, len(split))  # noqa: E731
-    train_eval = make_loader(data.train, eval_size(data.train), shuffle=False)
-    test_eval = make_loader(data.test, eval_size(data.test), shuffle=False)
-    epochs_bar = tqdm(total=config.epochs, initial=start_epoch - 1, desc=f"{config.model} on {dataset.name}",
-                      unit="epoch", disable=not progress)
-    try:
-        for epoch in range(start_epoch, config.epochs + 1):
-            began = time.perf_counter()
-            size = schedule.batch_size(epoch) if schedule else batch_size
-            # BatchNorm cannot train on a batch of one sample: drop such a last batch
-            loader = make_loader(data.train, size, shuffle=True, seed=config.seed, epoch=epoch,
-                                 drop_last=len(data.train) % size == 1)
-            model.train()
-            running = torch.zeros((), dtype=torch.float64, device=device)
-            seen = 0
-            for inputs, targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=not progress):
-                loss = step(model, optimizer, inputs, targets)
-                running += loss.double() * inputs.shape[0]
-                seen += inputs.shape[0]
-            train_loss, train_acc = evaluate(model, train_eval)
-            test_loss, test_acc = evaluate(model, test_eval)
-            finite = math.isfinite(float(running)) and math.isfinite(train_loss) and math.isfinite(test_loss)
-            finite = finite and bool(torch.isfinite(parameters_to_vector(model.parameters())).all())
-            sharp = None
-            due = config.sharpness_every and (epoch % config.sharpness_every == 0 or epoch == config.epochs)
-            if finite and due:
-                sharp = _sharpness_value(model, data, config, device)
-            with torch.no_grad():
-                distance = float(torch.linalg.vector_norm(parameters_to_vector(model.parameters()) - x0))
-            record = {
-                "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-                "test_acc": test_acc, "distance_from_start": distance, "sharpness": sharp,
-                "batch_size": size, "lr": optimizer.param_groups[0]["lr"],
-                "batch_loss": float(running) / max(seen, 1), "seconds": time.perf_counter() - began,
-            }
-            history.append(record)
-            epochs_bar.update(1)
-            epochs_bar.set_postfix(loss=f"{train_loss:.3g}", train=f"{train_acc:.3f}", test=f"{test_acc:.3f}")
-            if not finite:
-                diverged = epoch
-                if folder is not None:  # hand back the last finite weights: the latest checkpoint
-                    last = {e: p for e, p in list_checkpoints(folder).items() if e < epoch}
-                    if last:
-                        last_good = load_checkpoint(last[max(last)], map_location="cpu")["model"]
-                    write_history()
-                if last_good is not None:
-                    model.load_state_dict(last_good)
-                break
-            if config.patience is not None:
-                if train_loss < best_loss - config.min_delta:
-                    best_loss, bad_epochs = train_loss, 0
+    # --- one epoch ------------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, size: int, progress: bool) -> float:
+        """One pass over the shuffled training set; returns the mean loss of the training batches."""
+        from tqdm.auto import tqdm
+
+        # BatchNorm cannot train on a batch of one sample: drop such a last batch
+        loader = make_loader(self.data.train, size, shuffle=True, seed=self.config.seed, epoch=epoch,
+                             drop_last=len(self.data.train) % size == 1)
+        self.model.train()
+        running = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync
+        seen = 0
+        for inputs, targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=not progress):
+            loss = self.step(self.model, self.optimizer, inputs, targets)
+            running += loss.double() * inputs.shape[0]
+            seen += inputs.shape[0]
+        return float(running) / max(seen, 1)
+
+    def update_patience(self, epoch: int, train_loss: float) -> None:
+        if self.config.patience is None:
+            return
+        if train_loss < self.best_loss - self.config.min_delta:
+            self.best_loss, self.bad_epochs = train_loss, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.config.patience:
+            self.stopped_early = epoch
+
+    def stop_diverged(self, epoch: int) -> None:
+        """Record the diverged epoch and put the last finite weights back (the latest checkpoint's)."""
+        self.diverged = epoch
+        if self.folder is not None:
+            earlier = {e: p for e, p in list_checkpoints(self.folder).items() if e < epoch}
+            if earlier:
+                self.last_good = load_checkpoint(earlier[max(earlier)], map_location="cpu")["model"]
+            self.write_history()
+        if self.last_good is not None:
+            self.model.load_state_dict(self.last_good)
+
+    def run(self, progress: bool, epoch_callback) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        if not self.start_or_resume():
+            return self.result()
+        config, model = self.config, self.model
+        eval_loaders = [make_loader(split, min(config.eval_batch_size, len(split)), shuffle=False)
+                        for split in (self.data.train, self.data.test)]
+        start = len(self.history) + 1
+        bar = tqdm(total=config.epochs, initial=start - 1, desc=f"{config.model} on {self.dataset.name}",
+                   unit="epoch", disable=not progress)
+        try:
+            for epoch in range(start, config.epochs + 1):
+                began = time.perf_counter()
+                size = self.schedule.batch_size(epoch) if self.schedule else self.batch_size
+                batch_loss = self.train_epoch(epoch, size, progress)
+                (train_loss, train_acc), (test_loss, test_acc) = (evaluate(model, loader) for loader in eval_loaders)
+                with torch.no_grad():
+                    x = parameters_to_vector(model.parameters())
+                    finite = bool(torch.isfinite(x).all()) and all(
+                        math.isfinite(v) for v in (batch_loss, train_loss, test_loss))
+                    distance = float(torch.linalg.vector_norm(x - self.x0))
+                record = {
+                    "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+                    "test_acc": test_acc, "distance_from_start": distance, "sharpness": None, "batch_size": size,
+                    "lr": self.optimizer.param_groups[0]["lr"], "batch_loss": batch_loss,
+                    "seconds": time.perf_counter() - began,
+                }
+                self.history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.3g}", train=f"{train_acc:.3f}", test=f"{test_acc:.3f}")
+                if not finite:
+                    self.stop_diverged(epoch)
+                    break
+                self.update_patience(epoch, train_loss)
+                every = config.sharpness_every
+                last = epoch == config.epochs or self.stopped_early is not None
+                if every and (epoch % every == 0 or last):
+                    began = time.perf_counter()
+                    record["sharpness"] = _sharpness_value(model, self.data, config, self.device)
+                    record["sharpness_seconds"] = time.perf_counter() - began
+                if self.folder is not None:
+                    save_checkpoint(checkpoint_path(self.folder, epoch), self.payload(epoch))
+                    self.write_history()
+                    _prune(self.folder, config.keep_checkpoints)
                 else:
-                    bad_epochs += 1
-                    if bad_epochs >= config.patience:
-                        stopped_early = epoch
-            if folder is not None:
-                save_checkpoint(checkpoint_path(folder, epoch), payload(epoch))
-                write_history()
-                _prune(folder, config.keep_checkpoints)
-            else:
-                last_good = _copy_state(model)
-            model.eval()  # a callback that runs the model must not move BatchNorm statistics
-            if epoch_callback is not None and epoch_callback(dict(record), model):
-                break
-            if stopped_early is not None:
-                break
-    finally:
-        epochs_bar.close()
-    return result()
+                    self.last_good = _copy_state(model)
+                model.eval()  # a callback that runs the model must not move BatchNorm statistics
+                if epoch_callback is not None and epoch_callback(dict(record), model):
+                    break
+                if self.stopped_early is not None:
+                    break
+        finally:
+            bar.close()
+        return self.result()
 
 
 def _copy_state(model: nn.Module) -> dict:
