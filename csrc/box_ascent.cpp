@@ -6,14 +6,19 @@
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+
+#include <ATen/Version.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <array>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "hessgap/box_ascent.h"
-#include "hessgap/box_ascent_vec.h"
+#define HESSGAP_COMPILE_STEP_RANGE  // the baseline variant of the CPU kernel
+#include "hessgap/box_ascent_cpu.h"
 #include "hessgap/checks.h"
 
 namespace hessgap {
@@ -142,60 +147,39 @@ namespace {
 // Elements per CPU work item: big enough to amortise scheduling, small enough to balance threads.
 constexpr int64_t kCpuChunk = 1 << 15;
 
-using Reductions = std::array<double, kBoxAscentReductions>;
-
-// One step over n contiguous elements; returns the chunk's reductions, accumulated in double.
-template <typename S, bool kMomentum>
-Reductions step_range(const S* x, S* y, const S* g, S* p, S* m, int64_t n, const BoxAscentConstants<S>& c) {
-  using Vec = at::vec::Vectorized<S>;
-  using VecOps = ElementOps<Vec>;
-  using Ops = ElementOps<S>;
-  constexpr int64_t W = Vec::size();
-  // Per-lane double accumulators: the lane loop below vectorises, and the sums stay in double.
-  double sq[W] = {}, face[W] = {}, pred[W] = {};
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const Vec xv = Vec::loadu(x + i);
-    const Vec yv = Vec::loadu(y + i);
-    const Vec gv = Vec::loadu(g + i);
-    const Vec mv = kMomentum ? Vec::loadu(m + i) : Vec(S(0));
-    const BoxAscentElement<Vec> e = box_ascent_element<kMomentum>(xv, yv, gv, mv, c);
-    e.y_new.store(y + i);
-    VecOps::add(xv, e.y_new).store(p + i);
-    if (kMomentum) e.delta.store(m + i);
-    S d[W], gs[W], f[W];
-    e.delta.store(d);
-    gv.store(gs);
-    VecOps::on_face(e.y_new, e.radius).store(f);
-    for (int64_t k = 0; k < W; ++k) {
-      const double dk = static_cast<double>(d[k]);
-      sq[k] += dk * dk;
-      pred[k] += static_cast<double>(gs[k]) * dk;
-      face[k] += static_cast<double>(f[k]);
-    }
-  }
-  Reductions out{0.0, 0.0, 0.0};
-  for (int64_t k = 0; k < W; ++k) {
-    out[0] += sq[k];
-    out[1] += face[k];
-    out[2] += pred[k];
-  }
-  for (; i < n; ++i) {
-    const S mi = kMomentum ? m[i] : S(0);
-    const BoxAscentElement<S> e = box_ascent_element<kMomentum>(x[i], y[i], g[i], mi, c);
-    y[i] = e.y_new;
-    p[i] = Ops::add(x[i], e.y_new);
-    if (kMomentum) m[i] = e.delta;
-    const double dk = static_cast<double>(e.delta);
-    out[0] += dk * dk;
-    out[1] += static_cast<double>(on_face(e.y_new, e.radius));
-    out[2] += static_cast<double>(g[i]) * dk;
-  }
-  return out;
+bool cpu_has_avx2() {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx2");
+#else
+  return false;
+#endif
 }
 
-template <typename S, bool kMomentum>
-Reductions step_all_cpu(const DenseOperands& t, const BoxAscentConstants<S>& c) {
+// The AVX2 variant when the CPU has AVX2 and torch's ATEN_CPU_CAPABILITY does not ask for the baseline,
+// else the baseline variant compiled in this file. Chosen once.
+const StepRangeKernels& cpu_kernels() {
+  static const StepRangeKernels chosen = [] {
+    if (cpu_has_avx2() && at::get_cpu_capability() != "DEFAULT") {
+      const StepRangeKernels avx2 = box_ascent_avx2_kernels();  // only called where AVX2 runs
+      if (avx2.f32[0] != nullptr) return avx2;
+    }
+    return step_range_kernels();
+  }();
+  return chosen;
+}
+
+template <typename S>
+StepRangeFn<S> pick_kernel(bool use_momentum) {
+  if constexpr (std::is_same_v<S, float>) {
+    return cpu_kernels().f32[use_momentum ? 1 : 0];
+  } else {
+    return cpu_kernels().f64[use_momentum ? 1 : 0];
+  }
+}
+
+template <typename S>
+BoxAscentSums step_all_cpu(const DenseOperands& t, const BoxAscentConstants<S>& c, bool use_momentum) {
+  const StepRangeFn<S> step_range = pick_kernel<S>(use_momentum);
   // Work items span all tensors: (tensor, first element, element count).
   struct Chunk {
     size_t tensor;
@@ -207,20 +191,20 @@ Reductions step_all_cpu(const DenseOperands& t, const BoxAscentConstants<S>& c) 
     const int64_t n = t.x[i].numel();
     for (int64_t b = 0; b < n; b += kCpuChunk) chunks.push_back({i, b, std::min(kCpuChunk, n - b)});
   }
-  std::vector<Reductions> partial(chunks.size());
+  std::vector<BoxAscentSums> partial(chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const Chunk& ch = chunks[k];
       const size_t i = ch.tensor;
-      S* m = kMomentum ? t.prev_step[i].data_ptr<S>() + ch.begin : nullptr;
-      partial[k] = step_range<S, kMomentum>(t.x[i].data_ptr<S>() + ch.begin, t.y[i].data_ptr<S>() + ch.begin,
+      S* m = use_momentum ? t.prev_step[i].data_ptr<S>() + ch.begin : nullptr;
+      partial[k] = step_range(t.x[i].data_ptr<S>() + ch.begin, t.y[i].data_ptr<S>() + ch.begin,
                                             t.grad[i].data_ptr<S>() + ch.begin, t.params[i].data_ptr<S>() + ch.begin,
                                             m, ch.size, c);
     }
   });
   // Summed in chunk order: the result does not depend on the number of threads.
-  Reductions total{0.0, 0.0, 0.0};
-  for (const Reductions& r : partial)
+  BoxAscentSums total{0.0, 0.0, 0.0};
+  for (const BoxAscentSums& r : partial)
     for (int64_t j = 0; j < kBoxAscentReductions; ++j) total[j] += r[j];
   return total;
 }
@@ -232,10 +216,10 @@ at::Tensor box_ascent_step_cpu(at::TensorList x, at::TensorList y, at::TensorLis
       check_box_ascent_args(x, y, grad, params, prev_step, step, epsilon, box, direction, momentum);
   TORCH_CHECK(x[0].device().is_cpu(), "hessgap: box_ascent_step's CPU kernel got tensors on ", x[0].device());
   DenseOperands operands(x, y, grad, params, prev_step, options.use_momentum);
-  Reductions total{};
+  BoxAscentSums total{};
   AT_DISPATCH_FLOATING_TYPES(x[0].scalar_type(), "hessgap::box_ascent_step (CPU)", [&] {
     const auto c = options.constants<scalar_t>();
-    total = options.use_momentum ? step_all_cpu<scalar_t, true>(operands, c) : step_all_cpu<scalar_t, false>(operands, c);
+    total = step_all_cpu<scalar_t>(operands, c, options.use_momentum);
   });
   operands.finish();
   at::Tensor result = at::empty({kBoxAscentReductions}, x[0].options().dtype(at::kDouble));

@@ -349,3 +349,39 @@ def test_mixed_devices(device):
     args["grad"][1] = args["grad"][1].cpu()
     with pytest.raises(RuntimeError, match=r"grad\[1\] is on cpu but the other tensors are on cuda"):
         call(args)
+
+
+BASELINE_SCRIPT = r"""
+import torch
+from hessgap.ops.box_ascent import box_ascent_step, box_ascent_step_reference
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float64):
+    for momentum in (0.0, 0.5):
+        for box in ("keskar", "adaptive", "absolute"):
+            shapes = [(1,), (7,), (1023,), (40000,), (3, 5, 7)]
+            x = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+            y = [0.02 * torch.randn(s, generator=gen).to(dtype) for s in shapes]
+            g = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+            m = [0.01 * torch.randn(s, generator=gen).to(dtype) for s in shapes]
+            p = [torch.full(s, 1e30, dtype=dtype) for s in shapes]
+            y2, p2, m2 = ([t.clone() for t in ts] for ts in (y, p, m))
+            kw = dict(step=3e-3, epsilon=1e-2, box=box, direction="sign", momentum=momentum)
+            out = box_ascent_step(x, y, g, p, prev_step=m if momentum else None, **kw)
+            ref = box_ascent_step_reference(x, y2, g, p2, prev_step=m2 if momentum else None, **kw)
+            assert all(torch.equal(a, b) for a, b in zip(y + p + m, y2 + p2 + m2)), (dtype, momentum, box)
+            assert out[1] == ref[1] and torch.allclose(out, ref, rtol=1e-12, atol=0), (out, ref)
+print("baseline kernel ok")
+"""
+
+
+def test_baseline_cpu_kernel_matches_reference():
+    """The kernel compiled for the baseline instruction set (used where AVX2 is missing or turned off)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "baseline kernel ok" in result.stdout

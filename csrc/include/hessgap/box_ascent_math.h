@@ -19,6 +19,13 @@
 #define HESSGAP_HOST_DEVICE
 #endif
 
+// The kernels' code is compiled once per instruction set (baseline, AVX2, CUDA). Each translation unit
+// names its own inline namespace, so that the copies of these inline functions never share a symbol
+// and the linker cannot hand an AVX2 copy to baseline code.
+#ifndef HESSGAP_KERNEL_NS
+#define HESSGAP_KERNEL_NS baseline
+#endif
+
 namespace hessgap {
 
 // Values of the op's `box` argument (hessgap/ops/box_ascent.py maps the names to them).
@@ -36,6 +43,8 @@ struct BoxAscentConstants {
   BoxKind box;
   Direction direction;
 };
+
+inline namespace HESSGAP_KERNEL_NS {
 
 // Element-wise primitives; specialised for float and double here (host and device) and for
 // at::vec::Vectorized in box_ascent_vec.h (CPU only). A traits struct rather than overloads so that
@@ -154,4 +163,5 @@ HESSGAP_HOST_DEVICE inline BoxAscentElement<T> box_ascent_element(const T& x, co
   return {y_new, Op::sub(y_new, y), r};
 }
 
+}  // namespace HESSGAP_KERNEL_NS
 }  // namespace hessgap

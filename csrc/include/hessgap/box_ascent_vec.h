@@ -7,6 +7,7 @@
 #include "hessgap/box_ascent_math.h"
 
 namespace hessgap {
+inline namespace HESSGAP_KERNEL_NS {
 
 template <typename S>
 struct ElementOps<at::vec::Vectorized<S>> {
@@ -27,4 +28,5 @@ struct ElementOps<at::vec::Vectorized<S>> {
   static inline Vec on_face(const Vec& y, const Vec& r) { return y.abs().ge(r); }
 };
 
+}  // namespace HESSGAP_KERNEL_NS
 }  // namespace hessgap
