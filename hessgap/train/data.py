@@ -67,17 +67,23 @@ class Dataset:
         }
 
 
+def _as_unit_float(pixels: np.ndarray, full_scale: float) -> np.ndarray:
+    """Integer pixels as float32 in [0, 1], in one allocation."""
+    return np.divide(pixels, np.float32(full_scale), dtype=np.float32)
+
+
 def _standardize(train: np.ndarray, test: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    train = train.astype(np.float32)
-    test = test.astype(np.float32)
-    if channel_axis is None:
-        mean, std = train.mean(), train.std()
-    else:
-        axes = tuple(a for a in range(train.ndim) if a != channel_axis)
-        mean = train.mean(axis=axes, keepdims=True)
-        std = train.std(axis=axes, keepdims=True)
-    std = np.where(std > 0, std, 1.0).astype(np.float32)
-    return (train - mean) / std, (test - mean) / std
+    """(x − mean) / std with the training split's statistics, in float32 and in place (CIFAR is 600 MB)."""
+    train = train.astype(np.float32, copy=False)
+    test = test.astype(np.float32, copy=False)
+    dims = tuple(range(train.ndim)) if channel_axis is None else tuple(a for a in range(train.ndim) if a != channel_axis)
+    # torch reduces without materializing (x − mean)²
+    var, mean = torch.var_mean(torch.from_numpy(train), dim=dims, keepdim=True, correction=0)
+    std = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
+    for x in (train, test):
+        tensor = torch.from_numpy(x)
+        tensor.sub_(mean).div_(std)
+    return train, test
 
 
 def _pair(x: np.ndarray, y: np.ndarray) -> TensorDataset:
@@ -95,7 +101,7 @@ def _load_digits(seed: int) -> Dataset:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = digits.images.astype(np.float32)[:, None] / 16.0  # N × 1 × 8 × 8, pixel values 0..16
+    images = _as_unit_float(digits.images[:, None], 16)  # N × 1 × 8 × 8, pixel values 0..16
     labels = digits.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=0.2, random_state=seed, stratify=labels
@@ -119,7 +125,8 @@ def _load_mnist(root: Path) -> Dataset:
     x_train, y_train, x_test, y_test = load_mnist(root)
     for split, labels in (("train", y_train), ("test", y_test)):
         _check_labels("MNIST", labels.astype(np.int64), 10, f"{root} ({split})")
-    x_train, x_test = _standardize(x_train[:, None] / 255.0, x_test[:, None] / 255.0, channel_axis=1)
+    x_train, x_test = _standardize(_as_unit_float(x_train[:, None], 255), _as_unit_float(x_test[:, None], 255),
+                                   channel_axis=1)
     return Dataset("mnist", _pair(x_train, y_train.astype(np.int64)), _pair(x_test, y_test.astype(np.int64)),
                    tuple(x_train.shape[1:]), 10, image=True, flip_ok=False, source=f"MNIST IDX files in {root}")
 
@@ -128,7 +135,7 @@ def _load_cifar(name: str, root: Path) -> Dataset:
     from .datasets.cifar import CIFAR_LAYOUT, load_cifar
 
     x_train, y_train, x_test, y_test = load_cifar(name, root)
-    x_train, x_test = _standardize(x_train / 255.0, x_test / 255.0, channel_axis=1)
+    x_train, x_test = _standardize(_as_unit_float(x_train, 255), _as_unit_float(x_test, 255), channel_axis=1)
     return Dataset(name, _pair(x_train, y_train), _pair(x_test, y_test), (3, 32, 32), CIFAR_LAYOUT[name]["classes"],
                    image=True, flip_ok=True, source=f"{name.upper()} python pickles in {root}")
 
