@@ -1,0 +1,316 @@
+"""Batched Hessian-vector products H·v for k directions in one pass over the data.
+
+H is the exact Hessian, w.r.t. the trainable parameters, of the mean loss over every sample of a loader
+(or of one batch), as :class:`~hessgap.curvature.objective.LossOverData` defines it. Each batch contributes
+its H_b·v weighted by its size, so one pass over the data serves all k directions.
+
+Two paths compute the same numbers:
+
+- ``"fused"``: the R-operator engine of :mod:`hessgap.curvature.fused` for plain layer stacks with
+  cross-entropy or MSE: one primal forward/backward per batch, then k directions stacked through BLAS
+  calls and the fused element-wise kernels of the extension.
+- ``"generic"``: torch.func forward-over-reverse (``jvp`` of ``grad`` through ``functional_call``),
+  ``vmap``-ed over the directions; any ``nn.Module`` and any scalar loss.
+
+``path="auto"`` takes the fused path when the model, loss and data allow it and otherwise the generic one;
+the result records which path ran and why the fused one did not (``return_info=True``).
+
+The Hessian is taken with the model in eval mode by default (``train=False``): BatchNorm uses its
+running statistics and dropout is off, so H is that of a deterministic function. ``train=True`` takes it
+in train mode (BatchNorm on batch statistics, one dropout mask shared by all directions), always on the
+generic path. The model is left bit-exactly as it was (parameters, buffers, gradients, modes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .._state import preserved
+from ..errors import HessgapError, NonFiniteError
+from . import fused
+from ._flat import Directions, as_directions
+from .objective import LossOverData
+
+PATHS = ("auto", "fused", "generic")
+
+#: Default memory budget (bytes) for the per-direction working set of one chunk of directions.
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+@dataclass
+class HvpResult:
+    """H·v for k directions and how it was computed.
+
+    ``value`` has the form of the input vectors ((k, n) tensor or per-parameter list); ``path`` is
+    ``"fused"`` or ``"generic"``; ``fallback_reason`` says why the fused path did not run (None when it
+    ran or when the generic path was asked for); ``loss`` is the mean loss over the data, a by-product.
+    """
+
+    value: torch.Tensor | list[torch.Tensor]
+    path: str
+    fallback_reason: str | None
+    k: int
+    chunk_size: int
+    batches: int
+    samples: int
+    loss: float
+    seconds: float
+    dtype: str = field(default="")
+
+    def to_dict(self) -> dict:
+        """Everything but the vectors themselves, JSON-serializable."""
+        return {
+            "path": self.path,
+            "fallback_reason": self.fallback_reason,
+            "k": self.k,
+            "chunk_size": self.chunk_size,
+            "batches": self.batches,
+            "samples": self.samples,
+            "loss": self.loss,
+            "seconds": self.seconds,
+            "dtype": self.dtype,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+@dataclass
+class PassStats:
+    batches: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+    chunk_size: int = 0
+
+
+class HvpEngine:
+    """The data pass shared by :func:`hvp` and :class:`~hessgap.curvature.operator.HessianOperator`.
+
+    Decides the path once (``path="auto"`` falls back to ``"generic"`` with a recorded reason, also when a
+    batch turns out to be unsupported mid-way, in which case the pass restarts on the generic path).
+    """
+
+    def __init__(
+        self,
+        objective: LossOverData,
+        path: str = "auto",
+        train: bool = False,
+        chunk_size: int | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        if path not in PATHS:
+            raise HessgapError(f"path must be one of {PATHS}, got {path!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise HessgapError(f"chunk_size must be a positive number of directions, got {chunk_size!r}")
+        if memory_budget <= 0:
+            raise HessgapError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        self.objective = objective
+        self.model = objective.model
+        self.train = bool(train)
+        self.requested_path = path
+        self.chunk_size = chunk_size
+        self.memory_budget = int(memory_budget)
+        self.fallback_reason: str | None = None
+        self._plan: fused.FusedPlan | None = None
+        self.path = "generic"
+        if path != "generic":
+            try:
+                if self.train:
+                    raise fused.FusedUnsupported("the Hessian is taken in train mode (train=True)")
+                self._plan = fused.plan(self.model, objective.params, objective.loss_fn, self.train)
+                self.path = "fused"
+            except fused.FusedUnsupported as exc:
+                self._unsupported(exc)
+
+    def _unsupported(self, exc: fused.FusedUnsupported) -> None:
+        if self.requested_path == "fused":
+            raise HessgapError(f"the fused HVP path cannot run: {exc}; use path='auto' or 'generic'") from None
+        self._plan = None
+        self.path = "generic"
+        self.fallback_reason = str(exc)
+
+    def run(self, directions: Directions) -> tuple[list[torch.Tensor], PassStats]:
+        """Σ_b (B_b / N) H_b v for the per-parameter directions, plus what the pass saw."""
+        with preserved(self.model, train=self.train):
+            if self._plan is not None:
+                try:
+                    return self._pass(directions, fused_path=True)
+                except fused.FusedUnsupported as exc:
+                    self._unsupported(exc)
+            return self._pass(directions, fused_path=False)
+
+    # ---- one pass over the data -------------------------------------------------------------------------
+
+    def _pass(self, directions: Directions, fused_path: bool) -> tuple[list[torch.Tensor], PassStats]:
+        stats = PassStats()
+        total = [torch.zeros_like(d) for d in directions.parts]
+        for index, (inputs, targets) in enumerate(self.objective.batches()):
+            size = inputs.shape[0]
+            if fused_path:
+                loss = self._fused_batch(index, inputs, targets, size, directions, total, stats)
+            else:
+                loss = self._generic_batch(index, inputs, targets, size, directions, total, stats)
+            stats.batches += 1
+            stats.samples += size
+            stats.loss_sum += loss * size
+        for t in total:
+            t.div_(stats.samples)
+        if not all(torch.isfinite(t).all() for t in total):
+            raise NonFiniteError(
+                "the Hessian-vector product is not finite; check the parameters and inputs for huge or "
+                "NaN values (the loss itself was finite)"
+            )
+        return total, stats
+
+    def _chunk(self, per_direction_bytes: int, k: int) -> int:
+        if self.chunk_size is not None:
+            return min(self.chunk_size, k)
+        return max(1, min(k, self.memory_budget // max(per_direction_bytes, 1)))
+
+    def _check_loss(self, loss: torch.Tensor, index: int) -> float:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteError(
+                f"the loss of batch {index} is {value}; check the model's parameters and inputs for NaN/inf"
+            )
+        return value
+
+    def _fused_batch(self, index, inputs, targets, size, directions, total, stats) -> float:
+        with torch.no_grad():
+            state = self._plan.forward_backward(inputs, targets, float(size), self.objective.batch_loss)
+            loss = self._check_loss(state.loss, index)
+            if stats.chunk_size == 0:
+                itemsize = directions.parts[0].element_size()
+                per_direction = itemsize * (2 * state.activation_numel + 3 * self._plan.num_params)
+                stats.chunk_size = self._chunk(per_direction, directions.k)
+            start = 0
+            for chunk in directions.chunks(stats.chunk_size):
+                part = self._plan.apply(state, chunk)
+                for acc, hv in zip(total, part):
+                    acc[start : start + hv.shape[0]].add_(hv)
+                start += chunk[0].shape[0]
+        return loss
+
+    def _generic_batch(self, index, inputs, targets, size, directions, total, stats) -> float:
+        model, names, objective = self.model, self.objective.names, self.objective
+        primals = tuple(p.detach() for p in objective.params)
+
+        # Floating inputs and targets ride along as jvp primals with explicit zero tangents: without one,
+        # forward AD hands some double-backward formulas (mse_loss's) an immutable ZeroTensor to write into.
+        data = {"inputs": inputs, "targets": targets}
+        riding = [key for key, t in data.items() if t.is_floating_point()]
+
+        buffers = dict(model.named_buffers()) if self.train else {}
+
+        def loss_of(params, *riding_values):
+            batch = dict(data, **dict(zip(riding, riding_values)))
+            state = dict(zip(names, params))
+            # train mode updates BatchNorm's running buffers in place: give it copies made inside the transform
+            state.update({name: b.clone() for name, b in buffers.items()})
+            outputs = torch.func.functional_call(model, state, (batch["inputs"],))
+            loss = objective.batch_loss(outputs, batch["targets"], index)
+            return loss, loss.detach()
+
+        grad_of = torch.func.grad(loss_of, argnums=0, has_aux=True)
+        riding_primals = tuple(data[key] for key in riding)
+        riding_zeros = tuple(torch.zeros_like(t) for t in riding_primals)
+
+        def hvp_one(v):
+            _, hv, loss = torch.func.jvp(grad_of, (primals,) + riding_primals, (v,) + riding_zeros, has_aux=True)
+            return hv, loss
+
+        if stats.chunk_size == 0:
+            itemsize = directions.parts[0].element_size()
+            per_direction = itemsize * (4 * _activation_numel(model, inputs) + 4 * sum(p.numel() for p in primals))
+            stats.chunk_size = self._chunk(per_direction, directions.k)
+        batched = torch.func.vmap(hvp_one, randomness="same")
+        loss = None
+        start = 0
+        for chunk in directions.chunks(stats.chunk_size):
+            hv, losses = batched(tuple(chunk))
+            if loss is None:
+                loss = self._check_loss(losses[0], index)
+            for acc, h in zip(total, hv):
+                acc[start : start + h.shape[0]].add_(h.detach(), alpha=size)
+            start += chunk[0].shape[0]
+        return loss
+
+
+def _activation_numel(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Elements of every leaf module's output for this batch: the scale of a direction's working set."""
+    count = [inputs.numel()]
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            count[0] += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return count[0]
+
+
+def hvp(
+    model: nn.Module,
+    loader_or_batch,
+    vectors: torch.Tensor | Sequence[torch.Tensor],
+    loss_fn=None,
+    *,
+    max_batches: int | None = None,
+    path: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    train: bool = False,
+    return_info: bool = False,
+):
+    """H·v for k directions at once; H = Hessian of the mean loss over the data w.r.t. trainable parameters.
+
+    Args:
+        model: any ``nn.Module``; left bit-exactly unchanged.
+        loader_or_batch: a DataLoader (any iterable of ``(inputs, targets)``) or one ``(inputs, targets)``.
+        vectors: a ``(k, n)`` tensor (n = trainable parameters flattened in ``model.parameters()`` order)
+            or a list with one ``(k, *p.shape)`` tensor per trainable parameter; the result has the same form.
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss of a batch (default ``nn.CrossEntropyLoss()``).
+        max_batches: use only the first batches of the loader.
+        path: ``"auto"`` (fused engine when supported, else generic), ``"fused"`` (error when unsupported)
+            or ``"generic"`` (torch.func).
+        chunk_size: directions per chunk; default: as many as fit ``memory_budget`` bytes.
+        train: take the Hessian in train mode (see the module docstring); default eval mode.
+        return_info: return an :class:`HvpResult` (value, path, fallback reason, timing) instead of the value.
+
+    Raises:
+        HessgapError: vectors that do not match the parameters, k = 0, an empty loader, a non-scalar loss,
+            vectors on another device than the model; NonFiniteError for NaN/inf in vectors or loss.
+    """
+    start = time.perf_counter()
+    objective = LossOverData(model, loader_or_batch, loss_fn, max_batches=max_batches)
+    directions = as_directions(vectors, objective.params, objective.names)
+    engine = HvpEngine(objective, path=path, train=train, chunk_size=chunk_size, memory_budget=memory_budget)
+    parts, stats = engine.run(directions)
+    value = directions.like_input(parts)
+    if not return_info:
+        return value
+    return HvpResult(
+        value=value,
+        path=engine.path,
+        fallback_reason=engine.fallback_reason,
+        k=directions.k,
+        chunk_size=stats.chunk_size,
+        batches=stats.batches,
+        samples=stats.samples,
+        loss=stats.loss_sum / stats.samples,
+        seconds=time.perf_counter() - start,
+        dtype=str(objective.dtype).replace("torch.", ""),
+    )

@@ -1,0 +1,320 @@
+"""hessgap.hvp against explicit Hessians (torch.autograd.functional.hessian) on tiny models, both paths."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from hessgap import _extension
+from hessgap.curvature.hvp import hvp
+from hessgap.errors import HessgapError, NonFiniteError
+
+needs_extension = pytest.mark.skipif(not _extension.available(), reason="hessgap._C is not built")
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _randomize_batchnorm(model):
+    # non-trivial running statistics and affine parameters, so BatchNorm's terms are really tested
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return model
+
+
+def mlp(dtype):
+    return _randomize_batchnorm(
+        nn.Sequential(
+            nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(),
+            nn.Sequential(nn.Linear(6, 4), nn.GELU()),
+            nn.Dropout(0.3), nn.Linear(4, 4), nn.Sigmoid(),
+            nn.Linear(4, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 3), nn.LeakyReLU(0.2), nn.Linear(3, 3),
+        ).to(dtype)
+    )
+
+
+def convnet(dtype):
+    return _randomize_batchnorm(
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, stride=2),
+            nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.AvgPool2d(2, stride=1),
+            nn.Flatten(), nn.Linear(4, 3),
+        ).to(dtype)
+    )
+
+
+def mlp_batches(dtype, classification=True):
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for size in (7, 4):  # unequal batches: the weighting by batch size is part of the test
+        x = torch.randn(size, 5, dtype=dtype, generator=gen)
+        y = torch.randint(0, 3, (size,), generator=gen) if classification else torch.randn(size, 3, dtype=dtype, generator=gen)
+        out.append((x, y))
+    return out
+
+
+def conv_batches(dtype, classification=False):
+    gen = torch.Generator().manual_seed(4)
+    out = []
+    for size in (5, 3):
+        x = torch.randn(size, 2, 9, 9, dtype=dtype, generator=gen)
+        y = torch.randint(0, 3, (size,), generator=gen) if classification else torch.randn(size, 3, dtype=dtype, generator=gen)
+        out.append((x, y))
+    return out
+
+
+def explicit_hessian(model, batches, loss_fn):
+    """∇² of the sample-weighted mean loss over the batches, in eval mode, from autograd."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p.detach() for _, p in named]
+    sizes = [p.numel() for p in params]
+    total = sum(x.shape[0] for x, _ in batches)
+    was_training = model.training
+    model.eval()
+
+    def f(flat):
+        ps = [t.view_as(p) for t, p in zip(flat.split(sizes), params)]
+        loss = 0
+        for x, y in batches:
+            loss = loss + loss_fn(functional_call(model, dict(zip(names, ps)), (x,)), y) * x.shape[0]
+        return loss / total
+
+    hess = torch.autograd.functional.hessian(f, torch.cat([p.reshape(-1) for p in params]), vectorize=True)
+    model.train(was_training)
+    return hess
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def snapshot(model):
+    return copy.deepcopy(model.state_dict()), [m.training for m in model.modules()]
+
+
+def assert_unchanged(model, snap):
+    state, modes = snap
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert [m.training for m in model.modules()] == modes
+
+
+CASES = [
+    ("mlp-ce", mlp, mlp_batches, nn.CrossEntropyLoss(), True),
+    ("mlp-mse", mlp, lambda dt: mlp_batches(dt, classification=False), nn.MSELoss(), False),
+    ("conv-mse", convnet, conv_batches, nn.MSELoss(), False),
+    ("conv-ce", convnet, lambda dt: conv_batches(dt, classification=True), nn.CrossEntropyLoss(), True),
+]
+
+
+_EXACT: dict[str, tuple] = {}
+
+
+def exact_case(name, make_model, make_batches, loss_fn):
+    """(float64 model, float64 batches, explicit Hessian), computed once per case: float32 results are
+    judged against the float64 Hessian, which is also far faster to get than a float32 one for convs."""
+    if name not in _EXACT:
+        torch.manual_seed(1)
+        model = make_model(torch.float64)
+        batches = make_batches(torch.float64)
+        _EXACT[name] = (model, batches, explicit_hessian(model, batches, loss_fn))
+    return _EXACT[name]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["fused", "generic"])
+@pytest.mark.parametrize("name,make_model,make_batches,loss_fn,_", CASES, ids=[c[0] for c in CASES])
+def test_matches_explicit_hessian(name, make_model, make_batches, loss_fn, _, path, dtype):
+    model64, batches64, hess = exact_case(name, make_model, make_batches, loss_fn)
+    model = copy.deepcopy(model64).to(dtype)
+    model.train()  # the Hessian must still be taken in eval mode, and the mode restored
+    batches = [(x.to(dtype), y.to(dtype) if y.is_floating_point() else y) for x, y in batches64]
+    vectors = torch.randn(3, hess.shape[0], dtype=torch.float64)
+    snap = snapshot(model)
+    result = hvp(model, batches, vectors.to(dtype), loss_fn, path=path, return_info=True)
+    assert result.path == path and result.fallback_reason is None
+    assert result.batches == 2 and result.samples == sum(x.shape[0] for x, _ in batches)
+    assert result.value.dtype == dtype
+    assert rel_err(result.value.double(), vectors @ hess) <= TOL[dtype]
+    assert_unchanged(model, snap)
+
+
+@needs_extension
+def test_list_form_and_one_batch():
+    model = mlp(torch.float64)
+    batch = mlp_batches(torch.float64)[0]
+    hess = explicit_hessian(model, [batch], nn.CrossEntropyLoss())
+    vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
+    parts = [piece.reshape((2,) + p.shape) for piece, p in zip(vectors.split([p.numel() for p in model.parameters()], 1), model.parameters())]
+    out = hvp(model, batch, parts)
+    assert isinstance(out, list) and [o.shape for o in out] == [p.shape for p in parts]
+    flat = torch.cat([o.reshape(2, -1) for o in out], 1)
+    assert rel_err(flat, vectors @ hess) <= 1e-10
+
+
+@needs_extension
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_chunking_gives_the_same_answer(path):
+    model = convnet(torch.float64)
+    batches = conv_batches(torch.float64)
+    n = sum(p.numel() for p in model.parameters())
+    vectors = torch.randn(5, n, dtype=torch.float64)
+    whole = hvp(model, batches, vectors, nn.MSELoss(), path=path, return_info=True)
+    chunked = hvp(model, batches, vectors, nn.MSELoss(), path=path, chunk_size=2, return_info=True)
+    tiny_budget = hvp(model, batches, vectors, nn.MSELoss(), path=path, memory_budget=1, return_info=True)
+    assert whole.chunk_size == 5 and chunked.chunk_size == 2 and tiny_budget.chunk_size == 1
+    torch.testing.assert_close(chunked.value, whole.value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tiny_budget.value, whole.value, rtol=1e-12, atol=1e-12)
+
+
+@needs_extension
+def test_frozen_parameters_are_left_out():
+    model = mlp(torch.float64)
+    model[0].weight.requires_grad_(False)
+    model[3][0].bias.requires_grad_(False)
+    batches = mlp_batches(torch.float64)
+    hess = explicit_hessian(model, batches, nn.CrossEntropyLoss())
+    vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
+    for path in ("fused", "generic"):
+        assert rel_err(hvp(model, batches, vectors, path=path), vectors @ hess) <= 1e-10
+
+
+@needs_extension
+def test_ignore_index_targets():
+    model = mlp(torch.float64)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=1)
+    batches = mlp_batches(torch.float64)
+    assert any((y == 1).any() for _, y in batches)
+    hess = explicit_hessian(model, batches, loss_fn)
+    vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
+    result = hvp(model, batches, vectors, loss_fn, return_info=True)
+    assert result.path == "fused"
+    assert rel_err(result.value, vectors @ hess) <= 1e-10
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) + x)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "model,loss_fn,reason",
+    [
+        (lambda: Residual(), nn.CrossEntropyLoss(), "not an nn.Sequential"),
+        (lambda: nn.Sequential(nn.Linear(4, 4), nn.ELU(), nn.Linear(4, 3)), nn.CrossEntropyLoss(), "ELU"),
+        (lambda: nn.Sequential(nn.Linear(4, 3)), nn.CrossEntropyLoss(label_smoothing=0.1), "label smoothing"),
+        (lambda: nn.Sequential(nn.Linear(4, 3)), nn.L1Loss(), "L1Loss"),
+    ],
+)
+def test_unsupported_falls_back_to_generic(model, loss_fn, reason):
+    model = model().double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (6,), generator=gen) if not isinstance(loss_fn, nn.L1Loss) else torch.randn(6, 3, dtype=torch.float64)
+    hess = explicit_hessian(model, [(x, y)], loss_fn)
+    vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
+    result = hvp(model, (x, y), vectors, loss_fn, return_info=True)
+    assert result.path == "generic"
+    assert reason in result.fallback_reason
+    assert rel_err(result.value, vectors @ hess) <= 1e-10 or (vectors @ hess).norm() == 0
+    with pytest.raises(HessgapError, match="fused HVP path cannot run"):
+        hvp(model, (x, y), vectors, loss_fn, path="fused")
+
+
+@needs_extension
+def test_unsupported_targets_found_mid_pass_fall_back():
+    # class-probability targets are valid for CrossEntropyLoss but not fused: detected at the first batch
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.softmax(torch.randn(5, 3, dtype=torch.float64), -1)
+    hess = explicit_hessian(model, [(x, y)], nn.CrossEntropyLoss())
+    vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
+    result = hvp(model, (x, y), vectors, return_info=True)
+    assert result.path == "generic" and "class indices" in result.fallback_reason
+    assert rel_err(result.value, vectors @ hess) <= 1e-10
+
+
+@needs_extension
+def test_train_mode_hessian_runs_generic():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    n = sum(p.numel() for p in model.parameters())
+    snap = snapshot(model)
+    result = hvp(model, (x, y), torch.randn(2, n, dtype=torch.float64), train=True, return_info=True)
+    assert result.path == "generic" and "train mode" in result.fallback_reason
+    assert_unchanged(model, snap)  # batch statistics must not leak into the running buffers
+    eval_result = hvp(model, (x, y), torch.randn(2, n, dtype=torch.float64), return_info=True)
+    assert eval_result.path == "fused"
+
+
+def test_result_is_json_serializable():
+    import json
+
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    result = hvp(model, (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])),
+                 torch.randn(1, 8, dtype=torch.float64), return_info=True)
+    data = json.loads(result.to_json())
+    assert data["k"] == 1 and data["path"] in ("fused", "generic") and data["samples"] == 4
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+
+
+def _small():
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+    return model, batch
+
+
+@pytest.mark.parametrize("path", ["auto", "generic"])
+def test_bad_vectors(path):
+    model, batch = _small()
+    with pytest.raises(HessgapError, match="n = 8 trainable"):
+        hvp(model, batch, torch.randn(2, 7, dtype=torch.float64), path=path)
+    with pytest.raises(HessgapError, match=r"\(k, n\)"):
+        hvp(model, batch, torch.randn(8, dtype=torch.float64), path=path)
+    with pytest.raises(HessgapError, match="k = 0"):
+        hvp(model, batch, torch.randn(0, 8, dtype=torch.float64), path=path)
+    with pytest.raises(HessgapError, match="list of 1 tensors"):
+        hvp(model, batch, [torch.randn(2, 2, 3, dtype=torch.float64)], path=path)
+    with pytest.raises(HessgapError, match=r"expected \(k, \*\(2,\)\)"):
+        hvp(model, batch, [torch.randn(2, 2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)], path=path)
+    with pytest.raises(HessgapError, match="same leading dimension"):
+        hvp(model, batch, [torch.randn(2, 2, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)], path=path)
+    bad = torch.randn(2, 8, dtype=torch.float64)
+    bad[1, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        hvp(model, batch, bad, path=path)
+    with pytest.raises(HessgapError, match="is on meta but the model's parameters are on cpu"):
+        hvp(model, batch, torch.randn(2, 8, device="meta"), path=path)
+    with pytest.raises(HessgapError, match="floating point"):
+        hvp(model, batch, torch.ones(2, 8, dtype=torch.int64), path=path)
+
+
+@pytest.mark.parametrize("path", ["auto", "generic"])
+def test_bad_data_and_loss(path):
+    model, batch = _small()
+    v = torch.randn(1, 8, dtype=torch.float64)
+    with pytest.raises(HessgapError, match="yielded no batches"):
+        hvp(model, [], v, path=path)
+    with pytest.raises(HessgapError, match="not a scalar"):
+        hvp(model, batch, v, nn.CrossEntropyLoss(reduction="none"), path=path)
+    x, y = batch
+    x = x.clone()
+    x[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="loss of batch 0"):
+        hvp(model, (x, y), v, path=path)
+    with pytest.raises(HessgapError, match="path must be one of"):
+        hvp(model, batch, v, path="fast")
+    with pytest.raises(HessgapError, match="chunk_size"):
+        hvp(model, batch, v, chunk_size=0)
