@@ -8,6 +8,7 @@ private ``numpy.random.Generator`` so the global NumPy state is untouched.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,11 @@ def _transform(x: np.ndarray, cfg: MNIST1DConfig, rng: np.random.Generator, eps:
 
 def generate(seed: int = 0, cfg: MNIST1DConfig = MNIST1DConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_test, y_test): float32 inputs (N × 40), standardized over all samples; int64 labels."""
+    return tuple(a.copy() for a in _generate(int(seed), cfg))  # copies: callers may modify them
+
+
+@functools.lru_cache(maxsize=4)  # the sample loop is pure Python; repeated loads in one process reuse it
+def _generate(seed: int, cfg: MNIST1DConfig):
     rng = np.random.default_rng(seed)
     base = templates()
     per_class = cfg.num_samples // len(base)
