@@ -1,0 +1,82 @@
+"""HessianOperator: the interface the spectrum code uses, checked against an explicit Hessian."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hessgap import _extension
+from hessgap.curvature.operator import HessianOperator
+from hessgap.errors import HessgapError
+
+from test_hvp import explicit_hessian, snapshot, assert_unchanged
+
+
+def _setup():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.GELU(), nn.Linear(5, 3)).double()
+    model[1].running_var.uniform_(0.5, 2.0)
+    loader = [(torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))) for _ in range(3)]
+    return model, loader
+
+
+@pytest.mark.parametrize("path", ["auto", "generic"])
+def test_operator_interface(path):
+    model, loader = _setup()
+    hess = explicit_hessian(model, loader, nn.CrossEntropyLoss())
+    snap = snapshot(model)
+    op = HessianOperator(model, loader, path=path, cache_batches=True)
+    assert op.n == hess.shape[0] == 4 * 5 + 5 + 5 + 5 + 5 * 3 + 3
+    assert op.dtype == torch.float64 and op.device == torch.device("cpu") and op.shape == (op.n, op.n)
+    assert op.path == ("fused" if path == "auto" and _extension.available() else "generic")
+    V = torch.randn(4, op.n, dtype=torch.float64)
+    HV = op.matmat(V)
+    assert HV.shape == (4, op.n) and op.hvps == 4
+    torch.testing.assert_close(HV, V @ hess, rtol=1e-10, atol=1e-12)
+    v = torch.randn(op.n, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(v), hess @ v, rtol=1e-10, atol=1e-12)
+    assert op.hvps == 5
+    torch.testing.assert_close(op.flat_parameters(), torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert_unchanged(model, snap)
+
+
+def test_scipy_linear_operator():
+    from scipy.sparse.linalg import eigsh
+
+    model, loader = _setup()
+    hess = explicit_hessian(model, loader, nn.CrossEntropyLoss()).numpy()
+    op = HessianOperator(model, loader)
+    lin = op.as_linear_operator()
+    assert lin.shape == (op.n, op.n) and lin.dtype == np.float64
+    x = np.random.default_rng(0).standard_normal(op.n)
+    np.testing.assert_allclose(lin.matvec(x), hess @ x, rtol=1e-10, atol=1e-12)
+    X = np.random.default_rng(1).standard_normal((op.n, 3))
+    np.testing.assert_allclose(lin.matmat(X), hess @ X, rtol=1e-10, atol=1e-12)
+    top = eigsh(lin, k=2, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh(hess)[-2:], rtol=1e-8)
+
+
+def test_float32_operator_with_float64_scipy_side():
+    model, loader = _setup()
+    hess = explicit_hessian(model, loader, nn.CrossEntropyLoss()).numpy()
+    model32 = model.float()
+    loader32 = [(x.float(), y) for x, y in loader]
+    op = HessianOperator(model32, loader32)
+    assert op.dtype == torch.float32
+    x = np.random.default_rng(2).standard_normal(op.n)
+    out = op.as_linear_operator().matvec(x)
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, hess @ x, rtol=1e-4, atol=1e-5 * np.abs(hess @ x).max())
+
+
+def test_operator_bad_input():
+    model, loader = _setup()
+    op = HessianOperator(model, loader)
+    with pytest.raises(HessgapError, match="one vector of shape"):
+        op.matvec(torch.randn(2, op.n, dtype=torch.float64))
+    with pytest.raises(HessgapError, match="columns"):
+        op.matmat(torch.randn(2, op.n + 1, dtype=torch.float64))
+    with pytest.raises(HessgapError, match="yielded no batches"):
+        HessianOperator(model, []).matvec(torch.zeros(op.n, dtype=torch.float64))
+    with pytest.raises(HessgapError, match="path must be one of"):
+        HessianOperator(model, loader, path="blas")
