@@ -182,8 +182,9 @@ def _curve_rows(curve: dict, picks=(-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)) -> lis
         if not alphas or target < min(alphas) - 1e-9 or target > max(alphas) + 1e-9:
             continue
         i = min(range(len(alphas)), key=lambda j: abs(alphas[j] - target))
+        clamped = curve.get("clamped_variances", [0] * len(alphas))[i]
         rows.append([f"{alphas[i]:.3g}", _fmt(curve["train_loss"][i]), _fmt(curve["test_loss"][i]),
-                     _pct(curve["train_acc"][i]), _pct(curve["test_acc"][i])])
+                     _pct(curve["train_acc"][i]), _pct(curve["test_acc"][i]), clamped])
     return rows
 
 
@@ -192,7 +193,8 @@ def render_parametric(r: dict) -> str:
            f"From x_SB (α = 0, {r['models']['sb']}) to x_LB (α = 1, {r['models']['lb']}); BatchNorm: {r['batchnorm']}.",
            f"Paper: {r.get('paper', '')}", ""]
     for name, curve in r["curves"].items():
-        out += [f"**{name} path**", "", _table(["α", "train loss", "test loss", "train acc", "test acc"], _curve_rows(curve)), ""]
+        out += [f"**{name} path**", "", _table(["α", "train loss", "test loss", "train acc", "test acc", "clamped BN variances"],
+                                                   _curve_rows(curve)), ""]
     out.append(_figure(r, "parametric", "loss and accuracy along the path"))
     return "\n".join(out)
 

@@ -43,12 +43,13 @@ class Trained:
 
 
 def dataset(settings: Settings):
-    """The settings' data set, loaded once per process (fixed split, seed 0, whatever the run's seeds)."""
-    key = (settings.dataset, settings.data_root)
+    """The settings' data set, loaded once per process (the split depends on ``data_seed`` only, not on
+    the seeds of the training runs)."""
+    key = (settings.dataset, settings.data_root, settings.data_seed)
     if key not in _DATASETS:
         from ..train.data import load_dataset
 
-        _DATASETS[key] = load_dataset(settings.dataset, root=settings.data_root, seed=0)
+        _DATASETS[key] = load_dataset(settings.dataset, root=settings.data_root, seed=settings.data_seed)
     return _DATASETS[key]
 
 
@@ -85,6 +86,7 @@ def train_config(
         model=settings.model,
         dataset=settings.dataset,
         data_root=settings.data_root,
+        data_seed=settings.data_seed,
         batch_size=batch_size,
         epochs=epochs if epochs is not None else settings.epochs,
         optimizer=settings.optimizer,
@@ -151,8 +153,9 @@ def train_pair(run: RunFolder, settings: Settings, seed: int) -> dict[str, Train
     check_batch(lb, n, "LB batch size")
     every = settings.sharpness_every if seed == settings.seed else 0
     return {
-        "sb": train(run, train_config(settings, sb, seed, sharpness_every=every), f"sb-seed{seed}", data),
-        "lb": train(run, train_config(settings, lb, seed, sharpness_every=every), f"lb-seed{seed}", data),
+        regime: train(run, train_config(settings, batch, seed, sharpness_every=every,
+                                        epochs=settings.epochs_for(batch, n)), f"{regime}-seed{seed}", data)
+        for regime, batch in (("sb", sb), ("lb", lb))
     }
 
 

@@ -6,7 +6,8 @@ Both pass through x_SB at α = 0 and x_LB at α = 1; α runs over [−1, 2] (25 
 BatchNorm: each point is evaluated in eval mode with running statistics interpolated by the same
 coefficients as the weights (running means and variances are state like any other). A variance that
 the extrapolation (α < 0 or α > 1, or the curve's negative coefficients) would make negative is
-clamped at 0; BatchNorm's own ε keeps the division finite. The step counter
+clamped at 0 (BatchNorm's own ε keeps the division finite) and the number of clamped entries is
+recorded per point, since such points say more about the statistics than about the weights. The step counter
 ``num_batches_tracked`` is taken from x_SB (it does not affect eval mode).
 """
 
@@ -57,19 +58,21 @@ def check_compatible(state_a: dict, state_b: dict) -> None:
             )
 
 
-def interpolate_state(state_sb: dict, state_lb: dict, c_sb: float, c_lb: float) -> dict:
-    """c_sb · x_SB + c_lb · x_LB for every floating entry (weights and BatchNorm statistics)."""
-    out = {}
+def interpolate_state(state_sb: dict, state_lb: dict, c_sb: float, c_lb: float) -> tuple[dict, int]:
+    """c_sb · x_SB + c_lb · x_LB for every floating entry (weights and BatchNorm statistics), and the
+    number of BatchNorm running variances that came out negative and were clamped at 0."""
+    out, clamped = {}, 0
     for key, a in state_sb.items():
         b = state_lb[key]
         if a.is_floating_point():
             value = c_sb * a + c_lb * b
             if key.endswith("running_var"):
+                clamped += int((value < 0).sum())
                 value = value.clamp_min(0.0)
             out[key] = value
         else:
             out[key] = a.clone()
-    return out
+    return out, clamped
 
 
 def curve(model_sb, model_lb, settings: Settings, path: str = "linear", alphas=None, progress: bool = True) -> dict:
@@ -80,14 +83,13 @@ def curve(model_sb, model_lb, settings: Settings, path: str = "linear", alphas=N
     if alphas is None:
         alphas = alpha_grid(settings)
     probe = copy.deepcopy(model_sb).eval()
-    out = {"alpha": [], "train_loss": [], "test_loss": [], "train_acc": [], "test_acc": []}
+    out = {"alpha": [], "train_loss": [], "test_loss": [], "train_acc": [], "test_acc": [], "clamped_variances": []}
     for alpha in tqdm(alphas, desc=f"{path} path", disable=not progress, leave=False):
         c_sb, c_lb = coefficients(float(alpha), path)
-        probe.load_state_dict(interpolate_state(state_sb, state_lb, c_sb, c_lb))
-        try:
-            values = networks.evaluate(probe, settings)
-        except FloatingPointError:  # the loss overflowed far out on the path
-            values = {"train_loss": None, "test_loss": None, "train_acc": None, "test_acc": None}
+        state, clamped = interpolate_state(state_sb, state_lb, c_sb, c_lb)
+        probe.load_state_dict(state)
+        out["clamped_variances"].append(clamped)
+        values = networks.evaluate(probe, settings)  # a non-finite loss far out on the path is kept as None
         out["alpha"].append(float(alpha))
         for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
             value = values[key]

@@ -7,6 +7,7 @@ gap table reports are the same ones whose sharpness, spectrum and parametric plo
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..errors import HessgapError
@@ -23,11 +24,13 @@ class Settings:
     model: str = "F1"
     dataset: str = "digits"
     data_root: str | None = None
+    data_seed: int = 0  # fixes the data split (digits) and sample (MNIST-1D); vary `seed` across runs
     width: float = 1.0
     depth: float = 1.0
     optimizer: str = "adam"
     lr: float = 1e-3
     epochs: int = 100
+    lb_epochs: int | None = None  # None: `epochs`; LB takes fewer steps per epoch and may need more epochs
     patience: int | None = None
     sb_batch: int = 256
     lb_batch: int | None = None  # None: lb_fraction of the training set (the paper's 10 %)
@@ -71,7 +74,7 @@ class Settings:
                 kind = "a positive integer" if integer else "positive"
                 raise HessgapError(f"{name} must be {kind}, got {value!r}")
 
-        for name in ("epochs", "sb_batch", "lb_batch", "seeds", "subspace_dim", "sharpness_batches", "eval_batch",
+        for name in ("epochs", "sb_batch", "lb_batch", "seeds", "lb_epochs", "subspace_dim", "sharpness_batches", "eval_batch",
                      "alphas", "spectrum_k", "warmstart_sb_epochs", "warmstart_lb_epochs", "warmstart_every",
                      "patience"):
             positive(name, getattr(self, name))
@@ -107,6 +110,18 @@ class Settings:
         if self.lb_batch is not None:
             return self.lb_batch
         return max(1, int(round(self.lb_fraction * train_size)))
+
+    def epochs_for(self, batch_size: int, train_size: int) -> int:
+        """Epochs of a run with ``batch_size``: ``epochs`` at the SB size, ``lb_epochs`` at the LB size,
+        geometrically in between (in log batch size), so every run of a sweep gets a comparable budget."""
+        if self.lb_epochs is None:
+            return self.epochs
+        lb = self.lb_size(train_size)
+        if lb <= self.sb_batch:
+            return self.epochs
+        t = math.log(batch_size / self.sb_batch) / math.log(lb / self.sb_batch)
+        t = min(1.0, max(0.0, t))
+        return max(1, int(round(self.epochs * (self.lb_epochs / self.epochs) ** t)))
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

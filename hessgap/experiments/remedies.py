@@ -20,7 +20,7 @@ NAME = "remedies"
 
 def dynamic_schedule(settings: Settings, lb: int) -> tuple[int, int, float]:
     """(start, final, growth per epoch): from the SB size to the LB size within half the epochs."""
-    ramp = max(1, settings.epochs // 2)
+    ramp = max(1, settings.epochs_for(lb, len(networks.dataset(settings).train)) // 2)
     return settings.sb_batch, lb, (lb / settings.sb_batch) ** (1.0 / ramp)
 
 
@@ -40,7 +40,8 @@ def run(folder: RunFolder, settings: Settings) -> dict:
         schedule = dynamic_schedule(settings, lb) if remedy == "dynamic" else None
         runs = []
         for seed in settings.seed_list():
-            config = networks.train_config(settings, lb, seed, remedy=remedy, batch_schedule=schedule)
+            config = networks.train_config(settings, lb, seed, remedy=remedy, batch_schedule=schedule,
+                                           epochs=settings.epochs_for(lb, len(data.train)))
             runs.append((seed, networks.train(folder, config, f"lb-{remedy}-seed{seed}", data)))
         groups[f"LB + {remedy}"] = runs
     rows = []
