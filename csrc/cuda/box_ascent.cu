@@ -6,6 +6,9 @@
 // table to copy). Each block reduces its chunk's three sums in double and writes them to its own row of
 // a partials buffer, which one at::sum folds into the result: no atomics, so the result is the same at
 // every run.
+// this file's copy of the shared kernel functions (see box_ascent_math.h)
+#define HESSGAP_KERNEL_NS cuda_kernels
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
