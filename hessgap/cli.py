@@ -143,7 +143,7 @@ def _add_training_options(parser) -> None:
                             "(quick: 40, paper: same as --epochs)")
     group.add_argument("--patience", type=_positive_int,
                        help="stop when the training loss has not improved for this many epochs (default: off)")
-    group.add_argument("--optimizer", choices=("adam", "sgd"), help="adam (the paper) or sgd with momentum 0.9")
+    group.add_argument("--optimizer", choices=("adam", "sgd"), help="adam (the paper) or sgd with momentum 0.9 (default: adam)")
     group.add_argument("--lr", type=_positive_float, help="learning rate (default: 1e-3)")
     group.add_argument("--sb-batch", type=_positive_int, help="small batch (quick: 16, paper: 256)")
     group.add_argument("--lb-batch", type=_positive_int,
@@ -191,11 +191,11 @@ def _settings_from(args, base):
     return base.replace(**changes)
 
 
-def _folder(args, command: str, settings: dict, default_name: str):
+def _folder(args, command: str, settings: dict, default_name: str, ignore=("device", "experiments")):
     from .experiments.runs import RunFolder
 
     out = args.out if args.out is not None else DEFAULT_ROOT / default_name
-    return RunFolder(out, command, settings, progress=not args.quiet, log=None if args.quiet else _say).open()
+    return RunFolder(out, command, settings, progress=not args.quiet, log=None if args.quiet else _say).open(ignore)
 
 
 def _finish(folder) -> None:
@@ -283,7 +283,8 @@ def cmd_train(args) -> int:
     name = f"train-{config.model}-{config.dataset}-b{config.batch_size}-seed{config.seed}"
     if config.remedy:
         name += f"-{config.remedy}"
-    folder = _folder(args, "train", config.to_dict(), name)
+    # the training loop itself checks a resumed run's configuration (and allows more epochs)
+    folder = _folder(args, "train", config.to_dict(), name, ignore=tuple(config.to_dict()))
     result = train_one(folder, config)
     final = result["final"]
     _finish(folder)
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--spectrum-k", type=_positive_int, help="top eigenvalues per network (quick: 5, paper: 10)")
     extra.add_argument("--sharpness-every", type=_nonneg_int,
                        help="measure sharpness every N epochs of the first seed, for Fig. 6 (quick: 2, paper: 5)")
-    extra.add_argument("--sweep-batches", type=_csv(_positive_int), help="batch sizes of the sweep, comma-separated")
+    extra.add_argument("--sweep-batches", type=_csv(_positive_int), help="batch sizes of the sweep, comma-separated (quick: 16,64,256,1024)")
     _add_warmstart_options(extra)
     extra.add_argument("--remedies", type=_csv(str, REMEDY_NAMES), help=f"remedies to try: {', '.join(REMEDY_NAMES)} (default: all)")
     _add_run_options(p, "reproduce-<preset>-<model>-<dataset>")

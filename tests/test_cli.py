@@ -1,0 +1,198 @@
+"""The `hessgap` command line: help everywhere, a train → sharpness → spectrum → interpolate pipeline,
+a tiny reproduce run and its resumption, and clear exits on bad input."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hessgap
+from hessgap.cli import build_parser, main
+from hessgap.experiments.saved import load
+from hessgap.train.data import load_dataset, make_loader
+
+SUBCOMMANDS = ("demo", "reproduce", "train", "sharpness", "spectrum", "interpolate", "sweep", "warmstart")
+TINY = ["--width", "0.02", "--quiet", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _subparsers():
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: hessgap {command}")
+    for action in _subparsers()[command]._actions:
+        assert action.help and len(action.help) > 15, (command, action.dest)
+        if action.option_strings and action.dest not in ("help", "quiet", "trace", "density"):
+            assert "default" in action.help or "quick:" in action.help, (command, action.dest)
+
+
+def test_python_m_hessgap_lists_the_subcommands():
+    done = subprocess.run([sys.executable, "-m", "hessgap", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for command in SUBCOMMANDS:
+        assert command in done.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    for name, batch in (("sb", 64), ("lb", 512)):
+        code = main(["train", "--batch-size", str(batch), "--epochs", "2", "--out", str(root / name), *TINY])
+        assert code == 0
+    return root
+
+
+def test_train_writes_a_model_and_a_report(trained_pair):
+    folder = trained_pair / "sb"
+    assert (folder / "model.pt").is_file() and (folder / "report.md").is_file()
+    assert len(list((folder / "checkpoints").glob("epoch_*.pt"))) == 3  # x0 and two epochs
+    result = json.loads((folder / "results" / "train.json").read_text())
+    assert result["config"]["batch_size"] == 64 and len(result["history"]) == 2
+    assert "## Training run" in (folder / "report.md").read_text()
+
+
+def test_train_again_on_the_same_folder_resumes(trained_pair, capsys, monkeypatch):
+    before = {p: p.stat().st_mtime_ns for p in (trained_pair / "sb" / "checkpoints").glob("*.pt")}
+    code, out, err = run_cli(capsys, "train", "--batch-size", 64, "--epochs", 2, "--out", trained_pair / "sb", *TINY)
+    assert code == 0 and "after epoch 2" in out
+    assert {p: p.stat().st_mtime_ns for p in (trained_pair / "sb" / "checkpoints").glob("*.pt")} == before
+
+
+def test_sharpness_of_a_saved_model_matches_a_direct_call(trained_pair, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "sharpness", trained_pair / "lb", "--epsilon", "1e-3", "--subspace-dim", "10",
+                             "--out", tmp_path / "s", "--quiet", "--threads", 1)
+    assert code == 0, err
+    result = json.loads((tmp_path / "s" / "results" / "model_sharpness.json").read_text())
+    assert [m["space"] for m in result["measurements"]] == ["full", "10-dim subspace"]
+    model = load(trained_pair / "lb" / "model.pt").model
+    loader = make_loader(load_dataset("digits").train, 1024, shuffle=False)
+    direct = hessgap.sharpness(model, loader, epsilon=1e-3)
+    assert result["measurements"][0]["value"] == pytest.approx(direct.value, rel=1e-6)
+    assert f"{direct.value:.5g}" in out
+    assert "## Sharpness of" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_spectrum_and_interpolate_of_saved_models(trained_pair, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "spectrum", trained_pair / "sb", "--k", 2, "--trace", "--probes", 8,
+                             "--out", tmp_path / "e", "--quiet", "--threads", 1)
+    assert code == 0, err
+    result = json.loads((tmp_path / "e" / "results" / "model_spectrum.json").read_text())
+    assert len(result["eigenvalues"]) == 2 and result["eigenvalues"][0] >= result["eigenvalues"][1]
+    assert "top eigenvalues:" in out and "trace:" in out
+    code, out, err = run_cli(capsys, "interpolate", trained_pair / "sb", trained_pair / "lb", "--points", 5,
+                             "--out", tmp_path / "i", "--quiet", "--threads", 1)
+    assert code == 0, err
+    result = json.loads((tmp_path / "i" / "results" / "parametric.json").read_text())
+    assert result["curves"]["linear"]["alpha"] == [-1.0, -0.25, 0.5, 1.25, 2.0]
+    assert set(result["curves"]) == {"linear", "curved"}
+    assert (tmp_path / "i" / "figures" / "parametric.png").is_file()
+
+
+def test_reproduce_then_resume_without_training(tmp_path, capsys, monkeypatch):
+    argv = ["reproduce", "--experiments", "gap,sharpness,parametric", "--epochs", "2", "--lb-epochs", "2",
+            "--seeds", "1", "--sb-batch", "64", "--lb-batch", "512", "--subspace-dim", "0", "--epsilons", "1e-3",
+            "--alphas", "5", "--out", tmp_path, *TINY]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "sharpness (full space, ε=0.001)" in out and "report:" in out
+    report = (tmp_path / "report.md").read_text()
+    assert "## 1. Generalization gap" in report and "## 3. Parametric" in report
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished folder must not train again")
+
+    monkeypatch.setattr("hessgap.train.loop.train", no_training)
+    code, again, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert again == out
+
+
+def test_reproduce_on_a_folder_of_other_settings_is_refused(tmp_path, capsys):
+    argv = ["reproduce", "--experiments", "gap", "--epochs", "1", "--seeds", "1", "--sb-batch", "512",
+            "--lb-batch", "1024", "--out", tmp_path, *TINY]
+    assert run_cli(capsys, *argv)[0] == 0
+    argv[argv.index("--epochs") + 1] = "3"
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and "holds results of different settings" in err and "epochs: 1 in the folder, 3 now" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "F9"], "unknown model 'F9'; choose from F1, F2, C1, C2, C3, C4"),
+    (["train", "--dataset", "imagenet"], "choose from digits, mnist1d, mnist, cifar10, cifar100"),
+    (["reproduce", "--experiments", "gap,magic"], "choose from gap, sharpness"),
+    (["reproduce", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["train", "--epochs", "0"], "expected a positive integer, got 0"),
+])
+def test_bad_names_exit_with_the_choices(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset, expected", [
+    ("mnist", "train-images-idx3-ubyte"),
+    ("cifar10", "data_batch_1"),
+])
+def test_data_directory_without_the_files(dataset, expected, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--dataset", dataset, "--data-root", tmp_path / "data",
+                             "--out", tmp_path / "run", *TINY)
+    assert code == 1
+    assert expected in err and str(tmp_path / "data") in err and "Traceback" not in err
+
+
+def test_batch_larger_than_the_data(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--batch-size", 5000, "--out", tmp_path, *TINY)
+    assert code == 1 and "batch size 5000 is larger than the training set of digits (1437 samples)" in err
+
+
+def test_diverging_run_stops_reports_and_keeps_checkpoints(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--optimizer", "sgd", "--lr", "1e30", "--batch-size", 256,
+                             "--epochs", 3, "--out", tmp_path, *TINY)
+    assert code == 1
+    assert "training diverged at epoch 1" in err and "checkpoints" in err
+    assert (tmp_path / "checkpoints" / "epoch_0000.pt").is_file()
+    assert "Diverged at epoch 1" in (tmp_path / "report.md").read_text()
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, capsys):
+    argv = ["train", "--batch-size", 512, "--epochs", 1, "--out", tmp_path, *TINY]
+    assert run_cli(capsys, *argv)[0] == 0
+    (tmp_path / "checkpoints" / "epoch_0001.pt").write_bytes(b"not a checkpoint")
+    argv[argv.index("--epochs") + 1] = 2
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and "epoch_0001.pt is corrupt" in err and "Traceback" not in err
+    assert (tmp_path / "history.json").is_file() and (tmp_path / "model.pt").is_file()  # finished results stay
+
+
+def test_missing_model_path(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "sharpness", tmp_path / "nothing", "--quiet")
+    assert code == 1 and "no saved model at" in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(capsys, "spectrum", tmp_path / "empty", "--quiet")
+    assert code == 1 and "without model.pt" in err
