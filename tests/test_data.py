@@ -11,7 +11,7 @@ import torch
 from hessgap.errors import HessgapError
 from hessgap.train.data import DATASET_NAMES, large_batch_size, load_dataset, make_loader
 from hessgap.train.datasets.idx import read_idx
-from hessgap.train.datasets.mnist1d import generate, templates
+from hessgap.train.datasets.mnist1d import MNIST1DConfig, draw_transforms, generate, templates, transform
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -209,6 +209,30 @@ def test_mnist1d_matches_the_reference_generator_statistics():
 
     assert KNeighborsClassifier().fit(x_train, y_train).score(x_test, y_test) > 0.45
     assert np.bincount(y_train, minlength=10).min() > 300
+
+
+def reference_transform(x, draws, i, cfg, eps=1e-8):
+    """Greydanus' per-sample transform, step by step with np.interp / np.roll, fed sample i's draws."""
+    resample = lambda v, n: np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(v)), v)  # noqa: E731
+    length = cfg.template_len + cfg.padding[1]
+    v = resample(np.concatenate([x + eps, np.zeros(draws["pad"][i])]), length)
+    v = np.roll(v * draws["scale"][i], draws["shift"][i])
+    mask = v != 0
+    v = mask * v + (1 - mask) * draws["corr_noise"][i] + draws["iid_noise"][i]
+    v = v - draws["shear"][i] * np.linspace(-0.5, 0.5, length)
+    return resample(v, cfg.final_seq_length)
+
+
+def test_mnist1d_vectorized_transform_matches_the_per_sample_reference():
+    cfg = MNIST1DConfig()
+    base = templates()
+    labels = np.arange(300) % 10
+    draws = draw_transforms(len(labels), cfg, np.random.default_rng(7))
+    assert draws["pad"].min() >= cfg.padding[0] and draws["pad"].max() <= cfg.padding[1]
+    assert draws["shift"].max() < cfg.max_translation
+    out = transform(base[labels], draws, cfg)
+    expected = np.stack([reference_transform(base[l], draws, i, cfg) for i, l in enumerate(labels)])
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_unknown_dataset_lists_choices():

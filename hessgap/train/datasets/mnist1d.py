@@ -2,13 +2,13 @@
 
 Ten hand-made digit templates of length 12 are padded, dilated, scaled, translated, covered with
 correlated noise where the signal is zero, given i.i.d. Gaussian noise and a random shear, then
-resampled to 40 features. Follows the reference generator's defaults (``get_dataset_args``); uses a
-private ``numpy.random.Generator`` so the global NumPy state is untouched.
+resampled to 40 features. Follows the reference generator's steps and defaults (``get_dataset_args``),
+vectorized over samples (the random draws are made in one batch, so the samples differ from the reference's
+file, not their distribution); uses a private ``numpy.random.Generator``, leaving NumPy's global state alone.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,44 +52,56 @@ def templates() -> np.ndarray:
     return digits / 6.0
 
 
-def _resample(x: np.ndarray, length: int) -> np.ndarray:
-    return np.interp(np.linspace(0, 1, length), np.linspace(0, 1, len(x)), x)
+def _linear_resample(x: np.ndarray, lengths: np.ndarray, size: int) -> np.ndarray:
+    """Row i's first ``lengths[i]`` values, linearly resampled to ``size`` points (``np.interp`` per row)."""
+    rows = np.arange(x.shape[0])[:, None]
+    position = np.linspace(0.0, 1.0, size)[None, :] * (lengths[:, None] - 1)
+    low = np.minimum(np.floor(position).astype(np.int64), lengths[:, None] - 1)
+    high = np.minimum(low + 1, lengths[:, None] - 1)
+    frac = position - low
+    return x[rows, low] * (1 - frac) + x[rows, high] * frac
 
 
-def _transform(x: np.ndarray, cfg: MNIST1DConfig, rng: np.random.Generator, eps: float = 1e-8) -> np.ndarray:
+def draw_transforms(count: int, cfg: MNIST1DConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The random parts of ``count`` samples' transforms, drawn in one go."""
     low, high = cfg.padding
-    pad = low + int(rng.random() * (high - low + 1))
-    x = np.concatenate([x + eps, np.zeros(pad)])
-    x = _resample(x, cfg.template_len + high)  # dilate to a common length
-    x = x * (1 + cfg.scale_coeff * (rng.random() - 0.5))  # scale
-    shift = int(rng.integers(cfg.max_translation))  # translate (circularly)
-    x = np.concatenate([x[-shift:], x[:-shift]]) if shift else x
-    mask = x != 0
-    corr = gaussian_filter1d(cfg.corr_noise_scale * rng.standard_normal(x.shape), 2)
-    x = mask * x + (~mask) * corr  # correlated noise where there is no signal
-    x = x + cfg.iid_noise_scale * rng.standard_normal(x.shape)
-    x = x - cfg.shear_scale * (rng.random() - 0.5) * np.linspace(-0.5, 0.5, len(x))  # shear
-    return _resample(x, cfg.final_seq_length)
+    length = cfg.template_len + high
+    return {
+        "pad": low + (rng.random(count) * (high - low + 1)).astype(np.int64),
+        "scale": 1 + cfg.scale_coeff * (rng.random(count) - 0.5),
+        "shift": rng.integers(cfg.max_translation, size=count),
+        "corr_noise": gaussian_filter1d(cfg.corr_noise_scale * rng.standard_normal((count, length)), 2, axis=1),
+        "iid_noise": cfg.iid_noise_scale * rng.standard_normal((count, length)),
+        "shear": cfg.shear_scale * (rng.random(count) - 0.5),
+    }
+
+
+def transform(signals: np.ndarray, draws: dict[str, np.ndarray], cfg: MNIST1DConfig, eps: float = 1e-8) -> np.ndarray:
+    """Pad, dilate, scale, translate, add noise, shear and subsample templates (N × 12) to N × 40, as the
+    reference generator does sample by sample."""
+    count = signals.shape[0]
+    length = cfg.template_len + cfg.padding[1]
+    padded = np.zeros((count, length))
+    padded[:, : cfg.template_len] = signals + eps
+    x = _linear_resample(padded, cfg.template_len + draws["pad"], length)  # dilate to a common length
+    x = x * draws["scale"][:, None]
+    # translate circularly: x[j] <- x[j - shift]
+    x = x[np.arange(count)[:, None], (np.arange(length)[None, :] - draws["shift"][:, None]) % length]
+    x = np.where(x != 0, x, draws["corr_noise"])  # correlated noise where there is no signal
+    x = x + draws["iid_noise"]
+    x = x - draws["shear"][:, None] * np.linspace(-0.5, 0.5, length)[None, :]
+    return _linear_resample(x, np.full(count, length), cfg.final_seq_length)
 
 
 def generate(seed: int = 0, cfg: MNIST1DConfig = MNIST1DConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_test, y_test): float32 inputs (N × 40), standardized over all samples; int64 labels."""
-    return tuple(a.copy() for a in _generate(int(seed), cfg))  # copies: callers may modify them
-
-
-@functools.lru_cache(maxsize=4)  # the sample loop is pure Python; repeated loads in one process reuse it
-def _generate(seed: int, cfg: MNIST1DConfig):
     rng = np.random.default_rng(seed)
     base = templates()
     per_class = cfg.num_samples // len(base)
-    xs, ys = [], []
-    for label, template in enumerate(base):
-        for _ in range(per_class):
-            xs.append(_transform(template, cfg, rng))
-            ys.append(label)
-    order = rng.permutation(len(ys))
-    x = np.stack(xs)[order]
-    y = np.asarray(ys, dtype=np.int64)[order]
+    labels = np.repeat(np.arange(len(base), dtype=np.int64), per_class)
+    x = transform(base[labels], draw_transforms(len(labels), cfg, rng), cfg)
+    order = rng.permutation(len(labels))
+    x, y = x[order], labels[order]
     x = (x - x.mean()) / x.std()
     split = int(len(y) * cfg.train_split)
     return x[:split].astype(np.float32), y[:split], x[split:].astype(np.float32), y[split:]
