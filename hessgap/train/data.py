@@ -76,7 +76,7 @@ def _standardize(train: np.ndarray, test: np.ndarray, channel_axis: int | None) 
     """(x − mean) / std with the training split's statistics, in float32 and in place (CIFAR is 600 MB)."""
     train = train.astype(np.float32, copy=False)
     test = test.astype(np.float32, copy=False)
-    dims = tuple(range(train.ndim)) if channel_axis is None else tuple(a for a in range(train.ndim) if a != channel_axis)
+    dims = tuple(a for a in range(train.ndim) if a != channel_axis)  # channel_axis None: every axis
     # torch reduces without materializing (x − mean)²
     var, mean = torch.var_mean(torch.from_numpy(train), dim=dims, keepdim=True, correction=0)
     std = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
@@ -93,7 +93,9 @@ def _pair(x: np.ndarray, y: np.ndarray) -> TensorDataset:
 
 def _check_labels(name: str, labels: np.ndarray, num_classes: int, where: str) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise HessgapError(f"{name} labels in {where} run from {labels.min()} to {labels.max()}, outside 0..{num_classes - 1}")
+        raise HessgapError(
+            f"{name} labels in {where} run from {labels.min()} to {labels.max()}, outside 0..{num_classes - 1}"
+        )
 
 
 def _load_digits(seed: int) -> Dataset:
@@ -167,7 +169,8 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0) -> Da
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """A well-mixed 63-bit seed for (run seed, epoch), so every epoch has its own reproducible order."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]).generate_state(2, np.uint32)
+    return int(words.view(np.uint64)[0] >> np.uint64(1))
 
 
 def make_loader(

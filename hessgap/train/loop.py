@@ -140,7 +140,8 @@ class TrainConfig:
         positive_int("sharpness_batches", self.sharpness_batches, allow_none=True)
         positive_int("keep_checkpoints", self.keep_checkpoints, allow_none=True)
         positive_int("prox_steps", self.prox_steps)
-        if isinstance(self.sharpness_every, bool) or not isinstance(self.sharpness_every, int) or self.sharpness_every < 0:
+        every = self.sharpness_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise HessgapError(f"sharpness_every must be an integer ≥ 0 (0 = never), got {self.sharpness_every!r}")
         if str(self.optimizer).lower() not in OPTIMIZERS:
             raise HessgapError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -322,7 +323,8 @@ def _sharpness_value(model, dataset: Dataset, config: TrainConfig, device: torch
     loader = make_loader(dataset.train, min(config.eval_batch_size, dataset.num_train), shuffle=False)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        result = hessgap.sharpness(model, loader, epsilon=config.sharpness_epsilon, max_batches=config.sharpness_batches)
+        result = hessgap.sharpness(model, loader, epsilon=config.sharpness_epsilon,
+                                   max_batches=config.sharpness_batches)
     return float(getattr(result, "value", result))
 
 
@@ -369,7 +371,8 @@ def train(
 
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
-        return _Run(config, device, folder, dataset, data, batch_size, schedule, init_state).run(progress, epoch_callback)
+        run = _Run(config, device, folder, dataset, data, batch_size, schedule, init_state)
+        return run.run(progress, epoch_callback)
 
 
 class _Run:

@@ -66,7 +66,8 @@ def load_cifar(name: str, root: str | Path) -> tuple[np.ndarray, np.ndarray, np.
             f"in {root} or in {root / layout['subdir']}; missing: {', '.join(missing) or 'none in one place'}. "
             "hessgap downloads nothing: unpack the official 'python version' archive there."
         )
-    parts = {split: [_read_batch(directory / f, layout["label_key"]) for f in layout[split]] for split in ("train", "test")}
+    parts = {split: [_read_batch(directory / f, layout["label_key"]) for f in layout[split]]
+             for split in ("train", "test")}
     out = []
     for split in ("train", "test"):
         out.append(np.concatenate([d for d, _ in parts[split]]))
