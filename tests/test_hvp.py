@@ -318,3 +318,19 @@ def test_bad_data_and_loss(path):
         hvp(model, batch, v, path="fast")
     with pytest.raises(HessgapError, match="chunk_size"):
         hvp(model, batch, v, chunk_size=0)
+
+
+@pytest.mark.cuda
+@needs_extension
+@pytest.mark.parametrize("name,make_model,make_batches,loss_fn,_", CASES, ids=[c[0] for c in CASES])
+def test_cuda_matches_explicit_hessian(name, make_model, make_batches, loss_fn, _):
+    if not _extension.cuda_kernels_built():
+        pytest.skip("hessgap._C was built without CUDA kernels")
+    model64, batches64, hess = exact_case(name, make_model, make_batches, loss_fn)
+    model = copy.deepcopy(model64).cuda()
+    batches = [(x.cuda(), y.cuda()) for x, y in batches64]
+    vectors = torch.randn(3, hess.shape[0], dtype=torch.float64)
+    for path in ("fused", "generic"):
+        result = hvp(model, batches, vectors.cuda(), loss_fn, path=path, return_info=True)
+        assert result.path == path
+        assert rel_err(result.value.cpu(), vectors @ hess) <= 1e-10

@@ -121,3 +121,20 @@ def test_bad_arguments_raise_clear_errors():
         ops.act_jvp(z, rz, "swish")
     with pytest.raises(RuntimeError, match=r"\(batch, classes\)"):
         ops.softmax_ce_rgrad(z.reshape(-1), rz, 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernels_match_cpu(dtype):
+    if not _extension.cuda_kernels_built():
+        pytest.skip("hessgap._C was built without CUDA kernels")
+    z, g, rz, rg = _inputs((37, 129), 5, dtype)
+    for kind in ops.ACTIVATION_KINDS:
+        args = (z, g, rz, rg)
+        cuda_args = [t.cuda() for t in args]
+        torch.testing.assert_close(ops.act_jvp(cuda_args[0], cuda_args[2], kind).cpu(), ops.act_jvp(z, rz, kind), **TOL[dtype])
+        torch.testing.assert_close(ops.act_rbackward(*cuda_args, kind).cpu(), ops.act_rbackward(*args, kind), **TOL[dtype])
+    p = torch.softmax(z, -1)
+    torch.testing.assert_close(ops.softmax_ce_rgrad(p.cuda(), rz.cuda(), 0.3).cpu(), ops.softmax_ce_rgrad(p, rz, 0.3),
+                               **TOL[dtype])
+    torch.library.opcheck(torch.ops.hessgap.hvp_act_rbackward.default, tuple(cuda_args) + ("gelu", 0.01))
