@@ -36,4 +36,4 @@ def test_cmake_build_and_ctest(tmp_path):
     run(["cmake", "--build", build, f"-j{jobs}"], cwd=tmp_path)
     out = run(["ctest", "--test-dir", build, "--output-on-failure"], cwd=tmp_path)
     assert "100% tests passed" in out
-    assert "box_ascent_op" in out
+    assert "box_ascent_op " in out and "box_ascent_op_baseline_cpu" in out
