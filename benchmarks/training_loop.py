@@ -63,16 +63,37 @@ def sb_vs_lb(digits, epochs, width):
     print(f"‖x_SB − x0‖ / ‖x_LB − x0‖ = {ratio:.2f} (paper: 3–10)")
 
 
+def sb_vs_lb_sharpness(epochs):
+    """F1 width 0.5, SB = 32 vs LB = half the training set, then Metric 2.1 (ε = 1e-3, full space, default solver)."""
+    import hessgap
+
+    for name in ("digits", "mnist1d"):
+        data = load_dataset(name)
+        rows = {}
+        for label, batch in (("SB", 32), ("LB", data.num_train // 2)):
+            result = train(TrainConfig(model="F1", dataset=name, width=0.5, batch_size=batch, epochs=epochs,
+                                       device="cpu"), dataset=data, progress=False)
+            value = hessgap.sharpness(result.model, make_loader(data.train, 512, shuffle=False), epsilon=1e-3).value
+            rows[label] = (batch, result.final, value)
+        for label, (batch, final, value) in rows.items():
+            print(f"{name} {label} (batch {batch}, {epochs} epochs): train acc {100 * final['train_acc']:.2f} %, "
+                  f"test acc {100 * final['test_acc']:.2f} %, train loss {final['train_loss']:.2e}, "
+                  f"‖x − x0‖ {final['distance_from_start']:.2f}, sharpness {value:.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--gap-epochs", type=int, default=0, help="also run SB vs LB with sharpness for this many epochs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     digits = load_dataset("digits")
     loaders()
     remedies(digits, width=0.25)
     sb_vs_lb(digits, args.epochs, width=0.5)
+    if args.gap_epochs:
+        sb_vs_lb_sharpness(args.gap_epochs)
 
 
 if __name__ == "__main__":
