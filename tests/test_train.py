@@ -118,13 +118,16 @@ def test_interrupted_run_resumes_and_finished_run_returns_at_once(digits, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train(config, out_dir=tmp_path, dataset=digits, progress=False, epoch_callback=interrupt)
     assert sorted(list_checkpoints(tmp_path)) == [0, 1, 2]
+    assert not json.loads((tmp_path / "history.json").read_text())["finished"]
     calls = []
     resumed = train(config, out_dir=tmp_path, dataset=digits, progress=False,
                     epoch_callback=lambda record, model: calls.append(record["epoch"]))
     assert calls == [3] and same_weights(weights(reference.model), weights(resumed.model))
     again = train(config, out_dir=tmp_path, dataset=digits, progress=False,
                   epoch_callback=lambda record, model: calls.append(record["epoch"]))
-    assert calls == [3] and again.resumed_from == 3 and len(again.history) == 3
+    assert calls == [3] and again.resumed_from == 3 and len(again.history) == 3 and again.finished
+    assert json.loads((tmp_path / "history.json").read_text())["finished"]
+    assert same_weights(weights(TrainResult.load(tmp_path).model), weights(again.model))
     assert same_weights(weights(resumed.model), weights(again.model))
 
 
@@ -162,8 +165,11 @@ def test_diverging_run_stops_and_keeps_the_checkpoints(digits, tmp_path):
     assert same_weights(weights(result.model), last_good)
     saved = json.loads((tmp_path / "history.json").read_text())
     assert saved["diverged"] == result.diverged and saved["history"][-1]["train_loss"] is None
+    assert saved["finished"] and result.finished
     again = train(config, out_dir=tmp_path, dataset=digits, progress=False)
     assert again.diverged == result.diverged and len(again.history) == len(result.history)
+    loaded = TrainResult.load(tmp_path)  # a run folder: its latest checkpoint and its recorded divergence
+    assert loaded.diverged == result.diverged and same_weights(weights(loaded.model), last_good)
     in_memory = train(config, dataset=digits, progress=False)
     assert in_memory.diverged == result.diverged
     assert same_weights(weights(in_memory.model), last_good)
@@ -203,6 +209,8 @@ def test_result_save_and_load(digits, tmp_path):
     train(tiny(epochs=1), out_dir=tmp_path / "run", dataset=digits, progress=False)
     epoch_file = TrainResult.load(checkpoint_path(tmp_path / "run", 1))
     assert len(epoch_file.history) == 1 and epoch_file.config.model == "F1"  # a run's checkpoint loads too
+    with pytest.raises(HessgapError, match="no training checkpoints"):
+        TrainResult.load(tmp_path / "run" / "checkpoints")
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(HessgapError, match="bad.pt"):
         TrainResult.load(tmp_path / "bad.pt")

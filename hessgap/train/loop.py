@@ -213,6 +213,12 @@ class TrainResult:
         return dict(self.history[-1]) if self.history else {}
 
     @property
+    def finished(self) -> bool:
+        """True when the run has nothing left to do: all epochs done, stopped by patience, or diverged."""
+        return (self.diverged is not None or self.stopped_early is not None
+                or len(self.history) >= self.config.epochs)
+
+    @property
     def num_parameters(self) -> int:
         return count_parameters(self.model)
 
@@ -228,6 +234,7 @@ class TrainResult:
             "final": self.final,
             "diverged": self.diverged,
             "stopped_early": self.stopped_early,
+            "finished": self.finished,
             "out_dir": self.out_dir,
         })
 
@@ -236,15 +243,30 @@ class TrainResult:
         payload = {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "x0": self.x0.detach().cpu(),
-            **{k: v for k, v in self.to_dict().items() if k not in ("final", "num_parameters")},
+            **{k: v for k, v in self.to_dict().items() if k not in ("final", "num_parameters", "finished")},
             "history": self.history,
         }
         save_checkpoint(path, payload)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "TrainResult":
-        """Read a file written by :meth:`save` (or a run's per-epoch checkpoint) and rebuild the model."""
+        """Read a file written by :meth:`save`, a run's per-epoch checkpoint, or a run folder (its latest
+        checkpoint, with the divergence recorded in its history.json) and rebuild the model."""
+        folder = Path(path)
+        recorded: dict = {}
+        if folder.is_dir():
+            available = list_checkpoints(folder)
+            if not available:
+                raise HessgapError(f"{folder} holds no training checkpoints (expected {folder}/checkpoints/epoch_*.pt)")
+            path = available[max(available)]
+            if (folder / HISTORY_FILE).is_file():
+                recorded = read_json(folder / HISTORY_FILE)
         payload = load_checkpoint(path, map_location)
+        if recorded.get("diverged") is not None:
+            payload["diverged"] = recorded["diverged"]
+            payload["history"] = list(payload["history"]) + [
+                h for h in recorded.get("history", []) if h["epoch"] > payload["epoch"]][:1]
+            payload["out_dir"] = str(folder)
         try:
             config = TrainConfig.from_dict(payload["config"])
             model = build_model(config.model, payload["input_shape"], payload["num_classes"],
@@ -426,8 +448,11 @@ class _Run:
         }
 
     def write_history(self) -> None:
+        finished = (self.diverged is not None or self.stopped_early is not None
+                    or len(self.history) >= self.config.epochs)
         write_json(self.folder / HISTORY_FILE, {"config": self.config.to_dict(), **self.meta, "history": self.history,
-                                                 "diverged": self.diverged, "stopped_early": self.stopped_early})
+                                                 "diverged": self.diverged, "stopped_early": self.stopped_early,
+                                                 "finished": finished})
 
     def start_or_resume(self) -> bool:
         """Set up the run folder or restore its latest checkpoint; False when the run has nothing left to do."""
