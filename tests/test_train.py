@@ -276,3 +276,15 @@ def test_keep_checkpoints_prunes_the_oldest(digits, tmp_path):
         load_epoch_state(tmp_path, 1)
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.suffix == ".tmp"]
     assert leftovers == []  # atomic writes leave no temporary files behind
+
+
+@pytest.mark.cuda
+def test_training_on_cuda_resumes_and_matches_the_cpu_run_closely(digits, tmp_path):
+    config = tiny(model="C1", width=0.1, depth=0.5, epochs=3, remedy="augment", device="cuda")
+    cpu = train(tiny(**{**config.to_dict(), "device": "cpu"}), dataset=digits, progress=False)
+    train(tiny(**{**config.to_dict(), "epochs": 1}), out_dir=tmp_path, dataset=digits, progress=False)
+    gpu = train(config, out_dir=tmp_path, dataset=digits, progress=False)
+    assert gpu.resumed_from == 1 and next(gpu.model.parameters()).is_cuda and gpu.x0.is_cuda
+    assert gpu.final["train_acc"] == pytest.approx(cpu.final["train_acc"], abs=0.05)
+    loaded = TrainResult.load(tmp_path, map_location="cuda")
+    assert next(loaded.model.parameters()).is_cuda
