@@ -62,7 +62,8 @@ class TrainConfig:
     None uses (batch_size, 10% of the training set, 1.2). ``fgsm_epsilon`` is in units of the standardized
     inputs. ``sharpness_every``: compute Metric 2.1 every that many epochs (and at the last), 0 = never;
     ``sharpness_batches`` limits it to the first batches of the training set. ``keep_checkpoints``: None
-    keeps every epoch's checkpoint, k keeps the last k. ``device``: "auto" (CUDA if available), "cpu", "cuda", ...
+    keeps every epoch's checkpoint, k keeps the last k (a checkpoint holds the weights and ADAM's two moments,
+    about 3× the parameters' bytes: 21 MB for C1, 180 MB for C2 per epoch). ``device``: "auto" (CUDA if available), "cpu", "cuda", ...
     """
 
     model: str = "F1"
