@@ -141,3 +141,20 @@ def test_bad_input():
     with pytest.raises(HessgapError, match="dropout"):
         build_model("C1", (1, 8, 8), 10, dropout=1.0)
     assert isinstance(build_model("c1", (1, 8, 8), 10, width=0.1), nn.Sequential)  # names are case-blind
+
+
+@pytest.mark.parametrize("dataset", ["digits", "cifar100", "mnist1d"])
+def test_models_take_the_fused_hvp_path(dataset):
+    """Plain layer stacks are what the fused R-operator engine handles; only the 1-D view (Unflatten) falls back."""
+    import hessgap
+
+    shape, classes = SHAPES[dataset]
+    for name in MODEL_NAMES:
+        model = build_model(name, shape, classes, width=0.0625, depth=0.5).eval()
+        n = count_parameters(model)
+        batch = (torch.randn(4, *shape), torch.randint(0, classes, (4,)))
+        info = hessgap.hvp(model, batch, torch.randn(1, n), return_info=True)
+        if len(shape) == 1 and name.startswith("C") and info.path != "fused":
+            assert "Unflatten" in info.fallback_reason  # the one non-standard layer, a pure reshape
+        else:
+            assert info.path == "fused", (name, info.fallback_reason)
