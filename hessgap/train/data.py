@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from ..errors import HessgapError
 
@@ -198,13 +198,32 @@ def make_loader(
             f"batch size {batch_size} is larger than the data set ({size} samples); use at most {size} "
             f"(the paper's large batch is 10% of the training set, here {max(1, size // 10)})"
         )
-    if shuffle:
-        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        sampler = RandomSampler(tensor_dataset, generator=generator)
-    else:
-        sampler = SequentialSampler(tensor_dataset)
-    batches = BatchSampler(sampler, int(batch_size), drop_last=drop_last)
-    return DataLoader(tensor_dataset, sampler=batches, batch_size=None)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch)) if shuffle else None
+    return DataLoader(tensor_dataset, sampler=_BatchIndices(size, int(batch_size), generator, drop_last),
+                      batch_size=None)
+
+
+class _BatchIndices(Sampler):
+    """Index tensors of whole batches: a permutation from ``generator`` (or 0..n−1) cut into batches.
+
+    The order equals ``RandomSampler(generator=...)``'s; yielding tensors instead of lists of ints lets the
+    dataset gather a batch in one indexing call, on the CPU or on the GPU.
+    """
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator | None, drop_last: bool):
+        self.size, self.batch_size, self.generator, self.drop_last = size, batch_size, generator, drop_last
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=self.generator) if self.generator is not None \
+            else torch.arange(self.size)
+        for batch in order.split(self.batch_size):
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield batch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
 
 
 SMALL_BATCH = 256
