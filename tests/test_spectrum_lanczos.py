@@ -201,3 +201,12 @@ def test_bad_operators():
         eigenvalues(torch.eye(3), [(torch.ones(1, 3), torch.zeros(1))])
     with pytest.raises(HessgapError, match="needs the data"):
         eigenvalues(torch.nn.Linear(3, 2))
+
+
+def test_exported_from_hessgap():
+    import hessgap
+    import hessgap.spectrum as spectrum
+
+    assert hessgap.eigenvalues is spectrum.eigenvalues
+    assert hessgap.trace is spectrum.trace
+    assert hessgap.density is spectrum.density

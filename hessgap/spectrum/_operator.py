@@ -1,7 +1,9 @@
 """What the spectrum methods multiply by, and the checks on every product they get back.
 
 Each spectrum function takes either ``(model, data)``, from which a
-:class:`hessgap.curvature.operator.HessianOperator` is built, or a ready operator: any object with
+:class:`hessgap.curvature.operator.HessianOperator` is built (with ``cache_batches=True``: the batches
+are held in memory for the repeated passes; build the operator yourself with ``cache_batches=False``
+for data that does not fit), or a ready operator: any object with
 ``n``, ``dtype``, ``device`` and ``matmat(V)`` (V of shape (k, n) -> H·V of shape (k, n)). A square
 tensor is taken as an explicit symmetric matrix (:class:`MatrixOperator`).
 """
@@ -86,7 +88,9 @@ def resolve_operator(target, data=None, *, loss_fn=None, max_batches=None, calle
                 f"hessgap.curvature.operator.HessianOperator is not available ({error}); "
                 f"pass an operator object to {caller} instead of a model"
             ) from error
-        return HessianOperator(target, data, loss_fn=loss_fn, max_batches=max_batches)
+        # Every pass must see the same matrix (Lanczos breaks down otherwise), so the batches are read
+        # once and kept: no reshuffled augmentation between passes, and no loader cost per pass.
+        return HessianOperator(target, data, loss_fn=loss_fn, max_batches=max_batches, cache_batches=True)
     if data is not None or loss_fn is not None or max_batches is not None:
         raise HessgapError(
             f"{caller} got an operator together with data/loss_fn/max_batches; those only apply when a "

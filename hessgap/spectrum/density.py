@@ -24,7 +24,7 @@ def density(
     target,
     data=None,
     *,
-    num_probes: int = 4,
+    num_probes: int = 2,
     lanczos_steps: int = 80,
     grid=1000,
     sigma: float | None = None,
@@ -42,7 +42,9 @@ def density(
     ``lanczos_steps`` (at most n) Lanczos steps are run per probe, all probes in one ``matmat`` per
     step; a probe whose Krylov space becomes invariant stops early. With ``reorthogonalize`` (default)
     each probe's Lanczos vectors are kept and every new one is made orthogonal to them (memory:
-    num_probes · lanczos_steps · n numbers); without it only three vectors per probe are kept.
+    num_probes · lanczos_steps · n numbers); without it only three vectors per probe are kept, and
+    lost orthogonality shows up as repeated copies of converged nodes (their total weight stays right).
+    A model's batches are held in memory for the repeated passes.
 
     ``grid`` is a number of points spanning the nodes plus 5·sigma on each side, or the points
     themselves (increasing). ``sigma`` is the Gaussian broadening (default: 1/200 of the span of the

@@ -41,8 +41,9 @@ def eigenvalues(
     """The k extreme eigenvalues of the Hessian, with eigenvectors and residual norms.
 
     ``target`` is a model (then ``data``, ``loss_fn`` and ``max_batches`` build a
-    :class:`~hessgap.curvature.operator.HessianOperator` over the mean loss of the data), an
-    operator with ``n``, ``dtype``, ``device`` and ``matmat``, or a square symmetric tensor.
+    :class:`~hessgap.curvature.operator.HessianOperator` over the mean loss of the data, its
+    batches held in memory for the repeated passes), an operator with ``n``, ``dtype``, ``device``
+    and ``matmat``, or a square symmetric tensor.
 
     ``which``: "LA" largest algebraic (descending), "SA" smallest algebraic (ascending), "LM"
     largest magnitude (by descending magnitude).
