@@ -153,6 +153,11 @@ def test_corrupt_checkpoint_names_the_file_and_keeps_the_others(digits, tmp_path
     assert load_epoch_state(tmp_path, 1)  # the earlier epochs are intact
     latest.unlink()  # as the message says: delete it and resume from the epoch before
     assert len(train(tiny(epochs=3), out_dir=tmp_path, dataset=digits, progress=False).history) == 3
+    for path in list_checkpoints(tmp_path).values():
+        path.unlink()
+    with pytest.raises(HessgapError, match="holds no checkpoint to resume from"):  # the history is not overwritten
+        train(tiny(epochs=3), out_dir=tmp_path, dataset=digits, progress=False)
+    assert len(json.loads((tmp_path / "history.json").read_text())["history"]) == 3
 
 
 def test_diverging_run_stops_and_keeps_the_checkpoints(digits, tmp_path):

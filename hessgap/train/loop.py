@@ -27,6 +27,7 @@ from torch.nn.utils import parameters_to_vector
 from ..curvature.objective import LossOverData
 from ..errors import HessgapError
 from .checkpoint import (
+    CHECKPOINT_DIR,
     HISTORY_FILE,
     checkpoint_path,
     json_safe,
@@ -460,6 +461,12 @@ class _Run:
             self.last_good = _copy_state(self.model)
             return True
         available = list_checkpoints(self.folder)
+        history_file = self.folder / HISTORY_FILE
+        if not available and history_file.is_file() and read_json(history_file).get("history"):
+            raise HessgapError(
+                f"{history_file} records a run but {self.folder / CHECKPOINT_DIR} holds no checkpoint to resume from; "
+                "use a new output folder (or move that history.json away to start over here)"
+            )
         if not available:
             save_checkpoint(checkpoint_path(self.folder, 0), self.payload(0))  # the starting point x0
             self.write_history()
