@@ -137,10 +137,10 @@ def _add_model_data_options(parser, preset_defaults: bool) -> None:
 def _add_training_options(parser) -> None:
     """Training overrides of a preset (reproduce, sweep, warmstart)."""
     group = parser.add_argument_group("training (defaults: the preset's)")
-    group.add_argument("--epochs", type=_positive_int, help="epochs of SB runs (quick: 12, paper: 100)")
+    group.add_argument("--epochs", type=_positive_int, help="epochs of SB runs (quick: 30, paper: 100)")
     group.add_argument("--lb-epochs", type=_positive_int,
                        help="epochs of LB runs; batches in between get epochs geometrically in between "
-                            "(quick: 40, paper: same as --epochs)")
+                            "(quick: 150, paper: same as --epochs)")
     group.add_argument("--patience", type=_positive_int,
                        help="stop when the training loss has not improved for this many epochs (default: off)")
     group.add_argument("--optimizer", choices=("adam", "sgd"), help="adam (the paper) or sgd with momentum 0.9 (default: adam)")
@@ -191,6 +191,13 @@ def _settings_from(args, base):
     return base.replace(**changes)
 
 
+def _check_data(settings) -> None:
+    """Load the data before any folder is made: a missing data set fails at once, with its message."""
+    from .experiments import networks
+
+    networks.dataset(settings)
+
+
 def _folder(args, command: str, settings: dict, default_name: str, ignore=("device", "experiments")):
     from .experiments.runs import RunFolder
 
@@ -228,6 +235,7 @@ def cmd_reproduce(args) -> int:
 
     base = preset(args.preset, model=args.model, dataset=args.dataset)
     settings = _settings_from(args, base)
+    _check_data(settings)
     name = f"reproduce-{args.preset}-{settings.model}-{settings.dataset}"
     folder = _folder(args, "reproduce", settings.to_dict(), name)
     outcome = reproduce(folder, settings)
@@ -242,6 +250,7 @@ def _single_experiment(args, name: str, command: str) -> int:
 
     base = preset(args.preset, model=args.model, dataset=args.dataset)
     settings = _settings_from(args, base).replace(experiments=(name,))
+    _check_data(settings)
     folder = _folder(args, command, settings.to_dict(), f"{command}-{args.preset}-{settings.model}-{settings.dataset}")
     result = run_experiment(name, folder, settings)
     for row in result["rows"]:
@@ -383,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", formatter_class=_Formatter, help="every experiment of the paper from a preset",
                        description="Run the paper's experiments in order: gap (Table 2), sharpness (Tables 3-4), "
                                    "parametric (Figs. 3, 7), spectrum, along_training (Fig. 6), sweep (Fig. 4), "
-                                   "warmstart (Fig. 5), remedies (Appendix E). Presets: quick (F1 x0.125 on "
+                                   "warmstart (Fig. 5), remedies (Appendix E). Presets: quick (F1 x0.5 on "
                                    "digits, minutes on a CPU), paper (the paper's settings, for a GPU). Options "
                                    "below override the preset.")
     p.add_argument("--preset", choices=("quick", "paper"), default="quick", help="settings to start from (default: quick)")
@@ -396,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--alphas", type=_positive_int, help="points on each interpolation path (default: 25)")
     extra.add_argument("--spectrum-k", type=_positive_int, help="top eigenvalues per network (quick: 5, paper: 10)")
     extra.add_argument("--sharpness-every", type=_nonneg_int,
-                       help="measure sharpness every N epochs of the first seed, for Fig. 6 (quick: 2, paper: 5)")
+                       help="measure sharpness every N epochs of the first seed, for Fig. 6 (quick: 5, paper: 5)")
     extra.add_argument("--sweep-batches", type=_csv(_positive_int), help="batch sizes of the sweep, comma-separated (quick: 16,64,256,1024)")
     _add_warmstart_options(extra)
     extra.add_argument("--remedies", type=_csv(str, REMEDY_NAMES), help=f"remedies to try: {', '.join(REMEDY_NAMES)} (default: all)")
@@ -495,9 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_warmstart_options(parser) -> None:
-    parser.add_argument("--warm-sb-epochs", type=_positive_int, help="warm start: SB epochs (quick: 6, paper: 100)")
+    parser.add_argument("--warm-sb-epochs", type=_positive_int, help="warm start: SB epochs (quick: 10, paper: 100)")
     parser.add_argument("--warm-lb-epochs", type=_positive_int,
-                        help="warm start: LB epochs from each SB iterate (quick: 8, paper: 100)")
+                        help="warm start: LB epochs from each SB iterate (quick: 60, paper: 100)")
     parser.add_argument("--warm-every", type=_positive_int,
                         help="warm start: from the SB iterate of every N-th epoch (quick: 2, paper: 10)")
 

@@ -206,7 +206,8 @@ def render_along_training(r: dict) -> str:
     for regime, points in r["curves"].items():
         for p in points:
             rows.append([regime.upper(), p["epoch"], _fmt(p["train_loss"]), _fmt(p["sharpness"])])
-    out += [_table(["", "epoch", "train loss", "sharpness"], rows), ""]
+    out += ["<details><summary>every measurement</summary>", "", _table(["", "epoch", "train loss", "sharpness"], rows),
+            "", "</details>", ""]
     ratio = r.get("distance_ratio")
     low, high = r.get("paper_distance_ratio", (3, 10))
     out.append(f"‖x_SB − x0‖ / ‖x_LB − x0‖ at the end: {_fmt(ratio, 3)} (paper: {low:g} to {high:g}).")

@@ -20,7 +20,7 @@ Shapes: a primal tensor has shape (B, ...); its R-counterpart has shape (k, B, .
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -53,10 +53,7 @@ def _param_slot(p: torch.Tensor | None, index_of: dict[int, int]) -> int | None:
 
 
 class _Layer:
-    slots: tuple[int | None, ...] = ()
-
-    def rbackward_params_only(self) -> bool:
-        return False
+    slots: tuple[int | None, ...] = ()  # positions of the layer's (weight, bias) among the trainable parameters
 
 
 class _Linear(_Layer):
@@ -561,7 +558,6 @@ class FusedPlan:
     layers: list[_Layer]
     loss: object
     num_params: int
-    param_shapes: list[torch.Size] = field(default_factory=list)
 
     def forward_backward(self, inputs, targets, weight: float, batch_loss) -> BatchState:
         """Primal pass of one batch; ``weight`` scales the loss (batch size, for sums over batches)."""
@@ -611,6 +607,8 @@ def plan(model: nn.Module, params: Sequence[torch.Tensor], loss_fn, train: bool 
     """Compile ``model`` and ``loss_fn`` for the fused engine; raises :class:`FusedUnsupported` with the reason."""
     if not _extension.available():
         raise FusedUnsupported(f"the compiled extension is not available ({_extension.load_error()})")
+    if params[0].dtype not in (torch.float32, torch.float64):
+        raise FusedUnsupported(f"parameters of dtype {params[0].dtype} (the fused kernels take float32 and float64)")
     if type(model) is not nn.Sequential:
         raise FusedUnsupported(f"the model is a {type(model).__name__}, not an nn.Sequential of supported layers")
     index_of = {id(p): i for i, p in enumerate(params)}
@@ -624,4 +622,4 @@ def plan(model: nn.Module, params: Sequence[torch.Tensor], loss_fn, train: bool 
         layers.append(_layer_of(name, module, index_of, train))
     if not layers:
         raise FusedUnsupported("the model is an empty nn.Sequential")
-    return FusedPlan(layers, _loss_of(loss_fn), sum(p.numel() for p in params), [p.shape for p in params])
+    return FusedPlan(layers, _loss_of(loss_fn), sum(p.numel() for p in params))

@@ -40,7 +40,8 @@ class SharpnessResult:
     ``value`` is the metric: Keskar's φ in percent for ``kind="keskar"``, the loss increase
     ``max_loss − loss`` for ``kind="adaptive"``. ``loss`` is f(x), ``max_loss`` the largest f found in
     the box (≥ ``loss``). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``evaluations`` counts passes of
-    loss and gradient over the data, f(x) included; ``history`` lists f at each of them.
+    loss and gradient over the data, f(x) included, ``evaluation_seconds`` the time they took (the rest
+    of ``seconds`` is the solver's own work); ``history`` lists f at each of them.
     """
 
     value: float
@@ -52,6 +53,7 @@ class SharpnessResult:
     iterations: int
     evaluations: int
     seconds: float
+    evaluation_seconds: float = 0.0
     kind: str = "keskar"
     norm: str = "linf"
     num_parameters: int = 0
@@ -242,7 +244,7 @@ def sharpness(
                     tick=lambda: bar.update(1),
                 )
         history = list(space.history)
-        evaluations = space.evaluations
+        evaluations, evaluation_seconds = space.evaluations, space.evaluation_seconds
 
     max_loss = max(outcome.max_loss, loss0)
     value = max_loss - loss0 if kind == "adaptive" else (max_loss - loss0) / (1.0 + loss0) * 100.0
@@ -256,6 +258,7 @@ def sharpness(
         iterations=outcome.iterations,
         evaluations=evaluations,
         seconds=time.perf_counter() - started,
+        evaluation_seconds=evaluation_seconds,
         kind=kind,
         norm=norm,
         num_parameters=n,

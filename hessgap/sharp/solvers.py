@@ -21,6 +21,7 @@ Solvers:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -55,6 +56,7 @@ class _Space:
         self.x = list(x)
         self.params = [p.detach() for p in objective.params]  # same storage as the model's weights
         self.evaluations = 0
+        self.evaluation_seconds = 0.0  # time inside loss + gradient passes; the rest is the solver's
         self.history: list[float] = []
         self.best = -math.inf
         self.on_evaluation: Callable[[float], None] | None = None
@@ -79,7 +81,9 @@ class _Space:
 
     def evaluate(self) -> tuple[float, list[torch.Tensor]]:
         """f and ∇_y f at the point currently written into the model (one pass over the data)."""
+        started = time.perf_counter()
         value, grads = self.objective.value_and_grad()
+        self.evaluation_seconds += time.perf_counter() - started
         self._record(value)
         return value, self.pull_back(grads)
 
@@ -387,10 +391,12 @@ def lbfgsb(
     ``lower``/``upper`` are the box bounds in y's layout. The evaluation at y = 0 reuses ``loss0`` and
     ``grad0``. The returned max is the largest f over every point L-BFGS-B evaluated (all feasible).
     """
-    from scipy.optimize import minimize
+    from scipy.optimize import Bounds, minimize
 
-    bounds = np.stack([space.to_numpy(lower), space.to_numpy(upper)], axis=1)
-    start = np.zeros(bounds.shape[0])
+    # a Bounds object, not (low, high) pairs: scipy converts pairs one by one in Python (seconds per call
+    # at a million parameters, more than the passes over the data)
+    bounds = Bounds(space.to_numpy(lower), space.to_numpy(upper))
+    start = np.zeros(bounds.lb.shape[0])
     first = {"pending": True}
 
     def negative_f(flat: np.ndarray) -> tuple[float, np.ndarray]:
