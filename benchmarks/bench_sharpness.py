@@ -1,0 +1,102 @@
+"""Peak extra memory of hessgap.sharpness on a model with ≥ 20M parameters (random subspace, p = 100).
+
+The figure to reach (issue 2): subspace sharpness with p = 100 on a model with ≥ 20M parameters uses
+at most 4× the parameters' bytes of extra memory, i.e. A (n × p, 100× the parameters) is never held.
+
+How it is measured: each case runs in a fresh Python process, which builds the model and its data, reads
+its resident set size (RSS, /proc via psutil or ``resource``), calls ``hessgap.sharpness`` and then reads
+the process's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``). Extra memory = peak − RSS
+before the call: everything the call allocated at its peak (the centre snapshot, gradients, autograd
+buffers, blocks of A), as the operating system saw it. torch's CPU allocator hands large blocks straight
+back to the OS, so RSS follows torch's live tensors closely.
+
+    python benchmarks/bench_sharpness.py                    # subspace p = 100 and full space, 21M params
+    python benchmarks/bench_sharpness.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+WIDTH = 4096
+
+
+def _child(case: str, iterations: int, samples: int) -> dict:
+    import torch
+    from torch import nn
+
+    import hessgap
+
+    torch.manual_seed(0)
+    # 1024 → 4096 → 4096 → 10: 21.0M float32 parameters (84 MB)
+    model = nn.Sequential(nn.Linear(1024, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
+    inputs, targets = torch.randn(samples, 1024), torch.randint(0, 10, (samples,))
+    loader = [(inputs[i : i + 64], targets[i : i + 64]) for i in range(0, samples, 64)]
+    params = sum(p.numel() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss()
+    options = dict(subspace_dim=100) if case == "subspace" else {}
+    started = time.perf_counter()
+    result = hessgap.sharpness(model, loader, max_iter=iterations, **options)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {
+        "case": case,
+        "parameters": params,
+        "parameter_bytes": param_bytes,
+        "rss_before": before,
+        "peak_rss": peak,
+        "extra_bytes": peak - before,
+        "extra_over_parameters": (peak - before) / param_bytes,
+        "seconds": seconds,
+        "result": result.to_dict(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--cases", default="subspace,full")
+    parser.add_argument("--json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.iterations, args.samples)))
+        return
+    results = []
+    for case in args.cases.split(","):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", case, "--iterations", str(args.iterations), "--samples",
+             str(args.samples)],
+            check=True, capture_output=True, text=True,
+        )
+        record = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(record)
+        mib = 2**20
+        print(
+            f"{case:9s}: {record['parameters'] / 1e6:.1f}M parameters ({record['parameter_bytes'] / mib:.0f} MiB), "
+            f"peak extra {record['extra_bytes'] / mib:.0f} MiB = {record['extra_over_parameters']:.2f}x the parameters, "
+            f"{record['result']['evaluations']} evaluations in {record['seconds']:.1f}s, "
+            f"value {record['result']['value']:.4g}",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": platform.machine(), "cores": os.cpu_count(), "results": results}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
