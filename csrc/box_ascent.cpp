@@ -198,8 +198,8 @@ BoxAscentSums step_all_cpu(const DenseOperands& t, const BoxAscentConstants<S>& 
       const size_t i = ch.tensor;
       S* m = use_momentum ? t.prev_step[i].data_ptr<S>() + ch.begin : nullptr;
       partial[k] = step_range(t.x[i].data_ptr<S>() + ch.begin, t.y[i].data_ptr<S>() + ch.begin,
-                                            t.grad[i].data_ptr<S>() + ch.begin, t.params[i].data_ptr<S>() + ch.begin,
-                                            m, ch.size, c);
+                              t.grad[i].data_ptr<S>() + ch.begin, t.params[i].data_ptr<S>() + ch.begin, m, ch.size,
+                              c);
     }
   });
   // Summed in chunk order: the result does not depend on the number of threads.

@@ -118,7 +118,10 @@ def box_ascent_step(
     Returns:
         float64 tensor ``[Σ Δy², #coordinates on the box's faces, Σ g·Δy]`` on the tensors' device.
 
-    All tensors share one device and one dtype (float32 or float64) and have pairwise equal shapes.
+    All tensors share one device and one dtype (float32 or float64) and have pairwise equal shapes; the
+    written tensors (y, params, prev_step) must not share memory with each other or with x and grad.
+    The step is bit-identical to :func:`box_ascent_step_reference` (same operations, same rounding; the
+    sums differ only by summation order) and does not depend on the number of threads.
     Runs the compiled kernel (CPU or CUDA, by the tensors' device) in one pass over all tensors; tensors
     that do not share a dense layout go through contiguous temporaries (correct, slower). Raises a
     RuntimeError saying how to build the extension when it is missing. See the module docstring for
