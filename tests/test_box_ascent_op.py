@@ -239,6 +239,34 @@ def test_cuda_matches_cpu(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_cuda_graph_capture(device):
+    """Captured in a CUDA graph and replayed twice: the kernel runs on the capturing (current) stream."""
+    if device == "cpu":
+        pytest.skip("CUDA graphs")
+    x, y, grad, params, prev = make_case([(1000,), (33, 17), (20000,)], torch.float32, device, seed=9)
+    options = dict(step=2e-3, epsilon=EPSILON, box="keskar", direction="sign", momentum=0.5)
+    y_ref, p_ref, m_ref = clone_all(y), clone_all(params), clone_all(prev)
+    scratch = [clone_all(ts) for ts in (y, params, prev)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, on copies
+        box_ascent_step(x, scratch[0], grad, scratch[1], prev_step=scratch[2], **options)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = box_ascent_step(x, y, grad, params, prev_step=prev, **options)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for _ in range(2):
+        expected = box_ascent_step_reference(x, y_ref, grad, p_ref, prev_step=m_ref, **options)
+    assert_lists_equal(y, y_ref, "y")
+    assert_lists_equal(params, p_ref, "params")
+    assert_lists_equal(prev, m_ref, "prev_step")
+    assert_reductions_close(out, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_opcheck(device, momentum):
     x, y, grad, params, prev = make_case([(7,), (3, 11)], torch.float32, device, momentum=momentum > 0)
