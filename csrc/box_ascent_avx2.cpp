@@ -15,6 +15,8 @@
 #pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
 #else
 #pragma GCC target("avx2")
+// torch's vector headers pass __m256 values between inline functions, all compiled here for AVX2
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 // The target pragma does not define these; sleef.h (through torch's AVX2 vectors) declares its
 // 256-bit functions only when they are.
