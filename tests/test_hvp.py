@@ -173,15 +173,21 @@ def test_chunking_gives_the_same_answer(path):
 
 
 @needs_extension
-def test_frozen_parameters_are_left_out():
-    model = mlp(torch.float64)
-    model[0].weight.requires_grad_(False)
-    model[3][0].bias.requires_grad_(False)
-    batches = mlp_batches(torch.float64)
-    hess = explicit_hessian(model, batches, nn.CrossEntropyLoss())
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_frozen_parameters_are_left_out(arch):
+    torch.manual_seed(2)
+    if arch == "mlp":
+        model, batches, loss_fn = mlp(torch.float64), mlp_batches(torch.float64), nn.CrossEntropyLoss()
+        frozen = [model[0].weight, model[3][0].bias, model[1].weight]
+    else:
+        model, batches, loss_fn = convnet(torch.float64), conv_batches(torch.float64), nn.MSELoss()
+        frozen = [model[0].weight, model[4].weight, model[1].bias]  # leaves bias-only directions in convs
+    for p in frozen:
+        p.requires_grad_(False)
+    hess = explicit_hessian(model, batches, loss_fn)
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
     for path in ("fused", "generic"):
-        assert rel_err(hvp(model, batches, vectors, path=path), vectors @ hess) <= 1e-10
+        assert rel_err(hvp(model, batches, vectors, loss_fn, path=path), vectors @ hess) <= 1e-10
 
 
 @needs_extension
@@ -334,3 +340,12 @@ def test_cuda_matches_explicit_hessian(name, make_model, make_batches, loss_fn, 
         result = hvp(model, batches, vectors.cuda(), loss_fn, path=path, return_info=True)
         assert result.path == path
         assert rel_err(result.value.cpu(), vectors @ hess) <= 1e-10
+
+
+def test_half_precision_model_falls_back():
+    model = nn.Sequential(nn.Linear(3, 2)).to(torch.bfloat16)
+    batch = (torch.randn(4, 3, dtype=torch.bfloat16), torch.tensor([0, 1, 1, 0]))
+    result = hvp(model, batch, torch.randn(1, 8, dtype=torch.bfloat16), return_info=True)
+    assert result.path == "generic" and result.value.dtype == torch.bfloat16
+    if _extension.available():
+        assert "bfloat16" in result.fallback_reason

@@ -166,10 +166,13 @@ class _Conv2d(_Layer):
             ry = self._conv(rx.reshape((-1,) + rx.shape[2:]), self.weight)
             ry = ry.reshape((k, batch) + ry.shape[1:])
         if vw is not None:
-            # all k weight directions as one conv with k·O output channels
-            term = self._conv(x, vw.reshape((k * out_channels,) + vw.shape[2:]))
+            # all k weight directions as one conv with k·O output channels (bias directions folded in)
+            bias = vb.reshape(-1) if vb is not None else None
+            term = F.conv2d(x, vw.reshape((k * out_channels,) + vw.shape[2:]), bias, self.stride, self.padding,
+                            self.dilation)
             term = term.reshape((batch, k, out_channels) + term.shape[2:]).transpose(0, 1)
             ry = term.contiguous() if ry is None else ry.add_(term)
+            vb = None
         if vb is not None:
             vb_view = vb.reshape(k, 1, out_channels, 1, 1)
             if ry is None:  # frozen weight, trainable bias
@@ -239,44 +242,56 @@ class _BatchNorm(_Layer):
         y = xhat * self._view(self.weight, x.dim()) if self.weight is not None else xhat
         if self.bias is not None:
             y = y + self._view(self.bias, x.dim())
-        return y, (xhat, inv_std, scale)
+        return y, [xhat, inv_std, scale, None]
 
     def backward(self, ctx, g_y):
-        _, _, scale = ctx
+        xhat, inv_std, scale, _ = ctx
+        # g_y / σ, shared by every chunk's R-backward (the input gradient through the weight directions)
+        ctx[3] = g_y * self._view(inv_std, g_y.dim())
         return g_y * self._view(scale, g_y.dim())
 
+    def _per_channel(self, t, k, dim):
+        """(k, C) -> broadcastable against (k, B, C, ...)."""
+        return t.reshape((k, 1, -1) + (1,) * (dim - 3))
+
     def rforward(self, ctx, rx, v):
-        xhat, _, scale = ctx
+        xhat, _, scale, _ = ctx
         vw, vb = v
         k = _k_of(v, rx)
         dim = xhat.dim() + 1
-        ry = rx * self._view(scale, xhat.dim()).unsqueeze(0) if rx is not None else None
-        if vw is not None:
-            term = xhat.unsqueeze(0) * vw.reshape((k, 1, -1) + (1,) * (dim - 3))
-            ry = term if ry is None else ry.add_(term)
+        # addcmul keeps it to one pass per term (these tensors are k times the activations)
+        if rx is not None:
+            base = self._per_channel(vb, k, dim) if vb is not None else None
+            ry = torch.mul(rx, self._view(scale, xhat.dim())) if base is None else torch.addcmul(
+                base, rx, self._view(scale, xhat.dim()))
+            if vw is not None:
+                ry.addcmul_(xhat.unsqueeze(0), self._per_channel(vw, k, dim))
+            return ry
+        ry = xhat.new_zeros((k,) + xhat.shape)
         if vb is not None:
-            vb_view = vb.reshape((k, 1, -1) + (1,) * (dim - 3))
-            ry = vb_view.expand((k,) + xhat.shape).clone() if ry is None else ry.add_(vb_view)
+            ry.add_(self._per_channel(vb, k, dim))
+        if vw is not None:
+            ry.addcmul_(xhat.unsqueeze(0), self._per_channel(vw, k, dim))
         return ry
 
     def rbackward(self, ctx, g_y, rg_y, rx, v, need_rg_x):
-        xhat, inv_std, scale = ctx
+        xhat, inv_std, scale, g_over_std = ctx
         vw, _ = v
         k = rg_y.shape[0]
         dim = rg_y.dim()
-        per_channel = lambda t: t.reshape((k, 1, -1) + (1,) * (dim - 3))  # noqa: E731
         rg_x = None
         if need_rg_x:
-            rg_x = rg_y * self._view(scale, xhat.dim()).unsqueeze(0)
+            rg_x = torch.mul(rg_y, self._view(scale, xhat.dim()))
             if vw is not None:
-                rg_x.add_((g_y * self._view(inv_std, xhat.dim())).unsqueeze(0) * per_channel(vw))
+                rg_x.addcmul_(g_over_std.unsqueeze(0), self._per_channel(vw, k, dim))
         reduce_dims = (1,) + tuple(range(3, dim))
         grads = []
         if self.slots[0] is not None:
-            rgw = (rg_y * xhat.unsqueeze(0)).sum(reduce_dims)
+            # R{∂L/∂w} = Σ R{g_y}·x̂ + g_y·R{x}/σ over batch and space, summed in one reduction
+            prod = rg_y * xhat.unsqueeze(0)
             if rx is not None:
-                rgw.add_((rx * g_y.unsqueeze(0)).sum(reduce_dims) * inv_std)
-            grads.append(rgw)
+                prod.addcmul_(rx, g_over_std.unsqueeze(0))
+            grads.append(prod.sum(reduce_dims))
         else:
             grads.append(None)
         grads.append(rg_y.sum(reduce_dims) if self.slots[1] is not None else None)
