@@ -147,16 +147,16 @@ def render_spectrum(r: dict) -> str:
     rows = []
     for regime, m in r["models"].items():
         if m.get("eigenvalues"):
-            rows.append([regime.upper(), ", ".join(f"{v:.4g}" for v in m["eigenvalues"]), _fmt(m["sharpness"]),
-                         _fmt(m.get("loss")), m.get("hvps", "–")])
+            rows.append([regime.upper(), ", ".join(f"{v:.4g}" for v in m["eigenvalues"]), _fmt(m.get("trace")),
+                         _fmt(m["sharpness"]), _fmt(m.get("loss")), m.get("hvps", "–")])
         else:
-            rows.append([regime.upper(), f"diverged at epoch {m.get('diverged')}", "–", "–", "–"])
+            rows.append([regime.upper(), f"diverged at epoch {m.get('diverged')}", "–", "–", "–", "–"])
     ratio = r.get("top_ratio_lb_sb")
     return "\n".join([
         "## 8. Top Hessian eigenvalues beside sharpness",
         f"Top {r['k']} eigenvalues of the training-loss Hessian (Lanczos) and Metric 2.1 (full space, ε={r['epsilon']:g}).",
         "",
-        _table(["", "top eigenvalues", f"sharpness ε={r['epsilon']:g}", "f(x)", "HVPs"], rows),
+        _table(["", "top eigenvalues", "trace (Hutchinson)", f"sharpness ε={r['epsilon']:g}", "f(x)", "HVPs (Lanczos)"], rows),
         "",
         f"λ_max(LB) / λ_max(SB) = {_fmt(ratio, 3)}. Paper: {r.get('paper', '')}",
         "",

@@ -30,7 +30,7 @@ def one_thread():
 def tiny_settings(**changes) -> Settings:
     values = dict(model="F1", dataset="digits", width=0.02, epochs=2, lb_epochs=3, sb_batch=64, lb_batch=512,
                   seeds=2, epsilons=(1e-3, 5e-4), subspace_dim=20, eval_batch=2048, alphas=5, spectrum_k=2,
-                  sharpness_every=1, sweep_batches=(64, 512), warmstart_sb_epochs=2, warmstart_lb_epochs=1,
+                  sharpness_every=1, trace_probes=4, sweep_batches=(64, 512), warmstart_sb_epochs=2, warmstart_lb_epochs=1,
                   warmstart_every=1, remedies=("augment", "conservative", "adversarial", "dynamic"), device="cpu")
     values.update(changes)
     return Settings(**values)
@@ -233,12 +233,43 @@ def test_along_training_and_distance_ratio(full_run):
     assert result["distance_ratio"] == pytest.approx((d_sb / d_lb).item(), rel=1e-5)
 
 
-def test_spectrum_and_remedies_rows(full_run):
+def _reference_top_eigenvalues(model, data, k: int = 2) -> list[float]:
+    """Top-k eigenvalues of the training-loss Hessian (eval mode, whole training set, float64) by scipy's
+    ARPACK on plain double-backward Hessian-vector products: independent of hessgap's HVP engine."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    model = model.double().eval()
+    params = list(model.parameters())
+    x, y = data.train.tensors
+    loss = F.cross_entropy(model(x.double()), y)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
+
+    def matvec(v):
+        hv = torch.autograd.grad(grad @ torch.as_tensor(v, dtype=torch.float64).reshape(-1), params, retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv]).numpy()
+
+    n = grad.numel()
+    values = eigsh(LinearOperator((n, n), matvec=matvec, dtype="float64"), k=k, which="LA", tol=1e-10,
+                   return_eigenvectors=False)
+    return sorted(values.tolist(), reverse=True)
+
+
+def test_spectrum_matches_a_reference_eigensolver(full_run):
     path, settings, outcome = full_run
     spectrum = outcome["spectrum"]
+    data = load_dataset("digits")
     for regime in ("sb", "lb"):
-        values = spectrum["models"][regime]["eigenvalues"]
-        assert len(values) == 2 and values[0] >= values[1]
+        entry = spectrum["models"][regime]
+        reference = _reference_top_eigenvalues(_load(path, entry["model"]).model, data)
+        assert entry["eigenvalues"] == pytest.approx(reference, rel=1e-3)
+        assert entry["trace"] is not None and entry["trace_ci"] is not None
+        same = next(r for r in outcome["sharpness"]["rows"]
+                    if r["model"] == entry["model"] and r["space"] == "full" and r["epsilon"] == 1e-3)
+        assert entry["sharpness"] == same["value"]  # one measurement per network, shared by the experiments
+
+
+def test_remedies_rows(full_run):
+    path, settings, outcome = full_run
     names = [r["name"] for r in outcome["remedies"]["rows"]]
     assert names == ["SB", "LB", "LB + augment", "LB + conservative", "LB + adversarial", "LB + dynamic"]
     start, final, growth = outcome["remedies"]["dynamic_schedule"]

@@ -56,7 +56,11 @@ def summary_lines(results: dict) -> list[str]:
         for regime in ("sb", "lb"):
             m = spec["models"].get(regime, {})
             if m.get("eigenvalues"):
-                lines.append(f"top Hessian eigenvalues {regime.upper()}: " + ", ".join(f"{v:.4g}" for v in m["eigenvalues"]))
+                trace = f"; trace {m['trace']:.4g}" if m.get("trace") is not None else ""
+                lines.append(f"top Hessian eigenvalues {regime.upper()}: " + ", ".join(f"{v:.4g}" for v in m["eigenvalues"])
+                             + trace)
+        if spec.get("top_ratio_lb_sb") is not None:
+            lines.append(f"largest eigenvalue LB / SB: {spec['top_ratio_lb_sb']:.3g}")
     for name, result in results.items():
         if isinstance(result, dict) and "error" in result:
             lines.append(f"{name}: failed: {result['error']}")

@@ -48,6 +48,7 @@ class Settings:
     alpha_range: tuple = (-1.0, 2.0)
     paths: tuple = ("linear", "curved")
     spectrum_k: int = 10
+    trace_probes: int = 0  # spectrum: also Hutchinson's trace of the Hessian with this many probes (0 = off)
     sharpness_every: int = 1  # along training (Fig. 6): sharpness every this many epochs of the first seed
     sweep_batches: tuple = (32, 64, 128, 256, 512, 1024, 2048, 4096, 6000)
     warmstart_sb_epochs: int = 100
@@ -86,6 +87,8 @@ class Settings:
                 raise HessgapError(f"every sharpness epsilon must be > 0, got {self.epsilons}")
         if not 0 < self.lb_fraction <= 1:
             raise HessgapError(f"lb_fraction must be in (0, 1], got {self.lb_fraction}")
+        if self.trace_probes < 0:
+            raise HessgapError(f"trace_probes must be >= 0 (0 = no trace), got {self.trace_probes}")
         if self.sharpness_every < 0:
             raise HessgapError(f"sharpness_every must be >= 0 (0 = never), got {self.sharpness_every}")
         if self.alpha_range[0] >= self.alpha_range[1]:
@@ -180,6 +183,7 @@ def preset(name: str, model: str | None = None, dataset: str | None = None) -> S
             eval_batch=2048,
             alphas=25,
             spectrum_k=5,
+            trace_probes=16,
             sharpness_every=5,
             sweep_batches=(16, 64, 256, 1024),
             warmstart_sb_epochs=10,
