@@ -537,6 +537,10 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(threads)
     try:
+        if getattr(args, "device", None) is not None:
+            from .train.loop import resolve_device
+
+            resolve_device(args.device)  # an unusable --device fails before any work starts
         return args.handler(args)
     except HessgapError as exc:
         print(f"hessgap: error: {exc}", file=sys.stderr)

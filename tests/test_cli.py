@@ -196,3 +196,50 @@ def test_missing_model_path(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli(capsys, "spectrum", tmp_path / "empty", "--quiet")
     assert code == 1 and "without model.pt" in err
+
+
+def test_unusable_device_fails_before_any_work(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "demo", "--device", "tpu", "--out", tmp_path / "d", "--quiet")
+    assert code == 1 and "unknown device 'tpu'" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_interrupted_training_exits_130_and_resumes(tmp_path, capsys, monkeypatch):
+    import hessgap.train.loop as loop
+
+    real = loop.train
+
+    def interrupted(config, **kwargs):
+        def stop(record, model):
+            if record["epoch"] == 1:
+                raise KeyboardInterrupt
+
+        return real(config, **{**kwargs, "epoch_callback": stop})
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    argv = ["train", "--batch-size", 512, "--epochs", 2, "--out", tmp_path, *TINY]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 130 and "rerun the same command to resume" in err
+    first = (tmp_path / "checkpoints" / "epoch_0001.pt").stat().st_mtime_ns
+    assert not (tmp_path / "checkpoints" / "epoch_0002.pt").exists()
+    resumed = []
+    monkeypatch.setattr(loop, "train", lambda config, **kw: resumed.append(real(config, **kw)) or resumed[-1])
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "after epoch 2" in out
+    assert resumed[0].resumed_from == 1  # continued from the checkpoint, not from scratch
+    assert (tmp_path / "checkpoints" / "epoch_0001.pt").stat().st_mtime_ns == first
+
+
+def test_sweep_and_warmstart_commands(tmp_path, capsys):
+    common = ["--epochs", "1", "--lb-epochs", "1", "--sb-batch", "256", "--lb-batch", "1024", "--epsilons", "1e-3",
+              "--subspace-dim", "0", *TINY]
+    code, out, err = run_cli(capsys, "sweep", "--sweep-batches", "256,1024", "--out", tmp_path / "s", *common)
+    assert code == 0, err
+    assert "batch   256: test accuracy" in out and "batch  1024: test accuracy" in out
+    assert "## 4. Batch-size sweep" in (tmp_path / "s" / "report.md").read_text()
+    code, out, err = run_cli(capsys, "warmstart", "--warm-sb-epochs", "2", "--warm-lb-epochs", "1", "--warm-every", "2",
+                             "--out", tmp_path / "w", *common)
+    assert code == 0, err
+    assert "SB epochs     0:" in out and "SB epochs     2:" in out
+    result = json.loads((tmp_path / "w" / "results" / "warmstart.json").read_text())
+    assert [r["warm_epoch"] for r in result["rows"]] == [0, 2]
