@@ -97,12 +97,13 @@ def test_sharpness_of_a_saved_model_matches_a_direct_call(trained_pair, tmp_path
 
 
 def test_spectrum_and_interpolate_of_saved_models(trained_pair, tmp_path, capsys):
-    code, out, err = run_cli(capsys, "spectrum", trained_pair / "sb", "--k", 2, "--trace", "--probes", 8,
+    code, out, err = run_cli(capsys, "spectrum", trained_pair / "sb", "--k", 2, "--trace", "--probes", 8, "--density",
                              "--out", tmp_path / "e", "--quiet", "--threads", 1)
     assert code == 0, err
     result = json.loads((tmp_path / "e" / "results" / "model_spectrum.json").read_text())
     assert len(result["eigenvalues"]) == 2 and result["eigenvalues"][0] >= result["eigenvalues"][1]
     assert "top eigenvalues:" in out and "trace:" in out
+    assert (tmp_path / "e" / "figures" / "density.png").is_file() and len(result["density"]["grid"]) > 10
     code, out, err = run_cli(capsys, "interpolate", trained_pair / "sb", trained_pair / "lb", "--points", 5,
                              "--out", tmp_path / "i", "--quiet", "--threads", 1)
     assert code == 0, err
@@ -195,7 +196,7 @@ def test_missing_model_path(tmp_path, capsys):
     assert code == 1 and "no saved model at" in err
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli(capsys, "spectrum", tmp_path / "empty", "--quiet")
-    assert code == 1 and "without model.pt" in err
+    assert code == 1 and "without model.pt or checkpoints/" in err
 
 
 def test_unusable_device_fails_before_any_work(tmp_path, capsys):

@@ -19,15 +19,21 @@ MODEL_FILE = "model.pt"
 
 
 def model_file(path) -> Path:
-    """The saved-model file for ``path``: the file itself, or ``model.pt`` in a ``hessgap train`` folder."""
+    """The saved-model file for ``path``: the file itself, ``model.pt`` in a ``hessgap train`` folder, or
+    the latest checkpoint of a training run folder (``<run>/models/<tag>`` of an experiment)."""
     path = Path(path)
     if path.is_dir():
         candidate = path / MODEL_FILE
         if candidate.is_file():
             return candidate
+        from ..train.checkpoint import list_checkpoints
+
+        checkpoints = list_checkpoints(path)
+        if checkpoints:  # a training run folder (models/<tag> of an experiment): its latest epoch
+            return checkpoints[max(checkpoints)]
         raise HessgapError(
-            f"{path} is a folder without {MODEL_FILE}; give a file saved by `hessgap train` or the folder "
-            f"`hessgap train --out` wrote (it holds {MODEL_FILE} once training finished)"
+            f"{path} is a folder without {MODEL_FILE} or checkpoints/; give a file saved by `hessgap train`, the "
+            f"folder `hessgap train --out` wrote, or a training run folder under an experiment's models/"
         )
     if not path.is_file():
         raise HessgapError(f"no saved model at {path}; give the model.pt that `hessgap train` wrote, or its folder")
