@@ -307,8 +307,8 @@ def _settings_block(config: dict) -> str:
     return _table(["setting", "value"], rows) if rows else ""
 
 
-def render(folder) -> str:
-    """The report text of a run folder."""
+def render(folder, errors: dict | None = None) -> str:
+    """The report text of a run folder; ``errors`` (experiment name → message) are listed at the end."""
     folder = Path(folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
@@ -334,17 +334,21 @@ def render(folder) -> str:
         renderer = RENDERERS.get(results[name].get("experiment", name))
         if renderer is not None:
             parts += ["", renderer(results[name])]
-    missing = [n for n in config.get("settings", {}).get("experiments", []) if n not in results]
+    errors = errors or {}
+    for name, message in errors.items():
+        parts += ["", f"**{name} failed**: {message}"]
+    missing = [n for n in config.get("settings", {}).get("experiments", []) if n not in results and n not in errors]
     if missing and config.get("command") in ("reproduce", "demo"):
         parts += ["", f"Not finished yet: {', '.join(missing)} (rerun the same command to resume)."]
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_report(folder) -> Path:
-    """Write ``report.md`` in ``folder`` from its config and results; returns its path."""
+def write_report(folder, errors: dict | None = None) -> Path:
+    """Write ``report.md`` in ``folder`` from its config and results (and the failures of this call);
+    returns its path."""
     folder = Path(folder)
     path = folder / "report.md"
     tmp = folder / ".report.md.tmp"
-    tmp.write_text(render(folder), encoding="utf-8")
+    tmp.write_text(render(folder, errors), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -7,7 +7,14 @@ import torch
 
 from hessgap import _extension
 from hessgap.errors import HessgapError
-from hessgap.ops.box_ascent import BOX_KINDS, DIRECTIONS, box_ascent_step, box_ascent_step_reference, box_radius
+from hessgap.ops.box_ascent import (
+    BOX_KINDS,
+    DIRECTIONS,
+    box_ascent_step,
+    box_ascent_step_reference,
+    box_radius,
+    cpu_kernel_variant,
+)
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason="hessgap._C is not built")
 
@@ -398,8 +405,16 @@ for dtype in (torch.float32, torch.float64):
             ref = box_ascent_step_reference(x, y2, g, p2, prev_step=m2 if momentum else None, **kw)
             assert all(torch.equal(a, b) for a, b in zip(y + p + m, y2 + p2 + m2)), (dtype, momentum, box)
             assert out[1] == ref[1] and torch.allclose(out, ref, rtol=1e-12, atol=0), (out, ref)
+from hessgap.ops.box_ascent import cpu_kernel_variant
+assert cpu_kernel_variant() == "baseline", cpu_kernel_variant()
 print("baseline kernel ok")
 """
+
+
+def test_cpu_kernel_variant():
+    """The tests above ran the AVX2 kernel wherever torch itself uses AVX2 or AVX-512."""
+    expected = "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "baseline"
+    assert cpu_kernel_variant() == expected
 
 
 def test_baseline_cpu_kernel_matches_reference():

@@ -306,7 +306,7 @@ def test_diverging_runs_are_reported_not_averaged(tmp_path):
     assert outcome["gap"]["summary"]["sb"]["test_acc"] is None
     assert "diverged at epoch 1" in outcome["parametric"]["error"]
     report = (tmp_path / "report.md").read_text()
-    assert "diverged at epoch 1" in report and "Not finished yet: parametric" in report
+    assert "diverged at epoch 1" in report and "**parametric failed**: the SB network diverged at epoch 1" in report
     assert list((tmp_path / "models").glob("sb-seed0-*/checkpoints/epoch_0000.pt"))  # checkpoints are kept
 
 

@@ -56,7 +56,11 @@ def reproduce(folder: RunFolder, settings: Settings) -> dict:
             outcome[name] = {"error": str(exc)}
         except Exception:
             folder.log(f"experiment {name} failed with an internal error:\n{traceback.format_exc()}")
-            write_report(folder.path)
+            write_report(folder.path, _errors(outcome))
             raise
-        write_report(folder.path)
+        write_report(folder.path, _errors(outcome))
     return outcome
+
+
+def _errors(outcome: dict) -> dict:
+    return {name: result["error"] for name, result in outcome.items() if "error" in result}

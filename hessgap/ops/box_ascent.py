@@ -149,6 +149,15 @@ def box_ascent_step(
         )
 
 
+def cpu_kernel_variant() -> str:
+    """The instruction set the CPU kernel was picked for on this machine: ``"avx2"`` or ``"baseline"``.
+
+    AVX2 when the CPU has it, unless torch's ``ATEN_CPU_CAPABILITY=default`` asks for the baseline.
+    """
+    _extension.require()
+    return torch.ops.hessgap.box_ascent_cpu_kernel()
+
+
 def _register_fake() -> None:
     """Shape-only kernel for torch.compile; registered only when the compiled op exists."""
 
