@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from hessgap.ops.box_ascent import box_ascent_step, box_ascent_step_reference
+from hessgap.ops.box_ascent import box_ascent_step, box_ascent_step_reference, cpu_kernel_variant
 
 
 def vgg16_cifar_shapes() -> list[tuple[int, ...]]:
@@ -204,6 +204,7 @@ def main(argv=None) -> dict:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
+        "cpu_kernel": cpu_kernel_variant() if device.type == "cpu" else None,
         "model": args.model,
         "parameters": numel,
         "tensors": len(shapes),
@@ -224,7 +225,8 @@ def main(argv=None) -> dict:
         result["fused_fraction_of_copy"] = copy_t / fused_t
 
     print(f"{result['model']}: {numel / 1e6:.1f}M {args.dtype} parameters in {len(shapes)} tensors, "
-          f"momentum {args.momentum}, {result['device']}, torch {torch.__version__}")
+          f"momentum {args.momentum}, {result['device']}, torch {torch.__version__}"
+          + (f", CPU kernel: {result['cpu_kernel']}" if result["cpu_kernel"] else ""))
     for name, ms in result["median_ms"].items():
         print(f"  {name:15s} {ms:9.3f} ms  (median of {len(samples[name])})")
     print(f"  fused vs reference: {result['speedup_vs_reference']:.2f}x   fused vs foreach: {result['speedup_vs_foreach']:.2f}x")

@@ -13,6 +13,7 @@
 
 #include <array>
 #include <cmath>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -155,18 +156,28 @@ bool cpu_has_avx2() {
 #endif
 }
 
+struct ChosenCpuKernels {
+  StepRangeKernels kernels;
+  const char* name;
+};
+
 // The AVX2 variant when the CPU has AVX2 and torch's ATEN_CPU_CAPABILITY does not ask for the baseline,
 // else the baseline variant compiled in this file. Chosen once.
-const StepRangeKernels& cpu_kernels() {
-  static const StepRangeKernels chosen = [] {
+const ChosenCpuKernels& chosen_cpu_kernels() {
+  static const ChosenCpuKernels chosen = []() -> ChosenCpuKernels {
     if (cpu_has_avx2() && at::get_cpu_capability() != "DEFAULT") {
       const StepRangeKernels avx2 = box_ascent_avx2_kernels();  // only called where AVX2 runs
-      if (avx2.f32[0] != nullptr) return avx2;
+      if (avx2.f32[0] != nullptr) return {avx2, "avx2"};
     }
-    return step_range_kernels();
+    return {step_range_kernels(), "baseline"};
   }();
   return chosen;
 }
+
+const StepRangeKernels& cpu_kernels() { return chosen_cpu_kernels().kernels; }
+
+// Which CPU variant box_ascent_step runs ("avx2" or "baseline"), for tests and benchmark reports.
+std::string box_ascent_cpu_kernel() { return chosen_cpu_kernels().name; }
 
 template <typename S>
 StepRangeFn<S> pick_kernel(bool use_momentum) {
@@ -234,6 +245,7 @@ TORCH_LIBRARY_FRAGMENT(hessgap, m) {
   m.def(
       "box_ascent_step(Tensor[] x, Tensor(a!)[] y, Tensor[] grad, Tensor(b!)[] params, Tensor(c!)[]? prev_step, "
       "float step, float epsilon, int box, int direction, float momentum) -> Tensor");
+  m.def("box_ascent_cpu_kernel() -> str", &box_ascent_cpu_kernel);
 }
 
 TORCH_LIBRARY_IMPL(hessgap, CPU, m) { m.impl("box_ascent_step", &box_ascent_step_cpu); }
