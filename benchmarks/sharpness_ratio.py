@@ -4,8 +4,8 @@ The figure to reach (issue 2): on an F1-sized ReLU MLP (784 → 5 × [Linear 512
 1.46M parameters) over ≥ 4096 samples at ε = 1e-3, for an SB-trained and an LB-trained model, the
 default solver's value ≥ L-BFGS-B's at ≤ 1/3 of its wall time.
 
-Data: scikit-learn's digits, upsampled from 8×8 to 28×28 (784 features) and enlarged to ``--samples``
-by random shifts of up to 2 pixels plus a little noise. Training: ADAM lr 1e-3 (the paper's), batch 256
+Data: scikit-learn's digits, upsampled from 8×8 to 28×28 (784 features, intensities in [0, 1] as MNIST's)
+and enlarged to ``--samples`` by random shifts of up to 2 pixels plus a little noise. Training: ADAM lr 1e-3 (the paper's), batch 256
 (SB) and ``--lb-batch`` (LB), until the training loss is below ``--target-loss`` or ``--max-epochs``.
 Trained weights are cached in the temp directory, so a second run measures only the solvers.
 
@@ -57,8 +57,7 @@ def digits_784(samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
         shifted = torch.roll(big[index[i], 0], shifts=(int(shifts[i, 0]), int(shifts[i, 1])), dims=(0, 1))
         out[i] = shifted.reshape(-1)
     out += 0.05 * torch.randn(out.shape, generator=generator)
-    out = (out - out.mean()) / out.std()
-    return out, labels[index]
+    return out.clamp_(0.0, 1.0), labels[index]  # pixel intensities in [0, 1], as MNIST's
 
 
 def train(model, inputs, targets, batch_size, target_loss, max_epochs, seed):
@@ -84,7 +83,7 @@ def train(model, inputs, targets, batch_size, target_loss, max_epochs, seed):
 
 
 def trained_model(name, batch_size, inputs, targets, args):
-    key = f"f1-{name}-b{batch_size}-n{inputs.shape[0]}-t{args.target_loss:g}-e{args.max_epochs}-s{args.seed}.pt"
+    key = f"f1-u01-{name}-b{batch_size}-n{inputs.shape[0]}-t{args.target_loss:g}-e{args.max_epochs}-s{args.seed}.pt"
     path = os.path.join(tempfile.gettempdir(), "hessgap-bench-sharpness", key)
     torch.manual_seed(args.seed)
     model = f1_network()
@@ -123,8 +122,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--lb-batch", type=int, default=2048)
-    parser.add_argument("--target-loss", type=float, default=1e-3)
-    parser.add_argument("--max-epochs", type=int, default=40)
+    parser.add_argument("--target-loss", type=float, default=1e-5, help="train until this training loss")
+    parser.add_argument("--max-epochs", type=int, default=60)
     parser.add_argument("--epsilon", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=512, help="loader batch size for the sharpness passes")
     parser.add_argument("--repeats", type=int, default=2)

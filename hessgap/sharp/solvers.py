@@ -9,9 +9,9 @@ Solvers:
 
 - :func:`box_ascent`: Auto-PGD-style projected ascent (Croce & Hein 2020). The first step goes to the
   box corner sign(∇f)·r; later steps y ← Proj(y + α(z − y) + (1 − α)(y − y_prev)) with
-  z = Proj(y + η·sign(∇f)), α = 1 − momentum; at Auto-PGD's checkpoints η is halved and the ascent
-  restarts from the best point when too few steps improved f or nothing improved since the last
-  checkpoint. The ℓ∞ step is the fused op ``box_ascent_step``: one pass updates y and writes x + y into
+  z = Proj(y + η·sign(∇f)), η = 2·mean(r) at first, α = 1 − momentum (momentum 0: plain projected sign
+  ascent); at Auto-PGD's checkpoints η is halved and the ascent restarts from the best point when too
+  few steps improved f or nothing improved since the last checkpoint. The ℓ∞ step is the fused op ``box_ascent_step``: one pass updates y and writes x + y into
   the model.
 - :func:`lbfgsb`: ``scipy.optimize.minimize(method="L-BFGS-B")`` on −f from y = 0 with the box as
   bounds and ``maxiter`` iterations (tolerances off), Keskar et al.'s method, through a float64 numpy
@@ -286,7 +286,7 @@ def box_ascent(
     grad0: list[torch.Tensor],
     *,
     max_iter: int,
-    momentum: float = 0.25,
+    momentum: float = 0.0,
     stall_fraction: float = 0.75,
     seed: int = 0,
     tick: Callable[[], None] | None = None,
