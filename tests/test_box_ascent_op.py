@@ -128,6 +128,19 @@ def test_every_element_written(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_prev_step_untouched_without_momentum(device):
+    """momentum = 0 is plain projected ascent: a prev_step passed along is neither read nor written."""
+    x, y, grad, params, prev = make_case([(100,), (7, 3)], torch.float64, device, seed=10)
+    prev_before = clone_all(prev)
+    y_ref, p_ref = clone_all(y), clone_all(params)
+    box_ascent_step(x, y, grad, params, step=1e-3, epsilon=EPSILON, momentum=0.0, prev_step=prev)
+    box_ascent_step_reference(x, y_ref, grad, p_ref, step=1e-3, epsilon=EPSILON)
+    assert_lists_equal(prev, prev_before, "prev_step")
+    assert_lists_equal(y, y_ref, "y")
+    assert_lists_equal(params, p_ref, "params")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_many_tensors(device, dtype):
     """More tensors than one CUDA launch takes (48), of random odd sizes."""
