@@ -176,9 +176,11 @@ def _settings_from(args, base):
         "epochs": "epochs", "patience": "patience", "optimizer": "optimizer", "lr": "lr", "sb_batch": "sb_batch",
         "lb_batch": "lb_batch", "lb_fraction": "lb_fraction", "seeds": "seeds", "epsilons": "epsilons",
         "solver": "sharpness_solver", "sharpness_batches": "sharpness_batches", "eval_batch": "eval_batch",
-        "sharpness_every": "sharpness_every", "spectrum_k": "spectrum_k", "alphas": "alphas",
+        "sharpness_every": "sharpness_every", "spectrum_k": "spectrum_k", "trace_probes": "trace_probes",
+        "alphas": "alphas",
         "sweep_batches": "sweep_batches", "warm_sb_epochs": "warmstart_sb_epochs",
-        "warm_lb_epochs": "warmstart_lb_epochs", "warm_every": "warmstart_every", "lb_epochs": "lb_epochs", "remedies": "remedies", "experiments": "experiments",
+        "warm_lb_epochs": "warmstart_lb_epochs", "warm_every": "warmstart_every", "lb_epochs": "lb_epochs",
+        "remedies": "remedies", "experiments": "experiments",
     }
     for arg, field in mapping.items():
         value = getattr(args, arg, None)
@@ -406,9 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--spectrum-k", type=_positive_int, help="top eigenvalues per network (quick: 5, paper: 10)")
     extra.add_argument("--sharpness-every", type=_nonneg_int,
                        help="measure sharpness every N epochs of the first seed, for Fig. 6 (quick: 5, paper: 5)")
-    extra.add_argument("--sweep-batches", type=_csv(_positive_int), help="batch sizes of the sweep, comma-separated (quick: 16,64,256,1024)")
+    extra.add_argument("--trace-probes", type=_nonneg_int,
+                       help="spectrum: also the Hessian trace with N Hutchinson probes, 0 = off (quick: 16, paper: 0)")
+    extra.add_argument("--sweep-batches", type=_csv(_positive_int),
+                       help="batch sizes of the sweep, comma-separated (quick: 16,64,256,1024)")
     _add_warmstart_options(extra)
-    extra.add_argument("--remedies", type=_csv(str, REMEDY_NAMES), help=f"remedies to try: {', '.join(REMEDY_NAMES)} (default: all)")
+    extra.add_argument("--remedies", type=_csv(str, REMEDY_NAMES),
+                       help=f"remedies to try: {', '.join(REMEDY_NAMES)} (default: all)")
     _add_run_options(p, "reproduce-<preset>-<model>-<dataset>")
     p.set_defaults(handler=cmd_reproduce)
 

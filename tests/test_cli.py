@@ -133,7 +133,7 @@ def test_reproduce_then_resume_without_training(tmp_path, capsys, monkeypatch):
 
 
 def test_reproduce_on_a_folder_of_other_settings_is_refused(tmp_path, capsys):
-    argv = ["reproduce", "--experiments", "gap", "--epochs", "1", "--seeds", "1", "--sb-batch", "512",
+    argv = ["reproduce", "--experiments", "gap", "--epochs", "1", "--lb-epochs", "1", "--seeds", "1", "--sb-batch", "512",
             "--lb-batch", "1024", "--out", tmp_path, *TINY]
     assert run_cli(capsys, *argv)[0] == 0
     argv[argv.index("--epochs") + 1] = "3"
