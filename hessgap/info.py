@@ -10,6 +10,12 @@ import torch
 from . import __version__, _extension
 
 
+def _registered_ops() -> list[str]:
+    # torch.ops.hessgap fills lazily, so ask the dispatcher for every op the library registered
+    names = torch._C._dispatch_get_all_op_names()
+    return sorted({name.split("::", 1)[1].split(".", 1)[0] for name in names if name.startswith("hessgap::")})
+
+
 def build_info() -> dict:
     module = _extension.load()
     info = {
@@ -22,7 +28,7 @@ def build_info() -> dict:
         "cuda_architectures": (module.cuda_archs or "torch default") if module is not None and module.with_cuda else None,
         "openmp": bool(module is not None and module.built_with_openmp),
         "cuda_device_available": torch.cuda.is_available(),
-        "ops": sorted(name for name in dir(torch.ops.hessgap) if not name.startswith("_") and name != "name") if module else [],
+        "ops": _registered_ops() if module else [],
     }
     if module is None:
         info["extension_error"] = str(_extension.load_error())
