@@ -100,7 +100,7 @@ def parametric(result: dict, path) -> Path:
         formula = "α x_LB + (1−α) x_SB" if name == "linear" else "sin(απ/2) x_LB + cos(απ/2) x_SB"
         ax.set_title(f"{name}: {formula}", fontsize=9)
         lines = ax.get_lines()[:2] + twin.get_lines()
-        ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper center")
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best", framealpha=0.7)
     return _save(fig, path)
 
 

@@ -49,7 +49,7 @@ def summary_lines(results: dict) -> list[str]:
         for eps in sharp["epsilons"]:
             sb, lb = full["sb"].get(f"{eps:g}"), full["lb"].get(f"{eps:g}")
             if sb and lb:
-                ratio = f" ({lb[0] / sb[0]:.1f}× sharper)" if sb[0] > 0 else ""
+                ratio = f" (LB / SB = {lb[0] / sb[0]:.3g})" if sb[0] > 0 else ""
                 lines.append(f"sharpness (full space, ε={eps:g}): SB {sb[0]:.4g}, LB {lb[0]:.4g}{ratio}")
     spec = results.get("spectrum")
     if spec and "models" in spec:
