@@ -128,8 +128,12 @@ def train(run: RunFolder, config, label: str, data=None, init_state=None, init_l
     if tag in run.memory:  # already trained or loaded by this command
         return run.memory[tag]
     out_dir = run.models_dir / tag
-    finished = (out_dir / "history.json").exists()
-    run.log(f"{'loading' if finished else 'training'} {tag} (batch {config.batch_size}, seed {config.seed})")
+    state = "training"
+    if (out_dir / "history.json").exists():
+        from .runs import read_json
+
+        state = "loading" if read_json(out_dir / "history.json").get("finished") else "resuming"
+    run.log(f"{state} {tag} (batch {config.batch_size}, seed {config.seed})")
     result = train_loop(
         config, out_dir=out_dir, dataset=data, init_state=init_state, progress=run.progress,
         epoch_callback=epoch_callback,
