@@ -9,6 +9,7 @@ with status 1, without a traceback; an interrupted run exits with 130 and keeps 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -555,6 +556,9 @@ def main(argv=None) -> int:
         print("hessgap: interrupted; finished results and checkpoints are kept: rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (`hessgap demo | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:  # unreadable folders, full disks: the user's environment, not a bug
         print(f"hessgap: error: {exc}", file=sys.stderr)
         return 1

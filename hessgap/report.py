@@ -275,7 +275,8 @@ def render_remedies(r: dict) -> str:
 
 def render_train(r: dict) -> str:
     final = r.get("final") or {}
-    rows = [[k, _fmt(v)] for k, v in final.items()]
+    rows = [[f"{k} (%)", _pct(100 * v)] if k.endswith("_acc") and v is not None else [k, _fmt(v)]
+            for k, v in final.items()]
     out = [f"## Training run {r.get('model', '')}", ""]
     if r.get("diverged") is not None:
         out.append(f"**Diverged at epoch {r['diverged']}** (non-finite training loss); checkpoints kept.")

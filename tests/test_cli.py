@@ -72,7 +72,9 @@ def test_train_writes_a_model_and_a_report(trained_pair):
     assert len(list((folder / "checkpoints").glob("epoch_*.pt"))) == 3  # x0 and two epochs
     result = json.loads((folder / "results" / "train.json").read_text())
     assert result["config"]["batch_size"] == 64 and len(result["history"]) == 2
-    assert "## Training run" in (folder / "report.md").read_text()
+    report = (folder / "report.md").read_text()
+    assert "## Training run" in report
+    assert f"| test_acc (%) | {100 * result['final']['test_acc']:.2f} |" in report
 
 
 def test_train_again_on_the_same_folder_resumes(trained_pair, capsys, monkeypatch):
