@@ -3,12 +3,14 @@
 The figure to reach (issue 2): subspace sharpness with p = 100 on a model with ≥ 20M parameters uses
 at most 4× the parameters' bytes of extra memory, i.e. A (n × p, 100× the parameters) is never held.
 
-How it is measured: each case runs in a fresh Python process, which builds the model and its data, reads
-its resident set size (RSS, /proc via psutil or ``resource``), calls ``hessgap.sharpness`` and then reads
-the process's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``). Extra memory = peak − RSS
-before the call: everything the call allocated at its peak (the centre snapshot, gradients, autograd
-buffers, blocks of A), as the operating system saw it. torch's CPU allocator hands large blocks straight
-back to the OS, so RSS follows torch's live tensors closely.
+How it is measured, two ways, each case in a fresh Python process that builds the model and its data:
+
+- tensors: the call runs under ``torch.profiler.profile(profile_memory=True)``; the largest "Total
+  Allocated" of its ``[memory]`` events is the peak of bytes held by tensors allocated inside the call
+  (the centre snapshot, gradients, autograd buffers, blocks of A);
+- process: resident set size from /proc/self/statm before the call, against the process's peak RSS
+  (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after it: what the operating system saw, including
+  malloc's caching and the one-time workspaces of the first backward pass.
 
     python benchmarks/bench_sharpness.py                    # subspace p = 100 and full space, 21M params
     python benchmarks/bench_sharpness.py --json out.json
@@ -23,9 +25,20 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 WIDTH = 4096
+
+
+def _tensor_peak(prof) -> int:
+    """Peak of the bytes held by tensors allocated inside the profiled call (torch's allocator events)."""
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as fh:
+        events = json.load(fh)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0)
 
 
 def _child(case: str, iterations: int, samples: int) -> dict:
@@ -50,9 +63,11 @@ def _child(case: str, iterations: int, samples: int) -> dict:
     before = rss()
     options = dict(subspace_dim=100) if case == "subspace" else {}
     started = time.perf_counter()
-    result = hessgap.sharpness(model, loader, max_iter=iterations, **options)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = hessgap.sharpness(model, loader, max_iter=iterations, **options)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    tensor_peak = _tensor_peak(prof)
     return {
         "case": case,
         "parameters": params,
@@ -61,6 +76,8 @@ def _child(case: str, iterations: int, samples: int) -> dict:
         "peak_rss": peak,
         "extra_bytes": peak - before,
         "extra_over_parameters": (peak - before) / param_bytes,
+        "tensor_peak_bytes": tensor_peak,
+        "tensor_peak_over_parameters": tensor_peak / param_bytes,
         "seconds": seconds,
         "result": result.to_dict(),
     }
@@ -89,7 +106,9 @@ def main():
         mib = 2**20
         print(
             f"{case:9s}: {record['parameters'] / 1e6:.1f}M parameters ({record['parameter_bytes'] / mib:.0f} MiB), "
-            f"peak extra {record['extra_bytes'] / mib:.0f} MiB = {record['extra_over_parameters']:.2f}x the parameters, "
+            f"peak extra RSS {record['extra_bytes'] / mib:.0f} MiB = {record['extra_over_parameters']:.2f}x, "
+            f"peak extra tensors {record['tensor_peak_bytes'] / mib:.0f} MiB = "
+            f"{record['tensor_peak_over_parameters']:.2f}x the parameters, "
             f"{record['result']['evaluations']} evaluations in {record['seconds']:.1f}s, "
             f"value {record['result']['value']:.4g}",
             flush=True,

@@ -109,6 +109,14 @@ def test_stationary_point_still_moves_to_a_corner():
     assert result.max_loss == pytest.approx(float(a.sum()) * 0.01, rel=1e-12)
 
 
+def test_adaptive_l2_at_a_stationary_point_moves_to_the_sphere():
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    a = torch.ones(3, dtype=torch.float64)
+    model = Separable(x, a, -2 * a * x)  # f = Σ w² − 2x·w: gradient 0 at w = x
+    result = hessgap.adaptive_sharpness(model, ONE_BATCH, rho=0.1, norm="l2", loss_fn=_identity_loss)
+    assert result.value > 0 and result.iterations >= 1
+
+
 def test_adaptive_linf_and_l2_on_a_linear_function():
     torch.manual_seed(3)
     x = torch.randn(9, dtype=torch.float64)

@@ -228,10 +228,12 @@ class L2Step:
 
     @torch.no_grad()
     def __call__(self, u, g, step: float, momentum: float, prev) -> float:
-        g_norm = math.sqrt(sum(float(gi.double().pow(2).sum()) for gi in g))
-        if g_norm == 0.0:
+        # ‖g‖ through g / max|g|, so that tiny gradients do not underflow when squared
+        g_max = max(float(gi.abs().max()) for gi in g)
+        if g_max == 0.0:
             return 0.0
-        z = [ui + (step / g_norm) * gi for ui, gi in zip(u, g)]
+        g_norm = math.sqrt(sum(float((gi.double() / g_max).pow(2).sum()) for gi in g))
+        z = [ui + (step / (g_norm * g_max)) * gi for ui, gi in zip(u, g)]
         self._project(z)
         if momentum > 0:
             new = [ui + (1 - momentum) * (zi - ui) + momentum * mi for ui, zi, mi in zip(u, z, prev)]
@@ -360,16 +362,18 @@ def box_ascent(
 
 
 def _break_ties(g: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    """g with its exact zeros replaced by tiny values of random sign, so that the first (sign) step moves
-    every coordinate to a face: at a stationary point (∇f = 0) sign ascent could not move at all."""
-    if not any(bool((gi == 0).any()) for gi in g):
-        return g
-    generator = torch.Generator(device=g[0].device).manual_seed(seed)
-    out = []
+    """g with its exact zeros replaced, in place, by tiny values of random sign, so that the first (sign)
+    step moves every coordinate to a face: at a stationary point (∇f = 0) sign ascent could not move."""
+    generator = None
     for gi in g:
-        signs = torch.randint(0, 2, gi.shape, generator=generator, device=gi.device).to(gi.dtype).mul_(2).sub_(1)
-        out.append(torch.where(gi == 0, signs * torch.finfo(gi.dtype).tiny, gi))
-    return out
+        zeros = gi == 0
+        count = int(zeros.sum())
+        if count:
+            if generator is None:
+                generator = torch.Generator(device=gi.device).manual_seed(seed)
+            signs = torch.randint(0, 2, (count,), generator=generator, device=gi.device).to(gi.dtype)
+            gi[zeros] = (2 * signs - 1) * torch.finfo(gi.dtype).tiny
+    return g
 
 
 def lbfgsb(
