@@ -219,7 +219,8 @@ def test_the_user_gets_the_compiled_step_and_it_matches_the_reference(monkeypatc
     monkeypatch.setattr(solvers, "step_function", lambda device: (ops.box_ascent_step_reference, "reference"))
     reference = hessgap.sharpness(model, loader)
     assert reference.kernel == "reference"
-    assert fused.max_loss == pytest.approx(reference.max_loss, rel=1e-5)
+    assert fused.max_loss == reference.max_loss  # the kernel is bit-identical to its twin
+    assert fused.history == reference.history
 
 
 def test_result_is_json_and_counts_are_honest():

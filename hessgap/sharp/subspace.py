@@ -111,10 +111,12 @@ class RandomSubspace:
         """AᵀA (p × p) and Aᵀx (p), in float64, in one pass over A."""
         gram = torch.zeros((self.p, self.p), dtype=torch.float64, device=self.device)
         atx = torch.zeros(self.p, dtype=torch.float64, device=self.device)
+        chunk = 4096  # float64 copies of a few rows at a time, not of the whole block
         for start, stop, block in self.blocks():
-            block64 = block.double()
-            gram.addmm_(block64.T, block64)
-            atx.addmv_(block64.T, x.read(start, stop, torch.float64))
+            for r in range(0, stop - start, chunk):
+                rows = block[r : r + chunk].double()
+                gram.addmm_(rows.T, rows)
+                atx.addmv_(rows.T, x.read(start + r, min(stop, start + r + chunk), torch.float64))
         return gram, atx
 
     @torch.no_grad()
