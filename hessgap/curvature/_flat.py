@@ -28,9 +28,12 @@ class Directions:
     def chunks(self, size: int) -> list[list[torch.Tensor]]:
         return [[p[start : start + size] for p in self.parts] for start in range(0, self.k, size)]
 
-    def like_input(self, parts: Sequence[torch.Tensor]):
-        """``parts`` (per-parameter results) in the form the directions were given."""
-        return flatten(parts) if self.flat else list(parts)
+    def like_input(self, parts: Sequence[torch.Tensor], flat: torch.Tensor | None = None):
+        """``parts`` (per-parameter results) in the form the directions were given; ``flat`` is their
+        (k, n) storage when they are views into one (saves the concatenation)."""
+        if self.flat:
+            return flat if flat is not None else flatten(parts)
+        return list(parts)
 
 
 def flatten(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -106,6 +109,12 @@ def as_directions(vectors, params: Sequence[torch.Tensor], names: Sequence[str])
     return Directions(parts, flat)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``. One summing pass decides the common case (a NaN/inf element makes the sum
+    non-finite); only a non-finite sum, which finite values can also give by overflow, takes the full check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_k(k: int) -> None:
     if k == 0:
         raise HessgapError("vectors holds k = 0 directions; pass at least one direction")
@@ -119,5 +128,5 @@ def _check_tensor(v: torch.Tensor, what: str, device: torch.device) -> None:
             f"{what} is on {v.device} but the model's parameters are on {device}; move the vectors with "
             f".to({str(device)!r}) (or the model to the vectors' device)"
         )
-    if not torch.isfinite(v).all():
+    if not all_finite(v):
         raise NonFiniteError(f"{what} contains NaN or inf; Hessian-vector products need finite directions")

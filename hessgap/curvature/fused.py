@@ -67,49 +67,60 @@ class _Linear(_Layer):
     def backward(self, x, g_y):
         return g_y @ self.weight
 
+    # Every product below is one BLAS call over all k directions; the batch-side operand that is shared by
+    # the directions enters as a stride-0 expand (no copy), and sums accumulate in place (baddbmm_/addmm_)
+    # instead of through separate element-wise passes.
+
     def rforward(self, x, rx, v):
         vw, vb = v
         k = _k_of(v, rx)
         w = self.weight
-        out_features = w.shape[0]
-        ry = None
-        if rx is not None:
-            ry = (rx.reshape(-1, w.shape[1]) @ w.t()).reshape(rx.shape[:-1] + (out_features,))
+        out_features, in_features = w.shape
+        x_rows = x.reshape(-1, in_features)
+        rows = x_rows.shape[0]
         if vw is not None:
-            # x (.., in) times all k weight directions in one GEMM: (M, in) @ (in, k·out)
-            m_rows = x.reshape(-1, x.shape[-1])
-            term = (m_rows @ vw.reshape(k * out_features, -1).t()).reshape(m_rows.shape[0], k, out_features)
-            term = term.transpose(0, 1).reshape((k,) + x.shape[:-1] + (out_features,))
-            ry = term if ry is None else ry.add_(term)
-        if vb is not None:
-            vb_view = vb.reshape((k,) + (1,) * (x.dim() - 1) + (out_features,))
-            ry = vb_view.expand((k,) + x.shape[:-1] + (out_features,)).clone() if ry is None else ry.add_(vb_view)
-        return ry
+            start = vb.reshape(k, 1, out_features) if vb is not None else None
+            wt = vw.transpose(1, 2)
+            x_k = x_rows.expand(k, rows, in_features)
+            ry = torch.bmm(x_k, wt) if start is None else torch.baddbmm(start, x_k, wt)
+        elif vb is not None:
+            ry = vb.reshape(k, 1, out_features).expand(k, rows, out_features).clone()
+        else:
+            ry = None
+        if rx is not None:
+            rx_rows = rx.reshape(k * rows, in_features)
+            if ry is None:
+                ry = (rx_rows @ w.t()).reshape(k, rows, out_features)
+            else:
+                ry.view(k * rows, out_features).addmm_(rx_rows, w.t())
+        return ry.reshape((k,) + x.shape[:-1] + (out_features,))
 
     def rbackward(self, x, g_y, rg_y, rx, v, need_rg_x):
         vw, _ = v
         k = rg_y.shape[0]
         w = self.weight
         out_features, in_features = w.shape
+        g_rows = g_y.reshape(-1, out_features)
+        rows = g_rows.shape[0]
+        rg_rows = rg_y.reshape(k, rows, out_features)
         rg_x = None
         if need_rg_x:
-            rg_x = (rg_y.reshape(-1, out_features) @ w).reshape(rg_y.shape[:-1] + (in_features,))
+            # R{g_x} = R{g_y} W + g_y V_W
+            rg_x = (rg_rows.reshape(k * rows, out_features) @ w).reshape(k, rows, in_features)
             if vw is not None:
-                g_rows = g_y.reshape(-1, out_features)
-                term = g_rows @ vw.transpose(0, 1).reshape(out_features, k * in_features)
-                rg_x.add_(term.reshape(g_rows.shape[0], k, in_features).transpose(0, 1).reshape(rg_x.shape))
+                rg_x.baddbmm_(g_rows.expand(k, rows, out_features), vw)
+            rg_x = rg_x.reshape((k,) + x.shape)
         grads = []
         if self.slots[0] is not None:
-            # R{∂L/∂W} = R{g_y}ᵀ x + g_yᵀ R{x}, batched over the k directions
-            rg_rows = rg_y.reshape(k, -1, out_features)
-            x_rows = x.reshape(-1, in_features)
-            rgw = torch.matmul(rg_rows.transpose(1, 2), x_rows)
+            # R{∂L/∂W} = R{g_y}ᵀ x + g_yᵀ R{x}
+            x_rows = x.reshape(rows, in_features)
+            rgw = torch.bmm(rg_rows.transpose(1, 2), x_rows.expand(k, rows, in_features))
             if rx is not None:
-                rgw.baddbmm_(g_y.reshape(-1, out_features).t().expand(k, -1, -1), rx.reshape(k, -1, in_features))
+                rgw.baddbmm_(g_rows.t().expand(k, out_features, rows), rx.reshape(k, rows, in_features))
             grads.append(rgw)
         else:
             grads.append(None)
-        grads.append(rg_y.reshape(k, -1, out_features).sum(1) if self.slots[1] is not None else None)
+        grads.append(rg_rows.sum(1) if self.slots[1] is not None else None)
         return rg_x, grads
 
 
@@ -563,7 +574,8 @@ class BatchState:
     grads_out: list  # ∂L/∂(output of layer l), scaled by the batch weight
     loss_ctx: object
     loss: torch.Tensor
-    activation_numel: int = 0
+    activation_numel: int = 0  # elements of the input and of every layer's output
+    largest_activation_numel: int = 0
 
 
 @dataclass
@@ -577,11 +589,12 @@ class FusedPlan:
     def forward_backward(self, inputs, targets, weight: float, batch_loss) -> BatchState:
         """Primal pass of one batch; ``weight`` scales the loss (batch size, for sums over batches)."""
         ctxs, x = [], inputs
-        numel = inputs.numel()
+        numel = largest = inputs.numel()
         for layer in self.layers:
             x, ctx = layer.forward(x)
             ctxs.append(ctx)
             numel += x.numel()
+            largest = max(largest, x.numel())
         self.loss.check(x, targets)
         loss = batch_loss(x, targets)
         loss_ctx, g = self.loss.first_order(x, targets, weight)
@@ -590,7 +603,7 @@ class FusedPlan:
         for i in range(len(self.layers) - 1, 0, -1):
             g = self.layers[i].backward(ctxs[i], g)
             grads_out[i - 1] = g
-        return BatchState(ctxs, grads_out, loss_ctx, loss, numel)
+        return BatchState(ctxs, grads_out, loss_ctx, loss, numel, largest)
 
     def apply(self, state: BatchState, directions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """(weight ×) H_batch v for the k directions (per-parameter ``(k, *shape)`` tensors)."""

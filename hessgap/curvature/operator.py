@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import HessgapError
-from ._flat import as_directions, flatten
+from ._flat import as_directions
 from .hvp import DEFAULT_MEMORY_BUDGET, HvpEngine
 from .objective import LossOverData
 
@@ -78,11 +78,11 @@ class HessianOperator:
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """H Vᵀ for the k rows of ``V`` (shape (k, n)), returned as a (k, n) tensor: rows are H v_i."""
         directions = as_directions(V, self.objective.params, self.objective.names)
-        parts, stats = self._engine.run(directions)
+        _, flat, stats = self._engine.run(directions)
         self.hvps += directions.k
         self.passes += 1
         self.last_loss = stats.loss_sum / stats.samples
-        return flatten(parts)
+        return flat
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v for one vector of shape (n,)."""
