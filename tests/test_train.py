@@ -273,11 +273,11 @@ def test_c_nets_train_on_flat_signals():
     assert result.input_shape == (40,) and math.isfinite(result.final["test_loss"])
 
 
-def test_keep_checkpoints_prunes_the_oldest(digits, tmp_path):
+def test_keep_checkpoints_prunes_the_oldest_but_keeps_the_start(digits, tmp_path):
     config = tiny(epochs=4, keep_checkpoints=2)
     train(config, out_dir=tmp_path, dataset=digits, progress=False)
-    assert sorted(list_checkpoints(tmp_path)) == [3, 4]
-    with pytest.raises(HessgapError, match="available epochs: \\[3, 4\\]"):
+    assert sorted(list_checkpoints(tmp_path)) == [0, 3, 4]
+    with pytest.raises(HessgapError, match="available epochs: \\[0, 3, 4\\]"):
         load_epoch_state(tmp_path, 1)
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.suffix == ".tmp"]
     assert leftovers == []  # atomic writes leave no temporary files behind

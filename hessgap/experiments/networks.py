@@ -78,8 +78,14 @@ def train_config(
     sharpness_every: int = 0,
     epochs: int | None = None,
     batch_schedule: tuple | None = None,
+    keep_checkpoints: int | None = 1,
 ):
-    """The :class:`hessgap.train.loop.TrainConfig` of one run under ``settings``."""
+    """The :class:`hessgap.train.loop.TrainConfig` of one run under ``settings``.
+
+    Only the latest checkpoint is kept by default (enough to resume): at the paper's scale a C2 checkpoint
+    is ~180 MB, so keeping every epoch of every run would fill a disk. ``keep_checkpoints=None`` keeps all
+    (the warm-start experiment starts LB runs from every SB epoch).
+    """
     from ..train.loop import TrainConfig
 
     kwargs = dict(
@@ -101,6 +107,7 @@ def train_config(
         sharpness_batches=settings.sharpness_batches,
         eval_batch_size=settings.eval_batch,
         device=settings.device,
+        keep_checkpoints=keep_checkpoints,
     )
     if remedy == "conservative":
         kwargs["prox_lambda"] = settings.prox_lambda
@@ -119,7 +126,8 @@ def train(run: RunFolder, config, label: str, data=None, init_state=None, init_l
     """
     from ..train.loop import train as train_loop
 
-    identity = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root")}
+    # what does not change the trained weights does not name the run
+    identity = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", "keep_checkpoints")}
     if init_state is not None:
         if init_label is None:
             raise HessgapError("a warm-started run needs init_label naming where its weights came from")

@@ -34,7 +34,9 @@ def run(folder: RunFolder, settings: Settings) -> dict:
     lb = settings.lb_size(len(data.train))
     networks.check_batch(lb, len(data.train), "LB batch size")
     seed = settings.seed
-    sb_config = networks.train_config(settings, settings.sb_batch, seed, epochs=settings.warmstart_sb_epochs)
+    sb_config = networks.train_config(
+        settings, settings.sb_batch, seed, epochs=settings.warmstart_sb_epochs, keep_checkpoints=None
+    )
     sb = networks.train(folder, sb_config, f"warm-sb-seed{seed}", data)
     rows = []
     for epoch in warm_epochs(settings):

@@ -62,7 +62,7 @@ class TrainConfig:
     None uses (batch_size, 10% of the training set, 1.2). ``fgsm_epsilon`` is in units of the standardized
     inputs. ``sharpness_every``: compute Metric 2.1 every that many epochs (and at the last), 0 = never;
     ``sharpness_batches`` limits it to the first batches of the training set. ``keep_checkpoints``: None
-    keeps every epoch's checkpoint, k keeps the last k (a checkpoint holds the weights and ADAM's two moments,
+    keeps every epoch's checkpoint, k keeps the starting point (epoch 0) and the last k (a checkpoint holds the weights and ADAM's two moments,
     about 3× the parameters' bytes: 21 MB for C1, 180 MB for C2 per epoch). ``device``: "auto" (CUDA if available), "cpu", "cuda", ...
     """
 
@@ -597,6 +597,7 @@ def _copy_state(model: nn.Module) -> dict:
 def _prune(folder: Path, keep: int | None) -> None:
     if keep is None:
         return
+    # the starting point (epoch 0) always stays: distances from x0 and warm starts are checked against it
     available = list_checkpoints(folder)
-    for epoch in list(available)[:-keep]:
+    for epoch in [e for e in available if e != 0][:-keep]:
         available[epoch].unlink(missing_ok=True)
