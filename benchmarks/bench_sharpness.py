@@ -8,9 +8,11 @@ How it is measured, two ways, each case in a fresh Python process that builds th
 - tensors: the call runs under ``torch.profiler.profile(profile_memory=True)``; the largest "Total
   Allocated" of its ``[memory]`` events is the peak of bytes held by tensors allocated inside the call
   (the centre snapshot, gradients, autograd buffers, blocks of A);
-- process: resident set size from /proc/self/statm before the call, against the process's peak RSS
-  (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after it: what the operating system saw, including
-  malloc's caching and the one-time workspaces of the first backward pass.
+- process (a second fresh process, no profiler): resident set size from /proc/self/statm before the
+  call, against the process's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after it: what
+  the operating system saw, including the one-time workspaces of the first backward pass. glibc's
+  malloc is run with ``MALLOC_MMAP_THRESHOLD_=1 MiB``, so that freed tensors of a MiB or more go back
+  to the system at once (by default its threshold grows up to 32 MiB and the RSS keeps freed blocks).
 
     python benchmarks/bench_sharpness.py                    # subspace p = 100 and full space, 21M params
     python benchmarks/bench_sharpness.py --json out.json
@@ -69,7 +71,7 @@ def _lean_value_and_grad(self):
     return value, grads
 
 
-def _child(case: str, iterations: int, samples: int, lean: bool) -> dict:
+def _child(case: str, mode: str, iterations: int, samples: int, lean: bool) -> dict:
     import torch
     from torch import nn
 
@@ -92,24 +94,25 @@ def _child(case: str, iterations: int, samples: int, lean: bool) -> dict:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    before = rss()
     options = dict(subspace_dim=100) if case == "subspace" else {}
+    before = rss()
     started = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    if mode == "tensors":
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            result = hessgap.sharpness(model, loader, max_iter=iterations, **options)
+        extra = _tensor_peak(prof)
+    else:  # the process's peak resident set (Linux reports ru_maxrss in KiB)
         result = hessgap.sharpness(model, loader, max_iter=iterations, **options)
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    tensor_peak = _tensor_peak(prof)
     return {
         "case": case,
+        "mode": mode,
         "parameters": params,
         "parameter_bytes": param_bytes,
-        "rss_before": before,
-        "peak_rss": peak,
-        "extra_bytes": peak - before,
-        "extra_over_parameters": (peak - before) / param_bytes,
-        "tensor_peak_bytes": tensor_peak,
-        "tensor_peak_over_parameters": tensor_peak / param_bytes,
+        "extra_bytes": extra,
+        "extra_over_parameters": extra / param_bytes,
         "seconds": seconds,
         "result": result.to_dict(),
     }
@@ -126,27 +129,29 @@ def main():
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child, args.iterations, args.samples, args.lean_objective)))
+        case, mode = args.child.split(":")
+        print(json.dumps(_child(case, mode, args.iterations, args.samples, args.lean_objective)))
         return
     results = []
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))  # see the module docstring
     for case in args.cases.split(","):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", case, "--iterations", str(args.iterations), "--samples",
-             str(args.samples)] + (["--lean-objective"] if args.lean_objective else []),
-            check=True, capture_output=True, text=True,
-        )
-        record = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append(record)
-        mib = 2**20
-        print(
-            f"{case:9s}: {record['parameters'] / 1e6:.1f}M parameters ({record['parameter_bytes'] / mib:.0f} MiB), "
-            f"peak extra RSS {record['extra_bytes'] / mib:.0f} MiB = {record['extra_over_parameters']:.2f}x, "
-            f"peak extra tensors {record['tensor_peak_bytes'] / mib:.0f} MiB = "
-            f"{record['tensor_peak_over_parameters']:.2f}x the parameters, "
-            f"{record['result']['evaluations']} evaluations in {record['seconds']:.1f}s, "
-            f"value {record['result']['value']:.4g}",
-            flush=True,
-        )
+        for mode in ("tensors", "rss"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", f"{case}:{mode}", "--iterations", str(args.iterations),
+                 "--samples", str(args.samples)] + (["--lean-objective"] if args.lean_objective else []),
+                check=True, capture_output=True, text=True, env=env,
+            )
+            record = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(record)
+            mib = 2**20
+            print(
+                f"{case:9s} {mode:8s}: {record['parameters'] / 1e6:.1f}M parameters "
+                f"({record['parameter_bytes'] / mib:.0f} MiB), peak extra {record['extra_bytes'] / mib:.0f} MiB = "
+                f"{record['extra_over_parameters']:.2f}x the parameters' bytes, "
+                f"{record['result']['evaluations']} evaluations in {record['seconds']:.1f}s, "
+                f"value {record['result']['value']:.4g}",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": platform.machine(), "cores": os.cpu_count(), "results": results}, fh, indent=1)

@@ -143,3 +143,9 @@ def test_full_rank_subspace_is_a_change_of_basis():
     data = [(torch.randn(8, 2), torch.randint(0, 2, (8,)))]
     result = hessgap.sharpness(model, data, subspace_dim=6, max_iter=3)
     assert result.value >= 0 and result.subspace_dim == 6
+
+
+def test_subspace_true_means_the_papers_100_directions():
+    model = nn.Linear(20, 6)
+    data = [(torch.randn(8, 20), torch.randint(0, 6, (8,)))]
+    assert hessgap.sharpness(model, data, subspace_dim=True, max_iter=1).subspace_dim == 100

@@ -139,7 +139,10 @@ def sharpness(
             f is the mean loss over all of it. Batches are moved to the model's device, and floating
             inputs cast to its dtype.
         epsilon: the box size ε (ρ for ``kind="adaptive"``).
-        subspace_dim: None for the full space (A = I); p for a random n × p matrix A (100 in the paper).
+        subspace_dim: None for the full space (A = I); p for a random n × p matrix A; True for the
+            paper's p = 100. A has i.i.d. N(0, 1) entries (``subspace_scale``) drawn from ``seed`` and is
+            regenerated block by block when it does not fit ``subspace_memory_bytes``, so the extra
+            memory stays a small multiple of the parameters' size for any p.
         loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
         solver: ``"box-ascent"`` (default: projected sign ascent from the box corner sign(∇f)·r, with
             Auto-PGD's step halving and the best point kept, using the fused op) or ``"lbfgsb"`` (scipy's
@@ -188,6 +191,8 @@ def sharpness(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise HessgapError(f"seed must be an integer, got {seed!r}")
 
+    if subspace_dim is True:
+        subspace_dim = DEFAULT_SUBSPACE_DIM
     objective = LossOverData(model, loader, loss_fn=loss_fn, max_batches=max_batches)
     _check_buffers(model, objective)
     check_finite_parameters(objective.params, objective.names)

@@ -91,7 +91,7 @@ class _Space:
         return torch.cat([t.reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
 
     def from_numpy(self, flat: np.ndarray) -> list[torch.Tensor]:
-        like = self.zeros()
+        like = self.box_centre  # the variable's shapes, device and dtype
         values = torch.from_numpy(np.ascontiguousarray(flat))
         out, offset = [], 0
         for t in like:
