@@ -349,3 +349,21 @@ def test_half_precision_model_falls_back():
     assert result.path == "generic" and result.value.dtype == torch.bfloat16
     if _extension.available():
         assert "bfloat16" in result.fallback_reason
+
+
+@needs_extension
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_loss_by_product_and_max_batches(path):
+    from hessgap.curvature.objective import LossOverData
+
+    model64, batches, hess_all = exact_case(*CASES[0][:4])
+    model = copy.deepcopy(model64)
+    first_only = explicit_hessian(model, batches[:1], nn.CrossEntropyLoss())
+    vectors = torch.randn(2, first_only.shape[0], dtype=torch.float64)
+    result = hvp(model, batches, vectors, path=path, max_batches=1, return_info=True)
+    assert result.batches == 1 and result.samples == batches[0][0].shape[0]
+    assert rel_err(result.value, vectors @ first_only) <= 1e-10
+    assert rel_err(vectors @ first_only, vectors @ hess_all) > 1e-3  # the two Hessians really differ
+    full = hvp(model, batches, vectors, path=path, return_info=True)
+    expected_loss = LossOverData(model.eval(), batches).value()
+    assert full.loss == pytest.approx(expected_loss, rel=1e-12)
