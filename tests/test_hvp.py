@@ -367,3 +367,16 @@ def test_loss_by_product_and_max_batches(path):
     full = hvp(model, batches, vectors, path=path, return_info=True)
     expected_loss = LossOverData(model.eval(), batches).value()
     assert full.loss == pytest.approx(expected_loss, rel=1e-12)
+
+
+@needs_extension
+def test_sequence_shaped_inputs():
+    # Linear over the last dimension of (B, L, features) and BatchNorm1d over (B, C, L)
+    torch.manual_seed(6)
+    model = _randomize_batchnorm(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.BatchNorm1d(3), nn.Linear(5, 2))).double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 3, 2, dtype=torch.float64)
+    hess = explicit_hessian(model, [(x, y)], nn.MSELoss())
+    vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
+    result = hvp(model, (x, y), vectors, nn.MSELoss(), return_info=True)
+    assert result.path == "fused"
+    assert rel_err(result.value, vectors @ hess) <= 1e-10
