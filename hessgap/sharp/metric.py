@@ -28,7 +28,7 @@ from .subspace import SCALES, RandomSubspace
 
 KINDS = ("keskar", "adaptive")
 NORMS = ("linf", "l2")
-DEFAULT_MAX_ITER = {"lbfgsb": 10, "box-ascent": 5}
+DEFAULT_MAX_ITER = {"lbfgsb": 10, "box-ascent": 10}
 DEFAULT_RHO = {"linf": 2e-3, "l2": 0.1}
 DEFAULT_SUBSPACE_DIM = 100
 
@@ -125,6 +125,7 @@ def sharpness(
     kind: str = "keskar",
     norm: str = "linf",
     momentum: float = 0.0,
+    tol: float = 3e-4,
     subspace_scale: str = "unit",
     subspace_memory_bytes: int = 2**28,
     cache_batches: bool = False,
@@ -147,9 +148,8 @@ def sharpness(
         solver: ``"box-ascent"`` (default: projected sign ascent from the box corner sign(∇f)·r, with
             Auto-PGD's step halving and the best point kept, using the fused op) or ``"lbfgsb"`` (scipy's
             L-BFGS-B from y = 0, the paper's method).
-        max_iter: iterations: 5 for box-ascent (one pass of loss and gradient each; on F1-sized nets 5
-            steps come within 0.5 % of what 8 reach), 10 for L-BFGS-B (the paper's; an iteration may take
-            several passes).
+        max_iter: at most this many iterations; 10 for both solvers by default (a box-ascent step is
+            one pass of loss and gradient; an L-BFGS-B iteration may take several).
         seed: seeds the random subspace A and the tie-breaking of zero gradients.
         max_batches: limit f to the first batches of ``loader``, for speed.
         train_mode: evaluate in train mode (BatchNorm on batch statistics, dropout on); the default is
@@ -159,6 +159,8 @@ def sharpness(
         norm: ``"linf"`` or ``"l2"`` (adaptive only).
         momentum: the weight of the previous step (Auto-PGD's 1 − α; 0.25 is its α = 0.75). The default
             0 climbed about twice as fast over the first steps on F1-sized nets.
+        tol: box-ascent stops when a step raises f by less than ``tol`` times the gain so far (0: run
+            all ``max_iter`` steps).
         subspace_scale: ``"unit"``: A has i.i.d. N(0, 1) entries; ``"sqrt_n"``: N(0, 1/n).
         subspace_memory_bytes: keep A in memory when it fits, else regenerate it block by block.
         cache_batches: keep the loader's batches in memory across the passes.
@@ -188,6 +190,8 @@ def sharpness(
         raise HessgapError("adaptive sharpness is defined in the full space; leave subspace_dim=None")
     if subspace_scale not in SCALES:
         raise HessgapError(f"subspace_scale must be one of {SCALES}, got {subspace_scale!r}")
+    if isinstance(tol, bool) or not isinstance(tol, Real) or not 0 <= tol < 1:
+        raise HessgapError(f"tol must be in [0, 1), got {tol!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise HessgapError(f"seed must be an integer, got {seed!r}")
 
@@ -248,6 +252,7 @@ def sharpness(
                     grad0,
                     max_iter=max_iter,
                     momentum=float(momentum),
+                    tol=float(tol),
                     seed=seed,
                     tick=lambda: bar.update(1),
                 )

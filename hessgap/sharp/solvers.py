@@ -49,7 +49,12 @@ def step_function(device: torch.device) -> tuple[Callable[..., torch.Tensor], st
 
 
 class _Space:
-    """Shared bookkeeping: the objective, the centre x (a snapshot, never the live weights), counts."""
+    """Shared bookkeeping: the objective, the centre x (a snapshot, never the live weights), counts.
+
+    Each space also sets ``box_centre`` (the tensors the box radius is computed from, in y's layout),
+    ``op_params`` (what the fused step writes centre + y into) and ``fused`` (whether that write already
+    moved the model, or :meth:`set_point` must follow).
+    """
 
     def __init__(self, objective: LossOverData, x: Sequence[torch.Tensor]):
         self.objective = objective
@@ -59,14 +64,11 @@ class _Space:
         self.evaluation_seconds = 0.0  # time inside loss + gradient passes; the rest is the solver's
         self.history: list[float] = []
         self.best = -math.inf
-        self.on_evaluation: Callable[[float], None] | None = None
 
     def _record(self, value: float) -> None:
         self.evaluations += 1
         self.history.append(value)
         self.best = max(self.best, value)
-        if self.on_evaluation is not None:
-            self.on_evaluation(value)
 
     def zeros(self) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -290,13 +292,16 @@ def box_ascent(
     max_iter: int,
     momentum: float = 0.0,
     stall_fraction: float = 0.75,
+    tol: float = 0.0,
     seed: int = 0,
     tick: Callable[[], None] | None = None,
 ) -> SolverOutcome:
     """Auto-PGD-style ascent from y = 0 for ``max_iter`` steps (each step costs one loss+gradient pass).
 
-    ``loss0``/``grad0`` are f and ∇_y f at y = 0 (already evaluated). Returns the best f seen; the
-    model's weights are left at some point of the search (the caller restores them).
+    ``loss0``/``grad0`` are f and ∇_y f at y = 0 (already evaluated). Stops early when a step raises f
+    by less than ``tol`` times the gain so far, f(y_best) − f(0) (converged; a step that lowers f is an
+    overshoot and goes on to the step halving). Returns the best f seen; the model's weights are left at
+    some point of the search (the caller restores them).
     """
     y = space.zeros()
     prev = space.zeros() if momentum > 0 else None
@@ -332,6 +337,8 @@ def box_ascent(
             best_g = g
         if tick is not None:
             tick()
+        if k > 0 and 0.0 <= value - previous_value < tol * (best_value - loss0):
+            break
         if k + 1 in checkpoints and k + 1 < max_iter:
             interval = k + 1 - last_checkpoint
             stalled = improved_since < stall_fraction * interval
