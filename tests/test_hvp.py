@@ -47,6 +47,14 @@ def convnet(dtype):
     )
 
 
+def signal_convnet(dtype):
+    # a 1-D signal viewed as a 1×1×L image, as hessgap's C-nets do on MNIST-1D
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 1, 5)), nn.Conv2d(1, 3, (1, 3), padding=(0, 1)), nn.ReLU(),
+        nn.MaxPool2d((1, 2)), nn.Flatten(), nn.Linear(6, 3),
+    ).to(dtype)
+
+
 def mlp_batches(dtype, classification=True):
     gen = torch.Generator().manual_seed(3)
     out = []
@@ -108,6 +116,7 @@ CASES = [
     ("mlp-mse", mlp, lambda dt: mlp_batches(dt, classification=False), nn.MSELoss(), False),
     ("conv-mse", convnet, conv_batches, nn.MSELoss(), False),
     ("conv-ce", convnet, lambda dt: conv_batches(dt, classification=True), nn.CrossEntropyLoss(), True),
+    ("signal-conv-ce", signal_convnet, mlp_batches, nn.CrossEntropyLoss(), True),
 ]
 
 

@@ -11,7 +11,7 @@ backward pass of a plain layer stack, gives R{∂L/∂θ} = H v. For one batch t
 
 Supported: an ``nn.Sequential`` (nested ones too) of Linear, Conv2d (groups=1, zero padding), ReLU,
 LeakyReLU, Tanh, Sigmoid, GELU, BatchNorm1d/2d with running statistics (eval mode), MaxPool2d, AvgPool2d,
-Flatten, Dropout and Identity (eval mode), with ``nn.CrossEntropyLoss`` (mean, no class weights, no label
+Flatten, Unflatten, Dropout and Identity (eval mode), with ``nn.CrossEntropyLoss`` (mean, no class weights, no label
 smoothing, class-index targets) or ``nn.MSELoss`` (mean). :func:`plan` raises :class:`FusedUnsupported`
 naming the first thing it cannot handle; callers then take the generic torch.func path.
 
@@ -406,7 +406,7 @@ class _AvgPool2d(_Layer):
 
 
 class _Reshape(_Layer):
-    """Flatten (or any module that only reshapes): R-quantities reshape the same way."""
+    """Flatten or Unflatten (modules that only reshape): R-quantities reshape the same way."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -557,7 +557,7 @@ def _layer_of(name: str, module: nn.Module, index_of, train: bool) -> _Layer:
         return _MaxPool2d(module)
     if kind is nn.AvgPool2d:
         return _AvgPool2d(module)
-    if kind is nn.Flatten:
+    if kind in (nn.Flatten, nn.Unflatten):
         return _Reshape(module)
     if kind in (nn.Dropout, nn.Identity):
         if train and kind is nn.Dropout and module.p > 0:
