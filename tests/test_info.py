@@ -40,3 +40,9 @@ def test_unknown_public_name_is_an_attribute_error():
         assert "not_a_function" in str(exc)
     else:
         raise AssertionError
+
+
+def test_every_public_name_resolves():
+    for name in hessgap.__all__:
+        assert getattr(hessgap, name) is not None, name
+    assert callable(hessgap.sharpness) and callable(hessgap.eigenvalues)
