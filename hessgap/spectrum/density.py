@@ -19,6 +19,9 @@ from ..errors import HessgapError
 from ._operator import CheckedOperator, check_positive_int, generator_for, rademacher, resolve_operator
 from ._results import DensityResult
 
+# Reorthogonalize a second time when one pass shrank the vector below this fraction of its norm.
+_DGKS = 1 / math.sqrt(2)
+
 
 def density(
     target,
@@ -166,12 +169,16 @@ def _batched_lanczos(operator: CheckedOperator, probes: int, steps: int, reortho
             alpha = (w * current).sum(dim=1)
             w -= alpha[:, None] * current
             w -= beta_previous[active, None] * (q_previous if everyone else q_previous[active])
+            beta = w.norm(dim=1)
             if basis is not None:
-                # Full reorthogonalization against this probe's own Lanczos vectors (twice is enough).
+                # Full reorthogonalization against this probe's own Lanczos vectors: classical Gram–Schmidt,
+                # repeated only where it removed much of the vector (the DGKS test: "twice is enough").
                 kept = basis[:, : step + 1] if everyone else basis[active, : step + 1]
                 for _ in range(2):
-                    w -= torch.bmm(kept.transpose(1, 2), torch.bmm(kept, w[:, :, None])).squeeze(-1)
-            beta = w.norm(dim=1)
+                    w -= torch.bmm(torch.bmm(kept, w[:, :, None]).transpose(1, 2), kept).squeeze(1)
+                    before, beta = beta, w.norm(dim=1)
+                    if bool((beta >= _DGKS * before).all()):
+                        break
             index = active.cpu().numpy()
             alphas[index, step] = alpha.double().cpu().numpy()
             betas[index, step] = beta.double().cpu().numpy()

@@ -20,6 +20,8 @@ from ._results import EigenResult
 
 _WHICH = ("LA", "SA", "LM")
 _CRITERIA = ("eigenvalue", "residual")
+# Orthogonalize a second time when one pass shrank a vector below this fraction of its norm ("twice is enough").
+_DGKS = 1 / math.sqrt(2)
 
 
 def eigenvalues(
@@ -155,9 +157,14 @@ class _BlockLanczos:
         V = self.V[: self.m]
         reference = W.norm(dim=1)
         W = W.clone()
-        for _ in range(2):
-            if self.m:
-                W -= (W @ V.T) @ V
+        norms = reference
+        for _ in range(2):  # classical Gram–Schmidt, repeated only when the DGKS test asks for it
+            if not self.m:
+                break
+            W -= (W @ V.T) @ V
+            before, norms = norms, W.norm(dim=1)
+            if bool((norms >= _DGKS * before).all()):
+                break
         accepted: list[torch.Tensor] = []
         for row in range(W.shape[0]):
             if len(accepted) >= max_rows:
