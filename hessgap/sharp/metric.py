@@ -147,7 +147,9 @@ def sharpness(
         loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
         solver: ``"box-ascent"`` (default: projected sign ascent from the box corner sign(∇f)·r, with
             Auto-PGD's step halving and the best point kept, using the fused op) or ``"lbfgsb"`` (scipy's
-            L-BFGS-B from y = 0, the paper's method).
+            L-BFGS-B from y = 0, the paper's method). Both return the largest f they evaluated, a lower
+            bound of the true maximum; in a random subspace they can end at different local maxima
+            (either may be higher), so take the larger of the two where it matters.
         max_iter: at most this many iterations; 10 for both solvers by default (a box-ascent step is
             one pass of loss and gradient; an L-BFGS-B iteration may take several).
         seed: seeds the random subspace A and the tie-breaking of zero gradients.
