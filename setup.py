@@ -53,7 +53,19 @@ def _cuda_include_dirs():
     )
 
 
+def _require_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "hessgap compiles its extension against the installed torch, and none was found in this build "
+            "environment. Install torch first (e.g. `pip install torch==2.13.0`), then build without "
+            "isolation: `pip install --no-build-isolation .`"
+        ) from None
+
+
 def _extensions():
+    _require_torch()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))

@@ -112,3 +112,16 @@ def test_preserved_defaults_to_eval_mode():
     with preserved(model):
         assert not any(m.training for m in model.modules())
     assert all(m.training for m in model.modules())
+
+
+def test_non_finite_gradient_is_an_error():
+    # sqrt at 0: a finite loss (0) whose gradient is not finite; the check must look at the gradient itself
+    model = nn.Sequential(nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    batch = (torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64))
+    objective = LossOverData(model, batch, loss_fn=lambda out, target: (out - target).abs().sqrt().mean())
+    assert objective.value() == 0.0
+    with pytest.raises(NonFiniteError, match="gradient"):
+        objective.value_and_grad()

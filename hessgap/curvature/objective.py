@@ -162,12 +162,14 @@ class LossOverData:
             for acc, g in zip(grads, batch_grads):
                 if g is not None:
                     acc.add_(g)
+            del batch_grads  # one gradient's worth of memory, not two, while the next batch runs
             total += float(loss.detach()) * size
             count += size
         for g in grads:
             g.div_(count)
         value = self._finite(total / count, "loss")
-        if not all(torch.isfinite(g).all() for g in grads):
+        # a sum is non-finite when any element is: no full-size masks on multi-GB gradients
+        if not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
             raise NonFiniteError("the gradient of the loss is not finite at these parameters")
         return value, grads
 
