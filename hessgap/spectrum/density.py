@@ -165,17 +165,17 @@ def _batched_lanczos(operator: CheckedOperator, probes: int, steps: int, reortho
         for step in range(steps):
             everyone = active.numel() == probes
             current = q if everyone else q[active]
+            previous = q_previous if everyone else q_previous[active]
             w = operator.matmat(current)
-            alpha = (w * current).sum(dim=1)
-            w -= alpha[:, None] * current
-            w -= beta_previous[active, None] * (q_previous if everyone else q_previous[active])
+            alpha = torch.linalg.vecdot(w, current)
+            w.addcmul_(alpha[:, None], current, value=-1).addcmul_(beta_previous[active, None], previous, value=-1)
             beta = w.norm(dim=1)
             if basis is not None:
                 # Full reorthogonalization against this probe's own Lanczos vectors: classical Gram–Schmidt,
                 # repeated only where it removed much of the vector (the DGKS test: "twice is enough").
                 kept = basis[:, : step + 1] if everyone else basis[active, : step + 1]
                 for _ in range(2):
-                    w -= torch.bmm(torch.bmm(kept, w[:, :, None]).transpose(1, 2), kept).squeeze(1)
+                    w.sub_(torch.bmm(torch.bmm(kept, w[:, :, None]).transpose(1, 2), kept).squeeze(1))
                     before, beta = beta, w.norm(dim=1)
                     if bool((beta >= _DGKS * before).all()):
                         break
@@ -189,14 +189,21 @@ def _batched_lanczos(operator: CheckedOperator, probes: int, steps: int, reortho
             bar.update(1)
             if step == steps - 1:
                 break
+            w.div_(beta[:, None])
+            if everyone and not finished.any():
+                # The common case: no probe stopped, so swap in the new vectors without index copies.
+                q_previous, q = q, w
+                beta_previous = beta
+                if basis is not None:
+                    basis[:, step + 1] = w
+                continue
             going = torch.as_tensor(~finished, device=device)
             active = active[going]
             if active.numel() == 0:
                 break
-            w, beta = w[going], beta[going]
-            q_previous[active] = q[active]
-            q[active] = w / beta[:, None]
-            beta_previous[active] = beta
+            q_previous[active] = current[going]
+            q[active] = w[going]
+            beta_previous[active] = beta[going]
             if basis is not None:
                 basis[active, step + 1] = q[active]
     return alphas, betas, lengths
