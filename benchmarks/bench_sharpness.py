@@ -16,7 +16,6 @@ How it is measured, two ways, each case in a fresh Python process that builds th
 
     python benchmarks/bench_sharpness.py                    # subspace p = 100 and full space, 21M params
     python benchmarks/bench_sharpness.py --json out.json
-    python benchmarks/bench_sharpness.py --lean-objective   # with the change proposed for objective.py
 """
 
 from __future__ import annotations
@@ -44,43 +43,11 @@ def _tensor_peak(prof) -> int:
     return max(totals, default=0)
 
 
-def _lean_value_and_grad(self):
-    """LossOverData.value_and_grad with two changes proposed for hessgap/curvature/objective.py, to measure
-    their effect: the batch's gradients are dropped before the finiteness check, and finiteness is read
-    from per-tensor sums (NaN and inf propagate through a sum) instead of torch.isfinite, which
-    allocates a full-size copy (abs) and three boolean masks of the largest tensor."""
-    import torch
-
-    grads = [torch.zeros_like(p) for p in self.params]
-    total, count = 0.0, 0
-    for index, (inputs, targets) in enumerate(self.batches()):
-        loss = self.batch_loss(self.model(inputs), targets, index)
-        size = inputs.shape[0]
-        batch_grads = torch.autograd.grad(loss * size, self.params, allow_unused=True)
-        for acc, g in zip(grads, batch_grads):
-            if g is not None:
-                acc.add_(g)
-        del batch_grads, g
-        total += float(loss.detach()) * size
-        count += size
-    for g in grads:
-        g.div_(count)
-    value = self._finite(total / count, "loss")
-    if not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
-        raise FloatingPointError("the gradient of the loss is not finite at these parameters")
-    return value, grads
-
-
-def _child(case: str, mode: str, iterations: int, samples: int, lean: bool) -> dict:
+def _child(case: str, mode: str, iterations: int, samples: int) -> dict:
     import torch
     from torch import nn
 
     import hessgap
-    from hessgap.curvature.objective import LossOverData
-
-    if lean:
-        LossOverData.value_and_grad = _lean_value_and_grad
-
     torch.set_num_threads(1)  # a loaded 2-core machine runs one thread much faster than two
     torch.manual_seed(0)
     # 1024 → 4096 → 4096 → 10: 21.0M float32 parameters (84 MB)
@@ -123,14 +90,12 @@ def main():
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--cases", default="subspace,full")
-    parser.add_argument("--lean-objective", action="store_true",
-                        help="measure with the lean LossOverData.value_and_grad proposed for objective.py")
     parser.add_argument("--json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         case, mode = args.child.split(":")
-        print(json.dumps(_child(case, mode, args.iterations, args.samples, args.lean_objective)))
+        print(json.dumps(_child(case, mode, args.iterations, args.samples)))
         return
     results = []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))  # see the module docstring
@@ -138,7 +103,7 @@ def main():
         for mode in ("tensors", "rss"):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", f"{case}:{mode}", "--iterations", str(args.iterations),
-                 "--samples", str(args.samples)] + (["--lean-objective"] if args.lean_objective else []),
+                 "--samples", str(args.samples)],
                 check=True, capture_output=True, text=True, env=env,
             )
             record = json.loads(out.stdout.strip().splitlines()[-1])

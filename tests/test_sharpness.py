@@ -450,3 +450,15 @@ def test_mixed_devices_within_the_model():
 def test_not_a_model():
     with pytest.raises(HessgapError, match="expected a torch.nn.Module"):
         hessgap.sharpness(lambda x: x, [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))])
+
+
+@pytest.mark.parametrize("config,seed", [(SB, 1), (LB, 0), (TINY_LOSS, 0)], ids=["sb", "lb", "tiny-loss"])
+def test_default_finds_at_least_lbfgsb_in_a_random_subspace(config, seed):
+    # in these subspaces sign ascent stops lower than L-BFGS-B (LB: 0.61 against 2.97, at a box vertex
+    # whose gradient signs all point outwards); the default must still reach L-BFGS-B's value
+    model, loader = _trained_mlp(*config)
+    ours = hessgap.sharpness(model, loader, subspace_dim=100, seed=seed)
+    paper = hessgap.sharpness(model, loader, subspace_dim=100, seed=seed, solver="lbfgsb")
+    assert ours.loss == paper.loss
+    assert ours.value >= paper.value > 0
+    assert ours.solver == "box-ascent" and ours.subspace_dim == 100

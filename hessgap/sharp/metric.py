@@ -145,11 +145,13 @@ def sharpness(
             regenerated block by block when it does not fit ``subspace_memory_bytes``, so the extra
             memory stays a small multiple of the parameters' size for any p.
         loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
-        solver: ``"box-ascent"`` (default: projected sign ascent from the box corner sign(∇f)·r, with
-            Auto-PGD's step halving and the best point kept, using the fused op) or ``"lbfgsb"`` (scipy's
-            L-BFGS-B from y = 0, the paper's method). Both return the largest f they evaluated, a lower
-            bound of the true maximum; in a random subspace they can end at different local maxima
-            (either may be higher), so take the larger of the two where it matters.
+        solver: ``"box-ascent"`` (default) or ``"lbfgsb"`` (scipy's L-BFGS-B from y = 0, the paper's
+            method). In the full space the default is projected sign ascent from the box corner
+            sign(∇f)·r, with Auto-PGD's step halving and the best point kept, using the fused op; in a
+            random subspace (p coordinates) it follows L-BFGS-B's path, so that it finds at least
+            L-BFGS-B's value in the same time (sign ascent can stop at a lower local maximum there:
+            see :mod:`hessgap.sharp.solvers`); ``momentum`` and ``tol`` then do not apply. Both return
+            the largest f they evaluated, a lower bound of the true maximum.
         max_iter: at most this many iterations; 10 for both solvers by default (a box-ascent step is
             one pass of loss and gradient; an L-BFGS-B iteration may take several).
         seed: seeds the random subspace A and the tie-breaking of zero gradients.
@@ -231,7 +233,8 @@ def sharpness(
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
         with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({solver})", leave=False) as bar:
-            if solver == "lbfgsb":
+            if solver == "lbfgsb" or (subspace is not None and solvers.SUBSPACE_DEFAULT == "lbfgsb"):
+                # in a subspace the default follows L-BFGS-B's path: see the solvers module docstring
                 radii = [box_radius(c, epsilon, box) for c in space.box_centre]
                 outcome = solvers.lbfgsb(
                     space,
