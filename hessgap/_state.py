@@ -26,12 +26,14 @@ def preserved(model: nn.Module, train: bool = False) -> Iterator[dict[str, torch
         model.train(train)
         yield {name: saved_params[name] for name, p in params.items() if p.requires_grad}
     finally:
+        # Write through .data: the values come back bit for bit without bumping the tensors' version
+        # counters, so an autograd graph the caller retained across the call stays usable.
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(saved_params[name])
+                p.data.copy_(saved_params[name])
                 p.grad = saved_grads[name]
             for name, b in model.named_buffers():
                 if name in saved_buffers:
-                    b.copy_(saved_buffers[name])
+                    b.data.copy_(saved_buffers[name])
         for module, mode in saved_modes:
             module.training = mode

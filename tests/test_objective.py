@@ -125,3 +125,16 @@ def test_non_finite_gradient_is_an_error():
     assert objective.value() == 0.0
     with pytest.raises(NonFiniteError, match="gradient"):
         objective.value_and_grad()
+
+
+def test_a_graph_retained_across_an_hvp_stays_usable():
+    # restoring the parameters must not invalidate autograd graphs the caller still holds
+    import hessgap
+
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).eval()
+    batches, x, y = _data()
+    loss = nn.functional.cross_entropy(model(x), y)
+    n = sum(p.numel() for p in model.parameters())
+    hessgap.hvp(model, batches, torch.randn(2, n))
+    loss.backward()  # raises "modified by an inplace operation" if the restore bumped the versions
+    assert all(p.grad is not None for p in model.parameters())
