@@ -13,13 +13,7 @@ from hessgap.train.data import DATASET_NAMES, large_batch_size, load_dataset, ma
 from hessgap.train.datasets.idx import read_idx
 from hessgap.train.datasets.mnist1d import MNIST1DConfig, draw_transforms, generate, templates, transform
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- writers of the real formats ------------------------------------------------------------------

@@ -7,13 +7,7 @@ from torch import nn
 from hessgap.errors import HessgapError
 from hessgap.train.models import MODEL_NAMES, build_model, count_parameters
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALLOWED = (nn.Flatten, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Dropout)
 SHAPES = {"digits": ((1, 8, 8), 10), "mnist1d": ((40,), 10), "mnist": ((1, 28, 28), 10), "cifar100": ((3, 32, 32), 100)}
