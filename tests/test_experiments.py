@@ -18,13 +18,7 @@ from hessgap.train.loop import TrainResult
 from hessgap.train.models import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_settings(**changes) -> Settings:
