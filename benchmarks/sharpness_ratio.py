@@ -14,6 +14,7 @@ noisy; the values are deterministic). Run from the repository root:
 
     python benchmarks/sharpness_ratio.py            # minutes on a 2-core CPU (first run trains)
     python benchmarks/sharpness_ratio.py --json out.json
+    python benchmarks/sharpness_ratio.py --subspace-dim 100 --sign-ascent --repeats 1   # Table 4's setting
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def trained_model(name, batch_size, inputs, targets, args):
 
 
 def compare(model, loader, args):
+    from hessgap.sharp import solvers
+
     runs = {}
     configs = {
         "lbfgsb": dict(solver="lbfgsb"),
@@ -107,9 +110,20 @@ def compare(model, loader, args):
     }
     if args.scipy_defaults:
         configs["lbfgsb (scipy tolerances)"] = dict(solver="lbfgsb", lbfgsb_options={"gtol": 1e-5, "ftol": 2.2e-9})
+    if args.subspace_dim and args.sign_ascent:
+        configs["sign ascent (previous subspace default)"] = dict(solver="box-ascent", sign_ascent=True)
     for repeat in range(args.repeats):
         for label, options in configs.items():
-            result = hessgap.sharpness(model, loader, epsilon=args.epsilon, **options)
+            options = dict(options)
+            sign_ascent = options.pop("sign_ascent", False)
+            default = solvers.SUBSPACE_DEFAULT
+            solvers.SUBSPACE_DEFAULT = "box-ascent" if sign_ascent else default
+            try:
+                result = hessgap.sharpness(
+                    model, loader, epsilon=args.epsilon, subspace_dim=args.subspace_dim, **options
+                )
+            finally:
+                solvers.SUBSPACE_DEFAULT = default
             best = runs.get(label)
             if best is not None:
                 assert best.max_loss == result.max_loss  # deterministic
@@ -129,6 +143,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scipy-defaults", action="store_true", help="also run L-BFGS-B with scipy's tolerances")
+    parser.add_argument("--subspace-dim", type=int, default=None,
+                        help="random subspace of this dimension (Table 4 uses 100) instead of the full space")
+    parser.add_argument("--sign-ascent", action="store_true",
+                        help="with --subspace-dim: also run the sign ascent there (the previous default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a loaded 2-core machine "
                         "runs one thread ~9x faster than two)")
     parser.add_argument("--json", help="write the results here")
@@ -142,6 +160,7 @@ def main():
         "threads": torch.get_num_threads(),
         "samples": args.samples,
         "epsilon": args.epsilon,
+        "subspace_dim": args.subspace_dim,
         "models": {},
     }
     for name, batch in (("SB", 256), ("LB", args.lb_batch)):
@@ -162,8 +181,13 @@ def main():
             )
             entry["runs"][label] = {**result.to_dict(), "time_ratio": ratio}
         ours = runs["box-ascent"]
-        entry["figure_met"] = bool(ours.value >= reference.value and ours.seconds <= reference.seconds / 3)
-        print(f"  figure (value >= L-BFGS-B's at <= 1/3 of its time): {'met' if entry['figure_met'] else 'NOT met'}")
+        if args.subspace_dim:  # the subspace requirement: at least L-BFGS-B's value, in no more time
+            entry["figure_met"] = bool(ours.value >= reference.value)
+            print(f"  value >= L-BFGS-B's: {'met' if entry['figure_met'] else 'NOT met'} "
+                  f"(time ratio {ours.seconds / reference.seconds:.2f})")
+        else:
+            entry["figure_met"] = bool(ours.value >= reference.value and ours.seconds <= reference.seconds / 3)
+            print(f"  figure (value >= L-BFGS-B's at <= 1/3 of its time): {'met' if entry['figure_met'] else 'NOT met'}")
         report["models"][name] = entry
     if args.json:
         with open(args.json, "w") as fh:
