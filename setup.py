@@ -42,15 +42,13 @@ def _want_cuda():
 def _cuda_include_dirs():
     """Headers of the CUDA math libraries that torch's headers include (cusparse.h, cublas_v2.h).
 
-    pip-installed CUDA builds of torch ship them in ``site-packages/nvidia/cu*/include`` rather than
-    in the toolkit, so add every such folder that exists.
+    pip-installed CUDA builds of torch ship them in ``site-packages/nvidia/<library>/include`` (CUDA 13:
+    ``nvidia/cu13/include``) rather than in the toolkit, so add every such folder that exists.
     """
     import torch
 
     site = os.path.dirname(os.path.dirname(torch.__file__))
-    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include"))) + sorted(
-        glob.glob(os.path.join(site, "nvidia", "*", "include"))
-    )
+    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
 
 
 def _require_torch():

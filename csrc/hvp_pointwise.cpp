@@ -58,11 +58,7 @@ at::Tensor act_jvp_cpu(const at::Tensor& z, const at::Tensor& t, c10::string_vie
 
 at::Tensor act_rbackward_cpu(const at::Tensor& z, const at::Tensor& g, const at::Tensor& rz, const at::Tensor& rg,
                              c10::string_view kind, double slope) {
-  check_directions(z, "z", rz, "rz");
-  check_directions(z, "z", rg, "rg");
-  check_same_batch(z, "z", g, "g");
-  TORCH_CHECK(rz.size(0) == rg.size(0), "hessgap: rz has ", rz.size(0), " directions but rg has ", rg.size(0),
-              "; pass the same k directions in both");
+  check_act_rbackward_args(z, g, rz, rg);
   const HvpActivation act = hvp_activation_from_name(std::string(kind));
   const at::Tensor zc = z.contiguous(), gc = g.contiguous(), rzc = rz.contiguous(), rgc = rg.contiguous();
   at::Tensor out = at::empty_like(rgc, at::MemoryFormat::Contiguous);

@@ -31,6 +31,15 @@ inline void check_same_batch(const at::Tensor& batch, const char* batch_name, co
               other.scalar_type(), " but ", batch_name, " has ", batch.scalar_type(), "; cast both to one dtype");
 }
 
+inline void check_act_rbackward_args(const at::Tensor& z, const at::Tensor& g, const at::Tensor& rz,
+                                     const at::Tensor& rg) {
+  check_directions(z, "z", rz, "rz");
+  check_directions(z, "z", rg, "rg");
+  check_same_batch(z, "z", g, "g");
+  TORCH_CHECK(rz.size(0) == rg.size(0), "hessgap: rz has ", rz.size(0), " directions but rg has ", rg.size(0),
+              "; pass the same k directions in both");
+}
+
 inline void check_softmax_ce_args(const at::Tensor& p, const at::Tensor& rz) {
   TORCH_CHECK(p.dim() == 2, "hessgap: p must be the (batch, classes) softmax probabilities, got shape ", p.sizes());
   check_directions(p, "p", rz, "rz");
