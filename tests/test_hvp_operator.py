@@ -80,3 +80,22 @@ def test_operator_bad_input():
         HessianOperator(model, []).matvec(torch.zeros(op.n, dtype=torch.float64))
     with pytest.raises(HessgapError, match="path must be one of"):
         HessianOperator(model, loader, path="blas")
+
+
+def test_kept_primal_passes_follow_changes_to_the_model():
+    # with cached batches the operator keeps each batch's primal pass between calls; it must not go stale
+    model, loader = _setup()
+    op = HessianOperator(model, loader, cache_batches=True)
+    V = torch.randn(3, op.n, dtype=torch.float64)
+    first = op.matmat(V)
+    torch.testing.assert_close(op.matmat(V), first, rtol=0, atol=0)
+    with torch.no_grad():  # an optimizer-style in-place step and a BatchNorm statistic update
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model[1].running_mean.add_(0.3)
+    hess = explicit_hessian(model, loader, nn.CrossEntropyLoss())
+    torch.testing.assert_close(op.matmat(V), V @ hess, rtol=1e-10, atol=1e-12)
+    model.load_state_dict({k: v.clone() + 0.05 for k, v in model.state_dict().items() if v.is_floating_point()},
+                          strict=False)
+    hess = explicit_hessian(model, loader, nn.CrossEntropyLoss())
+    torch.testing.assert_close(op.matmat(V), V @ hess, rtol=1e-10, atol=1e-12)

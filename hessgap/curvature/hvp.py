@@ -48,6 +48,9 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 #: slower per direction than smaller chunks (measured on F1 and C1 at batch 1024/256: chunks of 2–4
 #: directions beat 16 by 10–40 %).
 CPU_CHUNK_BYTES = 8 * 1024**2
+# Primal passes (activations and output gradients of every batch) kept between calls when the batches are
+# cached and the model has not changed: later products then cost only the R-passes, as a retained graph does.
+PRIMAL_CACHE_BYTES = 512 * 1024**2
 
 
 @dataclass
@@ -125,6 +128,9 @@ class HvpEngine:
         self.memory_budget = int(memory_budget)
         self.fallback_reason: str | None = None
         self._plan: fused.FusedPlan | None = None
+        self._primal_states: dict[int, fused.BatchState] = {}
+        self._primal_key: tuple | None = None
+        self._primal_bytes = 0
         self.path = "generic"
         if path != "generic":
             try:
@@ -146,12 +152,34 @@ class HvpEngine:
         """Σ_b (B_b / N) H_b v for the per-parameter directions: per-parameter views of one (k, n) tensor,
         that tensor, and what the pass saw."""
         with preserved(self.model, train=self.train):
+            self._forget_stale_primal_states()
             if self._plan is not None:
                 try:
                     return self._pass(directions, fused_path=True)
                 except fused.FusedUnsupported as exc:
                     self._unsupported(exc)
             return self._pass(directions, fused_path=False)
+
+    def _forget_stale_primal_states(self) -> None:
+        # Any in-place change to a parameter or buffer (optimizer step, load_state_dict) bumps its version.
+        tensors = (*self.model.parameters(), *self.model.buffers())
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if key != self._primal_key or not self.objective.batches_cached:
+            self._primal_states.clear()
+            self._primal_bytes = 0
+            self._primal_key = key
+
+    def _primal_state(self, index, inputs, targets, size) -> fused.BatchState:
+        state = self._primal_states.get(index)
+        if state is not None:
+            return state
+        state = self._plan.forward_backward(inputs, targets, float(size), self.objective.batch_loss)
+        # activations, output gradients and the layers' saved masks: about three activations' worth
+        state_bytes = 3 * state.activation_numel * inputs.element_size()
+        if self.objective.batches_cached and self._primal_bytes + state_bytes <= PRIMAL_CACHE_BYTES:
+            self._primal_states[index] = state
+            self._primal_bytes += state_bytes
+        return state
 
     # ---- one pass over the data -------------------------------------------------------------------------
 
@@ -193,7 +221,7 @@ class HvpEngine:
 
     def _fused_batch(self, index, inputs, targets, size, directions, total, stats) -> float:
         with torch.no_grad():
-            state = self._plan.forward_backward(inputs, targets, float(size), self.objective.batch_loss)
+            state = self._primal_state(index, inputs, targets, size)
             loss = self._check_loss(state.loss, index)
             if stats.chunk_size == 0:
                 itemsize = directions.parts[0].element_size()

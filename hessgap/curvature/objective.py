@@ -97,6 +97,11 @@ class LossOverData:
         self._cache = list(self._iter_source())
         return self
 
+    @property
+    def batches_cached(self) -> bool:
+        """True after :meth:`cache_batches`: every pass sees the very same batches."""
+        return self._cache is not None
+
     def _iter_source(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         source: Iterable = [self.data] if self._single else self.data
         count = 0
