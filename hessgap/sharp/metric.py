@@ -233,7 +233,9 @@ def sharpness(
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
         with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({solver})", leave=False) as bar:
-            if solver == "lbfgsb" or (subspace is not None and solvers.SUBSPACE_DEFAULT == "lbfgsb"):
+            # the result names the solver that ran, which in a subspace may differ from the one asked for
+            ran = "lbfgsb" if subspace is not None and solvers.SUBSPACE_DEFAULT == "lbfgsb" else solver
+            if ran == "lbfgsb":
                 # in a subspace the default follows L-BFGS-B's path: see the solvers module docstring
                 radii = [box_radius(c, epsilon, box) for c in space.box_centre]
                 outcome = solvers.lbfgsb(
@@ -272,7 +274,7 @@ def sharpness(
         max_loss=max_loss,
         epsilon=epsilon,
         subspace_dim=subspace_dim,
-        solver=solver,
+        solver=ran,
         iterations=outcome.iterations,
         evaluations=evaluations,
         seconds=time.perf_counter() - started,
