@@ -11,13 +11,7 @@ from hessgap.sharp import subspace as subspace_module
 from hessgap.sharp.subspace import FlatParameters, RandomSubspace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is faster, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _identity_loss(outputs, targets):
