@@ -23,7 +23,6 @@ generic path. The model is left bit-exactly as it was (parameters, buffers, grad
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .._results import JsonResult
 from .._state import preserved
 from ..errors import HessgapError, NonFiniteError
 from . import fused
@@ -54,7 +54,7 @@ PRIMAL_CACHE_BYTES = 512 * 1024**2
 
 
 @dataclass
-class HvpResult:
+class HvpResult(JsonResult):
     """H·v for k directions and how it was computed.
 
     ``value`` has the form of the input vectors ((k, n) tensor or per-parameter list); ``path`` is
@@ -73,22 +73,8 @@ class HvpResult:
     seconds: float
     dtype: str = field(default="")
 
-    def to_dict(self) -> dict:
-        """Everything but the vectors themselves, JSON-serializable."""
-        return {
-            "path": self.path,
-            "fallback_reason": self.fallback_reason,
-            "k": self.k,
-            "chunk_size": self.chunk_size,
-            "batches": self.batches,
-            "samples": self.samples,
-            "loss": self.loss,
-            "seconds": self.seconds,
-            "dtype": self.dtype,
-        }
+    _left_out = ("value",)  # the vectors themselves stay out of the JSON
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
 
 @dataclass

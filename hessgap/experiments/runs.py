@@ -18,30 +18,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import os
 import platform
 from pathlib import Path
 from typing import Any, Callable
 
+from .._results import jsonable
 from ..errors import HessgapError
-
-
-def to_jsonable(value: Any) -> Any:
-    """Plain JSON types: tuples become lists, non-finite floats become None, tensors become lists."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if hasattr(value, "to_dict"):
-        return to_jsonable(value.to_dict())
-    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
-        return to_jsonable(value.tolist())
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -50,7 +33,7 @@ def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(to_jsonable(data), handle, indent=2, sort_keys=False)
+        json.dump(jsonable(data), handle, indent=2, sort_keys=False)
         handle.write("\n")
     os.replace(tmp, path)
 
@@ -67,7 +50,7 @@ def read_json(path: Path) -> Any:
 
 def digest(data: dict, length: int = 8) -> str:
     """A short stable hash of a JSON-able dict (names training runs by their configuration)."""
-    text = json.dumps(to_jsonable(data), sort_keys=True)
+    text = json.dumps(jsonable(data), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
@@ -82,7 +65,7 @@ class RunFolder:
     def __init__(self, path, command: str, settings: dict, progress: bool = True, log: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.command = command
-        self.settings = to_jsonable(settings)
+        self.settings = jsonable(settings)
         self.progress = progress
         self._log = log
         self.memory: dict = {}  # objects this command already loaded (trained networks), by name
@@ -200,7 +183,7 @@ class Parts:
         return self._data.get(key, default)
 
     def put(self, key: str, value) -> Any:
-        self._data[key] = to_jsonable(value)
+        self._data[key] = jsonable(value)
         write_json(self.path, self._data)
         return self._data[key]
 

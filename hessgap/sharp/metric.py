@@ -10,15 +10,14 @@ max_{‖δ ⊙ |x|⁻¹‖_p ≤ ρ} f(x + δ) − f(x), p ∈ {∞, 2}, without
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from numbers import Real
 
-import torch
 from torch import nn
 
+from .._results import JsonResult
 from .._state import preserved
 from ..curvature.objective import LossFn, LossOverData, check_finite_parameters
 from ..errors import HessgapError
@@ -34,7 +33,7 @@ DEFAULT_SUBSPACE_DIM = 100
 
 
 @dataclass
-class SharpnessResult:
+class SharpnessResult(JsonResult):
     """The outcome of :func:`sharpness`; every field is a plain number, string or list (JSON-ready).
 
     ``value`` is the metric: Keskar's φ in percent for ``kind="keskar"``, the loss increase
@@ -65,12 +64,6 @@ class SharpnessResult:
     restarts: int = 0
     message: str = ""
     history: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
         space = "full space" if self.subspace_dim is None else f"{self.subspace_dim}-dim subspace"

@@ -3,49 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-from typing import Any
 
 import torch
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.detach().cpu().tolist())
-    if isinstance(value, (torch.dtype, torch.device)):
-        return str(value)
-    return value
-
-
-class _Serializable:
-    _left_out: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        """Every field but the large tensors, as plain Python numbers, lists and strings."""
-        return {
-            field.name: _jsonable(getattr(self, field.name))
-            for field in dataclasses.fields(self)
-            if field.name not in self._left_out
-        }
-
-    def to_json(self, path: str | None = None, indent: int | None = 2) -> str:
-        """The result as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w") as handle:
-                handle.write(text + "\n")
-        return text
+from .._results import JsonResult
 
 
 @dataclasses.dataclass
-class EigenResult(_Serializable):
+class EigenResult(JsonResult):
     """Extreme eigenvalues of the Hessian found by (block) Lanczos.
 
     ``eigenvalues`` are ordered by ``which``: descending for "LA", ascending for "SA", by descending
@@ -81,7 +46,7 @@ class EigenResult(_Serializable):
 
 
 @dataclasses.dataclass
-class TraceResult(_Serializable):
+class TraceResult(JsonResult):
     """Hutchinson estimate of tr(H) with its standard error and a Student-t confidence interval.
 
     ``estimates`` holds zᵀHz for every Rademacher probe z; ``value`` is their mean. With one probe
@@ -103,7 +68,7 @@ class TraceResult(_Serializable):
 
 
 @dataclasses.dataclass
-class DensityResult(_Serializable):
+class DensityResult(JsonResult):
     """Spectral density of the Hessian by stochastic Lanczos quadrature.
 
     ``nodes[i]`` and ``weights[i]`` are the Ritz values and Gauss quadrature weights of probe i
