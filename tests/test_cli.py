@@ -246,3 +246,15 @@ def test_sweep_and_warmstart_commands(tmp_path, capsys):
     assert "SB epochs     0:" in out and "SB epochs     2:" in out
     result = json.loads((tmp_path / "w" / "results" / "warmstart.json").read_text())
     assert [r["warm_epoch"] for r in result["rows"]] == [0, 2]
+
+
+def test_demo_data_needs_no_files(capsys):
+    from hessgap.experiments.demo import demo_settings
+
+    assert demo_settings().dataset == "digits"
+    settings = demo_settings(dataset="mnist1d")
+    assert settings.dataset == "mnist1d" and settings.experiments == ("gap", "sharpness", "spectrum", "parametric")
+    with pytest.raises(SystemExit) as exit_info:  # data read from files is for `reproduce`, not the demo
+        main(["demo", "--dataset", "cifar10"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'cifar10'" in capsys.readouterr().err
