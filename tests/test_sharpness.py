@@ -148,7 +148,7 @@ def test_adaptive_l2_on_a_convex_quadratic_matches_the_dual_bound():
 
 
 def _trained_mlp(batch_size, steps, seed, dtype=torch.float32, samples=256, lr=1e-2):
-    """A small BatchNorm MLP trained with ADAM (cached: each configuration trains once per session)."""
+    """A small BatchNorm MLP trained with ADAM (cached: each configuration trains once per test run)."""
     model, loader = _train(batch_size, steps, seed, dtype, samples, lr)
     return copy.deepcopy(model), loader
 
