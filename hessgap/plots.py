@@ -104,6 +104,18 @@ def parametric(result: dict, path) -> Path:
     return _save(fig, path)
 
 
+def _sharpness_beside(ax, xs, rows, epsilons, plot: str, legend_loc: str) -> None:
+    """Sharpness curves (one per ε) on a right-hand log axis beside the accuracy on ``ax``, one legend for both;
+    ``plot`` is the twin axis' plotting method ("loglog" or "semilogy")."""
+    twin = ax.twinx()
+    for eps, style in zip(epsilons, ("s-", "^--", "v:")):
+        getattr(twin, plot)(xs, _positive([r["sharpness"].get(f"{eps:g}") for r in rows]), style, color="tab:red",
+                            label=f"sharpness ε={eps:g}")
+    twin.set_ylabel("sharpness", color="tab:red")
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc=legend_loc)
+
+
 def sweep(result: dict, path) -> Path:
     """Figure 4: test accuracy and sharpness against the batch size."""
     plt = _pyplot()
@@ -113,13 +125,7 @@ def sweep(result: dict, path) -> Path:
     ax.semilogx(batches, [r["test_acc"] for r in rows], "ko-", label="test accuracy")
     ax.set_xlabel("batch size")
     ax.set_ylabel("test accuracy (%)")
-    twin = ax.twinx()
-    for eps, style in zip(result["epsilons"], ("s-", "^--", "v:")):
-        twin.loglog(batches, _positive([r["sharpness"].get(f"{eps:g}") for r in rows]), style, color="tab:red",
-                    label=f"sharpness ε={eps:g}")
-    twin.set_ylabel("sharpness", color="tab:red")
-    lines = ax.get_lines() + twin.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center left")
+    _sharpness_beside(ax, batches, rows, result["epsilons"], "loglog", legend_loc="center left")
     ax.set_title("Batch-size sweep")
     return _save(fig, path)
 
@@ -133,13 +139,7 @@ def warmstart(result: dict, path) -> Path:
     ax.plot(starts, [r["test_acc"] for r in rows], "ko-", label="test accuracy (LB)")
     ax.set_xlabel("SB epochs before switching to LB")
     ax.set_ylabel("test accuracy (%)")
-    twin = ax.twinx()
-    for eps, style in zip(result["epsilons"], ("s-", "^--", "v:")):
-        twin.semilogy(starts, _positive([r["sharpness"].get(f"{eps:g}") for r in rows]), style, color="tab:red",
-                      label=f"sharpness ε={eps:g}")
-    twin.set_ylabel("sharpness", color="tab:red")
-    lines = ax.get_lines() + twin.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
+    _sharpness_beside(ax, starts, rows, result["epsilons"], "semilogy", legend_loc="center right")
     ax.set_title("Warm-started large-batch training")
     return _save(fig, path)
 
