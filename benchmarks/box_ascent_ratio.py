@@ -159,6 +159,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--model", default="vgg16", choices=sorted(MODELS))
+    parser.add_argument("--copies", type=int, default=1,
+                        help="repeat the model's tensors this many times (7 copies of vgg16 = 103M parameters)")
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per implementation and round")
@@ -171,7 +173,9 @@ def main(argv=None) -> dict:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    shapes = MODELS[args.model]()
+    if args.copies < 1:
+        parser.error("--copies must be at least 1")
+    shapes = MODELS[args.model]() * args.copies
     numel = sum(torch.Size(s).numel() for s in shapes)
     options = dict(step=1e-3, epsilon=1e-3, box="keskar", direction="sign", momentum=args.momentum)
     check_agreement(shapes, dtype, device, options)

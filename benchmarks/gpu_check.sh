@@ -19,7 +19,7 @@ python -m pytest -q -m cuda tests 2>&1 | tee "$out/pytest-cuda.txt"
 python -m pytest -q tests 2>&1 | tail -5 | tee "$out/pytest-all.txt"
 
 echo "== timings (CUDA events after warm-up, medians; ratios measured in the same run)"
-python benchmarks/box_ascent_ratio.py --device cuda --json "$out/box_ascent.json" | tee "$out/box_ascent.txt"
+python benchmarks/box_ascent_ratio.py --device cuda --copies 7 --json "$out/box_ascent.json" | tee "$out/box_ascent.txt"
 python benchmarks/hvp_ratio.py --device cuda --k 32 --json "$out/hvp.json" | tee "$out/hvp.txt"
 python benchmarks/spectrum_vs_pyhessian.py --device cuda --json "$out/spectrum.json" | tee "$out/spectrum.txt" \
   || echo "spectrum comparison skipped (PyHessian missing?)" | tee -a "$out/spectrum.txt"
