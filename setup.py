@@ -8,12 +8,21 @@ machine still produces the CUDA extension. ``HESSGAP_FORCE_CPU=1`` builds the CP
 
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
 
-VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    """The version written once, in hessgap/_version.py."""
+    with open(os.path.join(ROOT, "hessgap", "_version.py"), encoding="utf-8") as handle:
+        return re.search(r'^__version__ = "([^"]+)"', handle.read(), re.M).group(1)
+
+
+VERSION = _version()
 
 
 def _env_flag(name):
@@ -121,18 +130,21 @@ setup(
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
     python_requires=">=3.10",
+    # what the package imports at run time; the build needs torch, pybind11 and ninja installed beforehand
+    # (`pip install --no-build-isolation` builds against them; the "build" extra lists them)
     install_requires=[
         "torch>=2.4",
         "numpy",
         "scipy",
-        "pybind11",
-        "ninja",
-        "pytest-benchmark",
         "tqdm",
         "matplotlib",
         "scikit-learn",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={
+        "build": ["pybind11", "ninja"],
+        "test": ["pytest>=7", "pytest-benchmark", "ruff"],
+        "bench": ["pytest-benchmark"],
+    },
     entry_points={"console_scripts": ["hessgap=hessgap.cli:main"]},
     zip_safe=False,
 )

@@ -1,32 +1,11 @@
-"""JSON-ready results: one conversion to plain JSON types for every result and every run file."""
+"""JSON-ready results: the ``to_dict()`` / ``to_json()`` every result dataclass shares (see :mod:`hessgap._io`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from pathlib import Path
-from typing import Any
 
-import torch
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON types: tuples become lists, tensors and arrays lists, non-finite floats None (strict JSON
-    has no NaN or infinity; readers treat None as "no number"), objects with ``to_dict()`` their dict."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (torch.dtype, torch.device, Path)):
-        return str(value)
-    if hasattr(value, "to_dict"):
-        return jsonable(value.to_dict())
-    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
-        return jsonable(value.tolist())
-    return value
+from ._io import dumps, jsonable, write_text
 
 
 class JsonResult:
@@ -44,8 +23,8 @@ class JsonResult:
         }
 
     def to_json(self, path: str | Path | None = None, indent: int | None = 2) -> str:
-        """The result as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
+        """The result as JSON text; also written to ``path`` (atomically) when given."""
+        text = dumps(self.to_dict(), indent=indent)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            write_text(path, text + "\n")
         return text

@@ -23,7 +23,7 @@ import platform
 from pathlib import Path
 from typing import Any, Callable
 
-from .._results import jsonable
+from .._io import jsonable
 from ..errors import HessgapError
 
 

@@ -1,0 +1,39 @@
+"""The names users type: networks, data sets, remedies, optimizers, presets and sharpness solvers.
+
+This is their one source: the training code, the experiments and the command line all read them here
+(and normalize user spellings through :func:`model_name` and :func:`dataset_name`). The experiments'
+names live with the experiments, in :mod:`hessgap.experiments.registry`.
+"""
+
+from __future__ import annotations
+
+from .errors import HessgapError
+
+#: The paper's networks (Table 1): fully connected F1, F2; convolutional C1-C4.
+MODEL_NAMES = ("F1", "F2", "C1", "C2", "C3", "C4")
+#: digits ships with scikit-learn, mnist1d is generated locally; the others are read from a folder.
+DATASET_NAMES = ("digits", "mnist1d", "mnist", "cifar10", "cifar100")
+#: Data sets that need files on disk (``data_root``).
+DATASETS_ON_DISK = ("mnist", "cifar10", "cifar100")
+#: The remedies of the paper's Appendix E.
+REMEDY_NAMES = ("augment", "conservative", "adversarial", "dynamic")
+OPTIMIZER_NAMES = ("adam", "sgd")
+PRESET_NAMES = ("quick", "paper")
+#: Maximizers of Metric 2.1; "auto" picks one per problem and the result names the one that ran.
+SHARPNESS_SOLVERS = ("auto", "box-ascent", "lbfgsb")
+
+
+def model_name(name) -> str:
+    """The canonical spelling of a network name (``"f1"`` -> ``"F1"``); unknown names raise."""
+    key = str(name).upper()
+    if key not in MODEL_NAMES:
+        raise HessgapError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return key
+
+
+def dataset_name(name) -> str:
+    """The canonical spelling of a data set name (``"MNIST-1D"`` -> ``"mnist1d"``); unknown names raise."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key not in DATASET_NAMES:
+        raise HessgapError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    return key
