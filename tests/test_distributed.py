@@ -1,0 +1,41 @@
+"""hessgap.distributed: sums across gloo ranks, agreement checks, and failures raised on every rank."""
+
+import pytest
+from rank_workers import collectives
+from ranks import run_ranks
+
+from hessgap.distributed import Ranks
+from hessgap.errors import HessgapError
+
+
+def test_single_process_is_a_no_op():
+    ranks = Ranks.resolve()
+    assert not ranks.active and ranks.world_size == 1
+    assert ranks.sum_numbers([1.5, 2]) == [1.5, 2.0]
+    ranks.agree("anything", object())
+    with pytest.raises(ValueError, match="own error"):
+        ranks.settle(ValueError("own error"))
+
+
+def test_group_without_initialized_process_group_is_refused():
+    with pytest.raises(HessgapError, match="init_process_group"):
+        Ranks.resolve(group=object())
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_collectives_on_gloo_ranks(world_size):
+    results = run_ranks(collectives, world_size)
+    total = world_size * (world_size + 1) / 2
+    for rank, out in enumerate(results):
+        assert out["describe"] == {"distributed": True, "backend": "gloo", "world_size": world_size, "rank": rank}
+        assert out["sum"] == [total] * 3
+        ranks_sum = sum(range(world_size))
+        assert out["bucket"][0] == [[ranks_sum] * 2] * 2
+        assert out["bucket"][1] == [ranks_sum + world_size * i for i in range(3)]
+        assert out["bucket"][2] == [ranks_sum]
+        assert out["numbers"] == [world_size, ranks_sum]
+        assert "ranks disagree on the model's shapes" in out["disagree"] and "rank 1: {'weight': (3, 1)}" in out["disagree"]
+        if rank == world_size - 1:
+            assert out["settle"] == "ValueError: bad batch on the last rank"
+        else:
+            assert out["settle"].startswith(f"HessgapError: rank {world_size - 1} of {world_size} failed")
