@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from hessgap.errors import HessgapError
 from hessgap.spectrum import density, eigenvalues, trace
-from hessgap.spectrum._operator import generator_for, rademacher
+from hessgap.spectrum._probes import generator_for, rademacher
 
 pytest.importorskip("hessgap.curvature.operator", reason="HessianOperator is not in this checkout")
 

@@ -15,8 +15,10 @@ import time
 import numpy as np
 import torch
 
+from .._checks import positive_int
+from ..curvature.operator import CheckedOperator, resolve_operator
 from ..errors import HessgapError
-from ._operator import CheckedOperator, check_positive_int, generator_for, rademacher, resolve_operator
+from ._probes import generator_for, rademacher
 from ._results import DensityResult
 
 # Reorthogonalize a second time when one pass shrank the vector below this fraction of its norm.
@@ -54,8 +56,8 @@ def density(
     nodes). ``save_png`` writes the plot there (also :meth:`DensityResult.plot`).
     """
     started = time.perf_counter()
-    check_positive_int(num_probes, "num_probes", " (the number of random probe vectors)")
-    check_positive_int(lanczos_steps, "lanczos_steps")
+    positive_int(num_probes, "num_probes", "the number of random probe vectors")
+    positive_int(lanczos_steps, "lanczos_steps")
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (sigma > 0 and math.isfinite(sigma))):
         raise HessgapError(f"sigma is the Gaussian broadening and must be a positive number, got {sigma!r}")
     explicit_grid = _explicit_grid(grid)

@@ -14,8 +14,10 @@ import time
 
 import torch
 
+from .._checks import positive_int
+from ..curvature.operator import CheckedOperator, resolve_operator
 from ..errors import HessgapError
-from ._operator import CheckedOperator, check_positive_int, generator_for, resolve_operator
+from ._probes import generator_for
 from ._results import EigenResult
 
 _WHICH = ("LA", "SA", "LM")
@@ -70,8 +72,8 @@ def eigenvalues(
         raise HessgapError(f"criterion must be 'eigenvalue' or 'residual', got {criterion!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1):
         raise HessgapError(f"tol is a relative tolerance and must lie in (0, 1), got {tol!r}")
-    check_positive_int(k, "k", " (the number of eigenvalues wanted)")
-    check_positive_int(max_iter, "max_iter")
+    positive_int(k, "k", "the number of eigenvalues wanted")
+    positive_int(max_iter, "max_iter")
     operator = CheckedOperator(
         resolve_operator(target, data, loss_fn=loss_fn, max_batches=max_batches, caller="eigenvalues")
     )
@@ -80,11 +82,11 @@ def eigenvalues(
         raise HessgapError(f"k = {k} eigenvalues asked for, but the Hessian is only {n} × {n}; use k <= {n}")
     if block_size is None:
         block_size = 1 if k == 1 else min(k, 4)
-    check_positive_int(block_size, "block_size")
+    positive_int(block_size, "block_size")
     block_size = min(block_size, n)
     if max_basis is None:
         max_basis = max(30, 3 * k + 4 * block_size)
-    check_positive_int(max_basis, "max_basis")
+    positive_int(max_basis, "max_basis")
     max_basis = min(max_basis, n)
     if max_basis < n and max_basis < k + 2 * block_size:
         raise HessgapError(

@@ -12,8 +12,10 @@ import time
 
 import torch
 
+from .._checks import positive_int
+from ..curvature.operator import CheckedOperator, resolve_operator
 from ..errors import HessgapError
-from ._operator import CheckedOperator, check_positive_int, generator_for, rademacher, resolve_operator
+from ._probes import generator_for, rademacher
 from ._results import TraceResult
 
 # Probes and their products held at once: default chunk size for trace().
@@ -42,7 +44,7 @@ def trace(
     the estimate is exact for a diagonal H.
     """
     started = time.perf_counter()
-    check_positive_int(num_probes, "num_probes", " (the number of random probe vectors)")
+    positive_int(num_probes, "num_probes", "the number of random probe vectors")
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (0 < confidence < 1):
         raise HessgapError(f"confidence must lie in (0, 1), e.g. 0.95, got {confidence!r}")
     operator = CheckedOperator(resolve_operator(target, data, loss_fn=loss_fn, max_batches=max_batches, caller="trace"))
@@ -51,7 +53,7 @@ def trace(
         itemsize = torch.empty(0, dtype=dtype).element_size()
         batch = max(1, min(num_probes, _CHUNK_BYTES // (2 * n * itemsize)))
     else:
-        check_positive_int(batch, "batch", " (probes per batched Hessian product)")
+        positive_int(batch, "batch", "probes per batched Hessian product")
     generator = generator_for(device, seed)
 
     from tqdm.auto import tqdm
