@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import HessgapError, NonFiniteError
 from ._flat import as_directions
-from .hvp import DEFAULT_MEMORY_BUDGET, HvpEngine
+from .engine import DEFAULT_MEMORY_BUDGET, HvpEngine
 from .objective import LossOverData
 
 #: What makes an object an operator.
