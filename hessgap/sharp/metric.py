@@ -23,6 +23,7 @@ from ..curvature.objective import LossFn, LossOverData, check_finite_parameters
 from ..errors import HessgapError
 from ..ops.box_ascent import box_radius
 from . import solvers
+from .spaces import FullSpace, ScaledSpace, SubspaceSpace
 from .subspace import SCALES, RandomSubspace
 
 KINDS = ("keskar", "adaptive")
@@ -218,11 +219,11 @@ def sharpness(
             objective.cache_batches()
         box = "adaptive" if kind == "adaptive" else "keskar"
         if subspace is not None:
-            space = solvers.SubspaceSpace(objective, x, subspace)
+            space = SubspaceSpace(objective, x, subspace)
         elif norm == "l2":
-            space = solvers.ScaledSpace(objective, x)
+            space = ScaledSpace(objective, x)
         else:
-            space = solvers.FullSpace(objective, x)
+            space = FullSpace(objective, x)
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
         with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({solver})", leave=False) as bar:
