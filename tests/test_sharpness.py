@@ -457,3 +457,37 @@ def test_default_finds_at_least_lbfgsb_in_a_random_subspace(config, seed):
     assert ours.value >= paper.value > 0
     # the result names what ran: in a subspace the default follows L-BFGS-B's path
     assert ours.solver == "lbfgsb" and ours.subspace_dim == 100
+
+
+@pytest.mark.parametrize(
+    "solver,subspace_dim,norm,runs",
+    [
+        ("auto", None, "linf", "box-ascent"),
+        ("auto", None, "l2", "box-ascent"),
+        ("auto", 100, "linf", "lbfgsb"),
+        ("box-ascent", 100, "linf", "box-ascent"),
+        ("box-ascent", None, "l2", "box-ascent"),
+        ("lbfgsb", None, "linf", "lbfgsb"),
+        ("lbfgsb", 100, "linf", "lbfgsb"),
+    ],
+)
+def test_resolve_names_the_solver_that_runs(solver, subspace_dim, norm, runs):
+    assert solvers.resolve(solver, subspace_dim, norm) == runs
+
+
+def test_resolve_refuses_unknown_solvers_and_lbfgsb_on_the_ball():
+    with pytest.raises(HessgapError, match="unknown solver 'adam'"):
+        solvers.resolve("adam", None, "linf")
+    with pytest.raises(HessgapError, match="L-BFGS-B handles box bounds only"):
+        solvers.resolve("lbfgsb", None, "l2")
+
+
+def test_result_names_the_solver_asked_for_and_the_one_that_ran():
+    model, loader = _small()
+    full = hessgap.sharpness(model, loader, max_iter=2)
+    assert (full.solver_requested, full.solver) == ("auto", "box-ascent")
+    sub = hessgap.sharpness(model, loader, max_iter=2, subspace_dim=3)
+    assert (sub.solver_requested, sub.solver) == ("auto", "lbfgsb") and "lbfgsb (auto)" in str(sub)
+    sign = hessgap.sharpness(model, loader, max_iter=2, subspace_dim=3, solver="box-ascent")
+    assert (sign.solver_requested, sign.solver) == ("box-ascent", "box-ascent") and sign.kernel != "scipy"
+    assert json.loads(sign.to_json())["solver_requested"] == "box-ascent"

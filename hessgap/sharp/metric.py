@@ -28,7 +28,7 @@ from .subspace import SCALES, RandomSubspace
 
 KINDS = ("keskar", "adaptive")
 NORMS = ("linf", "l2")
-DEFAULT_MAX_ITER = {"lbfgsb": 10, "box-ascent": 10}
+DEFAULT_MAX_ITER = {"lbfgsb": 10, "box-ascent": 10}  # by the solver that runs
 DEFAULT_RHO = {"linf": 2e-3, "l2": 0.1}
 DEFAULT_SUBSPACE_DIM = 100
 
@@ -39,7 +39,8 @@ class SharpnessResult(JsonResult):
 
     ``value`` is the metric: Keskar's φ in percent for ``kind="keskar"``, the loss increase
     ``max_loss − loss`` for ``kind="adaptive"``. ``loss`` is f(x), ``max_loss`` the largest f found in
-    the box (≥ ``loss``). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``evaluations`` counts passes of
+    the box (≥ ``loss``). ``solver`` is the solver that ran, ``solver_requested`` the one asked for
+    (``"auto"`` resolves per problem: see :func:`hessgap.sharp.solvers.resolve`). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``evaluations`` counts passes of
     loss and gradient over the data, f(x) included, ``evaluation_seconds`` the time they took (the rest
     of ``seconds`` is the solver's own work); ``history`` lists f at each of them.
     """
@@ -50,6 +51,7 @@ class SharpnessResult(JsonResult):
     epsilon: float
     subspace_dim: int | None
     solver: str
+    solver_requested: str
     iterations: int
     evaluations: int
     seconds: float
@@ -71,9 +73,14 @@ class SharpnessResult(JsonResult):
         unit = "" if self.kind == "adaptive" else " (Metric 2.1, %)"
         return (
             f"{self.kind} sharpness{unit} = {self.value:.6g} at eps={self.epsilon:g}, {space}, "
-            f"loss {self.loss:.6g} -> {self.max_loss:.6g}, {self.solver}, {self.evaluations} evaluations, "
+            f"loss {self.loss:.6g} -> {self.max_loss:.6g}, {self._solver_text()}, {self.evaluations} evaluations, "
             f"{self.seconds:.2f}s"
         )
+
+    def _solver_text(self) -> str:
+        if self.solver_requested == self.solver:
+            return self.solver
+        return f"{self.solver} ({self.solver_requested})"
 
 
 def _positive_number(value, name: str, hint: str) -> float:
@@ -109,7 +116,7 @@ def sharpness(
     epsilon: float = 1e-3,
     subspace_dim: int | None = None,
     loss_fn: LossFn | None = None,
-    solver: str = "box-ascent",
+    solver: str = "auto",
     max_iter: int | None = None,
     seed: int = 0,
     max_batches: int | None = None,
@@ -139,13 +146,13 @@ def sharpness(
             regenerated block by block when it does not fit ``subspace_memory_bytes``, so the extra
             memory stays a small multiple of the parameters' size for any p.
         loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
-        solver: ``"box-ascent"`` (default) or ``"lbfgsb"`` (scipy's L-BFGS-B from y = 0, the paper's
-            method). In the full space the default is projected sign ascent from the box corner
-            sign(∇f)·r, with Auto-PGD's step halving and the best point kept, using the fused op; in a
-            random subspace (p coordinates) it follows L-BFGS-B's path, so that it finds at least
-            L-BFGS-B's value in the same time (sign ascent can stop at a lower local maximum there:
-            see :mod:`hessgap.sharp.solvers`); ``momentum`` and ``tol`` then do not apply. Both return
-            the largest f they evaluated, a lower bound of the true maximum.
+        solver: ``"auto"`` (default), ``"box-ascent"`` or ``"lbfgsb"``. ``"box-ascent"`` is projected
+            sign ascent from the box corner sign(∇f)·r, with Auto-PGD's step halving and the best point
+            kept, using the fused op; ``"lbfgsb"`` is scipy's L-BFGS-B from y = 0, the paper's method
+            (``momentum`` and ``tol`` do not apply to it). ``"auto"`` runs box-ascent in the full space
+            and L-BFGS-B in a random subspace, where sign ascent can stop at a lower local maximum
+            (see :func:`hessgap.sharp.solvers.resolve`); the result names both. All return the largest f
+            they evaluated, a lower bound of the true maximum.
         max_iter: at most this many iterations; 10 for both solvers by default (a box-ascent step is
             one pass of loss and gradient; an L-BFGS-B iteration may take several).
         seed: seeds the random subspace A and the tie-breaking of zero gradients.
@@ -176,9 +183,8 @@ def sharpness(
         raise HessgapError(f"unknown norm {norm!r}; choose one of {NORMS}")
     if kind == "keskar" and norm != "linf":
         raise HessgapError("Keskar's sharpness is defined on a box (norm='linf'); norm='l2' needs kind='adaptive'")
-    solvers.check_solver(solver)
-    if norm == "l2" and solver == "lbfgsb":
-        raise HessgapError("L-BFGS-B handles box bounds only; use solver='box-ascent' for the l2 ball")
+    solver_requested = solver
+    solver = solvers.resolve(solver, subspace_dim, norm)  # the one that runs
     name = "rho" if kind == "adaptive" else "epsilon"
     epsilon = _positive_number(epsilon, name, f"{name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)")
     max_iter = _positive_int(DEFAULT_MAX_ITER[solver] if max_iter is None else max_iter, "max_iter")
@@ -227,10 +233,7 @@ def sharpness(
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
         with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({solver})", leave=False) as bar:
-            # the result names the solver that ran, which in a subspace may differ from the one asked for
-            ran = "lbfgsb" if subspace is not None and solvers.SUBSPACE_DEFAULT == "lbfgsb" else solver
-            if ran == "lbfgsb":
-                # in a subspace the default follows L-BFGS-B's path: see the solvers module docstring
+            if solver == "lbfgsb":
                 radii = [box_radius(c, epsilon, box) for c in space.box_centre]
                 outcome = solvers.lbfgsb(
                     space,
@@ -268,7 +271,8 @@ def sharpness(
         max_loss=max_loss,
         epsilon=epsilon,
         subspace_dim=subspace_dim,
-        solver=ran,
+        solver=solver,
+        solver_requested=solver_requested,
         iterations=outcome.iterations,
         evaluations=evaluations,
         seconds=time.perf_counter() - started,
@@ -294,7 +298,7 @@ def adaptive_sharpness(
     norm: str = "linf",
     *,
     loss_fn: LossFn | None = None,
-    solver: str = "box-ascent",
+    solver: str = "auto",
     max_iter: int | None = None,
     **kwargs,
 ) -> SharpnessResult:

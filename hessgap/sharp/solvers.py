@@ -15,16 +15,9 @@ Solvers:
   bounds and ``maxiter`` iterations (tolerances off), Keskar et al.'s method, through a float64 numpy
   interface.
 
-The default solver ("box-ascent") is the sign ascent in the full space only. In a random subspace
-(:data:`SUBSPACE_DEFAULT`) it takes L-BFGS-B's path from y = 0, for three reasons. (1) Both solvers
-are local: they end at different local maxima, and on the F1-sized LB model the sign ascent ended on a
-box vertex whose gradient signs all point outwards (a local maximum: 70.6) while L-BFGS-B's path
-reached 80.4; no step from that vertex (sign, projected gradient, L-BFGS-B started there) can leave
-it, and L-BFGS-B started at the first sign step's corner climbed to the same 70.6. The only
-way to find at least L-BFGS-B's value on every model is to follow its path. (2) Following it costs
-exactly its passes: a second path (say, the better of a start at 0 and at the corner) would double the
-time. (3) What makes the sign ascent win in the full space is gone at p = 100: scipy's per-call work
-is O(p) instead of seconds at a million coordinates, and the passes, not the solver, are the time.
+Which one runs is decided in one place, :func:`resolve`: ``solver="auto"`` (the default of
+:func:`hessgap.sharpness`) takes the sign ascent in the full space and L-BFGS-B's path in a random
+subspace (its docstring says why); ``"box-ascent"`` and ``"lbfgsb"`` run as asked, in either space.
 """
 
 from __future__ import annotations
@@ -36,14 +29,41 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import _extension
+from .. import _checks, _extension
 from ..errors import HessgapError
+from ..names import SHARPNESS_SOLVERS
 from ..ops import box_ascent as box_ops
 from .spaces import Space
 
-SOLVERS = ("box-ascent", "lbfgsb")
-# what solver="box-ascent" (the default) runs in a random subspace; see the module docstring
-SUBSPACE_DEFAULT = "lbfgsb"
+#: What users may ask for: "auto" (see :func:`resolve`), "box-ascent" or "lbfgsb".
+SOLVERS = SHARPNESS_SOLVERS
+
+
+def resolve(solver: str, subspace_dim: int | bool | None, norm: str = "linf") -> str:
+    """The solver that runs when ``solver`` is asked for: ``"box-ascent"`` or ``"lbfgsb"``.
+
+    ``"box-ascent"`` and ``"lbfgsb"`` run as asked (L-BFGS-B takes box bounds only, so it refuses
+    ``norm="l2"``). ``"auto"`` takes the projected sign ascent (box-ascent) in the full space, for either
+    norm, and L-BFGS-B's path from y = 0 in a random subspace (``subspace_dim`` not None), for three
+    reasons.
+
+    1. Both solvers are local: they end at different local maxima, and in a 100-dim subspace of the
+       F1-sized LB model the sign ascent ended on a box vertex whose gradient signs all point outwards
+       (a local maximum: 70.6) while L-BFGS-B's path reached 80.4; no step from that vertex (sign,
+       projected gradient, L-BFGS-B started there) can leave it, and L-BFGS-B started at the first sign
+       step's corner climbed to the same 70.6. The only way to find at least L-BFGS-B's value on every
+       model is to follow its path.
+    2. Following it costs exactly its passes: a second path (say, the better of a start at 0 and at the
+       corner) would double the time.
+    3. What makes the sign ascent win in the full space is gone at p = 100: scipy's per-call work is
+       O(p) instead of seconds at a million coordinates, and the passes, not the solver, are the time.
+    """
+    _checks.choice(solver, SOLVERS, "solver")
+    if norm == "l2" and solver == "lbfgsb":
+        raise HessgapError("L-BFGS-B handles box bounds only; use solver='box-ascent' for the l2 ball")
+    if solver != "auto":
+        return solver
+    return "lbfgsb" if subspace_dim is not None else "box-ascent"
 
 
 def step_function(device: torch.device) -> tuple[Callable[..., torch.Tensor], str]:
@@ -316,8 +336,3 @@ def lbfgsb(
         kernel="scipy",
         message=str(result.message),
     )
-
-
-def check_solver(solver: str) -> None:
-    if solver not in SOLVERS:
-        raise HessgapError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
