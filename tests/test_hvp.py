@@ -145,7 +145,7 @@ def test_matches_explicit_hessian(name, make_model, make_batches, loss_fn, _, pa
     batches = [(x.to(dtype), y.to(dtype) if y.is_floating_point() else y) for x, y in batches64]
     vectors = torch.randn(3, hess.shape[0], dtype=torch.float64)
     snap = snapshot(model)
-    result = hvp(model, batches, vectors.to(dtype), loss_fn, path=path, return_info=True)
+    result = hvp(model, batches, vectors.to(dtype), loss_fn=loss_fn, path=path, return_info=True)
     assert result.path == path and result.fallback_reason is None
     assert result.batches == 2 and result.samples == sum(x.shape[0] for x, _ in batches)
     assert result.value.dtype == dtype
@@ -173,9 +173,9 @@ def test_chunking_gives_the_same_answer(path):
     batches = conv_batches(torch.float64)
     n = sum(p.numel() for p in model.parameters())
     vectors = torch.randn(5, n, dtype=torch.float64)
-    whole = hvp(model, batches, vectors, nn.MSELoss(), path=path, return_info=True)
-    chunked = hvp(model, batches, vectors, nn.MSELoss(), path=path, chunk_size=2, return_info=True)
-    tiny_budget = hvp(model, batches, vectors, nn.MSELoss(), path=path, memory_budget=1, return_info=True)
+    whole = hvp(model, batches, vectors, loss_fn=nn.MSELoss(), path=path, return_info=True)
+    chunked = hvp(model, batches, vectors, loss_fn=nn.MSELoss(), path=path, chunk_size=2, return_info=True)
+    tiny_budget = hvp(model, batches, vectors, loss_fn=nn.MSELoss(), path=path, memory_budget=1, return_info=True)
     assert whole.chunk_size == 5 and chunked.chunk_size == 2 and tiny_budget.chunk_size == 1
     torch.testing.assert_close(chunked.value, whole.value, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tiny_budget.value, whole.value, rtol=1e-12, atol=1e-12)
@@ -196,7 +196,7 @@ def test_frozen_parameters_are_left_out(arch):
     hess = explicit_hessian(model, batches, loss_fn)
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
     for path in ("fused", "generic"):
-        assert rel_err(hvp(model, batches, vectors, loss_fn, path=path), vectors @ hess) <= 1e-10
+        assert rel_err(hvp(model, batches, vectors, loss_fn=loss_fn, path=path), vectors @ hess) <= 1e-10
 
 
 @needs_extension
@@ -207,7 +207,7 @@ def test_ignore_index_targets():
     assert any((y == 1).any() for _, y in batches)
     hess = explicit_hessian(model, batches, loss_fn)
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
-    result = hvp(model, batches, vectors, loss_fn, return_info=True)
+    result = hvp(model, batches, vectors, loss_fn=loss_fn, return_info=True)
     assert result.path == "fused"
     assert rel_err(result.value, vectors @ hess) <= 1e-10
 
@@ -238,12 +238,12 @@ def test_unsupported_falls_back_to_generic(model, loss_fn, reason):
     y = torch.randint(0, 3, (6,), generator=gen) if not isinstance(loss_fn, nn.L1Loss) else torch.randn(6, 3, dtype=torch.float64)
     hess = explicit_hessian(model, [(x, y)], loss_fn)
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
-    result = hvp(model, (x, y), vectors, loss_fn, return_info=True)
+    result = hvp(model, (x, y), vectors, loss_fn=loss_fn, return_info=True)
     assert result.path == "generic"
     assert reason in result.fallback_reason
     assert rel_err(result.value, vectors @ hess) <= 1e-10 or (vectors @ hess).norm() == 0
     with pytest.raises(HessgapError, match="fused HVP path cannot run"):
-        hvp(model, (x, y), vectors, loss_fn, path="fused")
+        hvp(model, (x, y), vectors, loss_fn=loss_fn, path="fused")
 
 
 @needs_extension
@@ -265,7 +265,7 @@ def test_train_mode_hessian_runs_generic():
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     n = sum(p.numel() for p in model.parameters())
     snap = snapshot(model)
-    result = hvp(model, (x, y), torch.randn(2, n, dtype=torch.float64), train=True, return_info=True)
+    result = hvp(model, (x, y), torch.randn(2, n, dtype=torch.float64), train_mode=True, return_info=True)
     assert result.path == "generic" and "train mode" in result.fallback_reason
     assert_unchanged(model, snap)  # batch statistics must not leak into the running buffers
     eval_result = hvp(model, (x, y), torch.randn(2, n, dtype=torch.float64), return_info=True)
@@ -323,7 +323,7 @@ def test_bad_data_and_loss(path):
     with pytest.raises(HessgapError, match="yielded no batches"):
         hvp(model, [], v, path=path)
     with pytest.raises(HessgapError, match="not a scalar"):
-        hvp(model, batch, v, nn.CrossEntropyLoss(reduction="none"), path=path)
+        hvp(model, batch, v, loss_fn=nn.CrossEntropyLoss(reduction="none"), path=path)
     x, y = batch
     x = x.clone()
     x[0, 0] = float("inf")
@@ -346,7 +346,7 @@ def test_cuda_matches_explicit_hessian(name, make_model, make_batches, loss_fn, 
     batches = [(x.cuda(), y.cuda()) for x, y in batches64]
     vectors = torch.randn(3, hess.shape[0], dtype=torch.float64)
     for path in ("fused", "generic"):
-        result = hvp(model, batches, vectors.cuda(), loss_fn, path=path, return_info=True)
+        result = hvp(model, batches, vectors.cuda(), loss_fn=loss_fn, path=path, return_info=True)
         assert result.path == path
         assert rel_err(result.value.cpu(), vectors @ hess) <= 1e-10
 
@@ -386,6 +386,6 @@ def test_sequence_shaped_inputs():
     x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 3, 2, dtype=torch.float64)
     hess = explicit_hessian(model, [(x, y)], nn.MSELoss())
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
-    result = hvp(model, (x, y), vectors, nn.MSELoss(), return_info=True)
+    result = hvp(model, (x, y), vectors, loss_fn=nn.MSELoss(), return_info=True)
     assert result.path == "fused"
     assert rel_err(result.value, vectors @ hess) <= 1e-10

@@ -94,7 +94,7 @@ def test_preserved_restores_bits_buffers_grads_and_modes_even_on_error():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches, _, _ = _data()
     with pytest.raises(RuntimeError, match="inside"):
-        with preserved(model, train=True) as centre:
+        with preserved(model, train_mode=True) as centre:
             assert model.training and set(centre) == {n for n, _ in model.named_parameters()}
             LossOverData(model, batches).value()  # train-mode BatchNorm moves the running stats
             with torch.no_grad():

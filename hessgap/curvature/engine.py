@@ -55,8 +55,9 @@ class HvpEngine:
     def __init__(
         self,
         objective: LossOverData,
+        *,
         path: str = "auto",
-        train: bool = False,
+        train_mode: bool = False,
         chunk_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
@@ -68,7 +69,7 @@ class HvpEngine:
             raise HessgapError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         self.objective = objective
         self.model = objective.model
-        self.train = bool(train)
+        self.train_mode = bool(train_mode)
         self.requested_path = path
         self.chunk_size = chunk_size
         self.memory_budget = int(memory_budget)
@@ -80,9 +81,9 @@ class HvpEngine:
         self.path = "generic"
         if path != "generic":
             try:
-                if self.train:
-                    raise fused.FusedUnsupported("the Hessian is taken in train mode (train=True)")
-                self._plan = fused.plan(self.model, objective.params, objective.loss_fn, self.train)
+                if self.train_mode:
+                    raise fused.FusedUnsupported("the Hessian is taken in train mode (train_mode=True)")
+                self._plan = fused.plan(self.model, objective.params, objective.loss_fn, self.train_mode)
                 self.path = "fused"
             except fused.FusedUnsupported as exc:
                 self._unsupported(exc)
@@ -97,7 +98,7 @@ class HvpEngine:
     def run(self, directions: Directions) -> tuple[list[torch.Tensor], torch.Tensor, PassStats]:
         """Σ_b (B_b / N) H_b v for the per-parameter directions: per-parameter views of one (k, n) tensor,
         that tensor, and what the pass saw."""
-        with preserved(self.model, train=self.train):
+        with preserved(self.model, train_mode=self.train_mode):
             self._forget_stale_primal_states()
             if self._plan is not None:
                 try:
@@ -193,7 +194,7 @@ class HvpEngine:
         data = {"inputs": inputs, "targets": targets}
         riding = [key for key, t in data.items() if t.is_floating_point()]
 
-        buffers = dict(model.named_buffers()) if self.train else {}
+        buffers = dict(model.named_buffers()) if self.train_mode else {}
 
         def loss_of(params, *riding_values):
             batch = dict(data, **dict(zip(riding, riding_values)))

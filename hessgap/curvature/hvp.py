@@ -15,8 +15,8 @@ Two paths compute the same numbers:
 ``path="auto"`` takes the fused path when the model, loss and data allow it and otherwise the generic one;
 the result records which path ran and why the fused one did not (``return_info=True``).
 
-The Hessian is taken with the model in eval mode by default (``train=False``): BatchNorm uses its
-running statistics and dropout is off, so H is that of a deterministic function. ``train=True`` takes it
+The Hessian is taken with the model in eval mode by default (``train_mode=False``): BatchNorm uses its
+running statistics and dropout is off, so H is that of a deterministic function. ``train_mode=True`` takes it
 in train mode (BatchNorm on batch statistics, one dropout mask shared by all directions), always on the
 generic path. The model is left bit-exactly as it was (parameters, buffers, gradients, modes).
 
@@ -63,22 +63,22 @@ class HvpResult(JsonResult):
 
 def hvp(
     model: nn.Module,
-    loader_or_batch,
+    data,
     vectors: torch.Tensor | Sequence[torch.Tensor],
-    loss_fn=None,
     *,
+    loss_fn=None,
     max_batches: int | None = None,
     path: str = "auto",
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    train: bool = False,
+    train_mode: bool = False,
     return_info: bool = False,
 ):
     """H·v for k directions at once; H = Hessian of the mean loss over the data w.r.t. trainable parameters.
 
     Args:
         model: any ``nn.Module``; left bit-exactly unchanged.
-        loader_or_batch: a DataLoader (any iterable of ``(inputs, targets)``) or one ``(inputs, targets)``.
+        data: a DataLoader (any iterable of ``(inputs, targets)``) or one ``(inputs, targets)`` batch.
         vectors: a ``(k, n)`` tensor (n = trainable parameters flattened in ``model.parameters()`` order)
             or a list with one ``(k, *p.shape)`` tensor per trainable parameter; the result has the same form.
         loss_fn: ``loss_fn(outputs, targets)`` -> mean loss of a batch (default ``nn.CrossEntropyLoss()``).
@@ -86,7 +86,7 @@ def hvp(
         path: ``"auto"`` (fused engine when supported, else generic), ``"fused"`` (error when unsupported)
             or ``"generic"`` (torch.func).
         chunk_size: directions per chunk; default: as many as fit ``memory_budget`` bytes.
-        train: take the Hessian in train mode (see the module docstring); default eval mode.
+        train_mode: take the Hessian in train mode (see the module docstring); default eval mode.
         return_info: return an :class:`HvpResult` (value, path, fallback reason, timing) instead of the value.
 
     Raises:
@@ -94,9 +94,11 @@ def hvp(
             vectors on another device than the model; NonFiniteError for NaN/inf in vectors or loss.
     """
     start = time.perf_counter()
-    objective = LossOverData(model, loader_or_batch, loss_fn, max_batches=max_batches)
+    objective = LossOverData(model, data, loss_fn, max_batches=max_batches)
     directions = as_directions(vectors, objective.params, objective.names)
-    engine = HvpEngine(objective, path=path, train=train, chunk_size=chunk_size, memory_budget=memory_budget)
+    engine = HvpEngine(
+        objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
+    )
     parts, flat, stats = engine.run(directions)
     value = directions.like_input(parts, flat)
     if not return_info:

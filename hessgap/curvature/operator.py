@@ -40,30 +40,30 @@ class HessianOperator:
             and ``.fallback_reason`` why the fused engine does not, when it does not.
         cache_batches: keep the batches in memory between calls (faster repeated passes over a loader;
             also fixes the order and any random augmentation of the batches).
-        chunk_size, memory_budget, train: as in :func:`hessgap.hvp`.
+        chunk_size, memory_budget, train_mode: as in :func:`hessgap.hvp`.
 
-    The Hessian is taken in eval mode unless ``train=True`` (BatchNorm running statistics, no dropout).
+    The Hessian is taken in eval mode (BatchNorm running statistics, no dropout) unless ``train_mode=True``.
     """
 
     def __init__(
         self,
         model: nn.Module,
         data,
+        *,
         loss_fn=None,
         max_batches: int | None = None,
         path: str = "auto",
-        *,
         cache_batches: bool = False,
         chunk_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
-        train: bool = False,
+        train_mode: bool = False,
     ):
         self.objective = LossOverData(model, data, loss_fn, max_batches=max_batches)
         if cache_batches:
             self.objective.cache_batches()
         self.model = model
         self._engine = HvpEngine(
-            self.objective, path=path, train=train, chunk_size=chunk_size, memory_budget=memory_budget
+            self.objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
         )
         self.n: int = self.objective.num_parameters
         self.dtype: torch.dtype = self.objective.dtype
@@ -183,16 +183,16 @@ class MatrixOperator:
         return LinearOperator((self.n, self.n), matvec=apply, matmat=apply, rmatvec=apply, dtype=self.matrix.cpu().numpy().dtype)
 
 
-def resolve_operator(target, data=None, *, loss_fn=None, max_batches=None, caller: str = "this function"):
+def resolve_operator(model, data=None, *, loss_fn=None, max_batches=None, caller: str = "this function"):
     """The operator a spectrum function should multiply by, built from a model or taken as given.
 
-    A model with its ``data`` (and optional ``loss_fn`` / ``max_batches``) gives a :class:`HessianOperator`
+    ``model`` is a model, or an operator / square symmetric tensor. A model with its ``data`` (and optional ``loss_fn`` / ``max_batches``) gives a :class:`HessianOperator`
     with ``cache_batches=True``: the batches are held in memory for the repeated passes (build the operator
     yourself with ``cache_batches=False`` for data that does not fit). A square tensor is taken as an
     explicit symmetric matrix (:class:`MatrixOperator`); any other object must be an operator already.
     ``caller`` names the public function in the messages.
     """
-    if isinstance(target, nn.Module):
+    if isinstance(model, nn.Module):
         if data is None:
             raise HessgapError(
                 f"{caller}(model, data, ...) needs the data the Hessian is taken over: "
@@ -200,23 +200,23 @@ def resolve_operator(target, data=None, *, loss_fn=None, max_batches=None, calle
             )
         # Every pass must see the same matrix (Lanczos breaks down otherwise), so the batches are read
         # once and kept: no reshuffled augmentation between passes, and no loader cost per pass.
-        return HessianOperator(target, data, loss_fn=loss_fn, max_batches=max_batches, cache_batches=True)
+        return HessianOperator(model, data, loss_fn=loss_fn, max_batches=max_batches, cache_batches=True)
     if data is not None or loss_fn is not None or max_batches is not None:
         raise HessgapError(
             f"{caller} got an operator together with data/loss_fn/max_batches; those only apply when a "
             "model is passed (the operator already fixes its data)"
         )
-    if isinstance(target, torch.Tensor):
-        return MatrixOperator(target)
-    missing = [name for name in OPERATOR_ATTRIBUTES if not hasattr(target, name)]
+    if isinstance(model, torch.Tensor):
+        return MatrixOperator(model)
+    missing = [name for name in OPERATOR_ATTRIBUTES if not hasattr(model, name)]
     if missing:
         raise HessgapError(
             f"{caller} expects a torch.nn.Module with its data, a square symmetric tensor, or an operator "
-            f"with n, dtype, device and matmat(V); got {type(target).__name__} without {', '.join(missing)}"
+            f"with n, dtype, device and matmat(V); got {type(model).__name__} without {', '.join(missing)}"
         )
-    if int(target.n) <= 0:
-        raise HessgapError(f"the operator has n = {target.n}; it must act on at least one parameter")
-    return target
+    if int(model.n) <= 0:
+        raise HessgapError(f"the operator has n = {model.n}; it must act on at least one parameter")
+    return model
 
 
 class CheckedOperator:

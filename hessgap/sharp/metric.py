@@ -112,9 +112,10 @@ def _check_buffers(model: nn.Module, objective: LossOverData) -> None:
 
 def sharpness(
     model: nn.Module,
-    loader,
+    data,
     epsilon: float = 1e-3,
-    subspace_dim: int | None = None,
+    *,
+    subspace_dim: int | bool | None = None,
     loss_fn: LossFn | None = None,
     solver: str = "auto",
     max_iter: int | None = None,
@@ -122,7 +123,6 @@ def sharpness(
     max_batches: int | None = None,
     train_mode: bool = False,
     progress: bool = False,
-    *,
     kind: str = "keskar",
     norm: str = "linf",
     momentum: float = 0.0,
@@ -132,12 +132,12 @@ def sharpness(
     cache_batches: bool = False,
     lbfgsb_options: dict | None = None,
 ) -> SharpnessResult:
-    """ε-sharpness of ``model`` at its current weights x over the data in ``loader`` (Metric 2.1).
+    """ε-sharpness of ``model`` at its current weights x over ``data`` (Metric 2.1).
 
     Args:
         model: the network; its weights, buffers, gradients and train/eval modes are restored bit for bit
             on return, also when the call raises or is interrupted.
-        loader: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list) or one such pair;
+        data: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list) or one such pair;
             f is the mean loss over all of it. Batches are moved to the model's device, and floating
             inputs cast to its dtype.
         epsilon: the box size ε (ρ for ``kind="adaptive"``).
@@ -156,7 +156,7 @@ def sharpness(
         max_iter: at most this many iterations; 10 for both solvers by default (a box-ascent step is
             one pass of loss and gradient; an L-BFGS-B iteration may take several).
         seed: seeds the random subspace A and the tie-breaking of zero gradients.
-        max_batches: limit f to the first batches of ``loader``, for speed.
+        max_batches: limit f to the first batches of ``data``, for speed.
         train_mode: evaluate in train mode (BatchNorm on batch statistics, dropout on); the default is
             eval mode, as Andriushchenko et al. BatchNorm buffers are restored either way.
         progress: show a tqdm progress bar over the iterations.
@@ -201,7 +201,7 @@ def sharpness(
 
     if subspace_dim is True:
         subspace_dim = DEFAULT_SUBSPACE_DIM
-    objective = LossOverData(model, loader, loss_fn=loss_fn, max_batches=max_batches)
+    objective = LossOverData(model, data, loss_fn=loss_fn, max_batches=max_batches)
     _check_buffers(model, objective)
     check_finite_parameters(objective.params, objective.names)
     n = objective.num_parameters
@@ -219,7 +219,7 @@ def sharpness(
 
     from tqdm.auto import tqdm
 
-    with preserved(model, train=train_mode) as snapshot:
+    with preserved(model, train_mode=train_mode) as snapshot:
         x = [snapshot[name] for name in objective.names]
         if cache_batches:
             objective.cache_batches()
@@ -293,7 +293,7 @@ def sharpness(
 
 def adaptive_sharpness(
     model: nn.Module,
-    loader,
+    data,
     rho: float | None = None,
     norm: str = "linf",
     *,
@@ -312,7 +312,7 @@ def adaptive_sharpness(
         raise HessgapError(f"unknown norm {norm!r}; choose one of {NORMS}")
     return sharpness(
         model,
-        loader,
+        data,
         epsilon=DEFAULT_RHO[norm] if rho is None else rho,
         loss_fn=loss_fn,
         solver=solver,

@@ -27,7 +27,7 @@ _DGKS = 1 / math.sqrt(2)
 
 
 def eigenvalues(
-    target,
+    model,
     data=None,
     *,
     k: int = 1,
@@ -44,10 +44,10 @@ def eigenvalues(
 ) -> EigenResult:
     """The k extreme eigenvalues of the Hessian, with eigenvectors and residual norms.
 
-    ``target`` is a model (then ``data``, ``loss_fn`` and ``max_batches`` build a
-    :class:`~hessgap.curvature.operator.HessianOperator` over the mean loss of the data, its
-    batches held in memory for the repeated passes), an operator with ``n``, ``dtype``, ``device``
-    and ``matmat``, or a square symmetric tensor.
+    ``model`` is a model, or an operator / square symmetric tensor: a model's ``data``, ``loss_fn`` and
+    ``max_batches`` build a :class:`~hessgap.curvature.operator.HessianOperator` over the mean loss of
+    the data, its batches held in memory for the repeated passes; an operator is any object with ``n``,
+    ``dtype``, ``device`` and ``matmat``.
 
     ``which``: "LA" largest algebraic (descending), "SA" smallest algebraic (ascending), "LM"
     largest magnitude (by descending magnitude).
@@ -75,7 +75,7 @@ def eigenvalues(
     positive_int(k, "k", "the number of eigenvalues wanted")
     positive_int(max_iter, "max_iter")
     operator = CheckedOperator(
-        resolve_operator(target, data, loss_fn=loss_fn, max_batches=max_batches, caller="eigenvalues")
+        resolve_operator(model, data, loss_fn=loss_fn, max_batches=max_batches, caller="eigenvalues")
     )
     n = operator.n
     if k > n:

@@ -21,8 +21,8 @@ from .dense import Conv2dRule, LinearRule
 class BatchNormRule(LayerRule):
     """BatchNorm with running statistics: per-channel y = x̂·w + b, x̂ = (x − μ)/σ, linear in x and in (w, b)."""
 
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm, index_of, train: bool):
-        if train or module.running_mean is None:
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, index_of, train_mode: bool):
+        if train_mode or module.running_mean is None:
             raise FusedUnsupported(
                 f"{type(module).__name__} normalising with batch statistics (train mode or "
                 "track_running_stats=False); only running statistics (eval mode) are fused"
@@ -239,7 +239,7 @@ ACTIVATIONS: dict[type, Callable[[nn.Module], ActivationRule]] = {
 }
 
 
-def layer_rule(name: str, module: nn.Module, index_of, train: bool) -> LayerRule:
+def layer_rule(name: str, module: nn.Module, index_of, train_mode: bool) -> LayerRule:
     """The rule of ``module`` (``name`` in messages); raises :class:`FusedUnsupported` for any other layer."""
     kind = type(module)
     if module._forward_hooks or module._forward_pre_hooks:
@@ -251,7 +251,7 @@ def layer_rule(name: str, module: nn.Module, index_of, train: bool) -> LayerRule
     if kind in ACTIVATIONS:
         return ACTIVATIONS[kind](module)
     if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
-        return BatchNormRule(module, index_of, train)
+        return BatchNormRule(module, index_of, train_mode)
     if kind is nn.MaxPool2d:
         return MaxPool2dRule(module)
     if kind is nn.AvgPool2d:
@@ -259,7 +259,7 @@ def layer_rule(name: str, module: nn.Module, index_of, train: bool) -> LayerRule
     if kind in (nn.Flatten, nn.Unflatten):
         return ReshapeRule(module)
     if kind in (nn.Dropout, nn.Identity):
-        if train and kind is nn.Dropout and module.p > 0:
+        if train_mode and kind is nn.Dropout and module.p > 0:
             raise FusedUnsupported(f"layer {name} is Dropout in train mode (random masks are not fused)")
         return IdentityRule()
     raise FusedUnsupported(f"layer {name} is a {kind.__name__}, which the fused engine does not handle")

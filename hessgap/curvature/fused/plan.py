@@ -92,7 +92,7 @@ class FusedPlan:
         return [o if o is not None else torch.zeros_like(d) for o, d in zip(out, directions)]
 
 
-def plan(model: nn.Module, params: Sequence[torch.Tensor], loss_fn, train: bool = False) -> FusedPlan:
+def plan(model: nn.Module, params: Sequence[torch.Tensor], loss_fn, train_mode: bool = False) -> FusedPlan:
     """Compile ``model`` and ``loss_fn`` for the fused engine; raises :class:`FusedUnsupported` with the reason."""
     if not _extension.available():
         raise FusedUnsupported(f"the compiled extension is not available ({_extension.load_error()})")
@@ -108,7 +108,7 @@ def plan(model: nn.Module, params: Sequence[torch.Tensor], loss_fn, train: bool 
             if id(p) in owners:
                 raise FusedUnsupported(f"parameter {name}.{pname} is shared with {owners[id(p)]} (tied weights)")
             owners[id(p)] = f"{name}.{pname}"
-        layers.append(layer_rule(name, module, index_of, train))
+        layers.append(layer_rule(name, module, index_of, train_mode))
     if not layers:
         raise FusedUnsupported("the model is an empty nn.Sequential")
     return FusedPlan(layers, loss_rule(loss_fn), sum(p.numel() for p in params))
