@@ -389,3 +389,18 @@ def test_sequence_shaped_inputs():
     result = hvp(model, (x, y), vectors, loss_fn=nn.MSELoss(), return_info=True)
     assert result.path == "fused"
     assert rel_err(result.value, vectors @ hess) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(chunk_size=1.5), "chunk_size must be a positive integer"),
+        (dict(chunk_size=-2), "chunk_size must be a positive integer"),
+        (dict(memory_budget=0), "memory_budget must be a finite number > 0"),
+        (dict(memory_budget=float("nan")), "memory_budget must be a finite number > 0"),
+    ],
+)
+def test_bad_chunking_arguments(kwargs, match):
+    model, batch = _small()
+    with pytest.raises(HessgapError, match=match):
+        hvp(model, batch, torch.randn(1, 8, dtype=torch.float64), **kwargs)

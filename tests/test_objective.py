@@ -138,3 +138,9 @@ def test_a_graph_retained_across_an_hvp_stays_usable():
     hessgap.hvp(model, batches, torch.randn(2, n))
     loss.backward()  # raises "modified by an inplace operation" if the restore bumped the versions
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("max_batches", [0, -1, 1.5, True, "2"])
+def test_max_batches_must_be_a_positive_integer(max_batches):
+    with pytest.raises(HessgapError, match="max_batches must be a positive number of batches"):
+        LossOverData(_model(), [], max_batches=max_batches)

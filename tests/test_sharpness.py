@@ -491,3 +491,13 @@ def test_result_names_the_solver_asked_for_and_the_one_that_ran():
     sign = hessgap.sharpness(model, loader, max_iter=2, subspace_dim=3, solver="box-ascent")
     assert (sign.solver_requested, sign.solver) == ("box-ascent", "box-ascent") and sign.kernel != "scipy"
     assert json.loads(sign.to_json())["solver_requested"] == "box-ascent"
+
+
+def test_shared_checks_name_the_argument():
+    model, loader = _small()
+    with pytest.raises(HessgapError, match="seed must be an integer ≥ 0, got -1"):
+        hessgap.sharpness(model, loader, seed=-1)
+    with pytest.raises(HessgapError, match="tol must be in"):
+        hessgap.sharpness(model, loader, tol=float("nan"))
+    with pytest.raises(HessgapError, match="max_iter must be a positive integer, got 2.0"):
+        hessgap.sharpness(model, loader, max_iter=2.0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import _checks
 from .._state import preserved
 from ..errors import HessgapError, NonFiniteError
 from . import fused
@@ -63,10 +64,8 @@ class HvpEngine:
     ):
         if path not in PATHS:
             raise HessgapError(f"path must be one of {PATHS}, got {path!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise HessgapError(f"chunk_size must be a positive number of directions, got {chunk_size!r}")
-        if memory_budget <= 0:
-            raise HessgapError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        _checks.positive_int(chunk_size, "chunk_size", "the number of directions per chunk", allow_none=True)
+        _checks.positive_number(memory_budget, "memory_budget", "a number of bytes")
         self.objective = objective
         self.model = objective.model
         self.train_mode = bool(train_mode)

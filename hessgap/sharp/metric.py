@@ -10,13 +10,12 @@ max_{‖δ ⊙ |x|⁻¹‖_p ≤ ρ} f(x + δ) − f(x), p ∈ {∞, 2}, without
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from numbers import Real
 
 from torch import nn
 
+from .. import _checks
 from .._results import JsonResult
 from .._state import preserved
 from ..curvature.objective import LossFn, LossOverData, check_finite_parameters
@@ -81,18 +80,6 @@ class SharpnessResult(JsonResult):
         if self.solver_requested == self.solver:
             return self.solver
         return f"{self.solver} ({self.solver_requested})"
-
-
-def _positive_number(value, name: str, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise HessgapError(f"{name} must be a finite number > 0, got {value!r}; {hint}")
-    return float(value)
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise HessgapError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _check_buffers(model: nn.Module, objective: LossOverData) -> None:
@@ -177,27 +164,24 @@ def sharpness(
         :class:`SharpnessResult`.
     """
     started = time.perf_counter()
-    if kind not in KINDS:
-        raise HessgapError(f"unknown sharpness kind {kind!r}; choose one of {KINDS}")
-    if norm not in NORMS:
-        raise HessgapError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    _checks.choice(kind, KINDS, "sharpness kind")
+    _checks.choice(norm, NORMS, "norm")
     if kind == "keskar" and norm != "linf":
         raise HessgapError("Keskar's sharpness is defined on a box (norm='linf'); norm='l2' needs kind='adaptive'")
     solver_requested = solver
     solver = solvers.resolve(solver, subspace_dim, norm)  # the one that runs
     name = "rho" if kind == "adaptive" else "epsilon"
-    epsilon = _positive_number(epsilon, name, f"{name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)")
-    max_iter = _positive_int(DEFAULT_MAX_ITER[solver] if max_iter is None else max_iter, "max_iter")
-    if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0 <= momentum < 1:
-        raise HessgapError(f"momentum must be in [0, 1), got {momentum!r}")
+    epsilon = _checks.positive_number(
+        epsilon, name, f"{name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)"
+    )
+    max_iter = _checks.positive_int(DEFAULT_MAX_ITER[solver] if max_iter is None else max_iter, "max_iter")
+    momentum = _checks.in_unit_interval(momentum, "momentum")
     if subspace_dim is not None and kind == "adaptive":
         raise HessgapError("adaptive sharpness is defined in the full space; leave subspace_dim=None")
     if subspace_scale not in SCALES:
         raise HessgapError(f"subspace_scale must be one of {SCALES}, got {subspace_scale!r}")
-    if isinstance(tol, bool) or not isinstance(tol, Real) or not 0 <= tol < 1:
-        raise HessgapError(f"tol must be in [0, 1), got {tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise HessgapError(f"seed must be an integer, got {seed!r}")
+    tol = _checks.in_unit_interval(tol, "tol")
+    _checks.seed(seed)
 
     if subspace_dim is True:
         subspace_dim = DEFAULT_SUBSPACE_DIM
@@ -255,8 +239,8 @@ def sharpness(
                     loss0,
                     grad0,
                     max_iter=max_iter,
-                    momentum=float(momentum),
-                    tol=float(tol),
+                    momentum=momentum,
+                    tol=tol,
                     seed=seed,
                     tick=lambda: bar.update(1),
                 )
@@ -308,8 +292,7 @@ def adaptive_sharpness(
     ‖δ / |x|‖₂ ≤ ρ over all coordinates together (default ρ = 0.1). Coordinates with x_i = 0 cannot move.
     No (1 + f) normalization: ``value`` is the loss increase. Other arguments as :func:`sharpness`.
     """
-    if norm not in NORMS:
-        raise HessgapError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    _checks.choice(norm, NORMS, "norm")
     return sharpness(
         model,
         data,
