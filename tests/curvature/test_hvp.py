@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
+from oracles import assert_unchanged, explicit_hessian, randomize_batchnorm, snapshot
 from torch import nn
-from torch.func import functional_call
 
 from hessgap import _extension
 from hessgap.curvature.hvp import hvp
@@ -15,19 +15,8 @@ needs_extension = pytest.mark.skipif(not _extension.available(), reason="hessgap
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def _randomize_batchnorm(model):
-    # non-trivial running statistics and affine parameters, so BatchNorm's terms are really tested
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-    return model
-
-
 def mlp(dtype):
-    return _randomize_batchnorm(
+    return randomize_batchnorm(
         nn.Sequential(
             nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(),
             nn.Sequential(nn.Linear(6, 4), nn.GELU()),
@@ -38,7 +27,7 @@ def mlp(dtype):
 
 
 def convnet(dtype):
-    return _randomize_batchnorm(
+    return randomize_batchnorm(
         nn.Sequential(
             nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, stride=2),
             nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.AvgPool2d(2, stride=1),
@@ -75,40 +64,8 @@ def conv_batches(dtype, classification=False):
     return out
 
 
-def explicit_hessian(model, batches, loss_fn):
-    """∇² of the sample-weighted mean loss over the batches, in eval mode, from autograd."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p.detach() for _, p in named]
-    sizes = [p.numel() for p in params]
-    total = sum(x.shape[0] for x, _ in batches)
-    was_training = model.training
-    model.eval()
-
-    def f(flat):
-        ps = [t.view_as(p) for t, p in zip(flat.split(sizes), params)]
-        loss = 0
-        for x, y in batches:
-            loss = loss + loss_fn(functional_call(model, dict(zip(names, ps)), (x,)), y) * x.shape[0]
-        return loss / total
-
-    hess = torch.autograd.functional.hessian(f, torch.cat([p.reshape(-1) for p in params]), vectorize=True)
-    model.train(was_training)
-    return hess
-
-
 def rel_err(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def snapshot(model):
-    return copy.deepcopy(model.state_dict()), [m.training for m in model.modules()]
-
-
-def assert_unchanged(model, snap):
-    state, modes = snap
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), key
-    assert [m.training for m in model.modules()] == modes
 
 
 CASES = [
@@ -382,7 +339,7 @@ def test_loss_by_product_and_max_batches(path):
 def test_sequence_shaped_inputs():
     # Linear over the last dimension of (B, L, features) and BatchNorm1d over (B, C, L)
     torch.manual_seed(6)
-    model = _randomize_batchnorm(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.BatchNorm1d(3), nn.Linear(5, 2))).double()
+    model = randomize_batchnorm(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.BatchNorm1d(3), nn.Linear(5, 2))).double()
     x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 3, 2, dtype=torch.float64)
     hess = explicit_hessian(model, [(x, y)], nn.MSELoss())
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
