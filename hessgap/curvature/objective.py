@@ -7,7 +7,7 @@ the weighting of unequal batches, device moves and the checks on bad input live 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ class LossOverData:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def cache_batches(self) -> "LossOverData":
+    def cache_batches(self) -> LossOverData:
         """Keep the (device-moved) batches in memory so repeated passes skip the loader."""
         self._cache = list(self._iter_source())
         return self

@@ -11,7 +11,7 @@ The n coordinates are those of the model's trainable parameters concatenated in 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
