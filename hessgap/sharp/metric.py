@@ -38,10 +38,11 @@ class SharpnessResult(JsonResult):
 
     ``value`` is the metric: Keskar's φ in percent for ``kind="keskar"``, the loss increase
     ``max_loss − loss`` for ``kind="adaptive"``. ``loss`` is f(x), ``max_loss`` the largest f found in
-    the box (≥ ``loss``). ``solver`` is the solver that ran, ``solver_requested`` the one asked for
-    (``"auto"`` resolves per problem: see :func:`hessgap.sharp.solvers.resolve`). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``evaluations`` counts passes of
-    loss and gradient over the data, f(x) included, ``evaluation_seconds`` the time they took (the rest
-    of ``seconds`` is the solver's own work); ``history`` lists f at each of them.
+    the box (≥ ``loss``). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``solver`` is the solver that ran,
+    ``solver_requested`` the one asked for (``"auto"`` picks one per problem: see
+    :func:`hessgap.sharp.solvers.resolve`). ``evaluations`` counts passes of loss and gradient over the
+    data, f(x) included, ``evaluation_seconds`` the time they took (the rest of ``seconds`` is the
+    solver's own work); ``history`` lists f at each of them.
     """
 
     value: float
@@ -168,13 +169,12 @@ def sharpness(
     _checks.choice(norm, NORMS, "norm")
     if kind == "keskar" and norm != "linf":
         raise HessgapError("Keskar's sharpness is defined on a box (norm='linf'); norm='l2' needs kind='adaptive'")
-    solver_requested = solver
-    solver = solvers.resolve(solver, subspace_dim, norm)  # the one that runs
+    ran = solvers.resolve(solver, subspace_dim, norm)
     name = "rho" if kind == "adaptive" else "epsilon"
     epsilon = _checks.positive_number(
         epsilon, name, f"{name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)"
     )
-    max_iter = _checks.positive_int(DEFAULT_MAX_ITER[solver] if max_iter is None else max_iter, "max_iter")
+    max_iter = _checks.positive_int(DEFAULT_MAX_ITER[ran] if max_iter is None else max_iter, "max_iter")
     momentum = _checks.in_unit_interval(momentum, "momentum")
     if subspace_dim is not None and kind == "adaptive":
         raise HessgapError("adaptive sharpness is defined in the full space; leave subspace_dim=None")
@@ -216,8 +216,8 @@ def sharpness(
             space = FullSpace(objective, x)
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
-        with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({solver})", leave=False) as bar:
-            if solver == "lbfgsb":
+        with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({ran})", leave=False) as bar:
+            if ran == "lbfgsb":
                 radii = [box_radius(c, epsilon, box) for c in space.box_centre]
                 outcome = solvers.lbfgsb(
                     space,
@@ -255,8 +255,8 @@ def sharpness(
         max_loss=max_loss,
         epsilon=epsilon,
         subspace_dim=subspace_dim,
-        solver=solver,
-        solver_requested=solver_requested,
+        solver=ran,
+        solver_requested=solver,
         iterations=outcome.iterations,
         evaluations=evaluations,
         seconds=time.perf_counter() - started,
