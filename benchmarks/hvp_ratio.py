@@ -27,6 +27,7 @@ PyHessian (``pip install pyhessian``) is a benchmark-only dependency; without it
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -110,7 +111,6 @@ def retained_graph_time(model, batch, loss_fn, vectors, device) -> float:
     seconds = timed(
         lambda: [torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True) for v in per_param], device
     )
-    del grads
     return seconds / len(per_param)
 
 
@@ -126,6 +126,12 @@ def double_backward_loop_time(model, batch, loss_fn, vectors, device) -> float:
 
     one(per_param[0])
     return timed(lambda: [one(v) for v in per_param], device) / len(per_param)
+
+
+def _add(rows: dict[str, list[float]], key: str, value: float | None) -> None:
+    """Record one round's figure (None: not measured on this device)."""
+    if value is not None:
+        rows.setdefault(key, []).append(value)
 
 
 def main(argv=None):
@@ -164,10 +170,7 @@ def main(argv=None):
         gen = torch.Generator().manual_seed(2)
         V = torch.randn(args.k, n, generator=gen).to(device)
         rows: dict[str, list[float]] = {}  # seconds per vector per batch (gradient: per batch), one per round
-
-        def add(key, value):
-            if value is not None:
-                rows.setdefault(key, []).append(value)
+        add = functools.partial(_add, rows)
 
         info = hvp(model, loader[0], V[:2], return_info=True)
         print(f"[{name}] n = {n}, fused path: {info.path} {info.fallback_reason or ''}", flush=True)
@@ -176,13 +179,13 @@ def main(argv=None):
         for round_index in range(args.rounds):
             add("gradient", gradient_time(model, loader[0], loss_fn, device))
             if device.type == "cpu":
-                add("loader_fused", timed(lambda: hvp(model, loader, V, path="fused"), device) / (k * L))
+                add("loader_fused", timed(functools.partial(hvp, model, loader, V, path="fused"), device) / (k * L))
                 t_ph = pyhessian_loader_time(model, loader, loss_fn, base, device)
                 add("loader_pyhessian", None if t_ph is None else t_ph / L)
             add("gradient", gradient_time(model, loader[0], loss_fn, device))
-            add("batch_fused", timed(lambda: hvp(model, loader[0], V, path="fused"), device) / k)
+            add("batch_fused", timed(functools.partial(hvp, model, loader[0], V, path="fused"), device) / k)
             add("batch_retained_graph", retained_graph_time(model, loader[0], loss_fn, base, device))
-            add("batch_torch_func", timed(lambda: hvp(model, loader[0], V, path="generic"), device) / k)
+            add("batch_torch_func", timed(functools.partial(hvp, model, loader[0], V, path="generic"), device) / k)
             if device.type == "cuda":
                 add("batch_double_backward_loop", double_backward_loop_time(model, loader[0], loss_fn, base, device))
             print(f"[{name}] round {round_index + 1} (s): " + ", ".join(f"{key}={v[-1]:.4g}" for key, v in rows.items()),

@@ -27,7 +27,7 @@ _API = {
     "eigenvalues": "hessgap.spectrum.lanczos",
     "trace": "hessgap.spectrum.trace",
     "density": "hessgap.spectrum.density",
-    "MatrixOperator": "hessgap.spectrum._operator",
+    "MatrixOperator": "hessgap.curvature.operator",
     "EigenResult": "hessgap.spectrum._results",
     "TraceResult": "hessgap.spectrum._results",
     "DensityResult": "hessgap.spectrum._results",

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, train: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+def preserved(model: nn.Module, train_mode: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Run a block that perturbs ``model`` and put everything back afterwards, also on error.
 
-    Inside the block the model is in eval mode (``train=False``, the default: BatchNorm uses its running
+    Inside the block the model is in eval mode (``train_mode=False``, the default: BatchNorm uses its running
     statistics and dropout is off) or in train mode. Yields a snapshot of the trainable parameters by
     name; callers use it as the centre x instead of keeping a second copy.
     """
@@ -23,7 +23,7 @@ def preserved(model: nn.Module, train: bool = False) -> Iterator[dict[str, torch
     saved_grads = {name: p.grad for name, p in params.items()}
     saved_modes = [(module, module.training) for module in model.modules()]
     try:
-        model.train(train)
+        model.train(train_mode)
         yield {name: saved_params[name] for name, p in params.items() if p.requires_grad}
     finally:
         # Write through .data: the values come back bit for bit without bumping the tensors' version

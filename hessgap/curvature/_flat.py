@@ -6,8 +6,8 @@ one tensor of shape ``(k, *p.shape)`` per trainable parameter ``p``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -7,11 +7,12 @@ the weighting of unequal batches, device moves and the checks on bad input live 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .._checks import is_int
 from ..errors import HessgapError, NonFiniteError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,8 +75,9 @@ class LossOverData:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
-        if max_batches is not None and max_batches <= 0:
-            raise HessgapError(f"max_batches must be a positive number of batches, got {max_batches}")
+        if max_batches is not None and (not is_int(max_batches) or max_batches < 1):
+            # the shared integer test (_checks.is_int); the message keeps its established wording
+            raise HessgapError(f"max_batches must be a positive number of batches, got {max_batches!r}")
         self.max_batches = max_batches
         self._single = _is_single_batch(data)
         if data is None:
@@ -92,7 +94,7 @@ class LossOverData:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def cache_batches(self) -> "LossOverData":
+    def cache_batches(self) -> LossOverData:
         """Keep the (device-moved) batches in memory so repeated passes skip the loader."""
         self._cache = list(self._iter_source())
         return self

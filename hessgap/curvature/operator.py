@@ -1,8 +1,16 @@
-"""The Hessian of the mean loss over the data as a linear operator, for eigen-solvers and trace estimators.
+"""Curvature as linear operators: the one place for everything the eigen-solvers and trace estimators multiply by.
 
-:class:`HessianOperator` is what the spectrum methods are written against: ``matmat`` applies H to k
-directions in one pass over the data (fused or generic path, see :mod:`hessgap.curvature.hvp`), ``hvps``
-counts the Hessian-vector products done, and ``as_linear_operator`` hands the same operator to scipy.
+- :class:`HessianOperator`: the Hessian of the mean loss over the data; ``matmat`` applies H to k
+  directions in one pass over the data (fused or generic path, see :mod:`hessgap.curvature.hvp`),
+  ``hvps`` counts the Hessian-vector products done, and ``as_linear_operator`` hands it to scipy.
+- :class:`MatrixOperator`: an explicit symmetric matrix behind the same interface (tests, small problems).
+- :class:`CheckedOperator`: wraps any operator, counts the products of one call and checks their shape
+  and finiteness.
+- :func:`resolve_operator`: what a spectrum function multiplies by, given a model with its data (a
+  :class:`HessianOperator`), a square symmetric tensor (a :class:`MatrixOperator`) or a ready operator.
+
+An *operator* is any object with ``n``, ``dtype``, ``device`` and ``matmat(V)`` (V of shape (k, n) ->
+H·V of shape (k, n)).
 """
 
 from __future__ import annotations
@@ -11,10 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import HessgapError
+from ..errors import HessgapError, NonFiniteError
 from ._flat import as_directions
-from .hvp import DEFAULT_MEMORY_BUDGET, HvpEngine
+from .engine import DEFAULT_MEMORY_BUDGET, HvpEngine
 from .objective import LossOverData
+
+#: What makes an object an operator.
+OPERATOR_ATTRIBUTES = ("matmat", "n", "dtype", "device")
 
 
 class HessianOperator:
@@ -29,30 +40,30 @@ class HessianOperator:
             and ``.fallback_reason`` why the fused engine does not, when it does not.
         cache_batches: keep the batches in memory between calls (faster repeated passes over a loader;
             also fixes the order and any random augmentation of the batches).
-        chunk_size, memory_budget, train: as in :func:`hessgap.hvp`.
+        chunk_size, memory_budget, train_mode: as in :func:`hessgap.hvp`.
 
-    The Hessian is taken in eval mode unless ``train=True`` (BatchNorm running statistics, no dropout).
+    The Hessian is taken in eval mode (BatchNorm running statistics, no dropout) unless ``train_mode=True``.
     """
 
     def __init__(
         self,
         model: nn.Module,
         data,
+        *,
         loss_fn=None,
         max_batches: int | None = None,
         path: str = "auto",
-        *,
         cache_batches: bool = False,
         chunk_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
-        train: bool = False,
+        train_mode: bool = False,
     ):
         self.objective = LossOverData(model, data, loss_fn, max_batches=max_batches)
         if cache_batches:
             self.objective.cache_batches()
         self.model = model
         self._engine = HvpEngine(
-            self.objective, path=path, train=train, chunk_size=chunk_size, memory_budget=memory_budget
+            self.objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
         )
         self.n: int = self.objective.num_parameters
         self.dtype: torch.dtype = self.objective.dtype
@@ -114,3 +125,120 @@ class HessianOperator:
 
     def __repr__(self) -> str:
         return f"HessianOperator(n={self.n}, dtype={self.dtype}, device={self.device}, path={self.path!r})"
+
+
+
+class MatrixOperator:
+    """An explicit symmetric matrix behind the same interface as ``HessianOperator``.
+
+    Useful to run the spectrum methods on a known matrix (tests, small problems, a Hessian that was
+    formed explicitly). ``matmat(V)`` returns ``V @ A`` (= (A·Vᵀ)ᵀ since A is symmetric).
+    """
+
+    path = "matrix"
+
+    def __init__(self, matrix, *, check_symmetric: bool = True):
+        A = torch.as_tensor(matrix)
+        if A.dim() != 2 or A.shape[0] != A.shape[1]:
+            raise HessgapError(f"MatrixOperator needs a square 2-D matrix, got shape {tuple(A.shape)}")
+        if A.shape[0] == 0:
+            raise HessgapError("MatrixOperator needs a non-empty matrix, got shape (0, 0)")
+        if not A.dtype.is_floating_point:
+            raise HessgapError(f"MatrixOperator needs a floating-point matrix, got dtype {A.dtype}; cast it first")
+        if not torch.isfinite(A).all():
+            raise NonFiniteError("the matrix given to MatrixOperator holds NaN or inf")
+        if check_symmetric:
+            scale = float(A.abs().max())
+            asym = float((A - A.T).abs().max())
+            if asym > 1e3 * torch.finfo(A.dtype).eps * max(scale, 1e-300):
+                raise HessgapError(
+                    f"the matrix is not symmetric (max |A - Aᵀ| = {asym:.3g}, max |A| = {scale:.3g}); "
+                    "Hessians are symmetric: pass (A + A.T) / 2, or check_symmetric=False if you know better"
+                )
+        self.matrix = A
+        self.n = A.shape[0]
+        self.dtype = A.dtype
+        self.device = A.device
+        self.hvps = 0
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if V.dim() != 2 or V.shape[1] != self.n:
+            raise HessgapError(f"matmat expects a (k, {self.n}) tensor, got shape {tuple(V.shape)}")
+        self.hvps += V.shape[0]
+        return V.to(self.dtype) @ self.matrix
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.reshape(1, -1))[0]
+
+    def as_linear_operator(self):
+        """The matrix as a ``scipy.sparse.linalg.LinearOperator`` (numpy in, numpy out)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def apply(x):
+            X = torch.as_tensor(x, dtype=self.dtype, device=self.device)
+            if X.dim() == 1:
+                return self.matmat(X[None])[0].cpu().numpy()
+            return self.matmat(X.T).T.cpu().numpy()
+
+        return LinearOperator((self.n, self.n), matvec=apply, matmat=apply, rmatvec=apply, dtype=self.matrix.cpu().numpy().dtype)
+
+
+def resolve_operator(model, data=None, *, loss_fn=None, max_batches=None, caller: str = "this function"):
+    """The operator a spectrum function should multiply by, built from a model or taken as given.
+
+    ``model`` is a model, or an operator / square symmetric tensor. A model with its ``data`` (and optional ``loss_fn`` / ``max_batches``) gives a :class:`HessianOperator`
+    with ``cache_batches=True``: the batches are held in memory for the repeated passes (build the operator
+    yourself with ``cache_batches=False`` for data that does not fit). A square tensor is taken as an
+    explicit symmetric matrix (:class:`MatrixOperator`); any other object must be an operator already.
+    ``caller`` names the public function in the messages.
+    """
+    if isinstance(model, nn.Module):
+        if data is None:
+            raise HessgapError(
+                f"{caller}(model, data, ...) needs the data the Hessian is taken over: "
+                "pass a DataLoader (or an iterable of (inputs, targets)) or one (inputs, targets) batch"
+            )
+        # Every pass must see the same matrix (Lanczos breaks down otherwise), so the batches are read
+        # once and kept: no reshuffled augmentation between passes, and no loader cost per pass.
+        return HessianOperator(model, data, loss_fn=loss_fn, max_batches=max_batches, cache_batches=True)
+    if data is not None or loss_fn is not None or max_batches is not None:
+        raise HessgapError(
+            f"{caller} got an operator together with data/loss_fn/max_batches; those only apply when a "
+            "model is passed (the operator already fixes its data)"
+        )
+    if isinstance(model, torch.Tensor):
+        return MatrixOperator(model)
+    missing = [name for name in OPERATOR_ATTRIBUTES if not hasattr(model, name)]
+    if missing:
+        raise HessgapError(
+            f"{caller} expects a torch.nn.Module with its data, a square symmetric tensor, or an operator "
+            f"with n, dtype, device and matmat(V); got {type(model).__name__} without {', '.join(missing)}"
+        )
+    if int(model.n) <= 0:
+        raise HessgapError(f"the operator has n = {model.n}; it must act on at least one parameter")
+    return model
+
+
+class CheckedOperator:
+    """Wraps an operator: counts the Hessian-vector products of one call, checks shape and finiteness."""
+
+    def __init__(self, operator):
+        self.operator = operator
+        self.n = int(operator.n)
+        self.dtype = operator.dtype
+        self.device = torch.device(operator.device)
+        self.path = getattr(operator, "path", None)
+        self.hvps = 0
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        result = self.operator.matmat(V)
+        if not isinstance(result, torch.Tensor) or tuple(result.shape) != tuple(V.shape):
+            shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+            raise HessgapError(f"the operator's matmat returned {shape} for input {tuple(V.shape)}; it must return H·V of the same shape")
+        self.hvps += V.shape[0]
+        if not torch.isfinite(result).all():
+            raise NonFiniteError(
+                "a Hessian-vector product returned NaN or inf; check the model's parameters, the data and the "
+                "loss for non-finite values (a diverged model gives this)"
+            )
+        return result.to(self.dtype)

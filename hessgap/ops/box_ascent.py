@@ -18,7 +18,7 @@ coordinates on the box's faces, and the first-order predicted increase of f.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

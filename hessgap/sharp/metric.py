@@ -10,24 +10,24 @@ max_{‖δ ⊙ |x|⁻¹‖_p ≤ ρ} f(x + δ) − f(x), p ∈ {∞, 2}, without
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from numbers import Real
 
 from torch import nn
 
+from .. import _checks
 from .._results import JsonResult
 from .._state import preserved
 from ..curvature.objective import LossFn, LossOverData, check_finite_parameters
 from ..errors import HessgapError
 from ..ops.box_ascent import box_radius
 from . import solvers
+from .spaces import FullSpace, ScaledSpace, SubspaceSpace
 from .subspace import SCALES, RandomSubspace
 
 KINDS = ("keskar", "adaptive")
 NORMS = ("linf", "l2")
-DEFAULT_MAX_ITER = {"lbfgsb": 10, "box-ascent": 10}
+DEFAULT_MAX_ITER = {"lbfgsb": 10, "box-ascent": 10}  # by the solver that runs
 DEFAULT_RHO = {"linf": 2e-3, "l2": 0.1}
 DEFAULT_SUBSPACE_DIM = 100
 
@@ -38,9 +38,11 @@ class SharpnessResult(JsonResult):
 
     ``value`` is the metric: Keskar's φ in percent for ``kind="keskar"``, the loss increase
     ``max_loss − loss`` for ``kind="adaptive"``. ``loss`` is f(x), ``max_loss`` the largest f found in
-    the box (≥ ``loss``). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``evaluations`` counts passes of
-    loss and gradient over the data, f(x) included, ``evaluation_seconds`` the time they took (the rest
-    of ``seconds`` is the solver's own work); ``history`` lists f at each of them.
+    the box (≥ ``loss``). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``solver`` is the solver that ran,
+    ``solver_requested`` the one asked for (``"auto"`` picks one per problem: see
+    :func:`hessgap.sharp.solvers.resolve`). ``evaluations`` counts passes of loss and gradient over the
+    data, f(x) included, ``evaluation_seconds`` the time they took (the rest of ``seconds`` is the
+    solver's own work); ``history`` lists f at each of them.
     """
 
     value: float
@@ -49,6 +51,7 @@ class SharpnessResult(JsonResult):
     epsilon: float
     subspace_dim: int | None
     solver: str
+    solver_requested: str
     iterations: int
     evaluations: int
     seconds: float
@@ -70,21 +73,14 @@ class SharpnessResult(JsonResult):
         unit = "" if self.kind == "adaptive" else " (Metric 2.1, %)"
         return (
             f"{self.kind} sharpness{unit} = {self.value:.6g} at eps={self.epsilon:g}, {space}, "
-            f"loss {self.loss:.6g} -> {self.max_loss:.6g}, {self.solver}, {self.evaluations} evaluations, "
+            f"loss {self.loss:.6g} -> {self.max_loss:.6g}, {self._solver_text()}, {self.evaluations} evaluations, "
             f"{self.seconds:.2f}s"
         )
 
-
-def _positive_number(value, name: str, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise HessgapError(f"{name} must be a finite number > 0, got {value!r}; {hint}")
-    return float(value)
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise HessgapError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    def _solver_text(self) -> str:
+        if self.solver_requested == self.solver:
+            return self.solver
+        return f"{self.solver} ({self.solver_requested})"
 
 
 def _check_buffers(model: nn.Module, objective: LossOverData) -> None:
@@ -104,17 +100,17 @@ def _check_buffers(model: nn.Module, objective: LossOverData) -> None:
 
 def sharpness(
     model: nn.Module,
-    loader,
+    data,
     epsilon: float = 1e-3,
-    subspace_dim: int | None = None,
+    *,
+    subspace_dim: int | bool | None = None,
     loss_fn: LossFn | None = None,
-    solver: str = "box-ascent",
+    solver: str = "auto",
     max_iter: int | None = None,
     seed: int = 0,
     max_batches: int | None = None,
     train_mode: bool = False,
     progress: bool = False,
-    *,
     kind: str = "keskar",
     norm: str = "linf",
     momentum: float = 0.0,
@@ -124,12 +120,12 @@ def sharpness(
     cache_batches: bool = False,
     lbfgsb_options: dict | None = None,
 ) -> SharpnessResult:
-    """ε-sharpness of ``model`` at its current weights x over the data in ``loader`` (Metric 2.1).
+    """ε-sharpness of ``model`` at its current weights x over ``data`` (Metric 2.1).
 
     Args:
         model: the network; its weights, buffers, gradients and train/eval modes are restored bit for bit
             on return, also when the call raises or is interrupted.
-        loader: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list) or one such pair;
+        data: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list) or one such pair;
             f is the mean loss over all of it. Batches are moved to the model's device, and floating
             inputs cast to its dtype.
         epsilon: the box size ε (ρ for ``kind="adaptive"``).
@@ -138,17 +134,17 @@ def sharpness(
             regenerated block by block when it does not fit ``subspace_memory_bytes``, so the extra
             memory stays a small multiple of the parameters' size for any p.
         loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
-        solver: ``"box-ascent"`` (default) or ``"lbfgsb"`` (scipy's L-BFGS-B from y = 0, the paper's
-            method). In the full space the default is projected sign ascent from the box corner
-            sign(∇f)·r, with Auto-PGD's step halving and the best point kept, using the fused op; in a
-            random subspace (p coordinates) it follows L-BFGS-B's path, so that it finds at least
-            L-BFGS-B's value in the same time (sign ascent can stop at a lower local maximum there:
-            see :mod:`hessgap.sharp.solvers`); ``momentum`` and ``tol`` then do not apply. Both return
-            the largest f they evaluated, a lower bound of the true maximum.
+        solver: ``"auto"`` (default), ``"box-ascent"`` or ``"lbfgsb"``. ``"box-ascent"`` is projected
+            sign ascent from the box corner sign(∇f)·r, with Auto-PGD's step halving and the best point
+            kept, using the fused op; ``"lbfgsb"`` is scipy's L-BFGS-B from y = 0, the paper's method
+            (``momentum`` and ``tol`` do not apply to it). ``"auto"`` runs box-ascent in the full space
+            and L-BFGS-B in a random subspace, where sign ascent can stop at a lower local maximum
+            (see :func:`hessgap.sharp.solvers.resolve`); the result names both. All return the largest f
+            they evaluated, a lower bound of the true maximum.
         max_iter: at most this many iterations; 10 for both solvers by default (a box-ascent step is
             one pass of loss and gradient; an L-BFGS-B iteration may take several).
         seed: seeds the random subspace A and the tie-breaking of zero gradients.
-        max_batches: limit f to the first batches of ``loader``, for speed.
+        max_batches: limit f to the first batches of ``data``, for speed.
         train_mode: evaluate in train mode (BatchNorm on batch statistics, dropout on); the default is
             eval mode, as Andriushchenko et al. BatchNorm buffers are restored either way.
         progress: show a tqdm progress bar over the iterations.
@@ -169,32 +165,27 @@ def sharpness(
         :class:`SharpnessResult`.
     """
     started = time.perf_counter()
-    if kind not in KINDS:
-        raise HessgapError(f"unknown sharpness kind {kind!r}; choose one of {KINDS}")
-    if norm not in NORMS:
-        raise HessgapError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    _checks.choice(kind, KINDS, "sharpness kind")
+    _checks.choice(norm, NORMS, "norm")
     if kind == "keskar" and norm != "linf":
         raise HessgapError("Keskar's sharpness is defined on a box (norm='linf'); norm='l2' needs kind='adaptive'")
-    solvers.check_solver(solver)
-    if norm == "l2" and solver == "lbfgsb":
-        raise HessgapError("L-BFGS-B handles box bounds only; use solver='box-ascent' for the l2 ball")
+    ran = solvers.resolve(solver, subspace_dim, norm)
     name = "rho" if kind == "adaptive" else "epsilon"
-    epsilon = _positive_number(epsilon, name, f"{name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)")
-    max_iter = _positive_int(DEFAULT_MAX_ITER[solver] if max_iter is None else max_iter, "max_iter")
-    if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0 <= momentum < 1:
-        raise HessgapError(f"momentum must be in [0, 1), got {momentum!r}")
+    epsilon = _checks.positive_number(
+        epsilon, name, f"{name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)"
+    )
+    max_iter = _checks.positive_int(DEFAULT_MAX_ITER[ran] if max_iter is None else max_iter, "max_iter")
+    momentum = _checks.in_unit_interval(momentum, "momentum")
     if subspace_dim is not None and kind == "adaptive":
         raise HessgapError("adaptive sharpness is defined in the full space; leave subspace_dim=None")
     if subspace_scale not in SCALES:
         raise HessgapError(f"subspace_scale must be one of {SCALES}, got {subspace_scale!r}")
-    if isinstance(tol, bool) or not isinstance(tol, Real) or not 0 <= tol < 1:
-        raise HessgapError(f"tol must be in [0, 1), got {tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise HessgapError(f"seed must be an integer, got {seed!r}")
+    tol = _checks.in_unit_interval(tol, "tol")
+    _checks.seed(seed)
 
     if subspace_dim is True:
         subspace_dim = DEFAULT_SUBSPACE_DIM
-    objective = LossOverData(model, loader, loss_fn=loss_fn, max_batches=max_batches)
+    objective = LossOverData(model, data, loss_fn=loss_fn, max_batches=max_batches)
     _check_buffers(model, objective)
     check_finite_parameters(objective.params, objective.names)
     n = objective.num_parameters
@@ -212,24 +203,21 @@ def sharpness(
 
     from tqdm.auto import tqdm
 
-    with preserved(model, train=train_mode) as snapshot:
+    with preserved(model, train_mode=train_mode) as snapshot:
         x = [snapshot[name] for name in objective.names]
         if cache_batches:
             objective.cache_batches()
         box = "adaptive" if kind == "adaptive" else "keskar"
         if subspace is not None:
-            space = solvers.SubspaceSpace(objective, x, subspace)
+            space = SubspaceSpace(objective, x, subspace)
         elif norm == "l2":
-            space = solvers.ScaledSpace(objective, x)
+            space = ScaledSpace(objective, x)
         else:
-            space = solvers.FullSpace(objective, x)
+            space = FullSpace(objective, x)
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
-        with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({solver})", leave=False) as bar:
-            # the result names the solver that ran, which in a subspace may differ from the one asked for
-            ran = "lbfgsb" if subspace is not None and solvers.SUBSPACE_DEFAULT == "lbfgsb" else solver
+        with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({ran})", leave=False) as bar:
             if ran == "lbfgsb":
-                # in a subspace the default follows L-BFGS-B's path: see the solvers module docstring
                 radii = [box_radius(c, epsilon, box) for c in space.box_centre]
                 outcome = solvers.lbfgsb(
                     space,
@@ -251,8 +239,8 @@ def sharpness(
                     loss0,
                     grad0,
                     max_iter=max_iter,
-                    momentum=float(momentum),
-                    tol=float(tol),
+                    momentum=momentum,
+                    tol=tol,
                     seed=seed,
                     tick=lambda: bar.update(1),
                 )
@@ -268,6 +256,7 @@ def sharpness(
         epsilon=epsilon,
         subspace_dim=subspace_dim,
         solver=ran,
+        solver_requested=solver,
         iterations=outcome.iterations,
         evaluations=evaluations,
         seconds=time.perf_counter() - started,
@@ -288,12 +277,12 @@ def sharpness(
 
 def adaptive_sharpness(
     model: nn.Module,
-    loader,
+    data,
     rho: float | None = None,
     norm: str = "linf",
     *,
     loss_fn: LossFn | None = None,
-    solver: str = "box-ascent",
+    solver: str = "auto",
     max_iter: int | None = None,
     **kwargs,
 ) -> SharpnessResult:
@@ -303,11 +292,10 @@ def adaptive_sharpness(
     ‖δ / |x|‖₂ ≤ ρ over all coordinates together (default ρ = 0.1). Coordinates with x_i = 0 cannot move.
     No (1 + f) normalization: ``value`` is the loss increase. Other arguments as :func:`sharpness`.
     """
-    if norm not in NORMS:
-        raise HessgapError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    _checks.choice(norm, NORMS, "norm")
     return sharpness(
         model,
-        loader,
+        data,
         epsilon=DEFAULT_RHO[norm] if rho is None else rho,
         loss_fn=loss_fn,
         solver=solver,

@@ -1,9 +1,7 @@
 """Maximizers of f(x + A y) over a box (or a ball): projected sign ascent and scipy's L-BFGS-B.
 
-A *space* says what the variable y is and how it moves the model: :class:`FullSpace` (A = I, y has the
-parameters' shapes), :class:`ScaledSpace` (δ = c ⊙ u, for the ℓ2 ball of adaptive sharpness) and
-:class:`SubspaceSpace` (A is a random n × p matrix, y = z ∈ R^p). Every loss evaluation goes through
-the space, which counts it, records its value and keeps the largest one.
+A *space* (:mod:`hessgap.sharp.spaces`) says what the variable y is and how it moves the model; the
+solvers and their step rules only talk to it.
 
 Solvers:
 
@@ -17,37 +15,55 @@ Solvers:
   bounds and ``maxiter`` iterations (tolerances off), Keskar et al.'s method, through a float64 numpy
   interface.
 
-The default solver ("box-ascent") is the sign ascent in the full space only. In a random subspace
-(:data:`SUBSPACE_DEFAULT`) it takes L-BFGS-B's path from y = 0, for three reasons. (1) Both solvers
-are local: they end at different local maxima, and on the F1-sized LB model the sign ascent ended on a
-box vertex whose gradient signs all point outwards (a local maximum: 70.6) while L-BFGS-B's path
-reached 80.4; no step from that vertex (sign, projected gradient, L-BFGS-B started there) can leave
-it, and L-BFGS-B started at the first sign step's corner climbed to the same 70.6. The only
-way to find at least L-BFGS-B's value on every model is to follow its path. (2) Following it costs
-exactly its passes: a second path (say, the better of a start at 0 and at the corner) would double the
-time. (3) What makes the sign ascent win in the full space is gone at p = 100: scipy's per-call work
-is O(p) instead of seconds at a million coordinates, and the passes, not the solver, are the time.
+Which one runs is decided in one place, :func:`resolve`: ``solver="auto"`` (the default of
+:func:`hessgap.sharpness`) takes the sign ascent in the full space and L-BFGS-B's path in a random
+subspace (its docstring says why); ``"box-ascent"`` and ``"lbfgsb"`` run as asked, in either space.
 """
 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .. import _extension
-from ..curvature.objective import LossOverData
+from .. import _checks, _extension
 from ..errors import HessgapError
+from ..names import SHARPNESS_SOLVERS
 from ..ops import box_ascent as box_ops
-from .subspace import FlatParameters, RandomSubspace
+from .spaces import Space
 
-SOLVERS = ("box-ascent", "lbfgsb")
-# what solver="box-ascent" (the default) runs in a random subspace; see the module docstring
-SUBSPACE_DEFAULT = "lbfgsb"
+#: What users may ask for: "auto" (see :func:`resolve`), "box-ascent" or "lbfgsb".
+SOLVERS = SHARPNESS_SOLVERS
+
+
+def resolve(solver: str, subspace_dim: int | bool | None, norm: str = "linf") -> str:
+    """The solver that runs when ``solver`` is asked for: ``"box-ascent"`` or ``"lbfgsb"``.
+
+    ``"box-ascent"`` and ``"lbfgsb"`` run as asked (L-BFGS-B takes box bounds only, so it refuses
+    ``norm="l2"``). ``"auto"`` takes the projected sign ascent (box-ascent) in the full space, for either
+    norm, and L-BFGS-B's path from y = 0 in a random subspace (``subspace_dim`` not None), for three
+    reasons.
+
+    1. Both solvers are local: they end at different local maxima, and in a 100-dim subspace of the
+       F1-sized LB model the sign ascent ended on a box vertex whose gradient signs all point outwards
+       (a local maximum: 70.6) while L-BFGS-B's path reached 80.4; no step from that vertex (sign,
+       projected gradient, L-BFGS-B started there) can leave it, and L-BFGS-B started at the first sign
+       step's corner climbed to the same 70.6. The only way to find at least L-BFGS-B's value on every
+       model is to follow its path.
+    2. Following it costs exactly its passes: a second path (say, the better of a start at 0 and at the
+       corner) would double the time.
+    3. What makes the sign ascent win in the full space is gone at p = 100: scipy's per-call work is
+       O(p) instead of seconds at a million coordinates, and the passes, not the solver, are the time.
+    """
+    _checks.choice(solver, SOLVERS, "solver")
+    if norm == "l2" and solver == "lbfgsb":
+        raise HessgapError("L-BFGS-B handles box bounds only; use solver='box-ascent' for the l2 ball")
+    if solver != "auto":
+        return solver
+    return "lbfgsb" if subspace_dim is not None else "box-ascent"
 
 
 def step_function(device: torch.device) -> tuple[Callable[..., torch.Tensor], str]:
@@ -58,144 +74,13 @@ def step_function(device: torch.device) -> tuple[Callable[..., torch.Tensor], st
     return box_ops.box_ascent_step_reference, "reference"
 
 
-# ----------------------------------------------------------------------------------------------- spaces
-
-
-class _Space:
-    """Shared bookkeeping: the objective, the centre x (a snapshot, never the live weights), counts.
-
-    Each space also sets ``box_centre`` (the tensors the box radius is computed from, in y's layout),
-    ``op_params`` (what the fused step writes centre + y into) and ``fused`` (whether that write already
-    moved the model, or :meth:`set_point` must follow).
-    """
-
-    def __init__(self, objective: LossOverData, x: Sequence[torch.Tensor]):
-        self.objective = objective
-        self.x = list(x)
-        self.params = [p.detach() for p in objective.params]  # same storage as the model's weights
-        self.evaluations = 0
-        self.evaluation_seconds = 0.0  # time inside loss + gradient passes; the rest is the solver's
-        self.history: list[float] = []
-        self.best = -math.inf
-
-    def _record(self, value: float) -> None:
-        self.evaluations += 1
-        self.history.append(value)
-        self.best = max(self.best, value)
-
-    def zeros(self) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def set_point(self, y: Sequence[torch.Tensor]) -> None:
-        """Write x + A y into the model's weights."""
-        raise NotImplementedError
-
-    def pull_back(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """∇_y f from ∇_x f."""
-        raise NotImplementedError
-
-    def evaluate(self) -> tuple[float, list[torch.Tensor]]:
-        """f and ∇_y f at the point currently written into the model (one pass over the data)."""
-        started = time.perf_counter()
-        value, grads = self.objective.value_and_grad()
-        self.evaluation_seconds += time.perf_counter() - started
-        self._record(value)
-        return value, self.pull_back(grads)
-
-    def to_numpy(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
-        return torch.cat([t.reshape(-1) for t in tensors]).to("cpu", torch.float64).numpy()
-
-    def from_numpy(self, flat: np.ndarray) -> list[torch.Tensor]:
-        like = self.box_centre  # the variable's shapes, device and dtype
-        values = torch.from_numpy(np.ascontiguousarray(flat))
-        out, offset = [], 0
-        for t in like:
-            n = t.numel()
-            out.append(values[offset : offset + n].view(t.shape).to(t.device, t.dtype))
-            offset += n
-        return out
-
-
-class FullSpace(_Space):
-    """A = I: y has the parameters' shapes; the box is centred on x itself."""
-
-    fused = True  # the box-ascent op writes x + y into the weights in the same pass
-
-    def __init__(self, objective: LossOverData, x: Sequence[torch.Tensor]):
-        super().__init__(objective, x)
-        self.box_centre = self.x
-        self.op_params = self.params
-
-    @property
-    def dim(self) -> int:
-        return sum(t.numel() for t in self.x)
-
-    def zeros(self) -> list[torch.Tensor]:
-        return [torch.zeros_like(t) for t in self.x]
-
-    @torch.no_grad()
-    def set_point(self, y: Sequence[torch.Tensor]) -> None:
-        for p, xi, yi in zip(self.params, self.x, y):
-            torch.add(xi, yi, out=p) if p.is_contiguous() else p.copy_(xi + yi)
-
-    def pull_back(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        return grads
-
-
-class ScaledSpace(FullSpace):
-    """δ = c ⊙ u with c = |x|: the variable u lives in the unit-free coordinates of adaptive sharpness."""
-
-    fused = False
-
-    def __init__(self, objective: LossOverData, x: Sequence[torch.Tensor]):
-        super().__init__(objective, x)
-        self.scale = [t.abs() for t in self.x]
-
-    @torch.no_grad()
-    def set_point(self, u: Sequence[torch.Tensor]) -> None:
-        for p, xi, ci, ui in zip(self.params, self.x, self.scale, u):
-            p.copy_(torch.addcmul(xi, ci, ui))
-
-    def pull_back(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [g.mul_(c) for g, c in zip(grads, self.scale)]
-
-
-class SubspaceSpace(_Space):
-    """y = z ∈ R^p moves the weights to x + A z; the box is centred on A⁺x (Metric 2.1)."""
-
-    fused = False
-
-    def __init__(self, objective: LossOverData, x: Sequence[torch.Tensor], subspace: RandomSubspace):
-        super().__init__(objective, x)
-        self.subspace = subspace
-        self.flat_x = FlatParameters(self.x)
-        self.flat_params = FlatParameters(self.params)
-        self.pinv_x = subspace.pinv_apply(self.flat_x)
-        # the box-ascent op runs on the p coordinates of z; it writes c + z into this scratch vector
-        self.box_centre = [self.pinv_x.to(subspace.dtype)]
-        self.op_params = [torch.empty_like(self.box_centre[0])]
-
-    @property
-    def dim(self) -> int:
-        return self.subspace.p
-
-    def zeros(self) -> list[torch.Tensor]:
-        return [torch.zeros(self.subspace.p, dtype=self.subspace.dtype, device=self.subspace.device)]
-
-    def set_point(self, z: Sequence[torch.Tensor]) -> None:
-        self.subspace.write_shifted(self.flat_x, z[0], self.flat_params)
-
-    def pull_back(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.subspace.rmatvec(FlatParameters(grads)).to(self.subspace.dtype)]
-
-
 # ----------------------------------------------------------------------------------------------- steps
 
 
 class LinfStep:
     """Projected sign step in the box |y_i| ≤ r_i, by the fused op (which also writes x + y when it can)."""
 
-    def __init__(self, space: _Space, epsilon: float, box: str):
+    def __init__(self, space: Space, epsilon: float, box: str):
         self.space, self.epsilon, self.box = space, epsilon, box
         self.op, self.kernel = step_function(space.box_centre[0].device)
         radii = [box_ops.box_radius(c, epsilon, box) for c in space.box_centre]
@@ -232,7 +117,7 @@ class L2Step:
 
     kernel = "torch"
 
-    def __init__(self, space: _Space, rho: float):
+    def __init__(self, space: Space, rho: float):
         self.space, self.rho = space, rho
 
     def initial_step(self) -> float:
@@ -297,7 +182,7 @@ def apgd_checkpoints(max_iter: int) -> list[int]:
 
 
 def box_ascent(
-    space: _Space,
+    space: Space,
     step_rule: LinfStep | L2Step,
     loss0: float,
     grad0: list[torch.Tensor],
@@ -397,7 +282,7 @@ def _break_ties(g: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
 
 
 def lbfgsb(
-    space: _Space,
+    space: Space,
     lower: list[torch.Tensor],
     upper: list[torch.Tensor],
     loss0: float,
@@ -451,8 +336,3 @@ def lbfgsb(
         kernel="scipy",
         message=str(result.message),
     )
-
-
-def check_solver(solver: str) -> None:
-    if solver not in SOLVERS:
-        raise HessgapError(f"unknown solver {solver!r}; choose one of {SOLVERS}")

@@ -11,7 +11,7 @@ The n coordinates are those of the model's trainable parameters concatenated in 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -121,9 +121,15 @@ class RandomSubspace:
 
     @torch.no_grad()
     def pinv_apply(self, x: FlatParameters) -> torch.Tensor:
-        """A⁺x = (AᵀA)⁻¹ Aᵀx (A has full column rank with probability one since p ≤ n), float64."""
+        """A⁺x = (AᵀA)⁻¹ Aᵀx (A has full column rank with probability one since p ≤ n), float64.
+
+        On CPU the SVD-based driver ``gelsd``: torch's default there, ``gelsy``, gave results that differ in
+        the last bits from one call to the next on the same input, so two equal sharpness calls could
+        disagree. CUDA has only ``gels``.
+        """
         gram, atx = self.gram_and_project(x)
-        return torch.linalg.lstsq(gram, atx.unsqueeze(1)).solution.squeeze(1)
+        driver = "gelsd" if gram.device.type == "cpu" else None
+        return torch.linalg.lstsq(gram, atx.unsqueeze(1), driver=driver).solution.squeeze(1)
 
     @torch.no_grad()
     def rmatvec(self, g: FlatParameters) -> torch.Tensor:

@@ -5,10 +5,11 @@
 - :func:`density`: spectral density by stochastic Lanczos quadrature
 
 Each takes a model with its data, an operator (``n``, ``dtype``, ``device``, ``matmat``), or an
-explicit symmetric matrix (:class:`MatrixOperator`), and returns a JSON-serializable result.
+explicit symmetric matrix (:class:`MatrixOperator`), and returns a JSON-serializable result. The
+operators live in :mod:`hessgap.curvature.operator`; the random probes in :mod:`hessgap.spectrum._probes`.
 """
 
-from ._operator import MatrixOperator
+from ..curvature.operator import MatrixOperator
 from ._results import DensityResult, EigenResult, TraceResult
 from .density import density
 from .lanczos import eigenvalues

@@ -15,8 +15,10 @@ import time
 import numpy as np
 import torch
 
+from .._checks import positive_int
+from ..curvature.operator import CheckedOperator, resolve_operator
 from ..errors import HessgapError
-from ._operator import CheckedOperator, check_positive_int, generator_for, rademacher, resolve_operator
+from ._probes import generator_for, rademacher
 from ._results import DensityResult
 
 # Reorthogonalize a second time when one pass shrank the vector below this fraction of its norm.
@@ -24,7 +26,7 @@ _DGKS = 1 / math.sqrt(2)
 
 
 def density(
-    target,
+    model,
     data=None,
     *,
     num_probes: int = 2,
@@ -40,8 +42,9 @@ def density(
 ) -> DensityResult:
     """Spectral density of the Hessian from ``num_probes`` normalized Rademacher probes.
 
-    ``target`` is a model with its ``data`` (and optional ``loss_fn`` / ``max_batches``), an operator
-    with ``n``, ``dtype``, ``device`` and ``matmat``, or a square symmetric tensor.
+    ``model`` is a model, or an operator / square symmetric tensor: a model comes with its ``data``
+    (and optional ``loss_fn`` / ``max_batches``); an operator is any object with ``n``, ``dtype``,
+    ``device`` and ``matmat``.
     ``lanczos_steps`` (at most n) Lanczos steps are run per probe, all probes in one ``matmat`` per
     step; a probe whose Krylov space becomes invariant stops early. With ``reorthogonalize`` (default)
     each probe's Lanczos vectors are kept and every new one is made orthogonal to them (memory:
@@ -54,12 +57,12 @@ def density(
     nodes). ``save_png`` writes the plot there (also :meth:`DensityResult.plot`).
     """
     started = time.perf_counter()
-    check_positive_int(num_probes, "num_probes", " (the number of random probe vectors)")
-    check_positive_int(lanczos_steps, "lanczos_steps")
+    positive_int(num_probes, "num_probes", "the number of random probe vectors")
+    positive_int(lanczos_steps, "lanczos_steps")
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (sigma > 0 and math.isfinite(sigma))):
         raise HessgapError(f"sigma is the Gaussian broadening and must be a positive number, got {sigma!r}")
     explicit_grid = _explicit_grid(grid)
-    operator = CheckedOperator(resolve_operator(target, data, loss_fn=loss_fn, max_batches=max_batches, caller="density"))
+    operator = CheckedOperator(resolve_operator(model, data, loss_fn=loss_fn, max_batches=max_batches, caller="density"))
     steps = min(lanczos_steps, operator.n)
     alphas, betas, lengths = _batched_lanczos(operator, num_probes, steps, bool(reorthogonalize), seed, progress)
 

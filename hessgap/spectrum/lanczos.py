@@ -14,8 +14,10 @@ import time
 
 import torch
 
+from .._checks import positive_int
+from ..curvature.operator import CheckedOperator, resolve_operator
 from ..errors import HessgapError
-from ._operator import CheckedOperator, check_positive_int, generator_for, resolve_operator
+from ._probes import generator_for
 from ._results import EigenResult
 
 _WHICH = ("LA", "SA", "LM")
@@ -25,7 +27,7 @@ _DGKS = 1 / math.sqrt(2)
 
 
 def eigenvalues(
-    target,
+    model,
     data=None,
     *,
     k: int = 1,
@@ -42,10 +44,10 @@ def eigenvalues(
 ) -> EigenResult:
     """The k extreme eigenvalues of the Hessian, with eigenvectors and residual norms.
 
-    ``target`` is a model (then ``data``, ``loss_fn`` and ``max_batches`` build a
-    :class:`~hessgap.curvature.operator.HessianOperator` over the mean loss of the data, its
-    batches held in memory for the repeated passes), an operator with ``n``, ``dtype``, ``device``
-    and ``matmat``, or a square symmetric tensor.
+    ``model`` is a model, or an operator / square symmetric tensor: a model's ``data``, ``loss_fn`` and
+    ``max_batches`` build a :class:`~hessgap.curvature.operator.HessianOperator` over the mean loss of
+    the data, its batches held in memory for the repeated passes; an operator is any object with ``n``,
+    ``dtype``, ``device`` and ``matmat``.
 
     ``which``: "LA" largest algebraic (descending), "SA" smallest algebraic (ascending), "LM"
     largest magnitude (by descending magnitude).
@@ -70,21 +72,21 @@ def eigenvalues(
         raise HessgapError(f"criterion must be 'eigenvalue' or 'residual', got {criterion!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1):
         raise HessgapError(f"tol is a relative tolerance and must lie in (0, 1), got {tol!r}")
-    check_positive_int(k, "k", " (the number of eigenvalues wanted)")
-    check_positive_int(max_iter, "max_iter")
+    positive_int(k, "k", "the number of eigenvalues wanted")
+    positive_int(max_iter, "max_iter")
     operator = CheckedOperator(
-        resolve_operator(target, data, loss_fn=loss_fn, max_batches=max_batches, caller="eigenvalues")
+        resolve_operator(model, data, loss_fn=loss_fn, max_batches=max_batches, caller="eigenvalues")
     )
     n = operator.n
     if k > n:
         raise HessgapError(f"k = {k} eigenvalues asked for, but the Hessian is only {n} × {n}; use k <= {n}")
     if block_size is None:
         block_size = 1 if k == 1 else min(k, 4)
-    check_positive_int(block_size, "block_size")
+    positive_int(block_size, "block_size")
     block_size = min(block_size, n)
     if max_basis is None:
         max_basis = max(30, 3 * k + 4 * block_size)
-    check_positive_int(max_basis, "max_basis")
+    positive_int(max_basis, "max_basis")
     max_basis = min(max_basis, n)
     if max_basis < n and max_basis < k + 2 * block_size:
         raise HessgapError(

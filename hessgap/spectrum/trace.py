@@ -12,8 +12,10 @@ import time
 
 import torch
 
+from .._checks import positive_int
+from ..curvature.operator import CheckedOperator, resolve_operator
 from ..errors import HessgapError
-from ._operator import CheckedOperator, check_positive_int, generator_for, rademacher, resolve_operator
+from ._probes import generator_for, rademacher
 from ._results import TraceResult
 
 # Probes and their products held at once: default chunk size for trace().
@@ -21,7 +23,7 @@ _CHUNK_BYTES = 512 * 2**20
 
 
 def trace(
-    target,
+    model,
     data=None,
     *,
     num_probes: int = 64,
@@ -34,24 +36,24 @@ def trace(
 ) -> TraceResult:
     """Hutchinson estimate of tr(H) from ``num_probes`` Rademacher probes, run as one batch.
 
-    ``target`` is a model with its ``data`` (and optional ``loss_fn`` / ``max_batches``), an operator
-    with ``n``, ``dtype``, ``device`` and ``matmat``, or a square symmetric tensor. ``batch`` is the
-    number of probes per ``matmat`` call (default: all of them, or fewer so that probes plus products
-    stay within 512 MiB). The result holds ``value`` (the mean of the per-probe zᵀHz), ``stderr``,
-    and ``ci``, a two-sided Student-t interval at ``confidence``; its variance is 2·Σ_{i≠j} H_ij², so
-    the estimate is exact for a diagonal H.
+    ``model`` is a model, or an operator / square symmetric tensor: a model comes with its ``data``
+    (and optional ``loss_fn`` / ``max_batches``); an operator is any object with ``n``, ``dtype``,
+    ``device`` and ``matmat``. ``batch`` is the number of probes per ``matmat`` call (default: all of
+    them, or fewer so that probes plus products stay within 512 MiB). The result holds ``value`` (the
+    mean of the per-probe zᵀHz), ``stderr``, and ``ci``, a two-sided Student-t interval at
+    ``confidence``; its variance is 2·Σ_{i≠j} H_ij², so the estimate is exact for a diagonal H.
     """
     started = time.perf_counter()
-    check_positive_int(num_probes, "num_probes", " (the number of random probe vectors)")
+    positive_int(num_probes, "num_probes", "the number of random probe vectors")
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (0 < confidence < 1):
         raise HessgapError(f"confidence must lie in (0, 1), e.g. 0.95, got {confidence!r}")
-    operator = CheckedOperator(resolve_operator(target, data, loss_fn=loss_fn, max_batches=max_batches, caller="trace"))
+    operator = CheckedOperator(resolve_operator(model, data, loss_fn=loss_fn, max_batches=max_batches, caller="trace"))
     n, dtype, device = operator.n, operator.dtype, operator.device
     if batch is None:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         batch = max(1, min(num_probes, _CHUNK_BYTES // (2 * n * itemsize)))
     else:
-        check_positive_int(batch, "batch", " (probes per batched Hessian product)")
+        positive_int(batch, "batch", "probes per batched Hessian product")
     generator = generator_for(device, seed)
 
     from tqdm.auto import tqdm

@@ -5,14 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from oracles import explicit_hessian
 from torch import nn
-from torch.func import functional_call
 
 from hessgap.errors import HessgapError
 from hessgap.spectrum import density, eigenvalues, trace
-from hessgap.spectrum._operator import generator_for, rademacher
-
-pytest.importorskip("hessgap.curvature.operator", reason="HessianOperator is not in this checkout")
+from hessgap.spectrum._probes import generator_for, rademacher
 
 
 def tiny_model(batch_norm=False, dtype=torch.float64):
@@ -36,27 +34,6 @@ def tiny_loader(dtype=torch.float64, sizes=(8, 8, 5)):
         (torch.randn(size, 5, generator=generator, dtype=torch.float64).to(dtype), torch.randint(0, 3, (size,), generator=generator))
         for size in sizes
     ]
-
-
-def explicit_hessian(model, batches, loss_fn=None):
-    """Hessian of the sample-weighted mean loss w.r.t. the flattened trainable parameters."""
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    shapes = [p.shape for _, p in model.named_parameters() if p.requires_grad]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters() if p.requires_grad])
-    inputs = torch.cat([x for x, _ in batches])
-    targets = torch.cat([y for _, y in batches])
-
-    def loss(vector):
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            size = math.prod(shape)
-            params[name] = vector[offset : offset + size].reshape(shape)
-            offset += size
-        return loss_fn(functional_call(model, params, (inputs,)), targets)
-
-    H = torch.autograd.functional.hessian(loss, flat)
-    return (H + H.T) / 2
 
 
 @pytest.mark.parametrize("batch_norm, which", [(False, "LA"), (True, "SA"), (True, "LM")])

@@ -1,15 +1,15 @@
-"""HessianOperator: the interface the spectrum code uses, checked against an explicit Hessian."""
+"""The operators of hessgap.curvature.operator: HessianOperator against an explicit Hessian, MatrixOperator,
+CheckedOperator and resolve_operator."""
 
 import numpy as np
 import pytest
 import torch
+from oracles import assert_unchanged, explicit_hessian, snapshot
 from torch import nn
 
 from hessgap import _extension
-from hessgap.curvature.operator import HessianOperator
+from hessgap.curvature.operator import CheckedOperator, HessianOperator, MatrixOperator, resolve_operator
 from hessgap.errors import HessgapError
-
-from test_hvp import explicit_hessian, snapshot, assert_unchanged
 
 
 def _setup():
@@ -99,3 +99,52 @@ def test_kept_primal_passes_follow_changes_to_the_model():
                           strict=False)
     hess = explicit_hessian(model, loader, nn.CrossEntropyLoss())
     torch.testing.assert_close(op.matmat(V), V @ hess, rtol=1e-10, atol=1e-12)
+
+
+# ---- the other operators: MatrixOperator, CheckedOperator, resolve_operator ---------------------------
+
+
+def test_matrix_operator_multiplies_and_counts():
+    A = torch.randn(6, 6, dtype=torch.float64)
+    A = (A + A.T) / 2
+    op = MatrixOperator(A)
+    V = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(V), V @ A)
+    torch.testing.assert_close(op.matvec(V[0]), A @ V[0])
+    assert op.hvps == 4 and op.n == 6 and op.path == "matrix"
+    x = np.random.default_rng(3).standard_normal(6)
+    np.testing.assert_allclose(op.as_linear_operator().matvec(x), A.numpy() @ x, rtol=1e-12)
+    with pytest.raises(HessgapError, match="matmat expects a"):
+        op.matmat(torch.randn(2, 5, dtype=torch.float64))
+
+
+def test_resolve_operator_builds_takes_or_refuses():
+    model, loader = _setup()
+    built = resolve_operator(model, loader, caller="eigenvalues")
+    assert isinstance(built, HessianOperator) and built.objective.batches_cached
+    matrix = resolve_operator(torch.eye(3, dtype=torch.float64))
+    assert isinstance(matrix, MatrixOperator) and matrix.n == 3
+    assert resolve_operator(matrix) is matrix
+    with pytest.raises(HessgapError, match=r"eigenvalues\(model, data, ...\) needs the data"):
+        resolve_operator(model, caller="eigenvalues")
+    with pytest.raises(HessgapError, match="only apply when a model is passed"):
+        resolve_operator(matrix, loss_fn=nn.MSELoss())
+    with pytest.raises(HessgapError, match="without matmat"):
+        resolve_operator(object(), caller="trace")
+
+
+def test_checked_operator_counts_and_checks():
+    checked = CheckedOperator(MatrixOperator(torch.eye(4, dtype=torch.float64)))
+    assert checked.path == "matrix" and checked.device == torch.device("cpu")
+    V = torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(checked.matmat(V), V)
+    assert checked.hvps == 2
+
+    class Broken:
+        n, dtype, device = 4, torch.float64, "cpu"
+
+        def matmat(self, V):
+            return V[:, :3]
+
+    with pytest.raises(HessgapError, match="same shape"):
+        CheckedOperator(Broken()).matmat(V)

@@ -64,7 +64,7 @@ def assert_lists_equal(actual, expected, name):
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected)):
         # Same operations in the same order without FMA contraction: the step is bit-identical.
-        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m: f"{name}[{i}]: {m}")
+        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m, i=i: f"{name}[{i}]: {m}")
 
 
 def assert_reductions_close(out, expected):

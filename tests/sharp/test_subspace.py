@@ -1,24 +1,17 @@
-"""Subspace sharpness (A ∈ R^{n×p}) against an explicit A held in memory."""
+"""The random subspace (hessgap.sharp.subspace) and sharpness in it (A ∈ R^{n×p}) against an explicit A held in memory."""
 
 import itertools
 
 import pytest
 import torch
+from oracles import ONE_BATCH, identity_loss
 from torch import nn
 
 import hessgap
 from hessgap.sharp import subspace as subspace_module
 from hessgap.sharp.subspace import FlatParameters, RandomSubspace
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _identity_loss(outputs, targets):
-    return outputs
-
-
-ONE_BATCH = (torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
 
 
 class Quadratic(nn.Module):
@@ -92,7 +85,7 @@ def test_linear_function_in_the_subspace(small_blocks, solver):
     b = torch.randn(29, dtype=torch.float64)
     model, x, A, r = _explicit_setup(3, 6, torch.zeros(29, dtype=torch.float64), b)
     result = hessgap.sharpness(
-        model, ONE_BATCH, epsilon=1e-2, subspace_dim=6, seed=3, loss_fn=_identity_loss, solver=solver,
+        model, ONE_BATCH, epsilon=1e-2, subspace_dim=6, seed=3, loss_fn=identity_loss, solver=solver,
         subspace_memory_bytes=0,
     )
     increase = float(((A.T @ b).abs() * r).sum())
@@ -111,9 +104,9 @@ def test_convex_quadratic_in_the_subspace_reaches_the_best_vertex(small_blocks):
         float((a * (x + A @ (torch.tensor(signs, dtype=torch.float64) * r)) ** 2).sum())
         for signs in itertools.product((-1.0, 1.0), repeat=p)
     )
-    ours = hessgap.sharpness(model, ONE_BATCH, epsilon=1e-2, subspace_dim=p, seed=8, loss_fn=_identity_loss)
+    ours = hessgap.sharpness(model, ONE_BATCH, epsilon=1e-2, subspace_dim=p, seed=8, loss_fn=identity_loss)
     paper = hessgap.sharpness(
-        model, ONE_BATCH, epsilon=1e-2, subspace_dim=p, seed=8, loss_fn=_identity_loss, solver="lbfgsb"
+        model, ONE_BATCH, epsilon=1e-2, subspace_dim=p, seed=8, loss_fn=identity_loss, solver="lbfgsb"
     )
     assert ours.max_loss == pytest.approx(best, rel=1e-10)
     assert paper.max_loss <= best * (1 + 1e-12)
@@ -145,16 +138,26 @@ def test_subspace_true_means_the_papers_100_directions():
     assert hessgap.sharpness(model, data, subspace_dim=True, max_iter=1).subspace_dim == 100
 
 
-def test_sign_ascent_in_the_subspace_still_reaches_the_linear_maximum(small_blocks, monkeypatch):
-    # the previous subspace default (kept for benchmarks/sharpness_ratio.py --sign-ascent)
-    from hessgap.sharp import solvers
-
-    monkeypatch.setattr(solvers, "SUBSPACE_DEFAULT", "box-ascent")
+def test_sign_ascent_in_the_subspace_still_reaches_the_linear_maximum(small_blocks):
+    # the previous subspace default, now asked for explicitly (benchmarks/sharpness_ratio.py --sign-ascent)
     torch.manual_seed(4)
     b = torch.randn(29, dtype=torch.float64)
     model, x, A, r = _explicit_setup(3, 6, torch.zeros(29, dtype=torch.float64), b)
     result = hessgap.sharpness(
-        model, ONE_BATCH, epsilon=1e-2, subspace_dim=6, seed=3, loss_fn=_identity_loss, subspace_memory_bytes=0
+        model, ONE_BATCH, epsilon=1e-2, subspace_dim=6, seed=3, loss_fn=identity_loss, subspace_memory_bytes=0,
+        solver="box-ascent",
     )
     assert result.kernel != "scipy"  # the sign-ascent path ran
     assert result.max_loss - result.loss == pytest.approx(float(((A.T @ b).abs() * r).sum()), rel=1e-9)
+
+
+def test_pinv_apply_gives_the_same_bits_every_call():
+    # the box of Metric 2.1 is centred on A⁺x: two equal sharpness calls must see the very same box
+    generator = torch.Generator().manual_seed(7)
+    x = [torch.randn(40, 30, generator=generator, dtype=torch.float64), torch.randn(30, generator=generator, dtype=torch.float64)]
+    sub = RandomSubspace(1230, 100, seed=0, dtype=torch.float64)
+    first = sub.pinv_apply(FlatParameters(x))
+    shifts = []
+    for size in range(1, 12):
+        shifts.append(torch.empty(7 * size, dtype=torch.float64))  # other allocations in between
+        assert torch.equal(sub.pinv_apply(FlatParameters(x)), first)

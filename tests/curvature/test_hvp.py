@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
+from oracles import assert_unchanged, explicit_hessian, randomize_batchnorm, snapshot
 from torch import nn
-from torch.func import functional_call
 
 from hessgap import _extension
 from hessgap.curvature.hvp import hvp
@@ -15,19 +15,8 @@ needs_extension = pytest.mark.skipif(not _extension.available(), reason="hessgap
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def _randomize_batchnorm(model):
-    # non-trivial running statistics and affine parameters, so BatchNorm's terms are really tested
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-    return model
-
-
 def mlp(dtype):
-    return _randomize_batchnorm(
+    return randomize_batchnorm(
         nn.Sequential(
             nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(),
             nn.Sequential(nn.Linear(6, 4), nn.GELU()),
@@ -38,7 +27,7 @@ def mlp(dtype):
 
 
 def convnet(dtype):
-    return _randomize_batchnorm(
+    return randomize_batchnorm(
         nn.Sequential(
             nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, stride=2),
             nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.AvgPool2d(2, stride=1),
@@ -75,40 +64,8 @@ def conv_batches(dtype, classification=False):
     return out
 
 
-def explicit_hessian(model, batches, loss_fn):
-    """∇² of the sample-weighted mean loss over the batches, in eval mode, from autograd."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p.detach() for _, p in named]
-    sizes = [p.numel() for p in params]
-    total = sum(x.shape[0] for x, _ in batches)
-    was_training = model.training
-    model.eval()
-
-    def f(flat):
-        ps = [t.view_as(p) for t, p in zip(flat.split(sizes), params)]
-        loss = 0
-        for x, y in batches:
-            loss = loss + loss_fn(functional_call(model, dict(zip(names, ps)), (x,)), y) * x.shape[0]
-        return loss / total
-
-    hess = torch.autograd.functional.hessian(f, torch.cat([p.reshape(-1) for p in params]), vectorize=True)
-    model.train(was_training)
-    return hess
-
-
 def rel_err(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def snapshot(model):
-    return copy.deepcopy(model.state_dict()), [m.training for m in model.modules()]
-
-
-def assert_unchanged(model, snap):
-    state, modes = snap
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), key
-    assert [m.training for m in model.modules()] == modes
 
 
 CASES = [
@@ -145,7 +102,7 @@ def test_matches_explicit_hessian(name, make_model, make_batches, loss_fn, _, pa
     batches = [(x.to(dtype), y.to(dtype) if y.is_floating_point() else y) for x, y in batches64]
     vectors = torch.randn(3, hess.shape[0], dtype=torch.float64)
     snap = snapshot(model)
-    result = hvp(model, batches, vectors.to(dtype), loss_fn, path=path, return_info=True)
+    result = hvp(model, batches, vectors.to(dtype), loss_fn=loss_fn, path=path, return_info=True)
     assert result.path == path and result.fallback_reason is None
     assert result.batches == 2 and result.samples == sum(x.shape[0] for x, _ in batches)
     assert result.value.dtype == dtype
@@ -173,9 +130,9 @@ def test_chunking_gives_the_same_answer(path):
     batches = conv_batches(torch.float64)
     n = sum(p.numel() for p in model.parameters())
     vectors = torch.randn(5, n, dtype=torch.float64)
-    whole = hvp(model, batches, vectors, nn.MSELoss(), path=path, return_info=True)
-    chunked = hvp(model, batches, vectors, nn.MSELoss(), path=path, chunk_size=2, return_info=True)
-    tiny_budget = hvp(model, batches, vectors, nn.MSELoss(), path=path, memory_budget=1, return_info=True)
+    whole = hvp(model, batches, vectors, loss_fn=nn.MSELoss(), path=path, return_info=True)
+    chunked = hvp(model, batches, vectors, loss_fn=nn.MSELoss(), path=path, chunk_size=2, return_info=True)
+    tiny_budget = hvp(model, batches, vectors, loss_fn=nn.MSELoss(), path=path, memory_budget=1, return_info=True)
     assert whole.chunk_size == 5 and chunked.chunk_size == 2 and tiny_budget.chunk_size == 1
     torch.testing.assert_close(chunked.value, whole.value, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tiny_budget.value, whole.value, rtol=1e-12, atol=1e-12)
@@ -196,7 +153,7 @@ def test_frozen_parameters_are_left_out(arch):
     hess = explicit_hessian(model, batches, loss_fn)
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
     for path in ("fused", "generic"):
-        assert rel_err(hvp(model, batches, vectors, loss_fn, path=path), vectors @ hess) <= 1e-10
+        assert rel_err(hvp(model, batches, vectors, loss_fn=loss_fn, path=path), vectors @ hess) <= 1e-10
 
 
 @needs_extension
@@ -207,7 +164,7 @@ def test_ignore_index_targets():
     assert any((y == 1).any() for _, y in batches)
     hess = explicit_hessian(model, batches, loss_fn)
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
-    result = hvp(model, batches, vectors, loss_fn, return_info=True)
+    result = hvp(model, batches, vectors, loss_fn=loss_fn, return_info=True)
     assert result.path == "fused"
     assert rel_err(result.value, vectors @ hess) <= 1e-10
 
@@ -238,12 +195,12 @@ def test_unsupported_falls_back_to_generic(model, loss_fn, reason):
     y = torch.randint(0, 3, (6,), generator=gen) if not isinstance(loss_fn, nn.L1Loss) else torch.randn(6, 3, dtype=torch.float64)
     hess = explicit_hessian(model, [(x, y)], loss_fn)
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
-    result = hvp(model, (x, y), vectors, loss_fn, return_info=True)
+    result = hvp(model, (x, y), vectors, loss_fn=loss_fn, return_info=True)
     assert result.path == "generic"
     assert reason in result.fallback_reason
     assert rel_err(result.value, vectors @ hess) <= 1e-10 or (vectors @ hess).norm() == 0
     with pytest.raises(HessgapError, match="fused HVP path cannot run"):
-        hvp(model, (x, y), vectors, loss_fn, path="fused")
+        hvp(model, (x, y), vectors, loss_fn=loss_fn, path="fused")
 
 
 @needs_extension
@@ -265,7 +222,7 @@ def test_train_mode_hessian_runs_generic():
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     n = sum(p.numel() for p in model.parameters())
     snap = snapshot(model)
-    result = hvp(model, (x, y), torch.randn(2, n, dtype=torch.float64), train=True, return_info=True)
+    result = hvp(model, (x, y), torch.randn(2, n, dtype=torch.float64), train_mode=True, return_info=True)
     assert result.path == "generic" and "train mode" in result.fallback_reason
     assert_unchanged(model, snap)  # batch statistics must not leak into the running buffers
     eval_result = hvp(model, (x, y), torch.randn(2, n, dtype=torch.float64), return_info=True)
@@ -323,7 +280,7 @@ def test_bad_data_and_loss(path):
     with pytest.raises(HessgapError, match="yielded no batches"):
         hvp(model, [], v, path=path)
     with pytest.raises(HessgapError, match="not a scalar"):
-        hvp(model, batch, v, nn.CrossEntropyLoss(reduction="none"), path=path)
+        hvp(model, batch, v, loss_fn=nn.CrossEntropyLoss(reduction="none"), path=path)
     x, y = batch
     x = x.clone()
     x[0, 0] = float("inf")
@@ -346,7 +303,7 @@ def test_cuda_matches_explicit_hessian(name, make_model, make_batches, loss_fn, 
     batches = [(x.cuda(), y.cuda()) for x, y in batches64]
     vectors = torch.randn(3, hess.shape[0], dtype=torch.float64)
     for path in ("fused", "generic"):
-        result = hvp(model, batches, vectors.cuda(), loss_fn, path=path, return_info=True)
+        result = hvp(model, batches, vectors.cuda(), loss_fn=loss_fn, path=path, return_info=True)
         assert result.path == path
         assert rel_err(result.value.cpu(), vectors @ hess) <= 1e-10
 
@@ -382,10 +339,25 @@ def test_loss_by_product_and_max_batches(path):
 def test_sequence_shaped_inputs():
     # Linear over the last dimension of (B, L, features) and BatchNorm1d over (B, C, L)
     torch.manual_seed(6)
-    model = _randomize_batchnorm(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.BatchNorm1d(3), nn.Linear(5, 2))).double()
+    model = randomize_batchnorm(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.BatchNorm1d(3), nn.Linear(5, 2))).double()
     x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 3, 2, dtype=torch.float64)
     hess = explicit_hessian(model, [(x, y)], nn.MSELoss())
     vectors = torch.randn(2, hess.shape[0], dtype=torch.float64)
-    result = hvp(model, (x, y), vectors, nn.MSELoss(), return_info=True)
+    result = hvp(model, (x, y), vectors, loss_fn=nn.MSELoss(), return_info=True)
     assert result.path == "fused"
     assert rel_err(result.value, vectors @ hess) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(chunk_size=1.5), "chunk_size must be a positive integer"),
+        (dict(chunk_size=-2), "chunk_size must be a positive integer"),
+        (dict(memory_budget=0), "memory_budget must be a finite number > 0"),
+        (dict(memory_budget=float("nan")), "memory_budget must be a finite number > 0"),
+    ],
+)
+def test_bad_chunking_arguments(kwargs, match):
+    model, batch = _small()
+    with pytest.raises(HessgapError, match=match):
+        hvp(model, batch, torch.randn(1, 8, dtype=torch.float64), **kwargs)

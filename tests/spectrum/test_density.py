@@ -9,7 +9,7 @@ import torch
 
 from hessgap.errors import HessgapError, NonFiniteError
 from hessgap.spectrum import density, trace
-from hessgap.spectrum._operator import generator_for, rademacher
+from hessgap.spectrum._probes import generator_for, rademacher
 
 
 def random_symmetric(n, seed, dtype=torch.float64):
