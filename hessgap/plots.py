@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ._io import save_figure
+
 COLORS = {"sb": "tab:blue", "lb": "tab:red"}
 LABELS = {"sb": "SB", "lb": "LB"}
 
@@ -24,14 +26,11 @@ def _pyplot():
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    _pyplot().close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        _pyplot().close(fig)
 
 
 def _positive(values):

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from ._io import read_json, write_text
 from .experiments import paper
 from .experiments.paper import format_pair
 
@@ -312,13 +313,13 @@ def render(folder, errors: dict | None = None) -> str:
     """The report text of a run folder; ``errors`` (experiment name → message) are listed at the end."""
     folder = Path(folder)
     config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = read_json(config_path) if config_path.exists() else {}
     results = {}
     results_dir = folder / "results"
     if results_dir.exists():
         for path in sorted(results_dir.glob("*.json")):
             if not path.name.endswith(".parts.json"):
-                results[path.stem] = json.loads(path.read_text())
+                results[path.stem] = read_json(path)
     parts = [
         f"# hessgap report: `{config.get('command', '?')}`",
         "",
@@ -347,9 +348,4 @@ def render(folder, errors: dict | None = None) -> str:
 def write_report(folder, errors: dict | None = None) -> Path:
     """Write ``report.md`` in ``folder`` from its config and results (and the failures of this call);
     returns its path."""
-    folder = Path(folder)
-    path = folder / "report.md"
-    tmp = folder / ".report.md.tmp"
-    tmp.write_text(render(folder, errors), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(Path(folder) / "report.md", render(folder, errors))

@@ -9,48 +9,26 @@ Layout of a folder written by any ``hessgap`` command::
     <out>/figures/<name>.png
     <out>/models/<tag>/        one training run each (per-epoch checkpoints, history.json)
 
-Every JSON write goes to a temporary file first and is renamed into place, so an interrupted run never
-leaves a half-written result behind.
+Every file is written through :mod:`hessgap._io` (a temporary file first, renamed into place), so an
+interrupted run never leaves a half-written result behind.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import platform
 from pathlib import Path
 from typing import Any, Callable
 
-from .._io import jsonable
+from .._io import dumps, jsonable, read_json, write_json
 from ..errors import HessgapError
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(jsonable(data), handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise HessgapError(
-            f"{path} is not valid JSON ({exc}); the file is damaged: delete it to recompute that part"
-        ) from exc
 
 
 def digest(data: dict, length: int = 8) -> str:
     """A short stable hash of a JSON-able dict (names training runs by their configuration)."""
-    text = json.dumps(jsonable(data), sort_keys=True)
+    text = dumps(data, indent=None, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 

@@ -24,18 +24,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from .._io import jsonable, read_json, write_json
 from ..curvature.objective import LossOverData
 from ..errors import HessgapError
 from .checkpoint import (
     CHECKPOINT_DIR,
     HISTORY_FILE,
     checkpoint_path,
-    json_safe,
     list_checkpoints,
     load_checkpoint,
-    read_json,
     save_checkpoint,
-    write_json,
 )
 from .data import DATASET_NAMES, SMALL_BATCH, Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
 from .models import MODEL_NAMES, build_model, count_parameters
@@ -225,7 +223,7 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         """JSON-ready summary (everything except the tensors)."""
-        return json_safe({
+        return jsonable({
             "config": self.config.to_dict(),
             "dataset": self.dataset,
             "input_shape": list(self.input_shape),

@@ -5,9 +5,10 @@ import json
 import pytest
 
 from hessgap import plots
+from hessgap._io import write_json
 from hessgap.experiments import paper
 from hessgap.experiments.gap import summarize
-from hessgap.experiments.runs import RunFolder, write_json
+from hessgap.experiments.runs import RunFolder
 from hessgap.report import render, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
