@@ -269,7 +269,7 @@ def cmd_warmstart(args) -> int:
 
 def cmd_train(args) -> int:
     from .experiments.saved import train_one
-    from .train.loop import TrainConfig
+    from .train.config import TrainConfig
 
     schedule = tuple(args.batch_schedule) if args.batch_schedule else None
     if schedule is not None:
@@ -539,7 +539,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
     try:
         if getattr(args, "device", None) is not None:
-            from .train.loop import resolve_device
+            from .train.config import resolve_device
 
             resolve_device(args.device)  # an unusable --device fails before any work starts
         return args.handler(args)

@@ -26,7 +26,7 @@ class Trained:
     """A training run of the folder: its tag (folder name under models/), config and result."""
 
     tag: str
-    result: Any  # hessgap.train.loop.TrainResult
+    result: Any  # hessgap.train.result.TrainResult
     out_dir: Path
 
     @property
@@ -80,13 +80,13 @@ def train_config(
     batch_schedule: tuple | None = None,
     keep_checkpoints: int | None = 1,
 ):
-    """The :class:`hessgap.train.loop.TrainConfig` of one run under ``settings``.
+    """The :class:`hessgap.train.config.TrainConfig` of one run under ``settings``.
 
     Only the latest checkpoint is kept by default (enough to resume): at the paper's scale a C2 checkpoint
     is ~180 MB, so keeping every epoch of every run would fill a disk. ``keep_checkpoints=None`` keeps all
     (the warm-start experiment starts LB runs from every SB epoch).
     """
-    from ..train.loop import TrainConfig
+    from ..train.config import TrainConfig
 
     kwargs = dict(
         model=settings.model,
@@ -180,7 +180,7 @@ def check_batch(batch_size: int, n: int, what: str = "batch size") -> None:
 
 def evaluate(model, settings: Settings) -> dict:
     """Train and test loss and accuracy (percent) of ``model`` in eval mode, over the whole splits."""
-    from ..train.loop import evaluate as evaluate_loop
+    from ..train.evaluation import evaluate as evaluate_loop
 
     data = dataset(settings)
     out = {}

@@ -42,7 +42,8 @@ def model_file(path) -> Path:
 
 def load(path, device: str = "auto"):
     """A :class:`TrainResult` read from ``path`` (a model file or a ``hessgap train`` folder)."""
-    from ..train.loop import TrainResult, resolve_device
+    from ..train.config import resolve_device
+    from ..train.result import TrainResult
 
     return TrainResult.load(model_file(path), map_location=resolve_device(device))
 

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HessgapError
+from ..names import REMEDY_NAMES
 
-REMEDIES = ("augment", "conservative", "adversarial", "dynamic")
+REMEDIES = REMEDY_NAMES  # the names of hessgap.names, under the name this module has always exported them
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Step = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], torch.Tensor]

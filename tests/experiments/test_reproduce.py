@@ -14,7 +14,7 @@ from hessgap.experiments import networks, parametric
 from hessgap.experiments.warmstart import warm_epochs
 from hessgap.train.checkpoint import load_epoch_state
 from hessgap.train.data import load_dataset
-from hessgap.train.loop import TrainResult
+from hessgap.train.result import TrainResult
 from hessgap.train.models import build_model
 
 
