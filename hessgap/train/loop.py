@@ -2,26 +2,38 @@
 
 :func:`train` runs one configuration (:class:`TrainConfig`) and returns a :class:`TrainResult`. Per epoch it
 records train/test loss and accuracy (eval mode, over the whole split), the distance ‖x − x0‖ from the
-starting point, optionally the sharpness (Metric 2.1), the batch size, the learning rate and the time.
+starting point, the batch size, the learning rate and the time, and what its epoch callbacks measure
+(the sharpness, Metric 2.1, with ``TrainConfig.sharpness_every``: :mod:`hessgap.train.sharpness_log`).
 With ``out_dir`` every epoch is checkpointed (see :mod:`hessgap.train.checkpoint`) and rerunning on the
 same folder resumes bit-exactly where it stopped; a finished run returns at once.
 
+Epoch callbacks, in the order the loop calls them after an epoch's evaluation:
+
+1. measurements, ``measure(record, model, last)``: they add their entries to the epoch's record (and
+   declare them, with the value on epochs they skip, in ``measure.fields``); ``last`` says the run ends
+   after this epoch. They run *before* the checkpoint, so what they measure is saved with the epoch and
+   a resumed run is bit-exact. :func:`train` composes them from the configuration.
+2. the checkpoint and ``history.json`` (with ``out_dir``).
+3. the caller's ``epoch_callback(record, model)``: it sees a copy of the finished record, exactly as the
+   checkpoint holds it, with the model in eval mode; returning True stops the run there.
+
 Reproducibility: the initial weights come from ``seed``; the data order of epoch e from (seed, e); dropout
-and augmentation from RNG states saved in every checkpoint. Sharpness runs under a forked RNG, so turning
-it on does not change the trajectory. The caller's global RNG state is left as it was.
+and augmentation from RNG states saved in every checkpoint. Measurements run under a forked RNG, so turning
+them on does not change the trajectory. The caller's global RNG state is left as it was.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
+from tqdm.auto import tqdm
 
 from .._io import read_json, write_json
 from ..errors import HessgapError
@@ -39,6 +51,7 @@ from .evaluation import evaluate
 from .models import build_model
 from .remedies import BatchSchedule, make_training_step
 from .result import TrainResult
+from .sharpness_log import SharpnessLog
 
 _AUGMENT_STREAM = 1 << 30  # the augmentation generator's seed stream, apart from the epochs' streams
 
@@ -63,17 +76,6 @@ def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
 
 
-def _sharpness_value(model, dataset: Dataset, config: TrainConfig, device: torch.device) -> float:
-    import hessgap  # lazily: the metric lives in another part of the package
-
-    loader = make_loader(dataset.train, min(config.eval_batch_size, dataset.num_train), shuffle=False)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        result = hessgap.sharpness(model, loader, epsilon=config.sharpness_epsilon,
-                                   max_batches=config.sharpness_batches)
-    return float(getattr(result, "value", result))
-
-
 def train(
     config: TrainConfig | dict,
     out_dir: str | Path | None = None,
@@ -85,8 +87,10 @@ def train(
     """Train ``config.model`` on ``config.dataset`` (or on the given ``dataset``) and return the result.
 
     ``init_state`` (a ``state_dict``) warm-starts from given weights; x0 is then that point.
-    ``epoch_callback(record, model)`` runs after every epoch (after its checkpoint) with the model in eval
-    mode; returning True stops the run there (not marked finished: rerunning on ``out_dir`` continues).
+    ``epoch_callback(record, model)`` runs after every epoch, after its checkpoint (the record it gets is a
+    copy of the one saved), with the model in eval mode; returning True stops the run there (not marked
+    finished: rerunning on ``out_dir`` continues). The sharpness of ``config.sharpness_every`` is measured
+    by a :class:`~hessgap.train.sharpness_log.SharpnessLog` callback before the checkpoint.
     Diverging runs (non-finite loss) stop at once, record the epoch and keep the earlier checkpoints.
     """
     config = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config).validate()
@@ -115,10 +119,11 @@ def train(
         )
     data = dataset.to(device) if device.type != "cpu" else dataset
 
+    measurements = [SharpnessLog.from_config(config, data.train, device)]
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
         run = _Run(config, device, folder, dataset, data, batch_size, schedule, init_state)
-        return run.run(progress, epoch_callback)
+        return run.run(progress, measurements, epoch_callback)
 
 
 class _Run:
@@ -221,8 +226,6 @@ class _Run:
 
     def train_epoch(self, epoch: int, size: int, progress: bool) -> float:
         """One pass over the shuffled training set; returns the mean loss of the training batches."""
-        from tqdm.auto import tqdm
-
         # BatchNorm cannot train on a batch of one sample: drop such a last batch
         loader = make_loader(self.data.train, size, shuffle=True, seed=self.config.seed, epoch=epoch,
                              drop_last=len(self.data.train) % size == 1)
@@ -256,12 +259,12 @@ class _Run:
         if self.last_good is not None:
             self.model.load_state_dict(self.last_good)
 
-    def run(self, progress: bool, epoch_callback) -> TrainResult:
-        from tqdm.auto import tqdm
-
+    def run(self, progress: bool, measurements: Sequence[Callable[[dict, nn.Module, bool], None]],
+            epoch_callback: Callable[[dict, nn.Module], Any] | None) -> TrainResult:
         if not self.start_or_resume():
             return self.result()
         config, model = self.config, self.model
+        slots = {key: value for measure in measurements for key, value in measure.fields.items()}
         eval_loaders = [make_loader(split, min(config.eval_batch_size, len(split)), shuffle=False)
                         for split in (self.data.train, self.data.test)]
         start = len(self.history) + 1
@@ -280,7 +283,7 @@ class _Run:
                     distance = float(torch.linalg.vector_norm(x - self.x0))
                 record = {
                     "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-                    "test_acc": test_acc, "distance_from_start": distance, "sharpness": None, "batch_size": size,
+                    "test_acc": test_acc, "distance_from_start": distance, **slots, "batch_size": size,
                     "lr": self.optimizer.param_groups[0]["lr"], "batch_loss": batch_loss,
                     "seconds": time.perf_counter() - began,
                 }
@@ -291,12 +294,9 @@ class _Run:
                     self.stop_diverged(epoch)
                     break
                 self.update_patience(epoch, train_loss)
-                every = config.sharpness_every
                 last = epoch == config.epochs or self.stopped_early is not None
-                if every and (epoch % every == 0 or last):
-                    began = time.perf_counter()
-                    record["sharpness"] = _sharpness_value(model, self.data, config, self.device)
-                    record["sharpness_seconds"] = time.perf_counter() - began
+                for measure in measurements:  # before the checkpoint: what they add is saved with the epoch
+                    measure(record, model, last)
                 if self.folder is not None:
                     save_checkpoint(checkpoint_path(self.folder, epoch), self.payload(epoch))
                     self.write_history()

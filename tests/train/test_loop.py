@@ -141,15 +141,6 @@ def test_warm_start_from_given_weights(digits, tmp_path):
         train(tiny(width=0.1), dataset=digits, init_state=start, progress=False)
 
 
-def test_sharpness_is_recorded_without_changing_the_trajectory(digits):
-    plain = train(tiny(epochs=2), dataset=digits, progress=False)
-    measured = train(tiny(epochs=2, sharpness_every=2, sharpness_batches=1, eval_batch_size=256),
-                     dataset=digits, progress=False)
-    assert measured.history[0]["sharpness"] is None
-    assert measured.history[1]["sharpness"] > 0
-    assert same_weights(weights(plain.model), weights(measured.model))
-
-
 def test_train_leaves_the_callers_random_state_alone(digits):
     torch.manual_seed(123)
     before = torch.get_rng_state()
