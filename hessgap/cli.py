@@ -199,7 +199,7 @@ def _folder(args, command: str, settings: dict, default_name: str, ignore=("devi
 
 
 def _finish(folder) -> None:
-    from .report import write_report
+    from .experiments.report import write_report
 
     report = write_report(folder.path)
     print(f"report: {report}")
@@ -268,7 +268,7 @@ def cmd_warmstart(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .experiments.saved import train_one
+    from .experiments import model_train
     from .train.config import TrainConfig
 
     schedule = tuple(args.batch_schedule) if args.batch_schedule else None
@@ -287,7 +287,7 @@ def cmd_train(args) -> int:
         name += f"-{config.remedy}"
     # the training loop itself checks a resumed run's configuration (and allows more epochs)
     folder = _folder(args, "train", config.to_dict(), name, ignore=tuple(config.to_dict()))
-    result = train_one(folder, config)
+    result = model_train.run(folder, config)
     final = result["final"]
     _finish(folder)
     print(f"model: {folder.path / result['model_file']}")
@@ -301,7 +301,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_sharpness(args) -> int:
-    from .experiments.saved import measure_sharpness, model_file
+    from .experiments import model_sharpness
+    from .experiments.saved import model_file
 
     settings = {"model": str(Path(args.model_path).resolve()), "epsilons": list(args.epsilon),
                 "subspace_dim": args.subspace_dim, "solver": args.solver, "seed": args.seed,
@@ -309,7 +310,7 @@ def cmd_sharpness(args) -> int:
                 "device": args.device}
     path = model_file(args.model_path)
     folder = _folder(args, "sharpness", settings, f"sharpness-{path.parent.name}")
-    result = measure_sharpness(folder, args.model_path, args.epsilon, args.subspace_dim or None, args.solver,
+    result = model_sharpness.run(folder, args.model_path, args.epsilon, args.subspace_dim or None, args.solver,
                                args.seed, args.data_root, args.eval_batch, args.max_batches, args.device)
     for m in result["measurements"]:
         print(f"sharpness ({m['space']}, ε={m['epsilon']:g}): {m['value']:.5g}  (f(x) = {m['loss']:.4g}, "
@@ -319,14 +320,15 @@ def cmd_sharpness(args) -> int:
 
 
 def cmd_spectrum(args) -> int:
-    from .experiments.saved import measure_spectrum, model_file
+    from .experiments import model_spectrum
+    from .experiments.saved import model_file
 
     settings = {"model": str(Path(args.model_path).resolve()), "k": args.k, "trace": args.trace,
                 "density": args.density, "probes": args.probes, "seed": args.seed, "max_batches": args.max_batches,
                 "eval_batch": args.eval_batch, "data_root": args.data_root, "device": args.device}
     path = model_file(args.model_path)
     folder = _folder(args, "spectrum", settings, f"spectrum-{path.parent.name}")
-    result = measure_spectrum(folder, args.model_path, args.k, args.trace, args.density, args.probes, args.seed,
+    result = model_spectrum.run(folder, args.model_path, args.k, args.trace, args.density, args.probes, args.seed,
                               args.data_root, args.eval_batch, args.max_batches, args.device)
     print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in result["eigenvalues"]))
     if result.get("trace"):
@@ -338,7 +340,8 @@ def cmd_spectrum(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from .experiments.saved import interpolate, model_file
+    from .experiments import interpolate
+    from .experiments.saved import model_file
 
     paths = ("linear", "curved") if args.path == "both" else (args.path,)
     changes = {"alphas": args.points, "alpha_range": (args.alpha_min, args.alpha_max), "paths": paths}
@@ -346,7 +349,7 @@ def cmd_interpolate(args) -> int:
                 "data_root": args.data_root, "eval_batch": args.eval_batch, "device": args.device}
     name = f"interpolate-{model_file(args.model_a).parent.name}-{model_file(args.model_b).parent.name}"
     folder = _folder(args, "interpolate", settings, name)
-    result = interpolate(folder, args.model_a, args.model_b, changes, args.data_root, args.eval_batch, args.device)
+    result = interpolate.run(folder, args.model_a, args.model_b, changes, args.data_root, args.eval_batch, args.device)
     for path_name, curve in result["curves"].items():
         losses = [v for v in curve["train_loss"] if v is not None]
         print(f"{path_name} path: train loss at α=0 {curve['train_loss'][_nearest(curve['alpha'], 0)]:.4g}, "

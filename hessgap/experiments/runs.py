@@ -19,10 +19,12 @@ import datetime
 import hashlib
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .._io import dumps, jsonable, read_json, write_json
+from .._version import __version__
 from ..errors import HessgapError
 
 
@@ -69,7 +71,7 @@ class RunFolder:
         return self.results_dir / f"{name}.json"
 
     # -- configuration -------------------------------------------------------------------------
-    def open(self, ignore: tuple[str, ...] = ("device", "experiments")) -> "RunFolder":
+    def open(self, ignore: tuple[str, ...] = ("device", "experiments")) -> RunFolder:
         """Create the folder, or check that an existing one was made by the same command and settings.
 
         Keys in ``ignore`` (where the run executes, which experiments run this time) may change
@@ -92,9 +94,7 @@ class RunFolder:
                     "same settings to resume, or choose another --out folder to start a new run"
                 )
         self.path.mkdir(parents=True, exist_ok=True)
-        import torch
-
-        from .. import __version__
+        import torch  # here, not at the top: the command line reads the registry and presets without torch
 
         write_json(
             config_path,
@@ -125,7 +125,7 @@ class RunFolder:
             parts.unlink()
         return path
 
-    def parts(self, name: str) -> "Parts":
+    def parts(self, name: str) -> Parts:
         return Parts(self.results_dir / f"{name}.parts.json")
 
     def results(self) -> dict[str, dict]:
