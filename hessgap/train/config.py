@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -43,29 +43,29 @@ class TrainConfig:
 
     model: str = "F1"
     dataset: str = "digits"
-    data_root: Optional[str] = None
+    data_root: str | None = None
     batch_size: Any = SMALL_BATCH
     epochs: int = 10
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.9
-    patience: Optional[int] = None
+    patience: int | None = None
     min_delta: float = 0.0
     seed: int = 0
     data_seed: int = 0
     width: float = 1.0
     depth: float = 1.0
     dropout: float = 0.5
-    remedy: Optional[str] = None
+    remedy: str | None = None
     prox_lambda: float = 1e-3
     prox_steps: int = 3
     fgsm_epsilon: float = 0.1
-    batch_schedule: Optional[tuple] = None
+    batch_schedule: tuple | None = None
     sharpness_every: int = 0
     sharpness_epsilon: float = 1e-3
-    sharpness_batches: Optional[int] = None
+    sharpness_batches: int | None = None
     eval_batch_size: int = 1024
-    keep_checkpoints: Optional[int] = None
+    keep_checkpoints: int | None = None
     device: str = "auto"
 
     def to_dict(self) -> dict:
@@ -75,7 +75,7 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         if isinstance(data, TrainConfig):
             return data
         if not isinstance(data, dict):
@@ -89,7 +89,7 @@ class TrainConfig:
             values["batch_schedule"] = tuple(values["batch_schedule"])
         return cls(**values)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise :class:`HessgapError` naming the first bad option; returns self (names normalized)."""
         self.model = model_name(self.model)
         try:

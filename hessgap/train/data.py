@@ -49,7 +49,7 @@ class Dataset:
     def num_test(self) -> int:
         return len(self.test)
 
-    def to(self, device: torch.device | str) -> "Dataset":
+    def to(self, device: torch.device | str) -> Dataset:
         """The same data with its tensors on ``device`` (loaders then index on the device)."""
         move = lambda ds: TensorDataset(*(t.to(device) for t in ds.tensors))  # noqa: E731
         return Dataset(self.name, move(self.train), move(self.test), self.input_shape, self.num_classes,

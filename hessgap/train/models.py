@@ -21,7 +21,7 @@ Adapting to the data:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

@@ -16,8 +16,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +159,7 @@ class BatchSchedule:
             raise HessgapError(f"batch_schedule growth must be a finite factor ≥ 1 per epoch, got {self.growth}")
 
     @classmethod
-    def from_value(cls, value: Sequence | "BatchSchedule") -> "BatchSchedule":
+    def from_value(cls, value: Sequence | BatchSchedule) -> BatchSchedule:
         if isinstance(value, BatchSchedule):
             return value
         try:

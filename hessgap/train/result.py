@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -34,14 +33,14 @@ class TrainResult:
     model: nn.Module
     x0: torch.Tensor
     history: list[dict]
-    diverged: Optional[int]
+    diverged: int | None
     config: TrainConfig
     input_shape: tuple = ()
     num_classes: int = 0
     dataset: str = ""
-    stopped_early: Optional[int] = None
-    out_dir: Optional[str] = None
-    resumed_from: Optional[int] = None
+    stopped_early: int | None = None
+    out_dir: str | None = None
+    resumed_from: int | None = None
 
     @property
     def final(self) -> dict:
@@ -84,7 +83,7 @@ class TrainResult:
         save_checkpoint(path, payload)
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "TrainResult":
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> TrainResult:
         """Read a file written by :meth:`save`, a run's per-epoch checkpoint, or a run folder (its latest
         checkpoint, with the divergence recorded in its history.json) and rebuild the model."""
         folder = Path(path)
