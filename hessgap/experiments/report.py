@@ -49,7 +49,7 @@ def render(folder, errors: dict | None = None) -> str:
         _settings_block(config),
     ]
     for name in sorted(results, key=lambda n: REPORT_ORDER.index(n) if n in REPORT_ORDER else len(REPORT_ORDER)):
-        entry = find(results[name].get("experiment", name))  # interpolate writes a parametric result
+        entry = find(results[name].get("experiment", name))  # rendered as the experiment the result names
         if entry is not None:
             parts += ["", entry.render(results[name])]
     errors = errors or {}
