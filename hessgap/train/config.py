@@ -17,7 +17,6 @@ from ..names import OPTIMIZER_NAMES, REMEDY_NAMES, dataset_name, model_name
 from .data import SMALL_BATCH, large_batch_size
 from .remedies import BatchSchedule
 
-OPTIMIZERS = OPTIMIZER_NAMES
 # fields that may change between a run and its resumption (they do not change the trajectory)
 RESUMABLE_CHANGES = frozenset({
     "epochs", "patience", "min_delta", "device", "data_root", "sharpness_every", "sharpness_epsilon",
