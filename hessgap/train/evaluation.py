@@ -14,7 +14,7 @@ def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float, float]:
     A non-finite loss is returned as it is (NaN or inf), not raised: the training loop decides what a
     diverged run does. The model's train/eval mode is restored.
     """
-    objective = LossOverData(model, loader, loss_fn)
+    objective = LossOverData(model, loader, loss_fn=loss_fn)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=objective.device)
