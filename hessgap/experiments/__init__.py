@@ -1,39 +1,28 @@
 """The experiments of Keskar et al. (2017), one module each, run into a :class:`RunFolder`.
 
-Each module has ``run(folder, settings) -> dict`` that returns the stored result when the folder
-already holds it, and otherwise trains (or resumes) what it needs, measures, saves ``results/<name>.json``
-and draws its figures. :func:`reproduce` runs a selection of them in the paper's order.
+Each experiment is one entry of :mod:`hessgap.experiments.registry` and one module that runs it
+(``run(folder, settings) -> dict``: the stored result when the folder already holds it, otherwise it trains
+or resumes what it needs, measures, saves ``results/<name>.json`` and draws its figures), renders its
+section of ``report.md`` and plots its figures. :func:`reproduce` runs a selection of them in the paper's
+order and rewrites the report (:mod:`hessgap.experiments.report`) after each.
 """
 
 from __future__ import annotations
 
-import importlib
 import traceback
 
 from ..errors import HessgapError
+from . import registry
 from .presets import EXPERIMENTS, PRESET_NAMES, Settings, preset
+from .report import write_report
 from .runs import RunFolder
-
-MODULES = {
-    "gap": "gap",
-    "sharpness": "sharpness_tables",
-    "parametric": "parametric",
-    "spectrum": "spectrum",
-    "along_training": "along_training",
-    "sweep": "sweep",
-    "warmstart": "warmstart",
-    "remedies": "remedies",
-}
 
 __all__ = ["EXPERIMENTS", "PRESET_NAMES", "RunFolder", "Settings", "preset", "reproduce", "run_experiment"]
 
 
 def run_experiment(name: str, folder: RunFolder, settings: Settings) -> dict:
     """Run (or load) one experiment by name."""
-    if name not in MODULES:
-        raise HessgapError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
-    module = importlib.import_module(f".{MODULES[name]}", __name__)
-    return module.run(folder, settings)
+    return registry.get(name).load().run(folder, settings)
 
 
 def reproduce(folder: RunFolder, settings: Settings) -> dict:
@@ -43,8 +32,6 @@ def reproduce(folder: RunFolder, settings: Settings) -> dict:
     share the trained networks, not each other's results); the returned dict maps each name to its
     result or to ``{"error": message}``.
     """
-    from ..report import write_report
-
     outcome = {}
     for name in settings.experiments:
         done = folder.has_result(name)

@@ -7,8 +7,11 @@ The first seed's SB and LB runs measure Metric 2.1 (full space, the settings' fi
 
 from __future__ import annotations
 
-from .. import plots
+from pathlib import Path
+
 from ..errors import HessgapError
+from . import _figures as draw
+from . import _markdown as md
 from . import networks
 from .paper import DISTANCE_RATIO_RANGE, FIGURE_NOTES
 from .presets import Settings
@@ -53,8 +56,45 @@ def run(folder: RunFolder, settings: Settings) -> dict:
         "paper_distance_ratio": list(DISTANCE_RATIO_RANGE),
     }
     result["figures"] = {
-        "along_training": plots.along_training(result, folder.figure("along_training")).name,
-        "history": plots.history({r: t.history for r, t in pair.items()}, folder.figure("history")).name,
+        "along_training": plot(result, folder.figure("along_training")).name,
+        "history": draw.history({r: t.history for r, t in pair.items()}, folder.figure("history")).name,
     }
     folder.save_result(NAME, result)
     return result
+
+
+# --- its report section and figure --------------------------------------------------------------------
+
+def render(r: dict) -> str:
+    out = ["## 6. Sharpness along training (Figure 6)",
+           f"Metric 2.1 (full space, ε={r['epsilon']:g}) measured during training. Paper: {r.get('paper', '')}", ""]
+    rows = []
+    for regime, points in r["curves"].items():
+        for p in points:
+            rows.append([regime.upper(), p["epoch"], md.fmt(p["train_loss"]), md.fmt(p["sharpness"])])
+    out += ["<details><summary>every measurement</summary>", "", md.table(["", "epoch", "train loss", "sharpness"], rows),
+            "", "</details>", ""]
+    ratio = r.get("distance_ratio")
+    low, high = r.get("paper_distance_ratio", (3, 10))
+    out.append(f"‖x_SB − x0‖ / ‖x_LB − x0‖ at the end: {md.fmt(ratio, 3)} (paper: {low:g} to {high:g}).")
+    out += ["", md.figure(r, "along_training", "sharpness vs training loss"), md.figure(r, "history", "training curves")]
+    return "\n".join(out)
+
+
+def plot(result: dict, path) -> Path:
+    """Figure 6: sharpness against the training loss along training (log-log), SB and LB."""
+    plt = draw.pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for regime in ("sb", "lb"):
+        points = result["curves"].get(regime, [])
+        losses = draw.positive([p["train_loss"] for p in points])
+        values = draw.positive([p["sharpness"] for p in points])
+        ax.loglog(losses, values, "o-", color=draw.COLORS[regime], label=draw.LABELS[regime])
+        if points:
+            ax.annotate(f"epoch {points[-1]['epoch']}", (losses[-1], values[-1]), fontsize=7)
+    ax.invert_xaxis()  # training proceeds to the right, as the loss falls
+    ax.set_xlabel("training cross-entropy (falls →)")
+    ax.set_ylabel(f"sharpness ε={result['epsilon']:g}")
+    ax.set_title("Sharpness along training")
+    ax.legend()
+    return draw.save(fig, path)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from .. import plots
+import math
+from pathlib import Path
+
+from . import _figures as draw
+from . import _markdown as md
 from . import networks
 from .paper import TABLE2
 from .presets import Settings
@@ -44,7 +48,7 @@ def run(folder: RunFolder, settings: Settings) -> dict:
         "summary": summary,
         "paper": {k: list(v) for k, v in TABLE2.get(settings.model, {}).items()},
     }
-    result["figures"] = {"gap": plots.gap(result, folder.figure("gap")).name}
+    result["figures"] = {"gap": plot(result, folder.figure("gap")).name}
     folder.save_result(NAME, result)
     return result
 
@@ -70,3 +74,61 @@ def summarize(rows: list[dict]) -> dict:
     summary["test_gap"] = networks.mean_std(gaps)
     summary["distance_ratio"] = networks.mean_std(ratios)
     return summary
+
+
+# --- its report section and figure --------------------------------------------------------------------
+
+def render(r: dict) -> str:
+    s, summ = r["settings"], r["summary"]
+    sb, lb = summ["sb"], summ["lb"]
+    rows = [[
+        f"this run: {md.scale(s)}, {sb['runs']}+{lb['runs']} runs",
+        md.pct(sb["train_acc"]), md.pct(lb["train_acc"]), md.pct(sb["test_acc"]), md.pct(lb["test_acc"]), md.pct(summ["test_gap"]),
+    ]]
+    p = r.get("paper") or {}
+    if p:
+        gap = p["test_sb"][0] - p["test_lb"][0]
+        rows.append([md.paper_label(s["model"]), md.pct(p["train_sb"]), md.pct(p["train_lb"]), md.pct(p["test_sb"]),
+                     md.pct(p["test_lb"]), f"{gap:.2f}"])
+    out = [
+        "## 1. Generalization gap (Table 2)",
+        f"SB batch {sb['batch_size']}, LB batch {lb['batch_size']}; accuracy in % (mean ± std over seeds, eval mode, "
+        "whole splits).",
+        "",
+        md.table(["", "train SB", "train LB", "test SB", "test LB", "gap (test SB − LB)"], rows),
+        "",
+        f"‖x_SB − x0‖ / ‖x_LB − x0‖: {md.fmt(summ.get('distance_ratio'))} (paper: 3 to 10).",
+    ]
+    for regime in ("sb", "lb"):
+        if summ[regime]["diverged"]:
+            out.append(f"**{regime.upper()} diverged** for seeds {summ[regime]['diverged']} (left out of the statistics).")
+    per_seed = [[row["seed"], row["regime"].upper(), row["batch_size"], row["epochs"],
+                 md.pct(row.get("train_acc")), md.pct(row.get("test_acc")), md.fmt(row.get("train_loss")),
+                 md.fmt(row.get("distance_from_start")),
+                 f"diverged at epoch {row['diverged']}" if row.get("diverged") is not None else "ok"]
+                for row in r["rows"]]
+    out += ["", "<details><summary>per run</summary>", "",
+            md.table(["seed", "regime", "batch", "epochs", "train acc", "test acc", "train loss", "‖x − x0‖", "status"],
+                   per_seed), "", "</details>", "", md.figure(r, "gap", "accuracy of SB and LB")]
+    return "\n".join(out)
+
+
+def plot(result: dict, path) -> Path:
+    """Figure for Table 2: train and test accuracy of SB and LB, mean ± std over seeds."""
+    plt = draw.pyplot()
+    summary = result["summary"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    groups = ["train_acc", "test_acc"]
+    for offset, regime in ((-0.18, "sb"), (0.18, "lb")):
+        stats = [summary[regime].get(g) for g in groups]
+        means = [s[0] if s else math.nan for s in stats]
+        stds = [s[1] if s else 0.0 for s in stats]
+        ax.bar([i + offset for i in range(len(groups))], means, width=0.34, yerr=stds, capsize=4,
+               color=draw.COLORS[regime], label=f"{draw.LABELS[regime]} (batch {summary[regime]['batch_size']})")
+    ax.set_xticks(range(len(groups)), ["train accuracy", "test accuracy"])
+    ax.set_ylabel("accuracy (%)")
+    lows = [s[0] for r in ("sb", "lb") for g in groups if (s := summary[r].get(g))]
+    ax.set_ylim(max(0.0, min(lows, default=0.0) - 5.0), 100.5)
+    ax.set_title(f"Generalization gap ({result['settings']['model']} on {result['settings']['dataset']})")
+    ax.legend(loc="lower right")
+    return draw.save(fig, path)

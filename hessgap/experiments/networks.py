@@ -14,7 +14,14 @@ from typing import Any
 
 from torch.utils.data import TensorDataset
 
+from .._io import read_json
 from ..errors import HessgapError
+from ..sharp import sharpness as sharpness_metric
+from ..train import loop
+from ..train.config import TrainConfig
+from ..train.data import load_dataset, make_loader
+from ..train.evaluation import evaluate as evaluate_model
+from ..train.result import TrainResult
 from .presets import Settings
 from .runs import RunFolder, digest
 
@@ -26,7 +33,7 @@ class Trained:
     """A training run of the folder: its tag (folder name under models/), config and result."""
 
     tag: str
-    result: Any  # hessgap.train.loop.TrainResult
+    result: TrainResult
     out_dir: Path
 
     @property
@@ -47,16 +54,12 @@ def dataset(settings: Settings):
     the seeds of the training runs)."""
     key = (settings.dataset, settings.data_root, settings.data_seed)
     if key not in _DATASETS:
-        from ..train.data import load_dataset
-
         _DATASETS[key] = load_dataset(settings.dataset, root=settings.data_root, seed=settings.data_seed)
     return _DATASETS[key]
 
 
 def eval_loader(tensor_dataset, settings: Settings):
     """A fixed-order loader for evaluation and sharpness (batches of ``settings.eval_batch``)."""
-    from ..train.data import make_loader
-
     return make_loader(tensor_dataset, batch_size=min(settings.eval_batch, len(tensor_dataset)), shuffle=False)
 
 
@@ -79,15 +82,13 @@ def train_config(
     epochs: int | None = None,
     batch_schedule: tuple | None = None,
     keep_checkpoints: int | None = 1,
-):
-    """The :class:`hessgap.train.loop.TrainConfig` of one run under ``settings``.
+) -> TrainConfig:
+    """The :class:`hessgap.train.config.TrainConfig` of one run under ``settings``.
 
     Only the latest checkpoint is kept by default (enough to resume): at the paper's scale a C2 checkpoint
     is ~180 MB, so keeping every epoch of every run would fill a disk. ``keep_checkpoints=None`` keeps all
     (the warm-start experiment starts LB runs from every SB epoch).
     """
-    from ..train.loop import TrainConfig
-
     kwargs = dict(
         model=settings.model,
         dataset=settings.dataset,
@@ -124,8 +125,6 @@ def train(run: RunFolder, config, label: str, data=None, init_state=None, init_l
 
     A diverged run (non-finite loss) is reported and returned with ``diverged`` set; its checkpoints stay.
     """
-    from ..train.loop import train as train_loop
-
     # what does not change the trained weights does not name the run
     identity = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", "keep_checkpoints")}
     if init_state is not None:
@@ -138,11 +137,9 @@ def train(run: RunFolder, config, label: str, data=None, init_state=None, init_l
     out_dir = run.models_dir / tag
     state = "training"
     if (out_dir / "history.json").exists():
-        from .runs import read_json
-
         state = "loading" if read_json(out_dir / "history.json").get("finished") else "resuming"
     run.log(f"{state} {tag} (batch {config.batch_size}, seed {config.seed})")
-    result = train_loop(
+    result = loop.train(
         config, out_dir=out_dir, dataset=data, init_state=init_state, progress=run.progress,
         epoch_callback=epoch_callback,
     )
@@ -180,12 +177,10 @@ def check_batch(batch_size: int, n: int, what: str = "batch size") -> None:
 
 def evaluate(model, settings: Settings) -> dict:
     """Train and test loss and accuracy (percent) of ``model`` in eval mode, over the whole splits."""
-    from ..train.loop import evaluate as evaluate_loop
-
     data = dataset(settings)
     out = {}
     for split in ("train", "test"):
-        loss, acc = evaluate_loop(model, eval_loader(getattr(data, split), settings))
+        loss, acc = evaluate_model(model, eval_loader(getattr(data, split), settings))
         out[f"{split}_loss"] = float(loss)
         out[f"{split}_acc"] = percent(acc)
     return out
@@ -216,15 +211,17 @@ def sharpness(run: RunFolder, trained: Trained, settings: Settings, epsilon: flo
     cache = run.parts("measurements")
     if key in cache:
         return cache.get(key)
-
-    import hessgap
-
-    result = hessgap.sharpness(
-        trained.model, analysis_loader(settings), epsilon=epsilon, subspace_dim=subspace_dim,
-        solver=settings.sharpness_solver, seed=seed,
-    )
+    result = sharpness_metric(trained.model, analysis_loader(settings), epsilon=epsilon, subspace_dim=subspace_dim,
+                              seed=seed, **solver_option(settings.sharpness_solver))
     run.log(f"sharpness {key}: {result.value:.4g} (loss {result.loss:.3g}, {result.seconds:.1f} s)")
     return cache.put(key, result.to_dict())
+
+
+def solver_option(solver: str) -> dict:
+    """The ``solver`` keyword of the metric for a solver name of :data:`hessgap.names.SHARPNESS_SOLVERS`;
+    "auto" is the metric's default (box ascent in the full space, L-BFGS-B's path in a random subspace),
+    so it is left to the metric."""
+    return {} if solver == "auto" else {"solver": solver}
 
 
 def mean_std(values) -> tuple[float, float] | None:

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import plots
 from ..errors import HessgapError
+from . import _figures as draw
+from . import _markdown as md
 from . import networks
 from .paper import FIGURE_NOTES
-from .presets import Settings
+from .presets import PATHS, Settings
 from .runs import RunFolder
 
 NAME = "parametric"
-PATHS = ("linear", "curved")
 
 
 def coefficients(alpha: float, path: str) -> tuple[float, float]:
@@ -128,6 +129,56 @@ def run(folder: RunFolder, settings: Settings, model_sb=None, model_lb=None, nam
         "batchnorm": "eval mode, running statistics interpolated like the weights (variances clamped at 0)",
         "paper": FIGURE_NOTES["parametric"],
     }
-    result["figures"] = {"parametric": plots.parametric(result, folder.figure("parametric")).name}
+    result["figures"] = {"parametric": plot(result, folder.figure("parametric")).name}
     folder.save_result(NAME, result)
     return result
+
+
+# --- its report section and figure --------------------------------------------------------------------
+
+def _curve_rows(curve: dict, picks=(-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)) -> list[list]:
+    rows = []
+    alphas = curve["alpha"]
+    for target in picks:
+        if not alphas or target < min(alphas) - 1e-9 or target > max(alphas) + 1e-9:
+            continue
+        i = min(range(len(alphas)), key=lambda j: abs(alphas[j] - target))
+        clamped = curve.get("clamped_variances", [0] * len(alphas))[i]
+        rows.append([f"{alphas[i]:.3g}", md.fmt(curve["train_loss"][i]), md.fmt(curve["test_loss"][i]),
+                     md.pct(curve["train_acc"][i]), md.pct(curve["test_acc"][i]), clamped])
+    return rows
+
+
+def render(r: dict) -> str:
+    out = ["## 3. Parametric plots (Figures 3 and 7)",
+           f"From x_SB (α = 0, {r['models']['sb']}) to x_LB (α = 1, {r['models']['lb']}); BatchNorm: {r['batchnorm']}.",
+           f"Paper: {r.get('paper', '')}", ""]
+    for name, curve in r["curves"].items():
+        out += [f"**{name} path**", "", md.table(["α", "train loss", "test loss", "train acc", "test acc", "clamped BN variances"],
+                                                   _curve_rows(curve)), ""]
+    out.append(md.figure(r, "parametric", "loss and accuracy along the path"))
+    return "\n".join(out)
+
+
+def plot(result: dict, path) -> Path:
+    """Figures 3 and 7: loss (log, left) and accuracy (right) along the path from x_SB (α=0) to x_LB (α=1)."""
+    plt = draw.pyplot()
+    curves = result["curves"]
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 3.8), squeeze=False)
+    for ax, (name, curve) in zip(axes[0], curves.items()):
+        alphas = curve["alpha"]
+        ax.semilogy(alphas, draw.positive(curve["train_loss"]), "b-", label="train loss")
+        ax.semilogy(alphas, draw.positive(curve["test_loss"]), "b--", label="test loss")
+        ax.set_xlabel("α")
+        ax.set_ylabel("cross-entropy", color="b")
+        twin = ax.twinx()
+        twin.plot(alphas, curve["train_acc"], "r-", label="train accuracy")
+        twin.plot(alphas, curve["test_acc"], "r--", label="test accuracy")
+        twin.set_ylabel("accuracy (%)", color="r")
+        for x in (0.0, 1.0):
+            ax.axvline(x, color="gray", lw=0.6, ls=":")
+        formula = "α x_LB + (1−α) x_SB" if name == "linear" else "sin(απ/2) x_LB + cos(απ/2) x_SB"
+        ax.set_title(f"{name}: {formula}", fontsize=9)
+        lines = ax.get_lines()[:2] + twin.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best", framealpha=0.7)
+    return draw.save(fig, path)

@@ -10,11 +10,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .. import _checks
 from ..errors import HessgapError
+from ..names import PRESET_NAMES, REMEDY_NAMES, SHARPNESS_SOLVERS
+from .registry import EXPERIMENTS
 
-EXPERIMENTS = ("gap", "sharpness", "parametric", "spectrum", "along_training", "sweep", "warmstart", "remedies")
-REMEDY_NAMES = ("augment", "conservative", "adversarial", "dynamic")
-PRESET_NAMES = ("quick", "paper")
+__all__ = ["EXPERIMENTS", "PATHS", "PRESET_NAMES", "REMEDY_NAMES", "Settings", "preset"]
+
+#: The interpolation paths of Figures 3 and 7 (see :mod:`hessgap.experiments.parametric`).
+PATHS = ("linear", "curved")
 
 
 @dataclass
@@ -40,13 +44,13 @@ class Settings:
     # sharpness (Metric 2.1)
     epsilons: tuple = (1e-3, 5e-4)
     subspace_dim: int | None = 100  # None: full space only
-    sharpness_solver: str = "box-ascent"
+    sharpness_solver: str = "auto"  # one of hessgap.names.SHARPNESS_SOLVERS; auto: the metric's choice
     sharpness_batches: int | None = None  # None: the whole training set
     eval_batch: int = 1024
     # experiment-specific
     alphas: int = 25
     alpha_range: tuple = (-1.0, 2.0)
-    paths: tuple = ("linear", "curved")
+    paths: tuple = PATHS
     spectrum_k: int = 10
     trace_probes: int = 0  # spectrum: also Hutchinson's trace of the Hessian with this many probes (0 = off)
     sharpness_every: int = 1  # along training (Fig. 6): sharpness every this many epochs of the first seed
@@ -68,42 +72,28 @@ class Settings:
         self.validate()
 
     def validate(self) -> None:
-        def positive(name, value, integer=True):
-            if value is None:
-                return
-            if (integer and (not isinstance(value, int) or isinstance(value, bool))) or value <= 0:
-                kind = "a positive integer" if integer else "positive"
-                raise HessgapError(f"{name} must be {kind}, got {value!r}")
-
         for name in ("epochs", "sb_batch", "lb_batch", "seeds", "lb_epochs", "subspace_dim", "sharpness_batches", "eval_batch",
                      "alphas", "spectrum_k", "warmstart_sb_epochs", "warmstart_lb_epochs", "warmstart_every",
                      "patience"):
-            positive(name, getattr(self, name))
-        positive("width", self.width, integer=False)
-        positive("depth", self.depth, integer=False)
-        positive("lr", self.lr, integer=False)
-        for name in ("epsilons",):
-            if not self.epsilons or any(e <= 0 for e in self.epsilons):
-                raise HessgapError(f"every sharpness epsilon must be > 0, got {self.epsilons}")
-        if not 0 < self.lb_fraction <= 1:
-            raise HessgapError(f"lb_fraction must be in (0, 1], got {self.lb_fraction}")
-        if self.trace_probes < 0:
-            raise HessgapError(f"trace_probes must be >= 0 (0 = no trace), got {self.trace_probes}")
-        if self.sharpness_every < 0:
-            raise HessgapError(f"sharpness_every must be >= 0 (0 = never), got {self.sharpness_every}")
+            _checks.positive_int(getattr(self, name), name, allow_none=True)
+        for name in ("width", "depth", "lr"):
+            _checks.positive_number(getattr(self, name), name)
+        if not self.epsilons or any(e <= 0 for e in self.epsilons):
+            raise HessgapError(f"every sharpness epsilon must be > 0, got {self.epsilons}")
+        _checks.in_unit_interval(self.lb_fraction, "lb_fraction", closed_low=False, closed_high=True)
+        _checks.nonnegative_int(self.trace_probes, "trace_probes", "0 = no trace")
+        _checks.nonnegative_int(self.sharpness_every, "sharpness_every", "0 = never")
+        _checks.choice(self.sharpness_solver, SHARPNESS_SOLVERS, "sharpness solver")
         if self.alpha_range[0] >= self.alpha_range[1]:
             raise HessgapError(f"alpha_range must be (low, high) with low < high, got {self.alpha_range}")
         for path in self.paths:
-            if path not in ("linear", "curved"):
-                raise HessgapError(f"unknown interpolation path {path!r}; choose from linear, curved")
+            _checks.choice(path, PATHS, "interpolation path")
         for remedy in self.remedies:
-            if remedy not in REMEDY_NAMES:
-                raise HessgapError(f"unknown remedy {remedy!r}; choose from {', '.join(REMEDY_NAMES)}")
+            _checks.choice(remedy, REMEDY_NAMES, "remedy")
         for name in self.experiments:
-            if name not in EXPERIMENTS:
-                raise HessgapError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
-        if any(b <= 0 for b in self.sweep_batches):
-            raise HessgapError(f"sweep batch sizes must be positive, got {self.sweep_batches}")
+            _checks.choice(name, EXPERIMENTS, "experiment")
+        for batch in self.sweep_batches:
+            _checks.positive_int(batch, "sweep batch size")
 
     def seed_list(self) -> list[int]:
         return list(range(self.seed, self.seed + self.seeds))
@@ -126,14 +116,14 @@ class Settings:
         t = min(1.0, max(0.0, t))
         return max(1, int(round(self.epochs * (self.lb_epochs / self.epochs) ** t)))
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Settings":
+    def from_dict(cls, data: dict) -> Settings:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -164,6 +154,7 @@ def preset(name: str, model: str | None = None, dataset: str | None = None) -> S
     LB 10 % of the training set, 100 epochs, 5 seeds, ε ∈ {1e-3, 5e-4}, 100-dim subspace, 25 α),
     for a GPU; the data set defaults to the one the network was trained on in the paper.
     """
+    _checks.choice(name, PRESET_NAMES, "preset")
     if name == "quick":
         # digits: 1437 training samples; SB 16 vs LB half the data (45× larger, like the paper's 23×);
         # both fit the training set, LB with 2 steps per epoch needs 5× the epochs
@@ -206,4 +197,3 @@ def preset(name: str, model: str | None = None, dataset: str | None = None) -> S
             sharpness_every=5,
             sharpness_batches=None,
         )
-    raise HessgapError(f"unknown preset {name!r}; choose from {', '.join(PRESET_NAMES)}")

@@ -9,7 +9,11 @@ Each remedy trains LB networks for every seed; plain SB and LB rows come from th
 
 from __future__ import annotations
 
-from .. import plots
+import math
+from pathlib import Path
+
+from . import _figures as draw
+from . import _markdown as md
 from . import networks
 from .paper import REMEDIES
 from .presets import Settings
@@ -74,6 +78,54 @@ def run(folder: RunFolder, settings: Settings) -> dict:
         "rows": rows,
         "dynamic_schedule": list(dynamic_schedule(settings, lb)) if "dynamic" in settings.remedies else None,
     }
-    result["figures"] = {"remedies": plots.remedies(result, folder.figure("remedies")).name}
+    result["figures"] = {"remedies": plot(result, folder.figure("remedies")).name}
     folder.save_result(NAME, result)
     return result
+
+
+# --- its report section and figure --------------------------------------------------------------------
+
+def render(r: dict) -> str:
+    rows = []
+    for row in r["rows"]:
+        status = ", ".join(f"seed {d['seed']} diverged at epoch {d['epoch']}" for d in row.get("diverged", [])) or ""
+        paper_cells = [md.fmt(row.get("paper_test_lb")), md.fmt(row.get("paper_sharpness_lb"))]
+        if row.get("paper_note"):
+            paper_cells = [row["paper_note"], "–"]
+        rows.append([row["name"], md.pct(row["train_acc"]), md.pct(row["test_acc"]), md.fmt(row["sharpness"])]
+                    + paper_cells + [status])
+    extra = ""
+    if r.get("dynamic_schedule"):
+        start, final, growth = r["dynamic_schedule"]
+        extra = f"Dynamic sampling: batch {start} grown ×{growth:.3g} per epoch up to {final}."
+    return "\n".join([
+        "## 7. Remedies (Appendix E)",
+        f"Sharpness: Metric 2.1, full space, ε={r['epsilon']:g}. Paper columns: the paper's LB numbers with the remedy.",
+        "",
+        md.table(["", "train acc", "test acc", "sharpness", "paper test LB", "paper sharpness LB", "notes"], rows),
+        "", extra, "", md.figure(r, "remedies", "remedies"),
+    ])
+
+
+def plot(result: dict, path) -> Path:
+    """Appendix E: LB test accuracy and sharpness per remedy, beside plain SB and LB."""
+    plt = draw.pyplot()
+    rows = result["rows"]
+    names = [r["name"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(7.0, 1.3 * len(rows) + 4), 3.6))
+    acc = [r["test_acc"][0] if r.get("test_acc") else math.nan for r in rows]
+    acc_err = [r["test_acc"][1] if r.get("test_acc") else 0.0 for r in rows]
+    left.bar(names, acc, yerr=acc_err, capsize=4, color="tab:green")
+    finite = [a for a in acc if not math.isnan(a)]
+    left.set_ylim(max(0.0, min(finite, default=0.0) - 5.0), 100.0)
+    left.set_ylabel("test accuracy (%)")
+    eps = result["epsilon"]
+    sharp = draw.positive([r["sharpness"][0] if r.get("sharpness") else None for r in rows])
+    sharp_err = [r["sharpness"][1] if r.get("sharpness") else 0.0 for r in rows]
+    right.bar(names, sharp, yerr=sharp_err, capsize=4, color="tab:purple")
+    right.set_yscale("log")
+    right.set_ylabel(f"sharpness ε={eps:g}")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle("Remedies for large-batch training")
+    return draw.save(fig, path)

@@ -9,48 +9,28 @@ Layout of a folder written by any ``hessgap`` command::
     <out>/figures/<name>.png
     <out>/models/<tag>/        one training run each (per-epoch checkpoints, history.json)
 
-Every JSON write goes to a temporary file first and is renamed into place, so an interrupted run never
-leaves a half-written result behind.
+Every file is written through :mod:`hessgap._io` (a temporary file first, renamed into place), so an
+interrupted run never leaves a half-written result behind.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .._io import jsonable
+from .._io import dumps, jsonable, read_json, write_json
+from .._version import __version__
 from ..errors import HessgapError
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(jsonable(data), handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise HessgapError(
-            f"{path} is not valid JSON ({exc}); the file is damaged: delete it to recompute that part"
-        ) from exc
 
 
 def digest(data: dict, length: int = 8) -> str:
     """A short stable hash of a JSON-able dict (names training runs by their configuration)."""
-    text = json.dumps(jsonable(data), sort_keys=True)
+    text = dumps(data, indent=None, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
@@ -91,7 +71,7 @@ class RunFolder:
         return self.results_dir / f"{name}.json"
 
     # -- configuration -------------------------------------------------------------------------
-    def open(self, ignore: tuple[str, ...] = ("device", "experiments")) -> "RunFolder":
+    def open(self, ignore: tuple[str, ...] = ("device", "experiments")) -> RunFolder:
         """Create the folder, or check that an existing one was made by the same command and settings.
 
         Keys in ``ignore`` (where the run executes, which experiments run this time) may change
@@ -114,9 +94,7 @@ class RunFolder:
                     "same settings to resume, or choose another --out folder to start a new run"
                 )
         self.path.mkdir(parents=True, exist_ok=True)
-        import torch
-
-        from .. import __version__
+        import torch  # here, not at the top: the command line reads the registry and presets without torch
 
         write_json(
             config_path,
@@ -147,7 +125,7 @@ class RunFolder:
             parts.unlink()
         return path
 
-    def parts(self, name: str) -> "Parts":
+    def parts(self, name: str) -> Parts:
         return Parts(self.results_dir / f"{name}.parts.json")
 
     def results(self) -> dict[str, dict]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tqdm.auto import tqdm
 
-from .. import plots
+from . import _figures as draw
+from . import _markdown as md
 from . import networks
 from .paper import TABLE3, TABLE4
 from .presets import Settings
@@ -63,7 +66,7 @@ def run(folder: RunFolder, settings: Settings) -> dict:
         "tables": tables,
         "paper": {"full": _paper(TABLE3, settings.model), "subspace": _paper(TABLE4, settings.model)},
     }
-    result["figures"] = {"sharpness": plots.sharpness_bars(result, folder.figure("sharpness")).name}
+    result["figures"] = {"sharpness": plot(result, folder.figure("sharpness")).name}
     folder.save_result(NAME, result)
     return result
 
@@ -73,3 +76,63 @@ def _paper(table: dict, model: str) -> dict:
     if rows is None:
         return {}
     return {regime: {f"{eps:g}": list(rows[(regime, eps)]) for r, eps in rows if r == regime} for regime in ("sb", "lb")}
+
+
+# --- its report section and figure --------------------------------------------------------------------
+
+def render(r: dict) -> str:
+    s, eps = r["settings"], r["epsilons"]
+    header = [""] + [f"{reg.upper()} ε={e:g}" for e in eps for reg in ("sb", "lb")] + [f"LB/SB ε={e:g}" for e in eps]
+    rows = []
+    titles = {"full": ("full space", "Table 3"), "subspace": (f"{s.get('subspace_dim')}-dim subspace", "Table 4")}
+    for space, table in r["tables"].items():
+        name, paper_table = titles[space]
+        cells = [f"this run, {name}"]
+        ratios = []
+        for e in eps:
+            for reg in ("sb", "lb"):
+                cells.append(md.fmt(table[reg].get(f"{e:g}")))
+            a, b = table["sb"].get(f"{e:g}"), table["lb"].get(f"{e:g}")
+            ratios.append(f"{b[0] / a[0]:.1f}×" if a and b and a[0] > 0 else "–")
+        rows.append(cells + ratios)
+        p = (r.get("paper") or {}).get(space) or {}
+        if p:
+            cells = [f"{md.paper_label(s['model'])}, {paper_table}"]
+            ratios = []
+            for e in eps:
+                for reg in ("sb", "lb"):
+                    cells.append(md.fmt(p.get(reg, {}).get(f"{e:g}")))
+                a, b = p.get("sb", {}).get(f"{e:g}"), p.get("lb", {}).get(f"{e:g}")
+                ratios.append(f"{b[0] / a[0]:.1f}×" if a and b and a[0] > 0 else "–")
+            rows.append(cells + ratios)
+    solver = s.get("sharpness_solver")
+    data = "the whole training set" if s.get("sharpness_batches") is None else \
+        f"the first {s['sharpness_batches']} × {s['eval_batch']} training samples"
+    return "\n".join([
+        "## 2. Sharpness (Tables 3 and 4)",
+        f"Metric 2.1 at the trained weights, over {data}, solver `{solver}`, eval mode; mean ± std over seeds.",
+        "",
+        md.table(header, rows),
+        "",
+        md.figure(r, "sharpness", "sharpness of SB and LB"),
+    ])
+
+
+def plot(result: dict, path) -> Path:
+    """Figure for Tables 3 and 4: SB vs LB sharpness per space and ε (log scale), mean ± std."""
+    plt = draw.pyplot()
+    tables = result["tables"]
+    keys = [(space, eps) for space in ("full", "subspace") for eps in result["epsilons"] if tables.get(space)]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(keys) + 1.5), 3.6))
+    for offset, regime in ((-0.18, "sb"), (0.18, "lb")):
+        stats = [tables[space][regime].get(f"{eps:g}") for space, eps in keys]
+        means = draw.positive([s[0] if s else None for s in stats])
+        stds = [s[1] if s else 0.0 for s in stats]
+        ax.bar([i + offset for i in range(len(keys))], means, width=0.34, yerr=stds, capsize=4,
+               color=draw.COLORS[regime], label=draw.LABELS[regime])
+    ax.set_xticks(range(len(keys)), [f"{space}\nε={eps:g}" for space, eps in keys])
+    ax.set_yscale("log")
+    ax.set_ylabel("sharpness (Metric 2.1)")
+    ax.set_title("Sharpness of SB and LB minimizers")
+    ax.legend()
+    return draw.save(fig, path)

@@ -8,7 +8,13 @@ over a box of ℓ2 radius about ε·√n, far beyond the quadratic neighbourhood
 
 from __future__ import annotations
 
-from .. import plots
+from functools import partial
+from pathlib import Path
+
+from ..spectrum import eigenvalues as lanczos_eigenvalues
+from ..spectrum import trace as hutchinson_trace
+from . import _figures as draw
+from . import _markdown as md
 from . import networks
 from .paper import FIGURE_NOTES
 from .presets import Settings
@@ -19,13 +25,17 @@ NAME = "spectrum"
 
 def eigenvalues(model, settings: Settings, k: int) -> dict:
     """Top-k eigenvalues of the training-loss Hessian of ``model`` over the analysis data."""
-    import hessgap
-
-    result = hessgap.eigenvalues(model, networks.analysis_loader(settings), k=k)
+    result = lanczos_eigenvalues(model, networks.analysis_loader(settings), k=k)
     out = result.to_dict()
     out.pop("eigenvectors", None)  # n × k floats: kept out of the JSON
     out["eigenvalues"] = [float(v) for v in result.eigenvalues]
     return out
+
+
+def hessian_trace(model, settings: Settings) -> dict:
+    """Hutchinson's estimate of the training-loss Hessian's trace with ``settings.trace_probes`` probes."""
+    return hutchinson_trace(model, networks.analysis_loader(settings), num_probes=settings.trace_probes,
+                            seed=settings.seed).to_dict()
 
 
 def run(folder: RunFolder, settings: Settings) -> dict:
@@ -33,8 +43,6 @@ def run(folder: RunFolder, settings: Settings) -> dict:
     stored = folder.load_result(NAME)
     if stored is not None:
         return stored
-    import hessgap
-
     pair = networks.train_pair(folder, settings, settings.seed)
     parts = folder.parts(NAME)
     eps = settings.epsilons[0]
@@ -44,14 +52,12 @@ def run(folder: RunFolder, settings: Settings) -> dict:
             models[regime] = {"model": trained.tag, "diverged": trained.diverged}
             continue
         spectrum = parts.compute(f"{trained.tag}/k{settings.spectrum_k}",
-                                 lambda: eigenvalues(trained.model, settings, settings.spectrum_k))
+                                 partial(eigenvalues, trained.model, settings, settings.spectrum_k))
         folder.log(f"top eigenvalues of {trained.tag}: {', '.join(f'{v:.4g}' for v in spectrum['eigenvalues'])}")
         sharp = networks.sharpness(folder, trained, settings, eps, seed=settings.seed)
         trace = None
         if settings.trace_probes:
-            trace = parts.compute(f"{trained.tag}/trace{settings.trace_probes}",
-                                  lambda: hessgap.trace(trained.model, networks.analysis_loader(settings),
-                                                        num_probes=settings.trace_probes, seed=settings.seed).to_dict())
+            trace = parts.compute(f"{trained.tag}/trace{settings.trace_probes}", partial(hessian_trace, trained.model, settings))
         models[regime] = {
             "model": trained.tag,
             "eigenvalues": spectrum["eigenvalues"],
@@ -73,6 +79,49 @@ def run(folder: RunFolder, settings: Settings) -> dict:
         "top_ratio_lb_sb": top["lb"] / top["sb"] if len(top) == 2 and top["sb"] > 0 else None,
         "paper": FIGURE_NOTES["spectrum"],
     }
-    result["figures"] = {"spectrum": plots.spectrum(result, folder.figure("spectrum")).name}
+    result["figures"] = {"spectrum": plot(result, folder.figure("spectrum")).name}
     folder.save_result(NAME, result)
     return result
+
+
+# --- its report section and figure --------------------------------------------------------------------
+
+def render(r: dict) -> str:
+    rows = []
+    for regime, m in r["models"].items():
+        if m.get("eigenvalues"):
+            rows.append([regime.upper(), ", ".join(f"{v:.4g}" for v in m["eigenvalues"]), md.fmt(m.get("trace")),
+                         md.fmt(m["sharpness"]), md.fmt(m.get("loss")), m.get("hvps", "–")])
+        else:
+            rows.append([regime.upper(), f"diverged at epoch {m.get('diverged')}", "–", "–", "–", "–"])
+    ratio = r.get("top_ratio_lb_sb")
+    return "\n".join([
+        "## 8. Top Hessian eigenvalues beside sharpness",
+        f"Top {r['k']} eigenvalues of the training-loss Hessian (Lanczos) and Metric 2.1 (full space, ε={r['epsilon']:g}).",
+        "",
+        md.table(["", "top eigenvalues", "trace (Hutchinson)", f"sharpness ε={r['epsilon']:g}", "f(x)", "HVPs (Lanczos)"], rows),
+        "",
+        f"λ_max(LB) / λ_max(SB) = {md.fmt(ratio, 3)}. Paper: {r.get('paper', '')}",
+        "",
+        md.figure(r, "spectrum", "top eigenvalues"),
+    ])
+
+
+def plot(result: dict, path) -> Path:
+    """Top Hessian eigenvalues of the SB and LB minimizers (log scale where positive)."""
+    plt = draw.pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for regime, marker in (("sb", "o"), ("lb", "s")):
+        entry = result["models"].get(regime)
+        if not entry or not entry.get("eigenvalues"):
+            continue
+        values = entry["eigenvalues"]
+        ax.plot(range(1, len(values) + 1), draw.positive(values), marker + "-", color=draw.COLORS[regime],
+                label=f"{draw.LABELS[regime]} (sharpness {entry['sharpness']:.3g})" if entry.get("sharpness") is not None
+                else draw.LABELS[regime])
+    ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.set_ylabel("λ_i of the training-loss Hessian")
+    ax.set_title("Top Hessian eigenvalues")
+    ax.legend()
+    return draw.save(fig, path)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .. import plots
+from pathlib import Path
+
+from . import _figures as draw
+from . import _markdown as md
 from . import networks
 from .paper import FIGURE_NOTES
 from .presets import Settings
@@ -38,6 +41,38 @@ def run(folder: RunFolder, settings: Settings) -> dict:
         "rows": rows,
         "paper": FIGURE_NOTES["sweep"],
     }
-    result["figures"] = {"sweep": plots.sweep(result, folder.figure("sweep")).name}
+    result["figures"] = {"sweep": plot(result, folder.figure("sweep")).name}
     folder.save_result(NAME, result)
     return result
+
+
+# --- its report section and figure --------------------------------------------------------------------
+
+def render(r: dict) -> str:
+    eps = r["epsilons"]
+    rows = []
+    for row in r["rows"]:
+        if row.get("diverged") is not None:
+            rows.append([row["batch_size"], f"diverged at epoch {row['diverged']}", "–"] + ["–"] * len(eps))
+        else:
+            rows.append([row["batch_size"], md.pct(row["train_acc"]), md.pct(row["test_acc"])]
+                        + [md.fmt(row["sharpness"].get(f"{e:g}")) for e in eps])
+    return "\n".join([
+        "## 4. Batch-size sweep (Figure 4)", f"Paper: {r.get('paper', '')}", "",
+        md.table(["batch", "train acc", "test acc"] + [f"sharpness ε={e:g}" for e in eps], rows), "",
+        md.figure(r, "sweep", "accuracy and sharpness vs batch size"),
+    ])
+
+
+def plot(result: dict, path) -> Path:
+    """Figure 4: test accuracy and sharpness against the batch size."""
+    plt = draw.pyplot()
+    rows = [r for r in result["rows"] if not r.get("diverged")]
+    batches = [r["batch_size"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.8, 3.8))
+    ax.semilogx(batches, [r["test_acc"] for r in rows], "ko-", label="test accuracy")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("test accuracy (%)")
+    draw.sharpness_beside(ax, batches, rows, result["epsilons"], "loglog", legend_loc="center left")
+    ax.set_title("Batch-size sweep")
+    return draw.save(fig, path)

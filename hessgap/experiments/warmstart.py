@@ -7,7 +7,11 @@ after epoch e (every ``warmstart_every`` epochs, and e = 0, the common start), L
 
 from __future__ import annotations
 
-from .. import plots
+from pathlib import Path
+
+from ..train.checkpoint import load_epoch_state
+from . import _figures as draw
+from . import _markdown as md
 from . import networks
 from .paper import FIGURE_NOTES
 from .presets import Settings
@@ -28,8 +32,6 @@ def run(folder: RunFolder, settings: Settings) -> dict:
     stored = folder.load_result(NAME)
     if stored is not None:
         return stored
-    from ..train.checkpoint import load_epoch_state
-
     data = networks.dataset(settings)
     lb = settings.lb_size(len(data.train))
     networks.check_batch(lb, len(data.train), "LB batch size")
@@ -67,6 +69,42 @@ def run(folder: RunFolder, settings: Settings) -> dict:
         "rows": rows,
         "paper": FIGURE_NOTES["warmstart"],
     }
-    result["figures"] = {"warmstart": plots.warmstart(result, folder.figure("warmstart")).name}
+    result["figures"] = {"warmstart": plot(result, folder.figure("warmstart")).name}
     folder.save_result(NAME, result)
     return result
+
+
+# --- its report section and figure --------------------------------------------------------------------
+
+def render(r: dict) -> str:
+    eps = r["epsilons"]
+    rows = []
+    for row in r["rows"]:
+        if row.get("skipped") or row.get("diverged") is not None:
+            rows.append([row["warm_epoch"], row.get("skipped") or f"diverged at epoch {row['diverged']}", "–"] + ["–"] * len(eps))
+        else:
+            rows.append([row["warm_epoch"], md.pct(row["train_acc"]), md.pct(row["test_acc"])]
+                        + [md.fmt(row["sharpness"].get(f"{e:g}")) for e in eps])
+    sb = r.get("sb_final") or {}
+    return "\n".join([
+        "## 5. Warm-started large batch (Figure 5)",
+        f"LB (batch {r['lb_batch']}) trained from the SB iterate after each listed epoch. Paper: {r.get('paper', '')}",
+        "",
+        md.table(["SB epochs", "train acc", "test acc"] + [f"sharpness ε={e:g}" for e in eps], rows), "",
+        f"The SB run itself ends at test accuracy {md.pct(sb.get('test_acc'))} %.", "",
+        md.figure(r, "warmstart", "warm-started LB"),
+    ])
+
+
+def plot(result: dict, path) -> Path:
+    """Figure 5: LB runs warm-started from SB iterates: test accuracy and sharpness vs warm-start epoch."""
+    plt = draw.pyplot()
+    rows = [r for r in result["rows"] if not r.get("diverged")]
+    starts = [r["warm_epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.8, 3.8))
+    ax.plot(starts, [r["test_acc"] for r in rows], "ko-", label="test accuracy (LB)")
+    ax.set_xlabel("SB epochs before switching to LB")
+    ax.set_ylabel("test accuracy (%)")
+    draw.sharpness_beside(ax, starts, rows, result["epsilons"], "semilogy", legend_loc="center right")
+    ax.set_title("Warm-started large-batch training")
+    return draw.save(fig, path)

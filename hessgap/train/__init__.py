@@ -6,10 +6,13 @@
 """
 
 from .checkpoint import list_checkpoints, load_checkpoint, load_epoch_state
+from .config import TrainConfig
 from .data import DATASET_NAMES, SMALL_BATCH, Dataset, large_batch_size, load_dataset, make_loader
-from .loop import TrainConfig, TrainResult, evaluate, train
+from .evaluation import evaluate
+from .loop import train
 from .models import MODEL_NAMES, build_model, count_parameters
 from .remedies import REMEDIES, BatchSchedule, augment_batch, fgsm
+from .result import TrainResult
 
 __all__ = [
     "MODEL_NAMES", "build_model", "count_parameters",

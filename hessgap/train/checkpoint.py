@@ -2,22 +2,19 @@
 
 A run folder holds ``checkpoints/epoch_0001.pt`` … (model, optimizer, RNG states, history, x0 and the
 configuration: everything to resume bit-exactly) and ``history.json`` (the per-epoch metrics, readable
-without torch). A write goes to a temporary file in the same folder and is renamed into place, so an
-interrupted write never leaves a half-written checkpoint under the real name.
+without torch). Both are written through :mod:`hessgap._io` (a temporary file in the same folder, renamed
+into place), so an interrupted write never leaves a half-written checkpoint under the real name.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._io import save_torch
 from ..errors import HessgapError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -42,26 +39,9 @@ def list_checkpoints(out_dir: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """``torch.save`` the payload atomically (temporary file + rename)."""
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    save_torch(path, payload)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -91,26 +71,3 @@ def load_epoch_state(out_dir: str | Path, epoch: int, map_location: str | torch.
         )
     return load_checkpoint(available[int(epoch)], map_location)["model"]
 
-
-def json_safe(value: Any) -> Any:
-    """Non-finite floats become None so the result is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    text = json.dumps(json_safe(data), indent=2, allow_nan=False)
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise HessgapError(f"cannot read {path}: {exc}") from exc

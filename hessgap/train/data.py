@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from .. import _checks
 from ..errors import HessgapError
+from ..names import DATASET_NAMES, DATASETS_ON_DISK, dataset_name
 
-DATASET_NAMES = ("digits", "mnist1d", "mnist", "cifar10", "cifar100")
-_NEEDS_ROOT = ("mnist", "cifar10", "cifar100")
+__all__ = ["DATASET_NAMES", "SMALL_BATCH", "Dataset", "epoch_seed", "large_batch_size", "load_dataset", "make_loader"]
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Dataset:
     def num_test(self) -> int:
         return len(self.test)
 
-    def to(self, device: torch.device | str) -> "Dataset":
+    def to(self, device: torch.device | str) -> Dataset:
         """The same data with its tensors on ``device`` (loaders then index on the device)."""
         move = lambda ds: TensorDataset(*(t.to(device) for t in ds.tensors))  # noqa: E731
         return Dataset(self.name, move(self.train), move(self.test), self.input_shape, self.num_classes,
@@ -149,10 +150,8 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0) -> Da
     and ``mnist1d``). ``seed`` fixes the digits split and the MNIST-1D sample; the same seed always gives
     the same data, so vary the training seed, not this one, across repeated runs.
     """
-    key = str(name).lower().replace("-", "").replace("_", "")
-    if key not in DATASET_NAMES:
-        raise HessgapError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-    if key in _NEEDS_ROOT and root is None:
+    key = dataset_name(name)
+    if key in DATASETS_ON_DISK and root is None:
         raise HessgapError(
             f"data set {key!r} is read from files: name their directory (data_root / --data-root); "
             f"'digits' and 'mnist1d' need no files"
@@ -189,8 +188,7 @@ def make_loader(
     if not isinstance(tensor_dataset, TensorDataset):
         raise HessgapError(f"make_loader expects a torch.utils.data.TensorDataset, got {type(tensor_dataset).__name__}")
     size = len(tensor_dataset)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise HessgapError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _checks.positive_int(int(batch_size) if isinstance(batch_size, np.integer) else batch_size, "batch_size")
     if size == 0:
         raise HessgapError("the data set is empty (0 samples)")
     if batch_size > size:

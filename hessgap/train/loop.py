@@ -2,310 +2,58 @@
 
 :func:`train` runs one configuration (:class:`TrainConfig`) and returns a :class:`TrainResult`. Per epoch it
 records train/test loss and accuracy (eval mode, over the whole split), the distance ‖x − x0‖ from the
-starting point, optionally the sharpness (Metric 2.1), the batch size, the learning rate and the time.
+starting point, the batch size, the learning rate and the time, and what its epoch callbacks measure
+(the sharpness, Metric 2.1, with ``TrainConfig.sharpness_every``: :mod:`hessgap.train.sharpness_log`).
 With ``out_dir`` every epoch is checkpointed (see :mod:`hessgap.train.checkpoint`) and rerunning on the
 same folder resumes bit-exactly where it stopped; a finished run returns at once.
 
+Epoch callbacks, in the order the loop calls them after an epoch's evaluation:
+
+1. measurements, ``measure(record, model, last)``: they add their entries to the epoch's record (and
+   declare them, with the value on epochs they skip, in ``measure.fields``); ``last`` says the run ends
+   after this epoch. They run *before* the checkpoint, so what they measure is saved with the epoch and
+   a resumed run is bit-exact. :func:`train` composes them from the configuration.
+2. the checkpoint and ``history.json`` (with ``out_dir``).
+3. the caller's ``epoch_callback(record, model)``: it sees a copy of the finished record, exactly as the
+   checkpoint holds it, with the model in eval mode; returning True stops the run there.
+
 Reproducibility: the initial weights come from ``seed``; the data order of epoch e from (seed, e); dropout
-and augmentation from RNG states saved in every checkpoint. Sharpness runs under a forked RNG, so turning
-it on does not change the trajectory. The caller's global RNG state is left as it was.
+and augmentation from RNG states saved in every checkpoint. Measurements run under a forked RNG, so turning
+them on does not change the trajectory. The caller's global RNG state is left as it was.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
+from tqdm.auto import tqdm
 
-from ..curvature.objective import LossOverData
+from .._io import read_json, write_json
 from ..errors import HessgapError
 from .checkpoint import (
     CHECKPOINT_DIR,
     HISTORY_FILE,
     checkpoint_path,
-    json_safe,
     list_checkpoints,
     load_checkpoint,
-    read_json,
     save_checkpoint,
-    write_json,
 )
-from .data import DATASET_NAMES, SMALL_BATCH, Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
-from .models import MODEL_NAMES, build_model, count_parameters
-from .remedies import REMEDIES, BatchSchedule, make_training_step
+from .config import TrainConfig, check_same_run, resolve_batch_size, resolve_device
+from .data import Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
+from .evaluation import evaluate
+from .models import build_model
+from .remedies import BatchSchedule, make_training_step
+from .result import TrainResult
+from .sharpness_log import SharpnessLog
 
-OPTIMIZERS = ("adam", "sgd")
-# fields that may change between a run and its resumption (they do not change the trajectory)
-_RESUMABLE_CHANGES = frozenset({
-    "epochs", "patience", "min_delta", "device", "data_root", "sharpness_every", "sharpness_epsilon",
-    "sharpness_batches", "eval_batch_size", "keep_checkpoints",
-})
 _AUGMENT_STREAM = 1 << 30  # the augmentation generator's seed stream, apart from the epochs' streams
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; JSON round-trips through :meth:`to_dict` / :meth:`from_dict`.
-
-    ``batch_size``: an integer, or ``"sb"`` (256, the paper's small batch) or ``"lb"`` (10% of the
-    training set, the paper's large batch). ``patience``: None trains exactly ``epochs`` epochs; an integer
-    stops once the training loss has not improved by more than ``min_delta`` for that many epochs
-    (``epochs`` is then the maximum). ``remedy``: None or one of "augment", "conservative", "adversarial",
-    "dynamic". ``batch_schedule`` (dynamic sampling): (start size, final size, growth factor per epoch);
-    None uses (batch_size, 10% of the training set, 1.2). ``fgsm_epsilon`` is in units of the standardized
-    inputs. ``sharpness_every``: compute Metric 2.1 every that many epochs (and at the last), 0 = never;
-    ``sharpness_batches`` limits it to the first batches of the training set. ``keep_checkpoints``: None
-    keeps every epoch's checkpoint, k keeps the starting point (epoch 0) and the last k (a checkpoint holds the weights and ADAM's two moments,
-    about 3× the parameters' bytes: 21 MB for C1, 180 MB for C2 per epoch). ``device``: "auto" (CUDA if available), "cpu", "cuda", ...
-    """
-
-    model: str = "F1"
-    dataset: str = "digits"
-    data_root: Optional[str] = None
-    batch_size: Any = SMALL_BATCH
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    patience: Optional[int] = None
-    min_delta: float = 0.0
-    seed: int = 0
-    data_seed: int = 0
-    width: float = 1.0
-    depth: float = 1.0
-    dropout: float = 0.5
-    remedy: Optional[str] = None
-    prox_lambda: float = 1e-3
-    prox_steps: int = 3
-    fgsm_epsilon: float = 0.1
-    batch_schedule: Optional[tuple] = None
-    sharpness_every: int = 0
-    sharpness_epsilon: float = 1e-3
-    sharpness_batches: Optional[int] = None
-    eval_batch_size: int = 1024
-    keep_checkpoints: Optional[int] = None
-    device: str = "auto"
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        if out["batch_schedule"] is not None:
-            out["batch_schedule"] = list(out["batch_schedule"])
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        if isinstance(data, TrainConfig):
-            return data
-        if not isinstance(data, dict):
-            raise HessgapError(f"a training configuration must be a dict or TrainConfig, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise HessgapError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values = dict(data)
-        if values.get("batch_schedule") is not None:
-            values["batch_schedule"] = tuple(values["batch_schedule"])
-        return cls(**values)
-
-    def validate(self) -> "TrainConfig":
-        """Raise :class:`HessgapError` naming the first bad option; returns self (names normalized)."""
-        if str(self.model).upper() not in MODEL_NAMES:
-            raise HessgapError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-        self.model = str(self.model).upper()
-        key = str(self.dataset).lower().replace("-", "").replace("_", "")
-        if key in DATASET_NAMES:
-            self.dataset = key
-        self.optimizer = str(self.optimizer).lower()
-
-        def positive_int(name, value, allow_none=False):
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HessgapError(f"{name} must be a positive integer, got {value!r}")
-
-        if isinstance(self.batch_size, str):
-            if self.batch_size.lower() not in ("sb", "lb"):
-                raise HessgapError(f"batch_size must be a positive integer, 'sb' or 'lb', got {self.batch_size!r}")
-        else:
-            positive_int("batch_size", self.batch_size)
-        positive_int("epochs", self.epochs)
-        positive_int("patience", self.patience, allow_none=True)
-        positive_int("eval_batch_size", self.eval_batch_size)
-        positive_int("sharpness_batches", self.sharpness_batches, allow_none=True)
-        positive_int("keep_checkpoints", self.keep_checkpoints, allow_none=True)
-        positive_int("prox_steps", self.prox_steps)
-        every = self.sharpness_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise HessgapError(f"sharpness_every must be an integer ≥ 0 (0 = never), got {self.sharpness_every!r}")
-        if str(self.optimizer).lower() not in OPTIMIZERS:
-            raise HessgapError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        for name in ("lr", "sharpness_epsilon", "fgsm_epsilon", "width", "depth"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise HessgapError(f"{name} must be a positive finite number, got {value!r}")
-        for name in ("momentum", "prox_lambda", "min_delta"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise HessgapError(f"{name} must be a finite number ≥ 0, got {value!r}")
-        if not 0 <= self.dropout < 1:
-            raise HessgapError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.remedy is not None and self.remedy not in REMEDIES:
-            raise HessgapError(f"unknown remedy {self.remedy!r}; choose None or one of {', '.join(REMEDIES)}")
-        if self.batch_schedule is not None:
-            if self.remedy != "dynamic":
-                raise HessgapError("batch_schedule is used by remedy='dynamic' only; set remedy='dynamic' or drop it")
-            BatchSchedule.from_value(self.batch_schedule)
-        resolve_device(self.device)
-        return self
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise HessgapError(f"unknown device {device!r}: {exc}; use 'auto', 'cpu' or 'cuda[:index]'") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise HessgapError(f"device {device!r} asked for, but this torch build or machine has no CUDA device; use 'cpu'")
-    return resolved
-
-
-def resolve_batch_size(batch_size, num_train: int) -> int:
-    if isinstance(batch_size, str):
-        return SMALL_BATCH if batch_size.lower() == "sb" else large_batch_size(num_train)
-    return int(batch_size)
-
-
-@dataclass
-class TrainResult:
-    """A trained model (eval mode) with its starting point and per-epoch history.
-
-    ``history`` holds one dict per epoch (epoch, train_loss, train_acc, test_loss, test_acc,
-    distance_from_start, sharpness, batch_size, lr, seconds, batch_loss: the mean loss of the epoch's
-    training steps, and sharpness_seconds where sharpness was measured); accuracies are fractions in [0, 1],
-    ``seconds`` is the time of the epoch's training and evaluation.
-    ``diverged`` is the epoch whose loss became non-finite (training stopped there; ``model`` then holds
-    the last finite weights, the checkpoint of the epoch before), or None. ``stopped_early`` is the epoch
-    at which patience ended the run, or None.
-    """
-
-    model: nn.Module
-    x0: torch.Tensor
-    history: list[dict]
-    diverged: Optional[int]
-    config: TrainConfig
-    input_shape: tuple = ()
-    num_classes: int = 0
-    dataset: str = ""
-    stopped_early: Optional[int] = None
-    out_dir: Optional[str] = None
-    resumed_from: Optional[int] = None
-
-    @property
-    def final(self) -> dict:
-        return dict(self.history[-1]) if self.history else {}
-
-    @property
-    def finished(self) -> bool:
-        """True when the run has nothing left to do: all epochs done, stopped by patience, or diverged."""
-        return (self.diverged is not None or self.stopped_early is not None
-                or len(self.history) >= self.config.epochs)
-
-    @property
-    def num_parameters(self) -> int:
-        return count_parameters(self.model)
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary (everything except the tensors)."""
-        return json_safe({
-            "config": self.config.to_dict(),
-            "dataset": self.dataset,
-            "input_shape": list(self.input_shape),
-            "num_classes": self.num_classes,
-            "num_parameters": self.num_parameters,
-            "history": self.history,
-            "final": self.final,
-            "diverged": self.diverged,
-            "stopped_early": self.stopped_early,
-            "finished": self.finished,
-            "out_dir": self.out_dir,
-        })
-
-    def save(self, path: str | Path) -> None:
-        """Write the trained weights, x0, history and config to one file (atomic)."""
-        payload = {
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "x0": self.x0.detach().cpu(),
-            **{k: v for k, v in self.to_dict().items() if k not in ("final", "num_parameters", "finished")},
-            "history": self.history,
-        }
-        save_checkpoint(path, payload)
-
-    @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "TrainResult":
-        """Read a file written by :meth:`save`, a run's per-epoch checkpoint, or a run folder (its latest
-        checkpoint, with the divergence recorded in its history.json) and rebuild the model."""
-        folder = Path(path)
-        recorded: dict = {}
-        if folder.is_dir():
-            available = list_checkpoints(folder)
-            if not available:
-                raise HessgapError(f"{folder} holds no training checkpoints (expected {folder}/checkpoints/epoch_*.pt)")
-            path = available[max(available)]
-            if (folder / HISTORY_FILE).is_file():
-                recorded = read_json(folder / HISTORY_FILE)
-        payload = load_checkpoint(path, map_location)
-        if recorded.get("diverged") is not None:
-            payload["diverged"] = recorded["diverged"]
-            payload["history"] = list(payload["history"]) + [
-                h for h in recorded.get("history", []) if h["epoch"] > payload["epoch"]][:1]
-            payload["out_dir"] = str(folder)
-        try:
-            config = TrainConfig.from_dict(payload["config"])
-            model = build_model(config.model, payload["input_shape"], payload["num_classes"],
-                                config.width, config.depth, config.dropout)
-            model.load_state_dict(payload["model"])
-        except (KeyError, RuntimeError) as exc:
-            raise HessgapError(f"{path} does not hold a complete hessgap training result: {exc}") from exc
-        model.to(map_location).eval()
-        return cls(model=model, x0=payload["x0"], history=list(payload.get("history", [])),
-                   diverged=payload.get("diverged"), config=config, input_shape=tuple(payload["input_shape"]),
-                   num_classes=payload["num_classes"], dataset=payload.get("dataset", config.dataset),
-                   stopped_early=payload.get("stopped_early"), out_dir=payload.get("out_dir"))
-
-
-def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float, float]:
-    """(mean loss, accuracy in [0, 1]) of ``model`` in eval mode over every batch of ``loader``.
-
-    A non-finite loss is returned as it is (NaN or inf), not raised: the training loop decides what a
-    diverged run does. The model's train/eval mode is restored.
-    """
-    objective = LossOverData(model, loader, loss_fn)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=objective.device)
-    correct = torch.zeros((), dtype=torch.int64, device=objective.device)
-    count = 0
-    try:
-        with torch.no_grad():
-            for index, (inputs, targets) in enumerate(objective.batches()):
-                outputs = model(inputs)
-                loss = objective.batch_loss(outputs, targets, index)
-                total += loss.double() * inputs.shape[0]
-                if targets.dim() == 1 and outputs.dim() == 2:
-                    correct += (outputs.argmax(1) == targets).sum()
-                count += inputs.shape[0]
-    finally:
-        model.train(was_training)
-    return float(total) / count, int(correct) / count
 
 
 def _rng_state(device: torch.device, augment_generator: torch.Generator) -> dict:
@@ -328,29 +76,6 @@ def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
 
 
-def _check_same_run(saved: dict, config: TrainConfig, folder: Path) -> None:
-    current = config.to_dict()
-    for key in sorted(set(saved) | set(current)):
-        if key in _RESUMABLE_CHANGES:
-            continue
-        if saved.get(key) != current.get(key):
-            raise HessgapError(
-                f"{folder} holds a run with {key}={saved.get(key)!r}, but this configuration has {key}={current.get(key)!r}; "
-                "use a new output folder (or the same configuration to resume that run)"
-            )
-
-
-def _sharpness_value(model, dataset: Dataset, config: TrainConfig, device: torch.device) -> float:
-    import hessgap  # lazily: the metric lives in another part of the package
-
-    loader = make_loader(dataset.train, min(config.eval_batch_size, dataset.num_train), shuffle=False)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        result = hessgap.sharpness(model, loader, epsilon=config.sharpness_epsilon,
-                                   max_batches=config.sharpness_batches)
-    return float(getattr(result, "value", result))
-
-
 def train(
     config: TrainConfig | dict,
     out_dir: str | Path | None = None,
@@ -362,8 +87,10 @@ def train(
     """Train ``config.model`` on ``config.dataset`` (or on the given ``dataset``) and return the result.
 
     ``init_state`` (a ``state_dict``) warm-starts from given weights; x0 is then that point.
-    ``epoch_callback(record, model)`` runs after every epoch (after its checkpoint) with the model in eval
-    mode; returning True stops the run there (not marked finished: rerunning on ``out_dir`` continues).
+    ``epoch_callback(record, model)`` runs after every epoch, after its checkpoint (the record it gets is a
+    copy of the one saved), with the model in eval mode; returning True stops the run there (not marked
+    finished: rerunning on ``out_dir`` continues). The sharpness of ``config.sharpness_every`` is measured
+    by a :class:`~hessgap.train.sharpness_log.SharpnessLog` callback before the checkpoint.
     Diverging runs (non-finite loss) stop at once, record the epoch and keep the earlier checkpoints.
     """
     config = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config).validate()
@@ -392,10 +119,11 @@ def train(
         )
     data = dataset.to(device) if device.type != "cpu" else dataset
 
+    measurements = [SharpnessLog.from_config(config, data.train, device)]
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
         run = _Run(config, device, folder, dataset, data, batch_size, schedule, init_state)
-        return run.run(progress, epoch_callback)
+        return run.run(progress, measurements, epoch_callback)
 
 
 class _Run:
@@ -473,7 +201,7 @@ class _Run:
             return True
         last_epoch, last_path = next(reversed(available.items()))
         state = load_checkpoint(last_path, map_location="cpu")  # RNG states must stay on the CPU
-        _check_same_run(state["config"], self.config, self.folder)
+        check_same_run(state["config"], self.config, self.folder)
         if self.warm_started and not torch.equal(self.x0.cpu(), state["x0"]):
             raise HessgapError(
                 f"{self.folder} holds a run warm-started from other weights than the init_state given; "
@@ -498,8 +226,6 @@ class _Run:
 
     def train_epoch(self, epoch: int, size: int, progress: bool) -> float:
         """One pass over the shuffled training set; returns the mean loss of the training batches."""
-        from tqdm.auto import tqdm
-
         # BatchNorm cannot train on a batch of one sample: drop such a last batch
         loader = make_loader(self.data.train, size, shuffle=True, seed=self.config.seed, epoch=epoch,
                              drop_last=len(self.data.train) % size == 1)
@@ -533,12 +259,12 @@ class _Run:
         if self.last_good is not None:
             self.model.load_state_dict(self.last_good)
 
-    def run(self, progress: bool, epoch_callback) -> TrainResult:
-        from tqdm.auto import tqdm
-
+    def run(self, progress: bool, measurements: Sequence[Callable[[dict, nn.Module, bool], None]],
+            epoch_callback: Callable[[dict, nn.Module], Any] | None) -> TrainResult:
         if not self.start_or_resume():
             return self.result()
         config, model = self.config, self.model
+        slots = {key: value for measure in measurements for key, value in measure.fields.items()}
         eval_loaders = [make_loader(split, min(config.eval_batch_size, len(split)), shuffle=False)
                         for split in (self.data.train, self.data.test)]
         start = len(self.history) + 1
@@ -557,7 +283,7 @@ class _Run:
                     distance = float(torch.linalg.vector_norm(x - self.x0))
                 record = {
                     "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-                    "test_acc": test_acc, "distance_from_start": distance, "sharpness": None, "batch_size": size,
+                    "test_acc": test_acc, "distance_from_start": distance, **slots, "batch_size": size,
                     "lr": self.optimizer.param_groups[0]["lr"], "batch_loss": batch_loss,
                     "seconds": time.perf_counter() - began,
                 }
@@ -568,12 +294,9 @@ class _Run:
                     self.stop_diverged(epoch)
                     break
                 self.update_patience(epoch, train_loss)
-                every = config.sharpness_every
                 last = epoch == config.epochs or self.stopped_early is not None
-                if every and (epoch % every == 0 or last):
-                    began = time.perf_counter()
-                    record["sharpness"] = _sharpness_value(model, self.data, config, self.device)
-                    record["sharpness_seconds"] = time.perf_counter() - began
+                for measure in measurements:  # before the checkpoint: what they add is saved with the epoch
+                    measure(record, model, last)
                 if self.folder is not None:
                     save_checkpoint(checkpoint_path(self.folder, epoch), self.payload(epoch))
                     self.write_history()

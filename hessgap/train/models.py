@@ -21,13 +21,14 @@ Adapting to the data:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
 from ..errors import HessgapError
+from ..names import MODEL_NAMES, model_name
 
-MODEL_NAMES = ("F1", "F2", "C1", "C2", "C3", "C4")
+__all__ = ["MODEL_NAMES", "build_model", "count_parameters"]
 
 # hidden layers of the fully connected nets (Linear 512 + BN + ReLU each)
 _DENSE_LAYERS = {"F1": 5, "F2": 7}
@@ -172,9 +173,7 @@ def build_model(
     from the data. ``dropout`` applies to the C nets' dense layers (0 leaves the Dropout layers out).
     The initialisation is PyTorch's default; seed with ``torch.manual_seed`` before calling.
     """
-    key = str(name).upper()
-    if key not in MODEL_NAMES:
-        raise HessgapError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    key = model_name(name)
     shape = _check_shape(input_shape)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise HessgapError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")

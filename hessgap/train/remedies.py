@@ -16,16 +16,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HessgapError
+from ..names import REMEDY_NAMES
 
-REMEDIES = ("augment", "conservative", "adversarial", "dynamic")
+REMEDIES = REMEDY_NAMES  # the names of hessgap.names, under the name this module has always exported them
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Step = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -158,7 +159,7 @@ class BatchSchedule:
             raise HessgapError(f"batch_schedule growth must be a finite factor ≥ 1 per epoch, got {self.growth}")
 
     @classmethod
-    def from_value(cls, value: Sequence | "BatchSchedule") -> "BatchSchedule":
+    def from_value(cls, value: Sequence | BatchSchedule) -> BatchSchedule:
         if isinstance(value, BatchSchedule):
             return value
         try:

@@ -71,7 +71,7 @@ def load_cifar(name: str, root: str | Path) -> tuple[np.ndarray, np.ndarray, np.
     out = []
     for split in ("train", "test"):
         out.append(np.concatenate([d for d, _ in parts[split]]))
-        out.append(np.concatenate([l for _, l in parts[split]]))
+        out.append(np.concatenate([y for _, y in parts[split]]))
     x_train, y_train, x_test, y_test = out
     for split, labels in (("train", y_train), ("test", y_test)):
         if labels.size and (labels.min() < 0 or labels.max() >= layout["classes"]):

@@ -1,16 +1,15 @@
-"""The training loop: metrics, exact resume, divergence, corrupt checkpoints, patience, warm starts, bad input."""
+"""The training loop: metrics, exact resume, callbacks, divergence, patience, warm starts, random state."""
 
 import json
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from tiny_runs import same_weights, tiny, weights, without_time
 from torch.nn.utils import parameters_to_vector
 
 from hessgap.errors import HessgapError
 from hessgap.train import (
-    TrainConfig,
     TrainResult,
     build_model,
     evaluate,
@@ -20,32 +19,8 @@ from hessgap.train import (
     make_loader,
     train,
 )
-from hessgap.train.checkpoint import checkpoint_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-def tiny(**overrides):
-    base = dict(model="F1", dataset="digits", width=0.05, depth=0.4, batch_size=128, epochs=2, device="cpu")
-    base.update(overrides)
-    return TrainConfig(**base)
-
-
-def weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def without_time(history):
-    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
 
 def test_history_records_the_papers_quantities(digits):
@@ -69,20 +44,6 @@ def test_history_records_the_papers_quantities(digits):
     assert train_loss == pytest.approx(result.final["train_loss"], rel=1e-5)
     assert train_acc == pytest.approx(result.final["train_acc"])
     json.dumps(result.to_dict(), allow_nan=False)
-
-
-def test_evaluate_matches_a_direct_computation(digits):
-    torch.manual_seed(1)
-    model = build_model("C1", (1, 8, 8), 10, width=0.1).train()
-    x, y = digits.test.tensors
-    model.eval()
-    with torch.no_grad():
-        out = model(x)
-    model.train()
-    loss, acc = evaluate(model, make_loader(digits.test, 97, shuffle=False))  # unequal last batch
-    assert loss == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-5)
-    assert acc == pytest.approx(float((out.argmax(1) == y).double().mean()))
-    assert model.training  # mode restored
 
 
 def test_resume_is_bit_exact(digits, tmp_path):
@@ -138,22 +99,6 @@ def test_resuming_with_another_configuration_is_refused(digits, tmp_path):
         train(tiny(epochs=2, batch_size=64), out_dir=tmp_path, dataset=digits, progress=False)
 
 
-def test_corrupt_checkpoint_names_the_file_and_keeps_the_others(digits, tmp_path):
-    train(tiny(epochs=2), out_dir=tmp_path, dataset=digits, progress=False)
-    latest = checkpoint_path(tmp_path, 2)
-    latest.write_bytes(latest.read_bytes()[:100])
-    with pytest.raises(HessgapError, match=r"epoch_0002\.pt is corrupt"):
-        train(tiny(epochs=3), out_dir=tmp_path, dataset=digits, progress=False)
-    assert load_epoch_state(tmp_path, 1)  # the earlier epochs are intact
-    latest.unlink()  # as the message says: delete it and resume from the epoch before
-    assert len(train(tiny(epochs=3), out_dir=tmp_path, dataset=digits, progress=False).history) == 3
-    for path in list_checkpoints(tmp_path).values():
-        path.unlink()
-    with pytest.raises(HessgapError, match="holds no checkpoint to resume from"):  # the history is not overwritten
-        train(tiny(epochs=3), out_dir=tmp_path, dataset=digits, progress=False)
-    assert len(json.loads((tmp_path / "history.json").read_text())["history"]) == 3
-
-
 def test_diverging_run_stops_and_keeps_the_checkpoints(digits, tmp_path):
     config = tiny(optimizer="sgd", lr=1e6, momentum=0.9, epochs=5)
     result = train(config, out_dir=tmp_path, dataset=digits, progress=False)
@@ -196,34 +141,6 @@ def test_warm_start_from_given_weights(digits, tmp_path):
         train(tiny(width=0.1), dataset=digits, init_state=start, progress=False)
 
 
-def test_result_save_and_load(digits, tmp_path):
-    result = train(tiny(model="C2", width=0.05, depth=0.34, epochs=1), dataset=digits, progress=False)
-    result.save(tmp_path / "result.pt")
-    loaded = TrainResult.load(tmp_path / "result.pt")
-    x = digits.test.tensors[0][:16]
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.model(x), result.model(x), rtol=0, atol=0)
-    assert loaded.history == result.history and torch.equal(loaded.x0, result.x0)
-    assert loaded.config == result.config and loaded.final == result.final
-    train(tiny(epochs=1), out_dir=tmp_path / "run", dataset=digits, progress=False)
-    epoch_file = TrainResult.load(checkpoint_path(tmp_path / "run", 1))
-    assert len(epoch_file.history) == 1 and epoch_file.config.model == "F1"  # a run's checkpoint loads too
-    with pytest.raises(HessgapError, match="no training checkpoints"):
-        TrainResult.load(tmp_path / "run" / "checkpoints")
-    (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(HessgapError, match="bad.pt"):
-        TrainResult.load(tmp_path / "bad.pt")
-
-
-def test_sharpness_is_recorded_without_changing_the_trajectory(digits):
-    plain = train(tiny(epochs=2), dataset=digits, progress=False)
-    measured = train(tiny(epochs=2, sharpness_every=2, sharpness_batches=1, eval_batch_size=256),
-                     dataset=digits, progress=False)
-    assert measured.history[0]["sharpness"] is None
-    assert measured.history[1]["sharpness"] > 0
-    assert same_weights(weights(plain.model), weights(measured.model))
-
-
 def test_train_leaves_the_callers_random_state_alone(digits):
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -231,50 +148,10 @@ def test_train_leaves_the_callers_random_state_alone(digits):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_sb_and_lb_shorthands_and_sgd(digits):
-    lb = train(tiny(batch_size="lb", epochs=1), dataset=digits, progress=False)
-    assert lb.history[0]["batch_size"] == 144
-    sgd = train(tiny(optimizer="sgd", lr=0.05, epochs=1, batch_size="sb"), dataset=digits, progress=False)
-    assert sgd.history[0]["batch_size"] == 256 and math.isfinite(sgd.final["train_loss"])
-
-
-def test_config_round_trip_and_bad_options(digits):
-    config = tiny(remedy="dynamic", batch_schedule=(16, 64, 1.5))
-    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    with pytest.raises(HessgapError, match="unknown training option.*colour"):
-        TrainConfig.from_dict({"colour": "red"})
-    bad = [
-        (dict(model="VGG16"), "F1, F2, C1"), (dict(optimizer="rmsprop"), "adam, sgd"),
-        (dict(remedy="mixup"), "augment"), (dict(batch_size=0), "batch_size"), (dict(batch_size="xl"), "'sb' or 'lb'"),
-        (dict(epochs=0), "epochs"), (dict(lr=-1.0), "lr"), (dict(batch_schedule=(1, 2, 3.0)), "remedy='dynamic'"),
-        (dict(device="tpu9"), "device"), (dict(sharpness_every=-1), "sharpness_every"),
-    ]
-    for options, message in bad:
-        with pytest.raises(HessgapError, match=message):
-            train(tiny(**options), dataset=digits, progress=False)
-    with pytest.raises(HessgapError, match="larger than the training set of digits \\(1437 samples\\)"):
-        train(tiny(batch_size=5000), dataset=digits, progress=False)
-    with pytest.raises(HessgapError, match="digits, mnist1d, mnist"):
-        train(tiny(dataset="svhn"), progress=False)
-    with pytest.raises(HessgapError, match="names data set 'mnist1d' but the Dataset passed is 'digits'"):
-        train(tiny(dataset="MNIST-1D"), dataset=digits, progress=False)
-    assert train(tiny(model="f1", dataset="Digits", epochs=1), dataset=digits, progress=False).config.model == "F1"
-
-
 def test_c_nets_train_on_flat_signals():
     data = load_dataset("mnist1d")
     result = train(tiny(model="C1", dataset="mnist1d", width=0.1, epochs=1, batch_size=256), dataset=data, progress=False)
     assert result.input_shape == (40,) and math.isfinite(result.final["test_loss"])
-
-
-def test_keep_checkpoints_prunes_the_oldest_but_keeps_the_start(digits, tmp_path):
-    config = tiny(epochs=4, keep_checkpoints=2)
-    train(config, out_dir=tmp_path, dataset=digits, progress=False)
-    assert sorted(list_checkpoints(tmp_path)) == [0, 3, 4]
-    with pytest.raises(HessgapError, match="available epochs: \\[0, 3, 4\\]"):
-        load_epoch_state(tmp_path, 1)
-    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.suffix == ".tmp"]
-    assert leftovers == []  # atomic writes leave no temporary files behind
 
 
 @pytest.mark.cuda

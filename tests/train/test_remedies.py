@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import affine_transform
+from tiny_runs import tiny
 from torch import nn
 
 from hessgap.errors import HessgapError
-from hessgap.train import TrainConfig, train
+from hessgap.train import train
 from hessgap.train.data import load_dataset
 from hessgap.train.remedies import (
     BatchSchedule,
@@ -154,17 +155,6 @@ def test_make_training_step_bad_input():
 
 
 # --- the remedies inside train() --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-def tiny(**overrides):
-    base = dict(model="F1", dataset="digits", width=0.05, depth=0.4, batch_size=128, epochs=2, device="cpu")
-    base.update(overrides)
-    return TrainConfig(**base)
-
 
 @pytest.mark.parametrize("remedy", ["augment", "conservative", "adversarial"])
 def test_each_remedy_trains_and_differs_from_plain(digits, remedy):

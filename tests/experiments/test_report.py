@@ -4,11 +4,21 @@ import json
 
 import pytest
 
-from hessgap import plots
-from hessgap.experiments import paper
+from hessgap._io import write_json
+from hessgap.experiments import (
+    _figures,
+    along_training,
+    gap,
+    paper,
+    parametric,
+    sharpness_tables,
+    spectrum,
+    sweep,
+    warmstart,
+)
 from hessgap.experiments.gap import summarize
-from hessgap.experiments.runs import RunFolder, write_json
-from hessgap.report import render, write_report
+from hessgap.experiments.report import render, write_report
+from hessgap.experiments.runs import RunFolder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -108,22 +118,22 @@ def test_parametric_spectrum_and_remedies_sections(tmp_path):
 
 
 def test_figures_are_png_files(tmp_path):
-    gap = _gap_result()
+    gap_result = _gap_result()
     sharp = _sharpness_result()
     curve = {"alpha": [-1.0, 0.0, 1.0], "train_loss": [1.0, 0.1, None], "test_loss": [1.0, 0.2, 0.3],
              "train_acc": [50.0, 99.0, None], "test_acc": [40.0, 97.0, 96.0]}
     written = [
-        plots.gap(gap, tmp_path / "gap.png"),
-        plots.sharpness_bars(sharp, tmp_path / "sharp.png"),
-        plots.parametric({"curves": {"linear": curve, "curved": curve}}, tmp_path / "param.png"),
-        plots.sweep({"epsilons": [1e-3], "rows": [{"batch_size": 16, "test_acc": 97.0, "sharpness": {"0.001": 2.0}},
+        gap.plot(gap_result, tmp_path / "gap.png"),
+        sharpness_tables.plot(sharp, tmp_path / "sharp.png"),
+        parametric.plot({"curves": {"linear": curve, "curved": curve}}, tmp_path / "param.png"),
+        sweep.plot({"epsilons": [1e-3], "rows": [{"batch_size": 16, "test_acc": 97.0, "sharpness": {"0.001": 2.0}},
                                                   {"batch_size": 64, "diverged": 3, "sharpness": {}}]}, tmp_path / "s.png"),
-        plots.warmstart({"epsilons": [1e-3], "rows": [{"warm_epoch": 0, "test_acc": 95.0, "sharpness": {"0.001": 9.0}}]},
+        warmstart.plot({"epsilons": [1e-3], "rows": [{"warm_epoch": 0, "test_acc": 95.0, "sharpness": {"0.001": 9.0}}]},
                         tmp_path / "w.png"),
-        plots.along_training({"epsilon": 1e-3, "curves": {"sb": [{"epoch": 1, "train_loss": 1.0, "sharpness": 2.0}],
+        along_training.plot({"epsilon": 1e-3, "curves": {"sb": [{"epoch": 1, "train_loss": 1.0, "sharpness": 2.0}],
                                                           "lb": []}}, tmp_path / "a.png"),
-        plots.spectrum({"models": {"sb": {"eigenvalues": [2.0, -0.1], "sharpness": 1.0}}}, tmp_path / "e.png"),
-        plots.history({"sb": [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_acc": 0.5, "test_acc": 0.4}]},
+        spectrum.plot({"models": {"sb": {"eigenvalues": [2.0, -0.1], "sharpness": 1.0}}}, tmp_path / "e.png"),
+        _figures.history({"sb": [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_acc": 0.5, "test_acc": 0.4}]},
                       tmp_path / "h.png"),
     ]
     for path in written:

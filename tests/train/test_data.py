@@ -225,7 +225,7 @@ def test_mnist1d_vectorized_transform_matches_the_per_sample_reference():
     assert draws["pad"].min() >= cfg.padding[0] and draws["pad"].max() <= cfg.padding[1]
     assert draws["shift"].max() < cfg.max_translation
     out = transform(base[labels], draws, cfg)
-    expected = np.stack([reference_transform(base[l], draws, i, cfg) for i, l in enumerate(labels)])
+    expected = np.stack([reference_transform(base[label], draws, i, cfg) for i, label in enumerate(labels)])
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
 

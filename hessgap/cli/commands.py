@@ -1,0 +1,197 @@
+"""The handlers of the ``hessgap`` subcommands: each builds its settings from the parsed options, opens its
+run folder, runs the experiments or the command's work, prints a summary and writes ``report.md``.
+
+:func:`run` is what :func:`hessgap.cli.main` calls once the options parsed; this module (and so torch and
+the experiments) is imported only then.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..experiments import interpolate, model_sharpness, model_spectrum, model_train, networks, reproduce, run_experiment
+from ..experiments.demo import demo_settings, summary_lines
+from ..experiments.presets import PATHS, preset
+from ..experiments.report import write_report
+from ..experiments.runs import RunFolder
+from ..experiments.saved import model_file
+from ..train.config import TrainConfig, resolve_device
+from .options import DEFAULT_ROOT, settings_from
+
+
+def run(args) -> int:
+    """Run the subcommand ``args.command`` with its parsed options; returns the exit status."""
+    threads = getattr(args, "threads", None)
+    if threads is None and (args.command == "demo" or getattr(args, "preset", None) == "quick"):
+        threads = 1  # small networks: more threads only add synchronization, badly so on a busy machine
+    if threads:
+        torch.set_num_threads(threads)
+    if getattr(args, "device", None) is not None:
+        resolve_device(args.device)  # an unusable --device fails before any work starts
+    return HANDLERS[args.command](args)
+
+
+def _say(message: str) -> None:
+    """Progress messages that do not break tqdm's bars."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def _check_data(settings) -> None:
+    """Load the data before any folder is made: a missing data set fails at once, with its message."""
+    networks.dataset(settings)
+
+
+def _folder(args, command: str, settings: dict, default_name: str, ignore=("device", "experiments")):
+    out = args.out if args.out is not None else DEFAULT_ROOT / default_name
+    return RunFolder(out, command, settings, progress=not args.quiet, log=None if args.quiet else _say).open(ignore)
+
+
+def _finish(folder) -> None:
+    report = write_report(folder.path)
+    print(f"report: {report}")
+
+
+# -- subcommands ---------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    settings = demo_settings(seed=args.seed, device=args.device, dataset=args.dataset)
+    folder = _folder(args, "demo", settings.to_dict(), "demo")
+    outcome = reproduce(folder, settings)
+    print("\n".join(summary_lines(outcome)))
+    if outcome.get("parametric", {}).get("figures"):
+        print(f"parametric plot: {folder.figures_dir / outcome['parametric']['figures']['parametric']}")
+    _finish(folder)
+    return 1 if any("error" in r for r in outcome.values()) else 0
+
+
+def cmd_reproduce(args) -> int:
+    base = preset(args.preset, model=args.model, dataset=args.dataset)
+    settings = settings_from(args, base)
+    _check_data(settings)
+    name = f"reproduce-{args.preset}-{settings.model}-{settings.dataset}"
+    folder = _folder(args, "reproduce", settings.to_dict(), name)
+    outcome = reproduce(folder, settings)
+    print("\n".join(summary_lines(outcome)))
+    _finish(folder)
+    return 1 if any("error" in r for r in outcome.values()) else 0
+
+
+def _single_experiment(args, name: str, command: str) -> int:
+    base = preset(args.preset, model=args.model, dataset=args.dataset)
+    settings = settings_from(args, base).replace(experiments=(name,))
+    _check_data(settings)
+    folder = _folder(args, command, settings.to_dict(), f"{command}-{args.preset}-{settings.model}-{settings.dataset}")
+    result = run_experiment(name, folder, settings)
+    for row in result["rows"]:
+        key = "batch_size" if name == "sweep" else "warm_epoch"
+        label = "batch" if name == "sweep" else "SB epochs"
+        if row.get("test_acc") is not None:
+            sharp = ", ".join(f"ε={k}: {v:.4g}" for k, v in row["sharpness"].items())
+            print(f"{label} {row[key]:>5}: test accuracy {row['test_acc']:6.2f} %, sharpness {sharp}")
+        else:
+            status = row.get("skipped") or f"diverged at epoch {row.get('diverged')}"
+            print(f"{label} {row[key]:>5}: {status}")
+    _finish(folder)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    return _single_experiment(args, "sweep", "sweep")
+
+
+def cmd_warmstart(args) -> int:
+    return _single_experiment(args, "warmstart", "warmstart")
+
+
+def cmd_train(args) -> int:
+    schedule = tuple(args.batch_schedule) if args.batch_schedule else None
+    if schedule is not None:
+        schedule = (int(schedule[0]), int(schedule[1]), float(schedule[2]))
+    config = TrainConfig(
+        model=args.model, dataset=args.dataset, data_root=args.data_root, batch_size=args.batch_size,
+        epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, patience=args.patience,
+        seed=args.seed, width=args.width, depth=args.depth, dropout=args.dropout, remedy=args.remedy,
+        prox_lambda=args.prox_lambda, fgsm_epsilon=args.fgsm_epsilon, batch_schedule=schedule,
+        sharpness_every=args.sharpness_every, sharpness_epsilon=args.sharpness_epsilon,
+        sharpness_batches=args.sharpness_batches, eval_batch_size=args.eval_batch, device=args.device,
+    ).validate()
+    name = f"train-{config.model}-{config.dataset}-b{config.batch_size}-seed{config.seed}"
+    if config.remedy:
+        name += f"-{config.remedy}"
+    # the training loop itself checks a resumed run's configuration (and allows more epochs)
+    folder = _folder(args, "train", config.to_dict(), name, ignore=tuple(config.to_dict()))
+    result = model_train.run(folder, config)
+    final = result["final"]
+    _finish(folder)
+    print(f"model: {folder.path / result['model_file']}")
+    if result["diverged"] is not None:
+        print(f"hessgap: error: training diverged at epoch {result['diverged']} (non-finite loss); the checkpoints "
+              f"of the epochs before are kept in {folder.path / 'checkpoints'}; try a smaller --lr", file=sys.stderr)
+        return 1
+    print(f"after epoch {final.get('epoch')}: train loss {final.get('train_loss'):.4g}, "
+          f"train accuracy {100 * final.get('train_acc'):.2f} %, test accuracy {100 * final.get('test_acc'):.2f} %")
+    return 0
+
+
+def cmd_sharpness(args) -> int:
+    settings = {"model": str(Path(args.model_path).resolve()), "epsilons": list(args.epsilon),
+                "subspace_dim": args.subspace_dim, "solver": args.solver, "seed": args.seed,
+                "max_batches": args.max_batches, "eval_batch": args.eval_batch, "data_root": args.data_root,
+                "device": args.device}
+    path = model_file(args.model_path)
+    folder = _folder(args, "sharpness", settings, f"sharpness-{path.parent.name}")
+    result = model_sharpness.run(folder, args.model_path, args.epsilon, args.subspace_dim or None, args.solver,
+                               args.seed, args.data_root, args.eval_batch, args.max_batches, args.device)
+    for m in result["measurements"]:
+        print(f"sharpness ({m['space']}, ε={m['epsilon']:g}): {m['value']:.5g}  (f(x) = {m['loss']:.4g}, "
+              f"max f = {m['max_loss']:.4g})")
+    _finish(folder)
+    return 0
+
+
+def cmd_spectrum(args) -> int:
+    settings = {"model": str(Path(args.model_path).resolve()), "k": args.k, "trace": args.trace,
+                "density": args.density, "probes": args.probes, "seed": args.seed, "max_batches": args.max_batches,
+                "eval_batch": args.eval_batch, "data_root": args.data_root, "device": args.device}
+    path = model_file(args.model_path)
+    folder = _folder(args, "spectrum", settings, f"spectrum-{path.parent.name}")
+    result = model_spectrum.run(folder, args.model_path, args.k, args.trace, args.density, args.probes, args.seed,
+                              args.data_root, args.eval_batch, args.max_batches, args.device)
+    print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in result["eigenvalues"]))
+    if result.get("trace"):
+        print(f"trace: {result['trace']['value']:.5g}")
+    if result.get("density"):
+        print(f"density plot: {folder.figures_dir / 'density.png'}")
+    _finish(folder)
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    paths = PATHS if args.path == "both" else (args.path,)
+    changes = {"alphas": args.points, "alpha_range": (args.alpha_min, args.alpha_max), "paths": paths}
+    settings = {"models": [str(Path(p).resolve()) for p in (args.model_a, args.model_b)], **changes,
+                "data_root": args.data_root, "eval_batch": args.eval_batch, "device": args.device}
+    name = f"interpolate-{model_file(args.model_a).parent.name}-{model_file(args.model_b).parent.name}"
+    folder = _folder(args, "interpolate", settings, name)
+    result = interpolate.run(folder, args.model_a, args.model_b, changes, args.data_root, args.eval_batch, args.device)
+    for path_name, curve in result["curves"].items():
+        losses = [v for v in curve["train_loss"] if v is not None]
+        print(f"{path_name} path: train loss at α=0 {curve['train_loss'][_nearest(curve['alpha'], 0)]:.4g}, "
+              f"at α=1 {curve['train_loss'][_nearest(curve['alpha'], 1)]:.4g}, largest {max(losses):.4g}")
+    print(f"figure: {folder.figures_dir / result['figures']['parametric']}")
+    _finish(folder)
+    return 0
+
+
+def _nearest(values, target) -> int:
+    return min(range(len(values)), key=lambda i: abs(values[i] - target))
+
+
+HANDLERS = {
+    "demo": cmd_demo, "reproduce": cmd_reproduce, "train": cmd_train, "sharpness": cmd_sharpness,
+    "spectrum": cmd_spectrum, "interpolate": cmd_interpolate, "sweep": cmd_sweep, "warmstart": cmd_warmstart,
+}

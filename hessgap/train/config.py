@@ -1,0 +1,156 @@
+"""The configuration of a training run (:class:`TrainConfig`): its options, their checks, and which of them
+may change when a run is resumed; and how its device and batch size are resolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import _checks
+from ..errors import HessgapError
+from ..names import OPTIMIZER_NAMES, REMEDY_NAMES, dataset_name, model_name
+from .data import SMALL_BATCH, large_batch_size
+from .remedies import BatchSchedule
+
+# fields that may change between a run and its resumption (they do not change the trajectory)
+RESUMABLE_CHANGES = frozenset({
+    "epochs", "patience", "min_delta", "device", "data_root", "sharpness_every", "sharpness_epsilon",
+    "sharpness_batches", "eval_batch_size", "keep_checkpoints",
+})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; JSON round-trips through :meth:`to_dict` / :meth:`from_dict`.
+
+    ``batch_size``: an integer, or ``"sb"`` (256, the paper's small batch) or ``"lb"`` (10% of the
+    training set, the paper's large batch). ``patience``: None trains exactly ``epochs`` epochs; an integer
+    stops once the training loss has not improved by more than ``min_delta`` for that many epochs
+    (``epochs`` is then the maximum). ``remedy``: None or one of "augment", "conservative", "adversarial",
+    "dynamic". ``batch_schedule`` (dynamic sampling): (start size, final size, growth factor per epoch);
+    None uses (batch_size, 10% of the training set, 1.2). ``fgsm_epsilon`` is in units of the standardized
+    inputs. ``sharpness_every``: compute Metric 2.1 every that many epochs (and at the last), 0 = never;
+    ``sharpness_batches`` limits it to the first batches of the training set. ``keep_checkpoints``: None
+    keeps every epoch's checkpoint, k keeps the starting point (epoch 0) and the last k (a checkpoint holds the weights and ADAM's two moments,
+    about 3× the parameters' bytes: 21 MB for C1, 180 MB for C2 per epoch). ``device``: "auto" (CUDA if available), "cpu", "cuda", ...
+    """
+
+    model: str = "F1"
+    dataset: str = "digits"
+    data_root: str | None = None
+    batch_size: Any = SMALL_BATCH
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    patience: int | None = None
+    min_delta: float = 0.0
+    seed: int = 0
+    data_seed: int = 0
+    width: float = 1.0
+    depth: float = 1.0
+    dropout: float = 0.5
+    remedy: str | None = None
+    prox_lambda: float = 1e-3
+    prox_steps: int = 3
+    fgsm_epsilon: float = 0.1
+    batch_schedule: tuple | None = None
+    sharpness_every: int = 0
+    sharpness_epsilon: float = 1e-3
+    sharpness_batches: int | None = None
+    eval_batch_size: int = 1024
+    keep_checkpoints: int | None = None
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        if out["batch_schedule"] is not None:
+            out["batch_schedule"] = list(out["batch_schedule"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        if isinstance(data, TrainConfig):
+            return data
+        if not isinstance(data, dict):
+            raise HessgapError(f"a training configuration must be a dict or TrainConfig, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HessgapError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(data)
+        if values.get("batch_schedule") is not None:
+            values["batch_schedule"] = tuple(values["batch_schedule"])
+        return cls(**values)
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`HessgapError` naming the first bad option; returns self (names normalized)."""
+        self.model = model_name(self.model)
+        try:
+            self.dataset = dataset_name(self.dataset)
+        except HessgapError:
+            pass  # a Dataset of the caller's own may carry any name; load_dataset lists the ones it knows
+        self.optimizer = str(self.optimizer).lower()
+        if isinstance(self.batch_size, str):
+            if self.batch_size.lower() not in ("sb", "lb"):
+                raise HessgapError(f"batch_size must be a positive integer, 'sb' or 'lb', got {self.batch_size!r}")
+        else:
+            _checks.positive_int(self.batch_size, "batch_size")
+        _checks.positive_int(self.epochs, "epochs")
+        _checks.positive_int(self.patience, "patience", allow_none=True)
+        _checks.positive_int(self.eval_batch_size, "eval_batch_size")
+        _checks.positive_int(self.sharpness_batches, "sharpness_batches", allow_none=True)
+        _checks.positive_int(self.keep_checkpoints, "keep_checkpoints", allow_none=True)
+        _checks.positive_int(self.prox_steps, "prox_steps")
+        _checks.nonnegative_int(self.sharpness_every, "sharpness_every", "0 = never")
+        _checks.choice(self.optimizer, OPTIMIZER_NAMES, "optimizer")
+        for name in ("lr", "sharpness_epsilon", "fgsm_epsilon", "width", "depth"):
+            _checks.positive_number(getattr(self, name), name)
+        for name in ("momentum", "prox_lambda", "min_delta"):
+            _checks.nonnegative_number(getattr(self, name), name)
+        _checks.in_unit_interval(self.dropout, "dropout")
+        if self.remedy is not None and self.remedy not in REMEDY_NAMES:
+            raise HessgapError(f"unknown remedy {self.remedy!r}; choose None or one of {', '.join(REMEDY_NAMES)}")
+        if self.batch_schedule is not None:
+            if self.remedy != "dynamic":
+                raise HessgapError("batch_schedule is used by remedy='dynamic' only; set remedy='dynamic' or drop it")
+            BatchSchedule.from_value(self.batch_schedule)
+        resolve_device(self.device)
+        return self
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise HessgapError(f"unknown device {device!r}: {exc}; use 'auto', 'cpu' or 'cuda[:index]'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise HessgapError(f"device {device!r} asked for, but this torch build or machine has no CUDA device; use 'cpu'")
+    return resolved
+
+
+def resolve_batch_size(batch_size, num_train: int) -> int:
+    if isinstance(batch_size, str):
+        return SMALL_BATCH if batch_size.lower() == "sb" else large_batch_size(num_train)
+    return int(batch_size)
+
+
+def check_same_run(saved: dict, config: TrainConfig, folder: Path) -> None:
+    """Refuse to resume the run in ``folder`` (configuration ``saved``) with a configuration that would change
+    its trajectory (any field outside :data:`RESUMABLE_CHANGES`)."""
+    current = config.to_dict()
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != current.get(key):
+            raise HessgapError(
+                f"{folder} holds a run with {key}={saved.get(key)!r}, but this configuration has {key}={current.get(key)!r}; "
+                "use a new output folder (or the same configuration to resume that run)"
+            )

@@ -1,0 +1,24 @@
+"""Run folders: a folder refuses other settings (but not another device), a damaged result names itself."""
+
+import pytest
+from tiny_runs import tiny_settings
+
+from hessgap.errors import HessgapError
+from hessgap.experiments import RunFolder
+
+
+def test_a_folder_refuses_other_settings_but_not_another_device(tmp_path):
+    RunFolder(tmp_path, "reproduce", tiny_settings().to_dict()).open()
+    RunFolder(tmp_path, "reproduce", tiny_settings(device="cuda", experiments=("gap",)).to_dict()).open()
+    with pytest.raises(HessgapError, match="epochs: 2 in the folder, 5 now"):
+        RunFolder(tmp_path, "reproduce", tiny_settings(epochs=5).to_dict()).open()
+    with pytest.raises(HessgapError, match="'reproduce' run, not 'sweep'"):
+        RunFolder(tmp_path, "sweep", tiny_settings().to_dict()).open()
+
+
+def test_damaged_results_file_names_itself(tmp_path):
+    folder = RunFolder(tmp_path, "reproduce", tiny_settings().to_dict()).open()
+    folder.results_dir.mkdir()
+    (folder.results_dir / "gap.json").write_text('{"experiment": "gap", ')
+    with pytest.raises(HessgapError, match="gap.json is not valid JSON"):
+        folder.load_result("gap")

@@ -1,0 +1,42 @@
+"""TrainConfig: options round-trip through JSON, bad options raise naming themselves, sb/lb shorthands."""
+
+import json
+import math
+
+import pytest
+from tiny_runs import tiny
+
+from hessgap.errors import HessgapError
+from hessgap.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_sb_and_lb_shorthands_and_sgd(digits):
+    lb = train(tiny(batch_size="lb", epochs=1), dataset=digits, progress=False)
+    assert lb.history[0]["batch_size"] == 144
+    sgd = train(tiny(optimizer="sgd", lr=0.05, epochs=1, batch_size="sb"), dataset=digits, progress=False)
+    assert sgd.history[0]["batch_size"] == 256 and math.isfinite(sgd.final["train_loss"])
+
+
+def test_config_round_trip_and_bad_options(digits):
+    config = tiny(remedy="dynamic", batch_schedule=(16, 64, 1.5))
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(HessgapError, match="unknown training option.*colour"):
+        TrainConfig.from_dict({"colour": "red"})
+    bad = [
+        (dict(model="VGG16"), "F1, F2, C1"), (dict(optimizer="rmsprop"), "adam, sgd"),
+        (dict(remedy="mixup"), "augment"), (dict(batch_size=0), "batch_size"), (dict(batch_size="xl"), "'sb' or 'lb'"),
+        (dict(epochs=0), "epochs"), (dict(lr=-1.0), "lr"), (dict(batch_schedule=(1, 2, 3.0)), "remedy='dynamic'"),
+        (dict(device="tpu9"), "device"), (dict(sharpness_every=-1), "sharpness_every"),
+    ]
+    for options, message in bad:
+        with pytest.raises(HessgapError, match=message):
+            train(tiny(**options), dataset=digits, progress=False)
+    with pytest.raises(HessgapError, match="larger than the training set of digits \\(1437 samples\\)"):
+        train(tiny(batch_size=5000), dataset=digits, progress=False)
+    with pytest.raises(HessgapError, match="digits, mnist1d, mnist"):
+        train(tiny(dataset="svhn"), progress=False)
+    with pytest.raises(HessgapError, match="names data set 'mnist1d' but the Dataset passed is 'digits'"):
+        train(tiny(dataset="MNIST-1D"), dataset=digits, progress=False)
+    assert train(tiny(model="f1", dataset="Digits", epochs=1), dataset=digits, progress=False).config.model == "F1"
