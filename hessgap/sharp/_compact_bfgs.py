@@ -5,8 +5,9 @@
 where S and Y hold the last c ≤ m corrections s = x₊ − x and y = g₊ − g (oldest first), D is the diagonal
 of SᵀY, L its strictly lower triangle and θ = yᵀy / sᵀy of the newest pair.
 
-The n-vectors live in one (2m, n) tensor on the caller's device and dtype (rows: the m y-slots, then the
-m s-slots; a new pair overwrites the oldest slot), so every product with W is one matrix–vector product.
+The n-vectors live in two (m, n) tensors, Y and S, on the caller's device and in its dtype; a new pair
+fills the next free slot or overwrites the oldest, so the c pairs in use are always the first c rows and
+every product with W is a matrix–vector product over them (the age order is applied to the 2c results).
 The small matrices (SᵀS, SᵀY, M, the factor of the subspace system K) are float64 on the CPU, as scipy
 keeps them, and are computed with the same factorizations: T = θSᵀS + LD⁻¹Lᵀ = JJᵀ for M (``formt`` and
 ``bmv``) and K = UᵀEU for the subspace step (``formk``), so that a factorization that fails resets the
@@ -26,21 +27,23 @@ class CompactLbfgs:
 
     def __init__(self, n: int, memory: int, dtype: torch.dtype, device: torch.device):
         self.memory = memory
-        self.vectors = torch.zeros(2 * memory, n, dtype=dtype, device=device)
-        self.slots: list[int] = []  # the slots in use, oldest pair first
+        self.y = torch.empty(memory, n, dtype=dtype, device=device)
+        self.s = torch.empty(memory, n, dtype=dtype, device=device)
+        self.slots: list[int] = []  # the rows in use, oldest pair first
         self.theta = 1.0
         self._ss = torch.zeros(memory, memory, dtype=_F64)  # sᵢᵀsⱼ by slot
         self._sy = torch.zeros(memory, memory, dtype=_F64)  # sᵢᵀyⱼ by slot (the newest row, and D = sᵢᵀyᵢ)
         self.middle = torch.zeros(0, 0, dtype=_F64)  # M, in W's column order
         self._middle_on_device: torch.Tensor | None = None
-        # Grams of the rows of `vectors` over the free (Z) and active (A) variables of `_tracked_free`,
-        # kept up to date as pairs arrive and variables enter or leave the free set (as scipy's formk does)
-        # so that K costs O(changes · m²) rather than O(n m²) per iteration
+        # Grams of [y-slots, s-slots] over the free (Z) and active (A) variables of `_tracked_free`, kept up
+        # to date as pairs arrive and variables enter or leave the free set (as scipy's formk does), so
+        # that K costs O(changes · c²) rather than O(n c²) per iteration
         self._gram_free = torch.zeros(2 * memory, 2 * memory, dtype=_F64)
         self._gram_active = torch.zeros(2 * memory, 2 * memory, dtype=_F64)
         self._tracked_free = torch.ones(n, dtype=torch.bool, device=device)
         self._k_factor: torch.Tensor | None = None  # U with K = UᵀEU, for the free set in `_k_free`
         self._k_free: torch.Tensor | None = None
+        self._masked: torch.Tensor | None = None  # (5, n) scratch for push: s, and y, s on Z and on A
 
     @property
     def size(self) -> int:
@@ -57,35 +60,34 @@ class CompactLbfgs:
 
     # ------------------------------------------------------------------------------------ products with W
 
-    def _y_rows(self) -> list[int]:
-        return self.slots
-
-    def _s_rows(self) -> list[int]:
-        return [self.memory + slot for slot in self.slots]
-
     def transpose_times(self, v: torch.Tensor) -> torch.Tensor:
         """Wᵀv = [Yᵀv; θSᵀv] as a float64 CPU vector of length 2c."""
-        products = (self.vectors @ v).to(_CPU, _F64)
-        return torch.cat([products[self._y_rows()], self.theta * products[self._s_rows()]])
+        c = self.size
+        products = torch.cat([self.y[:c] @ v, self.s[:c] @ v]).to(_CPU, _F64)
+        return torch.cat([products[self.slots], self.theta * products[[c + slot for slot in self.slots]]])
 
     def times(self, coefficients: torch.Tensor) -> torch.Tensor:
         """W·coefficients (an n-vector in the variables' dtype and device) for a 2c-vector of coefficients."""
         c = self.size
-        by_row = torch.zeros(2 * self.memory, dtype=_F64)
-        by_row[self._y_rows()] = coefficients[:c]
-        by_row[self._s_rows()] = self.theta * coefficients[c:]
-        return by_row.to(self.vectors.device, self.vectors.dtype) @ self.vectors
+        by_slot = torch.zeros(2 * c, dtype=_F64)
+        by_slot[self.slots] = coefficients[:c]
+        by_slot[[c + slot for slot in self.slots]] = self.theta * coefficients[c:]
+        by_slot = by_slot.to(self.y.device, self.y.dtype)
+        return torch.addmv(self.y[:c].T @ by_slot[:c], self.s[:c].T, by_slot[c:])
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The rows of W at the variables ``index``: a (len(index), 2c) float64 tensor on the device."""
-        picked = self.vectors[:, index].to(_F64)
-        w = torch.cat([picked[self._y_rows()], self.theta * picked[self._s_rows()]])
+        c = self.size
+        picked = torch.cat([self.y[:c][:, index], self.s[:c][:, index]]).to(_F64)
+        age = self.slots + [c + slot for slot in self.slots]
+        w = picked[age]
+        w[c:] *= self.theta
         return w.T
 
     def middle_on_device(self) -> torch.Tensor:
         """M as float64 on the variables' device (the Cauchy search applies it to many rows at once)."""
         if self._middle_on_device is None:
-            self._middle_on_device = self.middle.to(self.vectors.device)
+            self._middle_on_device = self.middle.to(self.y.device)
         return self._middle_on_device
 
     # ------------------------------------------------------------------------------------------- update
@@ -99,25 +101,31 @@ class CompactLbfgs:
         """
         slot = len(self.slots) if len(self.slots) < self.memory else self.slots.pop(0)
         self.slots.append(slot)
-        self.vectors[slot].copy_(y)
-        self.vectors[self.memory + slot].copy_(s)
+        self.y[slot].copy_(y)
+        self.s[slot].copy_(s)
         self.theta = yy / ys
+        c = self.size
 
-        with_s = (self.vectors @ s).to(_CPU, _F64)
-        self._sy[slot, :] = with_s[: self.memory]  # s_newᵀ yⱼ: the newest row of SᵀY
-        self._ss[slot, :] = with_s[self.memory :]
-        self._ss[:, slot] = with_s[self.memory :]
+        # s·(every y and s), and the new rows of the free and active Grams over the tracked free set
+        if self._masked is None:
+            self._masked = torch.empty(5, y.numel(), dtype=y.dtype, device=y.device)
+        masked, free = self._masked, self._tracked_free.to(y.dtype)
+        masked[0].copy_(s)
+        torch.mul(y, free, out=masked[1])
+        torch.mul(s, free, out=masked[2])
+        torch.sub(y, masked[1], out=masked[3])
+        torch.sub(s, masked[2], out=masked[4])
+        products = torch.cat([masked @ self.y[:c].T, masked @ self.s[:c].T], dim=1).to(_CPU, _F64)
+        self._sy[slot, :c] = products[0, :c]  # s_newᵀyⱼ: the newest row of SᵀY
+        self._ss[slot, :c] = products[0, c:]
+        self._ss[:c, slot] = products[0, c:]
         self._sy[slot, slot] = ys
         self._ss[slot, slot] = ss
-
-        # the new rows of the free and active Grams, over the currently tracked free set
-        rows = [slot, self.memory + slot]
-        free = self._tracked_free.to(self.vectors.dtype)
-        masked = torch.stack([y * free, s * free, y - y * free, s - s * free])
-        grams = (masked @ self.vectors.T).to(_CPU, _F64)
-        for gram, new_rows in ((self._gram_free, grams[:2]), (self._gram_active, grams[2:])):
-            gram[rows, :] = new_rows
-            gram[:, rows] = new_rows.T
+        columns = list(range(c)) + [self.memory + j for j in range(c)]
+        for gram, new_rows in ((self._gram_free, products[1:3]), (self._gram_active, products[3:5])):
+            for row, values in zip((slot, self.memory + slot), new_rows):
+                gram[row, columns] = values
+                gram[columns, row] = values
 
         self._k_factor = None
         self._middle_on_device = None
@@ -155,15 +163,18 @@ class CompactLbfgs:
     def _track_free_set(self, free: torch.Tensor) -> None:
         """Move the Grams from the tracked free set to ``free``: add the entering variables' outer
         products to the free Gram and take them from the active one; the reverse for the leaving ones."""
+        c = self.size
+        in_use = torch.tensor(list(range(c)) + [self.memory + j for j in range(c)])
+        block = (in_use.unsqueeze(1), in_use)
         entering = torch.nonzero(free & ~self._tracked_free).squeeze(1)
         leaving = torch.nonzero(self._tracked_free & ~free).squeeze(1)
         for index, sign in ((entering, 1.0), (leaving, -1.0)):
-            if index.numel():
-                picked = self.vectors[:, index]
+            if c and index.numel():
+                picked = torch.cat([self.y[:c][:, index], self.s[:c][:, index]])
                 change = sign * (picked @ picked.T).to(_CPU, _F64)
-                self._gram_free += change
-                self._gram_active -= change
-        self._tracked_free = free.clone()
+                self._gram_free[block] += change
+                self._gram_active[block] -= change
+        self._tracked_free = free
 
     def factor_subspace(self, free: torch.Tensor) -> bool:
         """Factor K = [[−D − YᵀZZᵀY/θ, L_aᵀ − R_zᵀ], [L_a − R_z, θSᵀAAᵀS]] as UᵀEU, E = diag(−I, I), for the
@@ -175,7 +186,7 @@ class CompactLbfgs:
         if not torch.equal(free, self._tracked_free):
             self._track_free_set(free)
         c, theta = self.size, self.theta
-        y_rows, s_rows = self._y_rows(), self._s_rows()
+        y_rows, s_rows = self.slots, [self.memory + slot for slot in self.slots]
         yy_free = self._gram_free[y_rows][:, y_rows]
         sy_free = self._gram_free[s_rows][:, y_rows]
         ss_active = self._gram_active[s_rows][:, s_rows]

@@ -35,14 +35,13 @@ def subspace_minimum(
     if not bfgs.factor_subspace(free):
         return None
     theta = bfgs.theta
-    zero = torch.zeros_like(x)
+    on_free = free.to(x.dtype)  # a 0/1 mask: cheaper than torch.where on the CPU, and exact
     # r = −θ(x^c − x) − g + W M c on the free variables (B = θI − W M Wᵀ, c = Wᵀ(x^c − x))
-    reduced = -theta * (z - x) - g + bfgs.times(bfgs.middle @ cauchy.c)
-    reduced = torch.where(free, reduced, zero)
+    reduced = (-theta * (z - x) - g + bfgs.times(bfgs.middle @ cauchy.c)) * on_free
     weights = bfgs.solve_subspace(bfgs.transpose_times(reduced))
-    newton = torch.where(free, (reduced + bfgs.times(weights / theta)) / theta, zero)
+    newton = (reduced + bfgs.times(weights / theta)) * (on_free / theta)
 
-    projected = torch.where(free, torch.clamp(z + newton, lower, upper), z)
+    projected = torch.clamp(z + newton, lower, upper)  # z itself off the free set, where the step is 0
     touches = free & ((projected == lower) | (projected == upper))
     if not bool(touches.any()):
         return projected
@@ -53,7 +52,7 @@ def subspace_minimum(
     # limits it lands exactly on its bound
     gap = torch.where(newton < 0, lower - z, upper - z)
     blocked = ((newton < 0) & (gap >= 0)) | ((newton > 0) & (gap <= 0))
-    ratio = torch.where(blocked, zero, gap / newton)
+    ratio = torch.where(blocked, torch.zeros_like(x), gap / newton)
     ratio = torch.where(free & (newton != 0), ratio, torch.full_like(x, torch.inf))
     limiting = int(torch.argmin(ratio))  # the first of equal ratios, as scipy's loop takes it
     alpha = float(ratio[limiting])

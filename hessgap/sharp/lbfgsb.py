@@ -34,7 +34,7 @@ import torch
 from .. import _checks
 from .._results import JsonResult
 from ..errors import HessgapError, NonFiniteError
-from ._cauchy import generalized_cauchy_point
+from ._cauchy import distance_to_box, generalized_cauchy_point
 from ._compact_bfgs import CompactLbfgs
 from ._more_thuente import EVALUATE, MoreThuente
 from ._subspace import subspace_minimum
@@ -221,17 +221,14 @@ def _search_box(objective, x, f, g, target, lower, upper, *, first: bool, max_ev
 
 def _box_step_limit(x, d, lower, upper) -> float:
     """The largest step along d that stays in the box (0 when d points out of a bound x is on)."""
-    gap = torch.where(d < 0, lower - x, upper - x)
-    blocked = ((d < 0) & (gap >= 0)) | ((d > 0) & (gap <= 0))
-    ratio = torch.where(blocked, torch.zeros_like(x), gap / d)
-    ratio = torch.where(d != 0, ratio, torch.full_like(x, math.inf))
-    return min(_NO_STEP_LIMIT, float(ratio.min()))
+    limits = distance_to_box(x - lower, upper - x, d, (d != 0).to(d.dtype))
+    return min(_NO_STEP_LIMIT, float(limits.min()))
 
 
 def _projected_gradient_norm(x, g, lower, upper) -> float:
-    """‖P(x − g) − x‖∞: the gradient with the parts that push out of the box at a bound removed."""
-    projected = torch.where(g < 0, torch.maximum(x - upper, g), torch.minimum(x - lower, g))
-    return float(projected.abs().max())
+    """‖P(x − g) − x‖∞ as scipy computes it: g with the parts that push out of the box at a bound removed,
+    i.e. max(x − u, g) where g < 0 and min(x − l, g) where g ≥ 0, which is g clamped to [x − u, x − l]."""
+    return float(torch.clamp(g, x - upper, x - lower).abs().max())
 
 
 # ------------------------------------------------------------------------------------------ input checks
