@@ -1,18 +1,18 @@
 """Solver time per iteration: hessgap.sharp.lbfgsb.minimize_box against scipy's L-BFGS-B, side by side.
 
-Both solvers maximize a cheap Keskar-style objective over the box |y| ≤ ε(|w| + 1) from y = 0 for 10
-iterations with the tolerances off (hessgap's setting), on one thread. The objective, a quartic with coupled
-neighbours around a random centre, is the same torch code for both and its time is measured and taken out, so the
-figures are the solvers' own work: for scipy, its C code plus the Python driver's float64 copies and its
-per-element conversion of the bounds; for hessgap, the tensor code. The paths are compared too: the
-largest |x_hessgap − x_scipy| after the run.
+Both solvers minimize a cheap Keskar-style objective over the box |y| ≤ ε(|w| + 1) from y = 0 for 10
+iterations with the tolerances off (hessgap's setting), on one thread. The objective, a quartic with
+coupled neighbours around a random centre, is the same torch code for both and its time is measured and
+taken out, so the figures are the solvers' own work: for scipy, its C code plus the Python driver's
+float64 copies and its per-element conversion of the bounds; for hessgap, the tensor code. The paths are
+compared too: the largest |x_hessgap − x_scipy| after the run.
 
     python benchmarks/lbfgsb_ratio.py                     # n = 1e5 and 1.46e6 (the paper's F1 size)
     python benchmarks/lbfgsb_ratio.py --sizes 1e5 --dtype float32
     python benchmarks/lbfgsb_ratio.py --device cuda       # hessgap on the GPU, scipy on the CPU as always
 
-OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE, where set, slow scipy's BLAS; the figures in benchmarks/RESULTS.md
-come from runs with both unset for that command.
+OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, where set, slow scipy's BLAS: unset both for this command alone
+(``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lbfgsb_ratio.py``).
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ at once from cumulative sums over that order. With the first j breakpoints passe
     R_j  = ‖d_j‖²  = ‖d‖² − Σ_{k≤j} d_k²
     p_j  = Wᵀd_j   = p₀ − Σ_{k≤j} w_k d_k                         (w_k: row k of W)
     c_j  = Wᵀ(x(t_j) − x) = Σ_{k≤j} w_k d_k t_k + t_j p_j
-    f′_j = gᵀd_j + d_jᵀB(x(t_j) − x) = R_j (θ t_j − 1) − p_jᵀM c_j            (BLNZ95 eq. 4.4)
-    f″_j = d_jᵀB d_j = θ R_j − p_jᵀM p_j                                         (BLNZ95 eq. 4.5)
+    f′_j = gᵀd_j + d_jᵀB(x(t_j) − x) = R_j (θ t_j − 1) − p_jᵀM c_j
+    f″_j = d_jᵀB d_j = θ R_j − p_jᵀM p_j
 
-and the model's minimizer lies in the segment when Δt* = −f′_j/f″_j < t_{j+1} − t_j (eq. 4.7). scipy floors
+(B = θI − W M Wᵀ) and the model's minimizer lies in the segment when Δt* = −f′_j/f″_j < t_{j+1} − t_j. scipy floors
 f″ at ε·f″₀ after the first segment; so does this code (per segment: scipy also carries the floored
 value into the next f′, which differs only when the floor bites).
 
@@ -48,7 +48,6 @@ class CauchyPoint:
     x: torch.Tensor
     c: torch.Tensor
     free: torch.Tensor
-    segments: int  # how many segments of the path were examined
 
 
 def generalized_cauchy_point(
@@ -93,8 +92,7 @@ def generalized_cauchy_point(
     # the clamp keeps rounding from leaving the box; the passed variables sit exactly on their bounds
     x_cauchy = torch.clamp(x + t * d, lower, upper)
     x_cauchy[passed_index] = torch.where(d[passed_index] > 0, upper[passed_index], lower[passed_index])
-    segments = len(passed_index) + 1
-    return CauchyPoint(x_cauchy, c, still | (moving & ~passed), segments)
+    return CauchyPoint(x_cauchy, c, still | (moving & ~passed))
 
 
 def distance_to_box(

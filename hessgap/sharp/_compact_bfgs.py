@@ -1,6 +1,7 @@
-"""The limited-memory BFGS matrix of L-BFGS-B in compact form (Byrd, Nocedal & Schnabel 1994).
+"""The limited-memory BFGS matrix of L-BFGS-B in compact form (Byrd, Nocedal & Schnabel 1994; Byrd, Lu,
+Nocedal & Zhu 1995, Section 3):
 
-    B = θI − W M Wᵀ,   W = [Y  θS] (n × 2c),   M = [[−D, Lᵀ], [L, θSᵀS]]⁻¹      (BLNZ95 eqs. 3.2–3.4)
+    B = θI − W M Wᵀ,   W = [Y  θS] (n × 2c),   M = [[−D, Lᵀ], [L, θSᵀS]]⁻¹
 
 where S and Y hold the last c ≤ m corrections s = x₊ − x and y = g₊ − g (oldest first), D is the diagonal
 of SᵀY, L its strictly lower triangle and θ = yᵀy / sᵀy of the newest pair.

@@ -1,7 +1,7 @@
 """L-BFGS-B's subspace minimization: the direct primal method with Morales & Nocedal's projection.
 
 From the Cauchy point x^c, the free variables Z move to minimize the model
-m(x) = gᵀ(x − x_k) + ½ (x − x_k)ᵀB(x − x_k) with the active ones held (BLNZ95 Section 5.1). Its
+m(x) = gᵀ(x − x_k) + ½ (x − x_k)ᵀB(x − x_k) with the active ones held (Byrd, Lu, Nocedal & Zhu 1995, Section 5.1). Its
 unconstrained minimizer over Z is x^c + d with the reduced gradient r = −Zᵀ(g + B(x^c − x_k)) and
 
     d = (1/θ) r + (1/θ²) ZᵀW K⁻¹ WᵀZ r,                                (Morales & Nocedal 2011)
