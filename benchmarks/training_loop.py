@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from hessgap import sharpness
 from hessgap.train import TrainConfig, load_dataset, make_loader, train
 
 
@@ -26,7 +28,7 @@ def best_of(fn, repeats=3):
 
 
 def loader_epoch(loader):
-    for inputs, targets in loader:
+    for _batch in loader:
         pass
 
 
@@ -35,9 +37,9 @@ def loaders():
     for label, shape, batch_size in cases:
         data = TensorDataset(torch.randn(*shape), torch.randint(0, 10, (shape[0],)))
         generator = torch.Generator().manual_seed(0)
-        ours = best_of(lambda: loader_epoch(make_loader(data, batch_size, shuffle=True, seed=0, epoch=1)))
-        default = best_of(lambda: loader_epoch(DataLoader(data, batch_size=batch_size, shuffle=True,
-                                                          generator=generator)))
+        ours = best_of(partial(loader_epoch, make_loader(data, batch_size, shuffle=True, seed=0, epoch=1)))
+        default = best_of(partial(loader_epoch, DataLoader(data, batch_size=batch_size, shuffle=True,
+                                                           generator=generator)))
         print(f"loader, one shuffled epoch of {label} at batch {batch_size}: make_loader {ours * 1e3:.1f} ms, "
               f"DataLoader(batch_size=...) {default * 1e3:.1f} ms, ratio {default / ours:.1f}×")
 
@@ -68,15 +70,13 @@ def sb_vs_lb(digits, epochs, width):
 
 def sb_vs_lb_sharpness(epochs):
     """F1 width 0.5, SB = 32 vs LB = half the training set, then Metric 2.1 (ε = 1e-3, full space, default solver)."""
-    import hessgap
-
     for name in ("digits", "mnist1d"):
         data = load_dataset(name)
         rows = {}
         for label, batch in (("SB", 32), ("LB", data.num_train // 2)):
             result = train(TrainConfig(model="F1", dataset=name, width=0.5, batch_size=batch, epochs=epochs,
                                        device="cpu"), dataset=data, progress=False)
-            value = hessgap.sharpness(result.model, make_loader(data.train, 512, shuffle=False), epsilon=1e-3).value
+            value = sharpness(result.model, make_loader(data.train, 512, shuffle=False), epsilon=1e-3).value
             rows[label] = (batch, result.final, value)
         for label, (batch, final, value) in rows.items():
             print(f"{name} {label} (batch {batch}, {epochs} epochs): train acc {100 * final['train_acc']:.2f} %, "

@@ -1,11 +1,12 @@
 """hessgap.distributed: sums across gloo ranks, agreement checks, and failures raised on every rank."""
 
 import pytest
-from rank_workers import collectives
-from ranks import run_ranks
 
 from hessgap.distributed import Ranks
 from hessgap.errors import HessgapError
+
+from rank_workers import collectives
+from ranks import run_ranks
 
 
 def test_single_process_is_a_no_op():

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from oracles import batchnorm_dropout_mlp, unequal_batches
 from torch import nn
 
 import hessgap
 from hessgap import preserved
 from hessgap.curvature.objective import LossOverData
+
+from oracles import batchnorm_dropout_mlp, unequal_batches
 
 
 def test_preserved_restores_bits_buffers_grads_and_modes_even_on_error():

@@ -45,7 +45,7 @@ def run(folder: RunFolder, path, epsilons, subspace_dim=None, solver="auto", see
 
 def _measure(folder: RunFolder, key: str, model, loader, epsilon: float, subspace_dim, solver: str, seed: int) -> dict:
     value = sharpness(model, loader, epsilon=epsilon, subspace_dim=subspace_dim, seed=seed, progress=folder.progress,
-                      **networks.solver_option(solver))
+                      solver=solver)
     folder.log(f"sharpness {key}: {value.value:.5g}")
     return value.to_dict()
 

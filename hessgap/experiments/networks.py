@@ -212,16 +212,10 @@ def sharpness(run: RunFolder, trained: Trained, settings: Settings, epsilon: flo
     if key in cache:
         return cache.get(key)
     result = sharpness_metric(trained.model, analysis_loader(settings), epsilon=epsilon, subspace_dim=subspace_dim,
-                              seed=seed, **solver_option(settings.sharpness_solver))
+                              seed=seed, solver=settings.sharpness_solver)
     run.log(f"sharpness {key}: {result.value:.4g} (loss {result.loss:.3g}, {result.seconds:.1f} s)")
     return cache.put(key, result.to_dict())
 
-
-def solver_option(solver: str) -> dict:
-    """The ``solver`` keyword of the metric for a solver name of :data:`hessgap.names.SHARPNESS_SOLVERS`;
-    "auto" is the metric's default (box ascent in the full space, L-BFGS-B's path in a random subspace),
-    so it is left to the metric."""
-    return {} if solver == "auto" else {"solver": solver}
 
 
 def mean_std(values) -> tuple[float, float] | None:

@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
-from oracles import assert_unchanged, explicit_hessian, randomize_batchnorm, snapshot
 from torch import nn
 
 from hessgap import _extension
 from hessgap.curvature.hvp import hvp
 from hessgap.errors import HessgapError, NonFiniteError
+
+from oracles import assert_unchanged, explicit_hessian, randomize_batchnorm, snapshot
 
 needs_extension = pytest.mark.skipif(not _extension.available(), reason="hessgap._C is not built")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from oracles import batchnorm_dropout_mlp, unequal_batches
 from torch import nn
 
 from hessgap import HessgapError, NonFiniteError
 from hessgap.curvature.objective import LossOverData
+
+from oracles import batchnorm_dropout_mlp, unequal_batches
 
 
 def test_value_is_the_sample_mean_over_unequal_batches():

@@ -4,12 +4,13 @@ CheckedOperator and resolve_operator."""
 import numpy as np
 import pytest
 import torch
-from oracles import assert_unchanged, explicit_hessian, snapshot
 from torch import nn
 
 from hessgap import _extension
 from hessgap.curvature.operator import CheckedOperator, HessianOperator, MatrixOperator, resolve_operator
 from hessgap.errors import HessgapError
+
+from oracles import assert_unchanged, explicit_hessian, snapshot
 
 
 def _setup():

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from tiny_runs import tiny_settings
 
 from hessgap.experiments import RunFolder, reproduce
+
+from tiny_runs import tiny_settings
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from tiny_runs import load_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")

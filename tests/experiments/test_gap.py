@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from tiny_runs import load_trained
 
 from hessgap.train.data import load_dataset
+
+from tiny_runs import load_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

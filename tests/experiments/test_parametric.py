@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_runs import tiny_settings
 
 from hessgap.errors import HessgapError
 from hessgap.experiments import parametric
 from hessgap.train.data import load_dataset
 from hessgap.train.models import build_model
+
+from tiny_runs import tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,10 +1,11 @@
 """Settings and presets: validation, the epoch budget between SB and LB, the named presets."""
 
 import pytest
-from tiny_runs import tiny_settings
 
 from hessgap.errors import HessgapError
 from hessgap.experiments import Settings, preset
+
+from tiny_runs import tiny_settings
 
 
 def test_settings_validation_and_epoch_budget():

@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from tiny_runs import tiny_settings
 
 from hessgap.experiments import RunFolder, reproduce
+
+from tiny_runs import tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

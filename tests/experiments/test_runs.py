@@ -1,10 +1,11 @@
 """Run folders: a folder refuses other settings (but not another device), a damaged result names itself."""
 
 import pytest
-from tiny_runs import tiny_settings
 
 from hessgap.errors import HessgapError
 from hessgap.experiments import RunFolder
+
+from tiny_runs import tiny_settings
 
 
 def test_a_folder_refuses_other_settings_but_not_another_device(tmp_path):

@@ -1,10 +1,11 @@
 """Experiment 2 (Tables 3 and 4) in the tiny full run: its table against direct calls of the metric."""
 
 import pytest
-from tiny_runs import load_trained
 
 import hessgap
 from hessgap.experiments import networks
+
+from tiny_runs import load_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,9 +4,10 @@ Hessian-vector products, and the sharpness shared with experiment 2."""
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_runs import load_trained
 
 from hessgap.train.data import load_dataset
+
+from tiny_runs import load_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

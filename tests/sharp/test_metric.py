@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from oracles import ONE_BATCH, SB, Separable, identity_loss, trained_mlp
 from torch import nn
 
 import hessgap
 from hessgap.errors import HessgapError, NonFiniteError
+
+from oracles import ONE_BATCH, SB, Separable, identity_loss, trained_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

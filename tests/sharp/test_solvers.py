@@ -3,12 +3,13 @@ each other on trained MLPs, the compiled step against its twin, and which solver
 
 import pytest
 import torch
-from oracles import LB, ONE_BATCH, SB, TINY_LOSS, Separable, identity_loss, trained_mlp
 
 import hessgap
 from hessgap import _extension
 from hessgap.errors import HessgapError
 from hessgap.sharp import solvers
+
+from oracles import LB, ONE_BATCH, SB, TINY_LOSS, Separable, identity_loss, trained_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,12 +4,13 @@ import itertools
 
 import pytest
 import torch
-from oracles import ONE_BATCH, identity_loss
 from torch import nn
 
 import hessgap
 from hessgap.sharp import subspace as subspace_module
 from hessgap.sharp.subspace import FlatParameters, RandomSubspace
+
+from oracles import ONE_BATCH, identity_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,12 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from oracles import explicit_hessian
 from torch import nn
 
 from hessgap.errors import HessgapError
 from hessgap.spectrum import density, eigenvalues, trace
 from hessgap.spectrum._probes import generator_for, rademacher
+
+from oracles import explicit_hessian
 
 
 def tiny_model(batch_norm=False, dtype=torch.float64):

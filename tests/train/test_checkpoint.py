@@ -3,11 +3,12 @@
 import json
 
 import pytest
-from tiny_runs import tiny
 
 from hessgap.errors import HessgapError
 from hessgap.train import list_checkpoints, load_epoch_state, train
 from hessgap.train.checkpoint import checkpoint_path
+
+from tiny_runs import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

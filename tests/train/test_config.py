@@ -4,10 +4,11 @@ import json
 import math
 
 import pytest
-from tiny_runs import tiny
 
 from hessgap.errors import HessgapError
 from hessgap.train import TrainConfig, train
+
+from tiny_runs import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from tiny_runs import same_weights, tiny, weights, without_time
 from torch.nn.utils import parameters_to_vector
 
 from hessgap.errors import HessgapError
@@ -19,6 +18,8 @@ from hessgap.train import (
     make_loader,
     train,
 )
+
+from tiny_runs import same_weights, tiny, weights, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import affine_transform
-from tiny_runs import tiny
 from torch import nn
 
 from hessgap.errors import HessgapError
@@ -22,6 +21,8 @@ from hessgap.train.remedies import (
     make_training_step,
     proximal_step,
 )
+
+from tiny_runs import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from tiny_runs import tiny
 
 from hessgap.errors import HessgapError
 from hessgap.train import TrainResult, train
 from hessgap.train.checkpoint import checkpoint_path
+
+from tiny_runs import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from tiny_runs import same_weights, tiny, weights, without_time
 
 from hessgap.sharp import sharpness
 from hessgap.train import make_loader, train
 from hessgap.train.checkpoint import checkpoint_path, load_checkpoint
 from hessgap.train.sharpness_log import SharpnessLog
+
+from tiny_runs import same_weights, tiny, weights, without_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
