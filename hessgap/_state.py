@@ -10,27 +10,30 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, train_mode: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+def preserved(model: nn.Module, train_mode: bool = False, parameters: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Run a block that perturbs ``model`` and put everything back afterwards, also on error.
 
     Inside the block the model is in eval mode (``train_mode=False``, the default: BatchNorm uses its running
     statistics and dropout is off) or in train mode. Yields a snapshot of the trainable parameters by
-    name; callers use it as the centre x instead of keeping a second copy.
+    name; callers use it as the centre x instead of keeping a second copy. ``parameters=False`` is for
+    blocks that never write the parameters (Hessian-vector products): their values are then not copied
+    (the snapshot is empty), only buffers, gradients and modes are restored.
     """
     params = {name: p for name, p in model.named_parameters()}
-    saved_params = {name: p.detach().clone() for name, p in params.items()}
+    saved_params = {name: p.detach().clone() for name, p in params.items()} if parameters else {}
     saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     saved_grads = {name: p.grad for name, p in params.items()}
     saved_modes = [(module, module.training) for module in model.modules()]
     try:
         model.train(train_mode)
-        yield {name: saved_params[name] for name, p in params.items() if p.requires_grad}
+        yield {name: saved_params[name] for name, p in params.items() if p.requires_grad and name in saved_params}
     finally:
         # Write through .data: the values come back bit for bit without bumping the tensors' version
         # counters, so an autograd graph the caller retained across the call stays usable.
         with torch.no_grad():
             for name, p in params.items():
-                p.data.copy_(saved_params[name])
+                if name in saved_params:
+                    p.data.copy_(saved_params[name])
                 p.grad = saved_grads[name]
             for name, b in model.named_buffers():
                 if name in saved_buffers:

@@ -27,24 +27,32 @@ from torch.func import functional_call
 def explicit_hessian(model: nn.Module, batches, loss_fn=None) -> torch.Tensor:
     """∇²f over the trainable parameters (flattened in ``parameters()`` order), in float64.
 
-    f = Σ_b B_b · loss_fn(model(x_b), y_b) / Σ_b B_b: the mean loss over the batches, each batch weighted by
-    its size (as hessgap weights unequal batches), with the model in eval mode. ``loss_fn`` returns a
-    batch's mean loss (default cross-entropy). The model is not touched: a float64 copy is differentiated.
-    The result is symmetrized (it is symmetric up to rounding).
+    f = Σ_b w_b · loss_fn(model(x_b), y_b) / Σ_b w_b: the mean loss over every unit of the batches, with the
+    model in eval mode. A batch's weight w_b is the number of targets its mean averages over: its size, or
+    for cross-entropy with an ignore_index the targets that are not ignored. ``loss_fn`` returns a batch's
+    mean loss (default cross-entropy). The model is not touched: a float64 copy is differentiated. The
+    result is symmetrized (it is symmetric up to rounding).
     """
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+
+    def weight(x, y):
+        if isinstance(loss_fn, nn.CrossEntropyLoss) and not y.is_floating_point():
+            return int((y != loss_fn.ignore_index).sum())
+        return x.shape[0]
+
     model = copy.deepcopy(model).double().eval()
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     names, params = [name for name, _ in named], [p.detach() for _, p in named]
     sizes = [p.numel() for p in params]
     batches = [tuple(t.double() if t.is_floating_point() else t for t in batch[:2]) for batch in batches]
-    total = sum(x.shape[0] for x, _ in batches)
+    total = sum(weight(x, y) for x, y in batches)
 
     def f(flat):
         state = dict(zip(names, (piece.view_as(p) for piece, p in zip(flat.split(sizes), params))))
         loss = 0
         for x, y in batches:
-            loss = loss + loss_fn(functional_call(model, state, (x,)), y) * x.shape[0]
+            if weight(x, y):
+                loss = loss + loss_fn(functional_call(model, state, (x,)), y) * weight(x, y)
         return loss / total
 
     hess = torch.autograd.functional.hessian(f, torch.cat([p.reshape(-1) for p in params]), vectorize=True)

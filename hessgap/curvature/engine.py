@@ -1,15 +1,24 @@
-"""The data pass behind every Hessian-vector product: Σ_b (B_b / N) H_b·V for k directions in one pass.
+"""The data pass behind every Hessian-vector product: Σ_b w_b·H_b·V / Σ_b w_b for k directions in one pass.
 
 :class:`HvpEngine` is shared by :func:`hessgap.curvature.hvp.hvp` and
-:class:`hessgap.curvature.operator.HessianOperator`. It decides the path once (the fused R-operator engine
-of :mod:`hessgap.curvature.fused`, or torch.func forward-over-reverse), cuts the k directions into chunks
-that fit a memory budget, keeps each cached batch's primal pass between calls while the model is
-unchanged, and checks losses and products for NaN/inf. The model is left as it was (see
-:func:`hessgap._state.preserved`).
+:class:`hessgap.curvature.operator.HessianOperator`. Per batch it takes one of two paths:
+
+- ``"fused"``: the R-operator engine of :mod:`hessgap.curvature.fused` (plain layer stacks with a known loss);
+- ``"generic"``: any model, through autograd: the batch's gradient is built once with its graph kept
+  (``create_graph``), and each chunk of directions is one batched backward through that graph
+  (``is_grads_batched``, a vmap over the k directions), so the forward and first backward are shared by
+  all k directions and every product is a batched kernel. Attention runs on kernels that have
+  double-backward rules (:mod:`hessgap.curvature.second_order`).
+
+It cuts the k directions into chunks that fit a memory budget, keeps each cached batch's primal pass
+between calls while the model is unchanged (compared value by value, so edits through ``.data`` count),
+accumulates in float32 for half-precision models, adds the sums up across ranks, and checks losses and
+products for NaN/inf. The model is left as it was (see :func:`hessgap._state.preserved`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -21,7 +30,9 @@ from .._state import preserved
 from ..errors import HessgapError, NonFiniteError
 from . import fused
 from ._flat import Directions, all_finite, unflatten
+from .batches import Batch
 from .objective import LossOverData
+from .second_order import SecondOrderRules
 
 PATHS = ("auto", "fused", "generic")
 
@@ -33,6 +44,8 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 #: slower per direction than smaller chunks (measured on F1 and C1 at batch 1024/256: chunks of 2–4
 #: directions beat 16 by 10–40 %).
 CPU_CHUNK_BYTES = 8 * 1024**2
+#: The same for the generic path's batched backward (measured on a GPT-2-shaped model: chunks of 4 beat 16).
+GENERIC_CPU_CHUNK_BYTES = 32 * 1024**2
 # Primal passes (activations and output gradients of every batch) kept between calls when the batches are
 # cached and the model has not changed: later products then cost only the R-passes, as a retained graph does.
 PRIMAL_CACHE_BYTES = 512 * 1024**2
@@ -42,8 +55,13 @@ PRIMAL_CACHE_BYTES = 512 * 1024**2
 class PassStats:
     batches: int = 0
     samples: int = 0
-    loss_sum: float = 0.0
+    weight: float = 0.0  # units (samples or tokens) over every rank
+    loss_sum: float = 0.0  # Σ w_b·L_b over every rank
     chunk_size: int = 0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.weight if self.weight else math.nan
 
 
 class HvpEngine:
@@ -73,19 +91,31 @@ class HvpEngine:
         self.chunk_size = chunk_size
         self.memory_budget = int(memory_budget)
         self.fallback_reason: str | None = None
+        self.rules = SecondOrderRules()
         self._plan: fused.FusedPlan | None = None
         self._primal_states: dict[int, fused.BatchState] = {}
-        self._primal_key: tuple | None = None
+        self._primal_snapshot: list[torch.Tensor] | None = None
         self._primal_bytes = 0
         self.path = "generic"
         if path != "generic":
             try:
-                if self.train_mode:
-                    raise fused.FusedUnsupported("the Hessian is taken in train mode (train_mode=True)")
-                self._plan = fused.plan(self.model, objective.params, objective.loss_fn, self.train_mode)
+                self._plan = self._fused_plan()
                 self.path = "fused"
             except fused.FusedUnsupported as exc:
                 self._unsupported(exc)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the pass did that the result should say (attention rerouted, ...)."""
+        return self.rules.notes
+
+    def _fused_plan(self) -> fused.FusedPlan:
+        if self.train_mode:
+            raise fused.FusedUnsupported("the Hessian is taken in train mode (train_mode=True)")
+        if self.objective.compute_loss is not None:
+            raise fused.FusedUnsupported("the loss is a compute_loss closure")
+        loss_fn = self.objective.loss_fn if self.objective.loss_fn is not None else nn.CrossEntropyLoss()
+        return fused.plan(self.model, self.objective.params, loss_fn, self.train_mode)
 
     def _unsupported(self, exc: fused.FusedUnsupported) -> None:
         if self.requested_path == "fused":
@@ -95,9 +125,9 @@ class HvpEngine:
         self.fallback_reason = str(exc)
 
     def run(self, directions: Directions) -> tuple[list[torch.Tensor], torch.Tensor, PassStats]:
-        """Σ_b (B_b / N) H_b v for the per-parameter directions: per-parameter views of one (k, n) tensor,
-        that tensor, and what the pass saw."""
-        with preserved(self.model, train_mode=self.train_mode):
+        """Σ_b w_b·H_b·V / Σ_b w_b for the per-parameter directions: per-parameter views of one (k, n) tensor
+        (in the accumulation dtype), that tensor, and what the pass saw."""
+        with preserved(self.model, train_mode=self.train_mode, parameters=False), self.rules.active():
             self._forget_stale_primal_states()
             if self._plan is not None:
                 try:
@@ -107,44 +137,52 @@ class HvpEngine:
             return self._pass(directions, fused_path=False)
 
     def _forget_stale_primal_states(self) -> None:
-        # Any in-place change to a parameter or buffer (optimizer step, load_state_dict) bumps its version.
-        tensors = (*self.model.parameters(), *self.model.buffers())
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        if key != self._primal_key or not self.objective.batches_cached:
+        if not self.objective.batches_cached or self._plan is None:
+            self._primal_states.clear()
+            self._primal_snapshot = None
+            self._primal_bytes = 0
+            return
+        # Compared by value: edits through .data (or load_state_dict) do not bump version counters.
+        current = [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
+        snapshot = self._primal_snapshot
+        if snapshot is None or len(snapshot) != len(current) or not all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(snapshot, current)):
             self._primal_states.clear()
             self._primal_bytes = 0
-            self._primal_key = key
-
-    def _primal_state(self, index, inputs, targets, size) -> fused.BatchState:
-        state = self._primal_states.get(index)
-        if state is not None:
-            return state
-        state = self._plan.forward_backward(inputs, targets, float(size), self.objective.batch_loss)
-        # activations, output gradients and the layers' saved masks: about three activations' worth
-        state_bytes = 3 * state.activation_numel * inputs.element_size()
-        if self.objective.batches_cached and self._primal_bytes + state_bytes <= PRIMAL_CACHE_BYTES:
-            self._primal_states[index] = state
-            self._primal_bytes += state_bytes
-        return state
+            self._primal_snapshot = [t.clone() for t in current]
 
     # ---- one pass over the data -------------------------------------------------------------------------
 
     def _pass(self, directions: Directions, fused_path: bool):
+        objective = self.objective
         stats = PassStats()
-        params = self.objective.params
-        flat_total = torch.zeros(directions.k, self.objective.num_parameters, dtype=params[0].dtype,
+        params = objective.params
+        flat_total = torch.zeros(directions.k, objective.num_parameters, dtype=objective.accumulation_dtype,
                                  device=params[0].device)
         total = unflatten(flat_total, params)
-        for index, (inputs, targets) in enumerate(self.objective.batches()):
-            size = inputs.shape[0]
-            if fused_path:
-                loss = self._fused_batch(index, inputs, targets, size, directions, total, stats)
-            else:
-                loss = self._generic_batch(index, inputs, targets, size, directions, total, stats)
-            stats.batches += 1
-            stats.samples += size
-            stats.loss_sum += loss * size
-        flat_total.div_(stats.samples)
+        error = None
+        try:
+            for batch in objective.batches():
+                if fused_path:
+                    if not batch.is_pair:
+                        raise fused.FusedUnsupported("the batches are not (inputs, targets) pairs")
+                    loss = self._fused_batch(batch, directions, total, stats)
+                else:
+                    loss = self._generic_batch(batch, directions, total, stats)
+                stats.batches += 1
+                stats.samples += batch.samples
+                stats.weight += batch.weight
+                stats.loss_sum += loss * batch.weight
+        except fused.FusedUnsupported:
+            raise  # the same on every rank (it depends on the model and the batch structure only)
+        except Exception as exc:  # every rank must reach the collective below, also the one that failed
+            error = exc
+        ranks = objective.ranks
+        ranks.settle(error)
+        ranks.sum_(flat_total)
+        stats.samples, stats.weight, stats.loss_sum = ranks.sum_numbers([stats.samples, stats.weight, stats.loss_sum])
+        stats.samples = int(stats.samples)
+        flat_total.div_(stats.weight)
         if not all_finite(flat_total):
             raise NonFiniteError(
                 "the Hessian-vector product is not finite; check the parameters and inputs for huge or "
@@ -157,25 +195,45 @@ class HvpEngine:
             return min(self.chunk_size, k)
         return max(1, min(k, self.memory_budget // max(per_direction_bytes, 1)))
 
-    def _check_loss(self, loss: torch.Tensor, index: int) -> float:
-        value = float(loss)
+    def _cpu_fit(self, chunk: int, cache_bytes: int, itemsize: int, largest: int, device: torch.device) -> int:
+        if self.chunk_size is not None or device.type != "cpu":
+            return chunk
+        return max(1, min(chunk, cache_bytes // max(itemsize * largest, 1)))
+
+    @staticmethod
+    def _check_loss(loss: torch.Tensor, index: int) -> float:
+        value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteError(
                 f"the loss of batch {index} is {value}; check the model's parameters and inputs for NaN/inf"
             )
         return value
 
-    def _fused_batch(self, index, inputs, targets, size, directions, total, stats) -> float:
+    def _primal_state(self, batch: Batch) -> fused.BatchState:
+        state = self._primal_states.get(batch.index)
+        if state is not None:
+            return state
+
+        def loss_of(outputs, targets):
+            return self.objective.loss_of_outputs(outputs, batch)
+
+        state = self._plan.forward_backward(batch.inputs, batch.targets, batch.weight, loss_of)
+        # activations, output gradients and the layers' saved masks: about three activations' worth
+        state_bytes = 3 * state.activation_numel * batch.inputs.element_size()
+        if self._primal_snapshot is not None and self._primal_bytes + state_bytes <= PRIMAL_CACHE_BYTES:
+            self._primal_states[batch.index] = state
+            self._primal_bytes += state_bytes
+        return state
+
+    def _fused_batch(self, batch: Batch, directions, total, stats) -> float:
         with torch.no_grad():
-            state = self._primal_state(index, inputs, targets, size)
-            loss = self._check_loss(state.loss, index)
+            state = self._primal_state(batch)
+            loss = self._check_loss(state.loss, batch.index)
             if stats.chunk_size == 0:
                 itemsize = directions.parts[0].element_size()
                 per_direction = itemsize * (2 * state.activation_numel + 3 * self._plan.num_params)
-                stats.chunk_size = self._chunk(per_direction, directions.k)
-                if self.chunk_size is None and inputs.device.type == "cpu":
-                    cache_fit = CPU_CHUNK_BYTES // (itemsize * state.largest_activation_numel)
-                    stats.chunk_size = max(1, min(stats.chunk_size, cache_fit))
+                stats.chunk_size = self._cpu_fit(self._chunk(per_direction, directions.k), CPU_CHUNK_BYTES, itemsize,
+                                                 state.largest_activation_numel, batch.inputs.device)
             start = 0
             for chunk in directions.chunks(stats.chunk_size):
                 part = self._plan.apply(state, chunk)
@@ -184,65 +242,53 @@ class HvpEngine:
                 start += chunk[0].shape[0]
         return loss
 
-    def _generic_batch(self, index, inputs, targets, size, directions, total, stats) -> float:
-        model, names, objective = self.model, self.objective.names, self.objective
-        primals = tuple(p.detach() for p in objective.params)
-
-        # Floating inputs and targets ride along as jvp primals with explicit zero tangents: without one,
-        # forward AD hands some double-backward formulas (mse_loss's) an immutable ZeroTensor to write into.
-        data = {"inputs": inputs, "targets": targets}
-        riding = [key for key, t in data.items() if t.is_floating_point()]
-
-        buffers = dict(model.named_buffers()) if self.train_mode else {}
-
-        def loss_of(params, *riding_values):
-            batch = dict(data, **dict(zip(riding, riding_values)))
-            state = dict(zip(names, params))
-            # train mode updates BatchNorm's running buffers in place: give it copies made inside the transform
-            state.update({name: b.clone() for name, b in buffers.items()})
-            outputs = torch.func.functional_call(model, state, (batch["inputs"],))
-            loss = objective.batch_loss(outputs, batch["targets"], index)
-            return loss, loss.detach()
-
-        grad_of = torch.func.grad(loss_of, argnums=0, has_aux=True)
-        riding_primals = tuple(data[key] for key in riding)
-        riding_zeros = tuple(torch.zeros_like(t) for t in riding_primals)
-
-        def hvp_one(v):
-            _, hv, loss = torch.func.jvp(grad_of, (primals,) + riding_primals, (v,) + riding_zeros, has_aux=True)
-            return hv, loss
-
+    def _generic_batch(self, batch: Batch, directions, total, stats) -> float:
+        params = self.objective.params
+        counter = _ActivationCounter(self.model) if stats.chunk_size == 0 else contextlib.nullcontext()
+        with torch.enable_grad():
+            with counter, self.rules.watch():
+                loss = self.objective.batch_loss(batch)
+            value = self._check_loss(loss, batch.index)
+            grads = torch.autograd.grad(loss * batch.weight, params, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if stats.chunk_size == 0:
-            itemsize = directions.parts[0].element_size()
-            per_direction = itemsize * (4 * _activation_numel(model, inputs) + 4 * sum(p.numel() for p in primals))
-            stats.chunk_size = self._chunk(per_direction, directions.k)
-        batched = torch.func.vmap(hvp_one, randomness="same")
-        loss = None
+            itemsize = params[0].element_size()
+            per_direction = itemsize * (4 * counter.numel + 4 * self.objective.num_parameters)
+            stats.chunk_size = self._cpu_fit(self._chunk(per_direction, directions.k), GENERIC_CPU_CHUNK_BYTES,
+                                             itemsize, counter.largest, params[0].device)
+        if not live:  # the gradient does not depend on the parameters: this batch's Hessian is 0
+            return value
+        outputs = [grads[i] for i in live]
         start = 0
         for chunk in directions.chunks(stats.chunk_size):
-            hv, losses = batched(tuple(chunk))
-            if loss is None:
-                loss = self._check_loss(losses[0], index)
-            for acc, h in zip(total, hv):
-                acc[start : start + h.shape[0]].add_(h.detach(), alpha=size)
-            start += chunk[0].shape[0]
-        return loss
+            k = chunk[0].shape[0]
+            grad_outputs = [chunk[i].to(params[i].dtype) for i in live]
+            products = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, retain_graph=True,
+                                           is_grads_batched=True, allow_unused=True)
+            for acc, h in zip(total, products):
+                if h is not None:
+                    acc[start : start + k].add_(h)
+            start += k
+        return value
 
 
-def _activation_numel(model: nn.Module, inputs: torch.Tensor) -> int:
-    """Elements of every leaf module's output for this batch: the scale of a direction's working set."""
-    count = [inputs.numel()]
+class _ActivationCounter:
+    """Elements of every leaf module's output during one forward: the scale of a direction's working set."""
 
-    def hook(_module, _inputs, output):
+    def __init__(self, model: nn.Module):
+        self.model, self.numel, self.largest, self._handles = model, 0, 1, []
+
+    def _hook(self, _module, _inputs, output):
         if isinstance(output, torch.Tensor):
-            count[0] += output.numel()
+            self.numel += output.numel()
+            self.largest = max(self.largest, output.numel())
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for h in handles:
+    def __enter__(self):
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        self._handles = [m.register_forward_hook(self._hook) for m in leaves]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
             h.remove()
-    return count[0]
+        return False

@@ -1,16 +1,18 @@
 """Batched Hessian-vector products H·v for k directions in one pass over the data.
 
-H is the exact Hessian, w.r.t. the trainable parameters, of the mean loss over every sample of a loader
-(or of one batch), as :class:`~hessgap.curvature.objective.LossOverData` defines it. Each batch contributes
-its H_b·v weighted by its size, so one pass over the data serves all k directions.
+H is the exact Hessian, w.r.t. the trainable (or ``params=``-selected) parameters, of the mean loss over
+every unit of a loader (or of one batch), as :class:`~hessgap.curvature.objective.LossOverData` defines
+it: batches of any structure, weighted by the samples or tokens they average over. One pass over the data
+serves all k directions.
 
 Two paths compute the same numbers:
 
 - ``"fused"``: the R-operator engine of :mod:`hessgap.curvature.fused` for plain layer stacks with
   cross-entropy or MSE: one primal forward/backward per batch, then k directions stacked through BLAS
   calls and the fused element-wise kernels of the extension.
-- ``"generic"``: torch.func forward-over-reverse (``jvp`` of ``grad`` through ``functional_call``),
-  ``vmap``-ed over the directions; any ``nn.Module`` and any scalar loss.
+- ``"generic"``: any model and any scalar loss, through autograd: the batch's gradient graph is built once
+  and each chunk of directions is one batched backward through it (``is_grads_batched``). Attention runs
+  on PyTorch's math kernels, which have the double-backward rules its fused kernels lack.
 
 ``path="auto"`` takes the fused path when the model, loss and data allow it and otherwise the generic one;
 the result records which path ran and why the fused one did not (``return_info=True``).
@@ -19,6 +21,9 @@ The Hessian is taken with the model in eval mode by default (``train_mode=False`
 running statistics and dropout is off, so H is that of a deterministic function. ``train_mode=True`` takes it
 in train mode (BatchNorm on batch statistics, one dropout mask shared by all directions), always on the
 generic path. The model is left bit-exactly as it was (parameters, buffers, gradients, modes).
+
+Half-precision models (float16, bfloat16) run their products in their own dtype and sum them over the
+loader in float32; the result is float32.
 
 This module holds the public call and its result; the pass over the data that both paths share is
 :class:`~hessgap.curvature.engine.HvpEngine`.
@@ -45,7 +50,9 @@ class HvpResult(JsonResult):
 
     ``value`` has the form of the input vectors ((k, n) tensor or per-parameter list); ``path`` is
     ``"fused"`` or ``"generic"``; ``fallback_reason`` says why the fused path did not run (None when it
-    ran or when the generic path was asked for); ``loss`` is the mean loss over the data, a by-product.
+    ran or when the generic path was asked for); ``loss`` is the mean loss over the data, a by-product;
+    ``units`` the samples or tokens f averages over; ``dtype`` the model's dtype, ``accumulation_dtype``
+    the dtype of the sums over the loader; ``notes`` what the pass changed to run (attention kernels).
     """
 
     value: torch.Tensor | list[torch.Tensor]
@@ -58,6 +65,9 @@ class HvpResult(JsonResult):
     loss: float
     seconds: float
     dtype: str = field(default="")
+    accumulation_dtype: str = field(default="")
+    units: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     _left_out = ("value",)  # the vectors themselves stay out of the JSON
 
@@ -67,34 +77,39 @@ def hvp(
     vectors: torch.Tensor | Sequence[torch.Tensor],
     *,
     loss_fn=None,
+    compute_loss=None,
+    weight_fn=None,
     max_batches: int | None = None,
+    params=None,
     path: str = "auto",
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     train_mode: bool = False,
+    group=None,
     return_info: bool = False,
 ):
-    """H·v for k directions at once; H = Hessian of the mean loss over the data w.r.t. trainable parameters.
+    """H·v for k directions at once; H = Hessian of the mean loss over the data w.r.t. the parameters.
 
     Args:
         model: any ``nn.Module``; left bit-exactly unchanged.
-        data: a DataLoader (any iterable of ``(inputs, targets)``) or one ``(inputs, targets)`` batch.
+        data: a DataLoader (any iterable of batches) or one batch; see :class:`hessgap.HessianOperator`.
         vectors: a ``(k, n)`` tensor (n = trainable parameters flattened in ``model.parameters()`` order)
             or a list with one ``(k, *p.shape)`` tensor per trainable parameter; the result has the same form.
-        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss of a batch (default ``nn.CrossEntropyLoss()``).
-        max_batches: use only the first batches of the loader.
+        loss_fn, compute_loss, weight_fn, max_batches, params, group: as in :class:`hessgap.HessianOperator`.
         path: ``"auto"`` (fused engine when supported, else generic), ``"fused"`` (error when unsupported)
-            or ``"generic"`` (torch.func).
+            or ``"generic"`` (autograd).
         chunk_size: directions per chunk; default: as many as fit ``memory_budget`` bytes.
         train_mode: take the Hessian in train mode (see the module docstring); default eval mode.
         return_info: return an :class:`HvpResult` (value, path, fallback reason, timing) instead of the value.
 
     Raises:
         HessgapError: vectors that do not match the parameters, k = 0, an empty loader, a non-scalar loss,
-            vectors on another device than the model; NonFiniteError for NaN/inf in vectors or loss.
+            vectors on another device than the model; NonFiniteError for NaN/inf in parameters, vectors or loss.
     """
     start = time.perf_counter()
-    objective = LossOverData(model, data, loss_fn, max_batches=max_batches)
+    objective = LossOverData(model, data, loss_fn, compute_loss=compute_loss, weight_fn=weight_fn,
+                             max_batches=max_batches, params=params, group=group)
+    objective.check_finite_parameters()
     directions = as_directions(vectors, objective.params, objective.names)
     engine = HvpEngine(
         objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
@@ -111,7 +126,10 @@ def hvp(
         chunk_size=stats.chunk_size,
         batches=stats.batches,
         samples=stats.samples,
-        loss=stats.loss_sum / stats.samples,
+        loss=stats.loss,
         seconds=time.perf_counter() - start,
         dtype=str(objective.dtype).replace("torch.", ""),
+        accumulation_dtype=str(objective.accumulation_dtype).replace("torch.", ""),
+        units=stats.weight,
+        notes=list(engine.notes),
     )

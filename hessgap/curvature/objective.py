@@ -1,187 +1,230 @@
-"""The one place where a model and its data become a loss: f(x) = mean loss over every sample.
+"""The one place where a model and its data become a loss: f(θ) = Σ_b w_b·L_b(θ) / Σ_b w_b over the loader.
 
-Sharpness solvers, HVPs and the spectrum methods all walk the data through :class:`LossOverData`, so
-the weighting of unequal batches, device moves and the checks on bad input live here only.
+L_b is batch b's mean loss and w_b the number of units it averages over (samples, or counted tokens: see
+:mod:`hessgap.curvature.batches`), so f is the mean over every unit of the loader, however unequal the
+batches. On several ranks (``torch.distributed``), the sums run over every rank's shard.
+
+Sharpness solvers, HVPs, the spectrum and the measures all walk the data through :class:`LossOverData`:
+batch structures, weights, device moves, passes that must see the same data (:mod:`.source`), the
+parameters differentiated (:mod:`.params`), sums across ranks and the checks on bad input live here only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .._checks import is_int
+from ..distributed import Ranks
 from ..errors import HessgapError, NonFiniteError
+from .batches import Batch, ComputeLoss, LossFn, WeightFn, ignore_index_of, structure, units
+from .params import select_parameters
+from .source import DataSource
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Parameter dtypes whose sums (f, ∇f, H·V over the loader) accumulate in float32.
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _is_single_batch(data) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[0], torch.Tensor)
-        and isinstance(data[1], torch.Tensor)
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums over the loader are kept in: float32 for half-precision models, else the model's own."""
+    return torch.float32 if dtype in REDUCED_PRECISION else dtype
+
+
+def output_tensor(outputs):
+    """The tensor a ``loss_fn`` compares: the model's output, or its ``.logits`` (Hugging Face outputs)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise HessgapError(
+        f"the model returned a {type(outputs).__name__}, not a tensor; pass loss_fn=... that takes it, or "
+        "compute_loss=lambda model, batch: ... that returns the batch's mean loss"
     )
 
 
-def trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
-    """Names and tensors of the parameters with ``requires_grad``, in ``model.parameters()`` order."""
-    if not isinstance(model, nn.Module):
-        raise HessgapError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise HessgapError(
-            "the model has no trainable parameters (every parameter has requires_grad=False); "
-            "unfreeze the parameters whose curvature you want"
-        )
-    first = named[0][1]
-    for name, p in named:
-        if p.device != first.device:
-            raise HessgapError(
-                f"parameters are on several devices ({named[0][0]} on {first.device}, {name} on {p.device}); "
-                "move the model to one device with model.to(device)"
-            )
-        if p.dtype != first.dtype:
-            raise HessgapError(
-                f"parameters have several dtypes ({named[0][0]} is {first.dtype}, {name} is {p.dtype}); "
-                "cast the model to one dtype with model.to(dtype)"
-            )
-        if not p.dtype.is_floating_point:
-            raise HessgapError(f"parameter {name} has non-floating dtype {p.dtype}")
-    return [n for n, _ in named], [p for _, p in named]
-
-
 class LossOverData:
-    """f(params) = (1/N) Σ_samples loss, evaluated batch by batch over a loader or over one batch.
+    """f over ``data`` for ``model``, evaluated batch by batch; also its gradient (see the module docstring).
 
-    ``data`` is an iterable of ``(inputs, targets)`` batches (a DataLoader, a list) or a single
-    ``(inputs, targets)`` pair. ``loss_fn(outputs, targets)`` must return the *mean* loss of a batch
-    (default: cross-entropy); batches are weighted by their size so unequal last batches count right.
-    ``max_batches`` limits f to the first batches, for speed.
+    Args:
+        model: any ``nn.Module``.
+        data: a DataLoader or any iterable of batches, or one batch (see :mod:`hessgap.curvature.batches`).
+        loss_fn: ``loss_fn(outputs, targets)`` → the batch's *mean* loss; default cross-entropy, or the
+            output's ``.loss`` for mapping batches (Hugging Face).
+        compute_loss: ``compute_loss(model, batch)`` → the batch's mean loss, for any other structure.
+        weight_fn: ``weight_fn(batch)`` → the number of units the batch's mean averages over.
+        max_batches: use only the first batches of the loader (the same ones on every pass).
+        params: restrict to these parameters (names, tensors, modules); the others are held fixed.
+        cache_batches: keep the batches on the device after the first pass.
+        group: a torch.distributed process group; default: the default group when one is initialized.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        data,
-        loss_fn: LossFn | None = None,
-        max_batches: int | None = None,
-    ):
+    def __init__(self, model: nn.Module, data, loss_fn: LossFn | None = None, *, compute_loss: ComputeLoss | None = None,
+                 weight_fn: WeightFn | None = None, max_batches: int | None = None, params=None,
+                 cache_batches: bool = False, group=None):
         self.model = model
-        self.names, self.params = trainable_parameters(model)
+        self.names, self.params = select_parameters(model, params)
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
-        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
-        if max_batches is not None and (not is_int(max_batches) or max_batches < 1):
-            # the shared integer test (_checks.is_int); the message keeps its established wording
+        self.accumulation_dtype = accumulation_dtype(self.dtype)
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                        or max_batches < 1):
             raise HessgapError(f"max_batches must be a positive number of batches, got {max_batches!r}")
+        if loss_fn is not None and compute_loss is not None:
+            raise HessgapError("pass either loss_fn(outputs, targets) or compute_loss(model, batch), not both")
+        for name, fn in (("loss_fn", loss_fn), ("compute_loss", compute_loss), ("weight_fn", weight_fn)):
+            if fn is not None and not callable(fn):
+                raise HessgapError(f"{name} must be callable, got {type(fn).__name__}")
+        _check_reduction(loss_fn)
+        self.loss_fn, self.compute_loss, self.weight_fn = loss_fn, compute_loss, weight_fn
         self.max_batches = max_batches
-        self._single = _is_single_batch(data)
-        if data is None:
-            raise HessgapError("no data given: pass a DataLoader (or any iterable of (inputs, targets)) or one batch")
-        if not self._single and not isinstance(data, Iterable):
-            raise HessgapError(
-                f"data must be an iterable of (inputs, targets) batches or one (inputs, targets) pair, "
-                f"got {type(data).__name__}"
-            )
+        self.ranks = Ranks.resolve(group)
+        self.source = DataSource(data, device=self.device, dtype=self.dtype, max_batches=max_batches,
+                                 cache=cache_batches)
         self.data = data
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # -- the data ---------------------------------------------------------------------------------
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def cache_batches(self) -> LossOverData:
-        """Keep the (device-moved) batches in memory so repeated passes skip the loader."""
-        self._cache = list(self._iter_source())
-        return self
-
     @property
     def batches_cached(self) -> bool:
-        """True after :meth:`cache_batches`: every pass sees the very same batches."""
-        return self._cache is not None
+        """Whether every pass sees the very same batch tensors (kept after the first pass)."""
+        return self.source.cached
 
-    def _iter_source(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        source: Iterable = [self.data] if self._single else self.data
-        count = 0
-        for index, batch in enumerate(source):
-            if self.max_batches is not None and index >= self.max_batches:
-                break
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise HessgapError(
-                    f"batch {index} is a {type(batch).__name__}; each batch must be an (inputs, targets) pair"
-                )
-            inputs, targets = batch[0], batch[1]
-            if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-                raise HessgapError(f"batch {index} does not hold tensors (inputs, targets)")
-            if inputs.shape[0] == 0:
-                raise HessgapError(f"batch {index} is empty (0 samples)")
-            if inputs.shape[0] != targets.shape[0]:
-                raise HessgapError(
-                    f"batch {index} has {inputs.shape[0]} inputs but {targets.shape[0]} targets; "
-                    "inputs and targets must have the same first dimension"
-                )
-            if inputs.is_floating_point() and inputs.dtype != self.dtype:
-                inputs = inputs.to(self.dtype)
-            if targets.is_floating_point() and targets.dtype != self.dtype:
-                targets = targets.to(self.dtype)
-            count += 1
-            yield inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-        if count == 0:
-            raise HessgapError("the data loader yielded no batches; pass a loader with at least one batch")
+    def cache_batches(self) -> LossOverData:
+        """Read and keep the (device-moved) batches now, so repeated passes skip the loader."""
+        self.source.fill()
+        return self
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(inputs, targets)`` on the parameters' device and dtype, in loader order."""
-        return iter(self._cache) if self._cache is not None else self._iter_source()
+    def batches(self) -> Iterator[Batch]:
+        """One pass: each batch structured, on the parameters' device, with its weight (batches of weight 0,
+        whose every target is ignored, are skipped: they hold nothing to average)."""
+        for index, raw in enumerate(self.source):
+            batch = structure(index, raw, closure=self.compute_loss is not None)
+            batch.weight = units(batch, self.model, self.loss_fn, self.weight_fn)
+            if batch.weight > 0:
+                yield batch
 
-    def batch_loss(self, outputs: torch.Tensor, targets: torch.Tensor, index: int = 0) -> torch.Tensor:
-        """The batch's mean loss, checked to be a finite scalar."""
-        loss = self.loss_fn(outputs, targets)
+    # -- one batch --------------------------------------------------------------------------------
+
+    def batch_loss(self, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
+        """The batch's mean loss (a scalar tensor, differentiable when grad mode is on)."""
+        model = self.model if model is None else model
+        try:
+            if self.compute_loss is not None:
+                loss = self.compute_loss(model, batch.raw)
+            else:
+                outputs = model(*batch.args, **batch.kwargs)
+                loss = self.loss_of_outputs(outputs, batch)
+        except HessgapError:
+            raise
+        except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+            if _missing_rule(exc) or not _raised_inside_torch(exc):
+                raise  # an error of the user's own code keeps its type; the engine names missing rules
+            raise HessgapError(
+                f"the model or its loss failed on batch {batch.index} ({_describe(batch)}): {type(exc).__name__}: "
+                f"{exc}. Check that the batches fit the model (shapes, dtypes) and the loss (targets)"
+            ) from exc
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise HessgapError(
-                f"loss_fn returned {shape}, not a scalar; it must return the mean loss of the batch "
-                "(use reduction='mean')"
+                f"the loss of batch {batch.index} is {shape}, not a scalar; loss_fn / compute_loss must return the "
+                "batch's mean loss (reduction='mean')"
+            )
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            raise HessgapError(
+                f"the loss of batch {batch.index} does not depend on the parameters (it carries no gradient); "
+                "loss_fn / compute_loss must compute it from the model's outputs, without .detach() or torch.no_grad()"
             )
         return loss
 
+    def loss_of_outputs(self, outputs, batch: Batch) -> torch.Tensor:
+        """The batch's mean loss from the model's outputs on it (``loss_fn``, or the output's ``.loss``)."""
+        if self.loss_fn is None and batch.kwargs:
+            loss = getattr(outputs, "loss", None)
+            if isinstance(loss, torch.Tensor):
+                return loss
+            if batch.targets is None:
+                raise HessgapError(
+                    f"batch {batch.index} is a mapping without 'labels' and the model's output has no .loss; pass "
+                    "labels in the batch, or compute_loss=lambda model, batch: ..."
+                )
+        if batch.targets is None:
+            raise HessgapError(f"batch {batch.index} holds no targets for loss_fn")
+        logits = output_tensor(outputs)
+        loss_fn = self.loss_fn if self.loss_fn is not None else F.cross_entropy
+        ignore = ignore_index_of(loss_fn)
+        if ignore is not None:
+            _check_class_targets(logits, batch.targets, ignore, batch.index)
+        return loss_fn(logits, batch.targets)
+
+    # -- over the whole data ----------------------------------------------------------------------
+
     def value(self) -> float:
         """f at the model's current parameters (no gradients)."""
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for index, (inputs, targets) in enumerate(self.batches()):
-                loss = self.batch_loss(self.model(inputs), targets, index)
-                total += float(loss) * inputs.shape[0]
-                count += inputs.shape[0]
-        return self._finite(total / count, "loss")
+        error, total, weight = None, 0.0, 0.0
+        try:
+            with torch.no_grad():
+                for batch in self.batches():
+                    total += float(self.batch_loss(batch)) * batch.weight
+                    weight += batch.weight
+        except Exception as exc:  # every rank must reach the collective below, also the one that failed
+            error = exc
+        self.ranks.settle(error)
+        total, weight = self.ranks.sum_numbers([total, weight])
+        return self._finite(total / _nonzero(weight), "loss")
 
     def value_and_grad(self) -> tuple[float, list[torch.Tensor]]:
-        """f and ∇f w.r.t. the trainable parameters, accumulated over all batches in one pass."""
-        grads = [torch.zeros_like(p) for p in self.params]
-        total, count = 0.0, 0
-        for index, (inputs, targets) in enumerate(self.batches()):
-            loss = self.batch_loss(self.model(inputs), targets, index)
-            size = inputs.shape[0]
-            batch_grads = torch.autograd.grad(loss * size, self.params, allow_unused=True)
-            for acc, g in zip(grads, batch_grads):
-                if g is not None:
-                    acc.add_(g)
-            del batch_grads  # one gradient's worth of memory, not two, while the next batch runs
-            total += float(loss.detach()) * size
-            count += size
+        """f and ∇f with respect to the selected parameters, accumulated over all batches in one pass."""
+        grads = [torch.zeros_like(p, dtype=self.accumulation_dtype) for p in self.params]
+        error, total, weight = None, 0.0, 0.0
+        try:
+            for batch in self.batches():
+                loss = self.batch_loss(batch)
+                batch_grads = torch.autograd.grad(loss * batch.weight, self.params, allow_unused=True)
+                for acc, g in zip(grads, batch_grads):
+                    if g is not None:
+                        acc.add_(g)
+                del batch_grads  # one gradient's worth of memory, not two, while the next batch runs
+                total += float(loss.detach()) * batch.weight
+                weight += batch.weight
+        except Exception as exc:
+            error = exc
+        self.ranks.settle(error)
+        self.ranks.sum_bucket_(grads)
+        total, weight = self.ranks.sum_numbers([total, weight])
         for g in grads:
-            g.div_(count)
-        value = self._finite(total / count, "loss")
+            g.div_(_nonzero(weight))
+        value = self._finite(total / _nonzero(weight), "loss")
         # a sum is non-finite when any element is: no full-size masks on multi-GB gradients
         if not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
             raise NonFiniteError("the gradient of the loss is not finite at these parameters")
         return value, grads
 
+    def totals(self) -> tuple[int, float]:
+        """(samples, units) over the whole data, every rank's shard included."""
+        samples, weight = 0, 0.0
+        for batch in self.batches():
+            samples += batch.samples
+            weight += batch.weight
+        samples, weight = self.ranks.sum_numbers([samples, weight])
+        return int(samples), weight
+
     def num_samples(self) -> int:
-        return sum(inputs.shape[0] for inputs, _ in self.batches())
+        return self.totals()[0]
+
+    def check_finite_parameters(self) -> None:
+        """Raise when a selected parameter holds NaN or inf: nothing measured there would mean anything."""
+        check_finite_parameters(self.params, self.names)
 
     @staticmethod
     def _finite(value: float, what: str) -> float:
@@ -195,5 +238,80 @@ class LossOverData:
 
 def check_finite_parameters(params: Sequence[torch.Tensor], names: Sequence[str]) -> None:
     for name, p in zip(names, params):
-        if not torch.isfinite(p).all():
+        if not bool(torch.isfinite(p).all()):
             raise NonFiniteError(f"parameter {name} holds NaN or inf; the model cannot be analysed at this point")
+
+
+def _nonzero(weight: float) -> float:
+    if weight <= 0:
+        raise HessgapError("every target of every batch is ignored (weight 0): there is no loss to measure")
+    return weight
+
+
+def _check_reduction(loss_fn) -> None:
+    reduction = getattr(loss_fn, "reduction", None)
+    # reduction='none' is caught as a loss that is not a scalar; 'sum' would silently scale every result
+    if isinstance(loss_fn, nn.Module) and reduction == "sum":
+        raise HessgapError(
+            "loss_fn has reduction='sum'; hessgap averages batch losses over the whole data itself and needs each "
+            "batch's mean: use reduction='mean' (with 'sum' every result would scale with the batch size)"
+        )
+
+
+def _check_class_targets(logits: torch.Tensor, targets: torch.Tensor, ignore: int, index: int) -> None:
+    """Cross-entropy's targets: class indices of the output's shape without the class dimension, in range
+    (or the ignore index), or class probabilities of the output's own shape."""
+    if targets.is_floating_point():
+        if targets.shape != logits.shape:
+            raise HessgapError(
+                f"batch {index}: cross-entropy got floating targets of shape {tuple(targets.shape)} for outputs of "
+                f"shape {tuple(logits.shape)}; class indices must be integers (targets.long()), class probabilities "
+                "must have the outputs' shape"
+            )
+        return
+    if targets.dtype == torch.bool or targets.is_complex():
+        raise HessgapError(f"batch {index}: cross-entropy targets of dtype {targets.dtype}; use class indices (torch.long)")
+    expected = logits.shape[:1] + logits.shape[2:] if logits.dim() >= 2 else logits.shape[:0]
+    if targets.shape != expected:
+        raise HessgapError(
+            f"batch {index}: cross-entropy targets of shape {tuple(targets.shape)} for outputs of shape "
+            f"{tuple(logits.shape)}; expected class indices of shape {tuple(expected)}"
+        )
+    classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
+    counted = targets[targets != ignore]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= classes):
+        raise HessgapError(
+            f"batch {index}: cross-entropy targets range over [{int(counted.min())}, {int(counted.max())}] but the "
+            f"model has {classes} classes (0..{classes - 1}; {ignore} is ignored); check the labels and the model's "
+            "number of outputs"
+        )
+
+
+def _raised_inside_torch(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of the error is torch's own code (a shape or dtype the batch gave
+    a layer), rather than the user's model or loss raising on purpose."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_TORCH_DIR)
+
+
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _missing_rule(exc: Exception) -> bool:
+    """An autograd error about an op without a (higher-order) derivative: the HVP engine names it itself."""
+    text = str(exc)
+    return "forward AD" in text or "derivative for" in text
+
+
+def _describe(batch: Batch) -> str:
+    def shape(t):
+        return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+
+    if batch.kwargs:
+        return "keys " + ", ".join(f"{k}: {shape(v)}" for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor))
+    parts = [f"input {shape(a)}" for a in batch.args]
+    if batch.targets is not None:
+        parts.append(f"targets {shape(batch.targets)}")
+    return ", ".join(parts) or type(batch.raw).__name__

@@ -29,20 +29,31 @@ OPERATOR_ATTRIBUTES = ("matmat", "n", "dtype", "device")
 
 
 class HessianOperator:
-    """H = ∇²f(θ), f = mean loss of ``model`` over ``data``, θ = the trainable parameters (n of them).
+    """H = ∇²f(θ), f = mean loss of ``model`` over ``data``, θ = the trainable (or selected) parameters.
 
     Args:
         model: any ``nn.Module``; left bit-exactly unchanged between and during calls.
-        data: a DataLoader (any iterable of ``(inputs, targets)``) or one ``(inputs, targets)`` batch.
-        loss_fn: mean loss of a batch (default ``nn.CrossEntropyLoss()``).
-        max_batches: use only the first batches of the loader.
+        data: a DataLoader (any iterable of batches) or one batch: ``(inputs, targets)`` pairs, tuples of
+            several inputs and targets, or mappings passed as ``model(**batch)`` (Hugging Face); see
+            :mod:`hessgap.curvature.batches`.
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch (default cross-entropy, or the
+            output's ``.loss`` for mapping batches).
+        compute_loss: ``compute_loss(model, batch)`` → the batch's mean loss, for any other structure.
+        weight_fn: ``weight_fn(batch)`` → the units the batch's mean averages over (default: samples, or
+            counted label tokens).
+        max_batches: use only the first batches of the loader (the same ones on every call).
+        params: restrict H to these parameters (names, tensors or modules), the others held fixed.
         path: ``"auto"``, ``"fused"`` or ``"generic"`` (see :func:`hessgap.hvp`); ``.path`` says which runs
             and ``.fallback_reason`` why the fused engine does not, when it does not.
         cache_batches: keep the batches in memory between calls (faster repeated passes over a loader;
             also fixes the order and any random augmentation of the batches).
         chunk_size, memory_budget, train_mode: as in :func:`hessgap.hvp`.
+        group: a torch.distributed process group (default: the default group when one is initialized);
+            each rank passes its own shard and every rank gets the products over all the data.
 
     The Hessian is taken in eval mode (BatchNorm running statistics, no dropout) unless ``train_mode=True``.
+    ``dtype`` is the dtype of the vectors it takes and returns: the model's, or float32 for float16/bfloat16
+    models (the products run in the model's dtype and are summed over the loader in float32).
     """
 
     def __init__(
@@ -51,14 +62,20 @@ class HessianOperator:
         data,
         *,
         loss_fn=None,
+        compute_loss=None,
+        weight_fn=None,
         max_batches: int | None = None,
+        params=None,
         path: str = "auto",
         cache_batches: bool = False,
         chunk_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         train_mode: bool = False,
+        group=None,
     ):
-        self.objective = LossOverData(model, data, loss_fn, max_batches=max_batches)
+        self.objective = LossOverData(model, data, loss_fn, compute_loss=compute_loss, weight_fn=weight_fn,
+                                      max_batches=max_batches, params=params, group=group)
+        self.objective.check_finite_parameters()
         if cache_batches:
             self.objective.cache_batches()
         self.model = model
@@ -66,11 +83,22 @@ class HessianOperator:
             self.objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
         )
         self.n: int = self.objective.num_parameters
-        self.dtype: torch.dtype = self.objective.dtype
+        self.dtype: torch.dtype = self.objective.accumulation_dtype
+        self.model_dtype: torch.dtype = self.objective.dtype
         self.device: torch.device = self.objective.device
         self.hvps: int = 0
         self.passes: int = 0
         self.last_loss: float | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The parameters H is taken over, in the order of the n coordinates."""
+        return self.objective.names
+
+    @property
+    def notes(self) -> list[str]:
+        """What the products did that a result should say (e.g. attention on PyTorch's math kernels)."""
+        return self._engine.notes
 
     @property
     def path(self) -> str:
@@ -92,7 +120,7 @@ class HessianOperator:
         _, flat, stats = self._engine.run(directions)
         self.hvps += directions.k
         self.passes += 1
-        self.last_loss = stats.loss_sum / stats.samples
+        self.last_loss = stats.loss
         return flat
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -183,28 +211,31 @@ class MatrixOperator:
         return LinearOperator((self.n, self.n), matvec=apply, matmat=apply, rmatvec=apply, dtype=self.matrix.cpu().numpy().dtype)
 
 
-def resolve_operator(model, data=None, *, loss_fn=None, max_batches=None, caller: str = "this function"):
+def resolve_operator(model, data=None, *, caller: str = "this function", **options):
     """The operator a spectrum function should multiply by, built from a model or taken as given.
 
-    ``model`` is a model, or an operator / square symmetric tensor. A model with its ``data`` (and optional ``loss_fn`` / ``max_batches``) gives a :class:`HessianOperator`
-    with ``cache_batches=True``: the batches are held in memory for the repeated passes (build the operator
+    ``model`` is a model, or an operator / square symmetric tensor. A model with its ``data`` (and the
+    ``options`` of :class:`HessianOperator`: ``loss_fn``, ``compute_loss``, ``weight_fn``, ``max_batches``,
+    ``params``, ``train_mode``, ``group``, ``path``, ...) gives a :class:`HessianOperator` with
+    ``cache_batches=True``: the batches are held in memory for the repeated passes (build the operator
     yourself with ``cache_batches=False`` for data that does not fit). A square tensor is taken as an
     explicit symmetric matrix (:class:`MatrixOperator`); any other object must be an operator already.
     ``caller`` names the public function in the messages.
     """
+    given = {k: v for k, v in options.items() if v is not None}
     if isinstance(model, nn.Module):
         if data is None:
             raise HessgapError(
                 f"{caller}(model, data, ...) needs the data the Hessian is taken over: "
-                "pass a DataLoader (or an iterable of (inputs, targets)) or one (inputs, targets) batch"
+                "pass a DataLoader (or an iterable of batches) or one batch"
             )
         # Every pass must see the same matrix (Lanczos breaks down otherwise), so the batches are read
         # once and kept: no reshuffled augmentation between passes, and no loader cost per pass.
-        return HessianOperator(model, data, loss_fn=loss_fn, max_batches=max_batches, cache_batches=True)
-    if data is not None or loss_fn is not None or max_batches is not None:
+        return HessianOperator(model, data, cache_batches=True, **given)
+    if data is not None or given:
         raise HessgapError(
-            f"{caller} got an operator together with data/loss_fn/max_batches; those only apply when a "
-            "model is passed (the operator already fixes its data)"
+            f"{caller} got an operator together with data or {', '.join(sorted(given)) or 'data options'}; those "
+            "only apply when a model is passed (the operator already fixes its data)"
         )
     if isinstance(model, torch.Tensor):
         return MatrixOperator(model)
@@ -228,6 +259,7 @@ class CheckedOperator:
         self.dtype = operator.dtype
         self.device = torch.device(operator.device)
         self.path = getattr(operator, "path", None)
+        self.notes = getattr(operator, "notes", [])
         self.hvps = 0
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:

@@ -5,30 +5,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..curvature.objective import LossOverData
+from .._state import preserved
+from ..curvature.objective import LossOverData, output_tensor
 
 
 def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float, float]:
     """(mean loss, accuracy in [0, 1]) of ``model`` in eval mode over every batch of ``loader``.
 
-    A non-finite loss is returned as it is (NaN or inf), not raised: the training loop decides what a
-    diverged run does. The model's train/eval mode is restored.
+    The loss is the mean over every unit of the loader, as :class:`~hessgap.curvature.objective.LossOverData`
+    weighs batches; the accuracy counts class predictions of (inputs, class index) batches. A non-finite loss
+    is returned as it is (NaN or inf), not raised: the training loop decides what a diverged run does. The
+    model's train/eval modes (every module's own) and buffers are restored.
     """
     objective = LossOverData(model, loader, loss_fn=loss_fn)
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64, device=objective.device)
     correct = torch.zeros((), dtype=torch.int64, device=objective.device)
-    count = 0
-    try:
-        with torch.no_grad():
-            for index, (inputs, targets) in enumerate(objective.batches()):
-                outputs = model(inputs)
-                loss = objective.batch_loss(outputs, targets, index)
-                total += loss.double() * inputs.shape[0]
-                if targets.dim() == 1 and outputs.dim() == 2:
-                    correct += (outputs.argmax(1) == targets).sum()
-                count += inputs.shape[0]
-    finally:
-        model.train(was_training)
-    return float(total) / count, int(correct) / count
+    weight, samples = 0.0, 0
+    with preserved(model, train_mode=False, parameters=False), torch.no_grad():
+        for batch in objective.batches():
+            outputs = model(*batch.args, **batch.kwargs)
+            loss = objective.loss_of_outputs(outputs, batch)
+            total += loss.double() * batch.weight
+            weight += batch.weight
+            logits, targets = output_tensor(outputs), batch.targets
+            if targets is not None and targets.dim() == 1 and logits.dim() == 2 and not targets.is_floating_point():
+                correct += (logits.argmax(1) == targets).sum()
+            samples += batch.samples
+    return float(total) / weight, int(correct) / samples

@@ -1,0 +1,176 @@
+"""What one batch is: how the model is called on it, what the loss compares against, and how much it weighs.
+
+A loader may yield batches of three shapes:
+
+- a tensor pair ``(inputs, targets)``: ``model(inputs)``, then ``loss_fn(outputs, targets)``;
+- a tuple or list of several tensors ``(x1, ..., xm, targets)``: ``model(x1, ..., xm)``, the last one is
+  the targets;
+- a mapping (Hugging Face style ``{"input_ids", "attention_mask", "labels", ...}``): ``model(**batch)``;
+  the loss is the output's ``.loss`` when no ``loss_fn`` is given, else ``loss_fn(outputs, batch["labels"])``.
+
+A ``compute_loss(model, batch) -> mean loss of the batch`` closure replaces both conventions for anything
+else (the batch then reaches it as the loader gave it, moved to the model's device).
+
+f is the mean over every *unit* of the loader (:func:`units`): samples by default; the counted targets
+for cross-entropy with ignored entries; the label tokens that count for token-level Hugging Face losses
+(``labels != -100``, shifted by one for causal language models, whose loss predicts the next token). A
+``weight_fn(batch) -> number`` overrides the count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import HessgapError
+
+#: Hugging Face's ignore index for labels that do not count (padding, prompt tokens).
+IGNORE_INDEX = -100
+
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+ComputeLoss = Callable[[nn.Module, Any], torch.Tensor]
+WeightFn = Callable[[Any], float]
+
+
+@dataclass
+class Batch:
+    """One batch on the model's device: how to call the model, the targets, and its weight in f.
+
+    ``raw`` is the batch in the loader's own structure (moved to the device), what a ``compute_loss``
+    closure and a ``weight_fn`` receive.
+    """
+
+    index: int
+    raw: Any
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    targets: torch.Tensor | None = None
+    samples: int = 0
+    weight: float = 0.0
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The single positional input of a pair batch (what the fused engine takes)."""
+        return self.args[0]
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.args) == 1 and not self.kwargs and self.targets is not None
+
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    """Every tensor in a batch of any structure (nested tuples, lists and mappings)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in tensors_in(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_in(v)]
+    return []
+
+
+def is_single_batch(data) -> bool:
+    """Whether ``data`` is one batch rather than an iterable of batches: a tuple/list of tensors, or a
+    mapping whose values are tensors."""
+    if isinstance(data, Mapping):
+        return bool(data) and all(isinstance(v, torch.Tensor) for v in data.values())
+    return isinstance(data, (tuple, list)) and len(data) >= 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def to_device(value, device: torch.device, dtype: torch.dtype):
+    """``value`` with every tensor on ``device``; floating tensors cast to the model's ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):  # a plain dict: what model(**batch) needs, whatever mapping type came in
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device, dtype) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device, dtype) for v in value]
+    return value
+
+
+def _first_dim(tensors: list[torch.Tensor]) -> int:
+    for t in tensors:
+        if t.dim() > 0:
+            return int(t.shape[0])
+    return 1
+
+
+def structure(index: int, raw, *, closure: bool) -> Batch:
+    """The :class:`Batch` for a loader item already on the device (weights filled in by :func:`units`)."""
+    if closure:
+        tensors = tensors_in(raw)
+        return Batch(index, raw, samples=_first_dim(tensors))
+    if isinstance(raw, Mapping):
+        if not raw:
+            raise HessgapError(f"batch {index} is an empty mapping; it must hold the model's keyword inputs")
+        samples = _first_dim(tensors_in(raw))
+        return Batch(index, raw, kwargs=dict(raw), targets=raw.get("labels"), samples=samples)
+    if isinstance(raw, (tuple, list)):
+        if len(raw) < 2:
+            raise HessgapError(
+                f"batch {index} is a {type(raw).__name__} of {len(raw)} item(s); a batch is an (inputs, targets) "
+                "pair, a tuple (input1, ..., inputM, targets), or a mapping passed as model(**batch)"
+            )
+        *args, targets = raw
+        for position, t in enumerate(raw):
+            if not isinstance(t, torch.Tensor):
+                raise HessgapError(
+                    f"batch {index} holds a {type(t).__name__} at position {position}; tuple batches hold tensors "
+                    "(pass compute_loss=lambda model, batch: ... for other structures)"
+                )
+        samples = _first_dim(args)
+        if any(t.dim() > 0 and t.shape[0] == 0 for t in args):
+            raise HessgapError(f"batch {index} is empty (0 samples)")
+        if targets.dim() > 0 and targets.shape[0] != samples:
+            raise HessgapError(
+                f"batch {index} has {samples} inputs but {targets.shape[0]} targets; inputs and targets must have "
+                "the same first dimension"
+            )
+        return Batch(index, raw, args=tuple(args), targets=targets, samples=samples)
+    raise HessgapError(
+        f"batch {index} is a {type(raw).__name__}; a batch is an (inputs, targets) pair, a tuple "
+        "(input1, ..., inputM, targets), a mapping passed as model(**batch), or anything with compute_loss="
+    )
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face causal language model: its loss predicts token t+1 from tokens ≤ t (labels shift by one)."""
+    loss_function = getattr(model, "loss_function", None)
+    return getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
+
+
+def ignore_index_of(loss_fn) -> int | None:
+    """The ignored target value of a cross-entropy loss (None for other losses)."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return loss_fn.ignore_index
+    if loss_fn is F.cross_entropy:
+        return IGNORE_INDEX
+    return None
+
+
+def units(batch: Batch, model: nn.Module, loss_fn, weight_fn: WeightFn | None) -> float:
+    """How many units the batch's mean loss averages over (its weight in f)."""
+    if weight_fn is not None:
+        value = weight_fn(batch.raw)
+        value = float(value.item() if isinstance(value, torch.Tensor) else value)
+        if not value >= 0 or value == float("inf"):
+            raise HessgapError(f"weight_fn returned {value} for batch {batch.index}; it must return a count ≥ 0")
+        return value
+    targets = batch.targets
+    if batch.kwargs and targets is not None and loss_fn is None:  # Hugging Face labels with the model's own loss
+        labels = targets[:, 1:] if targets.dim() >= 2 and is_causal_lm(model) else targets
+        return float((labels != IGNORE_INDEX).sum())
+    ignore = ignore_index_of(loss_fn if loss_fn is not None else F.cross_entropy)
+    if ignore is not None and targets is not None and not targets.is_floating_point():
+        return float((targets != ignore).sum())
+    return float(batch.samples)
