@@ -278,7 +278,7 @@ def main():
             top = max(args.top)
             reference = hessgap.eigenvalues(model, (x, y), k=top + 1, tol=1e-6)
             entry["reference_eigenvalues"] = reference.eigenvalues[:top]
-            entry["reference_error_bounds"] = reference.error_bounds[:top]
+            entry["reference_error_estimates"] = reference.error_estimates[:top]
             for count in args.top:
                 rows = compare_eigenvalues(pyh, model, x, y, device, count, reference.eigenvalues, unit, block_sizes,
                                           args.repeats if count == 1 else 1)

@@ -27,6 +27,8 @@ _API = {
     "eigenvalues": "hessgap.spectrum.lanczos",
     "trace": "hessgap.spectrum.trace",
     "density": "hessgap.spectrum.density",
+    "block_spectrum": "hessgap.spectrum.blocks",
+    "BlockSpectrumResult": "hessgap.spectrum.blocks",
     "MatrixOperator": "hessgap.curvature.operator",
     "EigenResult": "hessgap.spectrum._results",
     "TraceResult": "hessgap.spectrum._results",

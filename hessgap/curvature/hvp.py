@@ -44,7 +44,7 @@ from .engine import DEFAULT_MEMORY_BUDGET, HvpEngine
 from .objective import LossOverData
 
 
-@dataclass
+@dataclass(repr=False)
 class HvpResult(JsonResult):
     """H·v for k directions and how it was computed.
 

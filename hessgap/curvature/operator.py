@@ -260,7 +260,14 @@ class CheckedOperator:
         self.device = torch.device(operator.device)
         self.path = getattr(operator, "path", None)
         self.notes = getattr(operator, "notes", [])
+        self.model_dtype = getattr(operator, "model_dtype", operator.dtype)
         self.hvps = 0
+
+    def describe(self) -> dict:
+        """What a spectrum result records about the operator it ran on."""
+        return {"n": self.n, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+                "path": self.path, "model_dtype": str(self.model_dtype).replace("torch.", ""),
+                "notes": list(self.notes)}
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         result = self.operator.matmat(V)

@@ -63,7 +63,7 @@ class LbfgsbIterate:
     nfev: int
 
 
-@dataclass
+@dataclass(repr=False)
 class LbfgsbResult(JsonResult):
     """The last iterate ``x`` with f(x) and ∇f(x), the counts, why the run ended, f at every iterate
     (``history[0]`` is f(x0)), and the lowest f of all evaluated points (line-search trials included,

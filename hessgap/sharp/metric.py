@@ -13,12 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .. import _checks
 from .._results import JsonResult
 from .._state import preserved
-from ..curvature.objective import LossFn, LossOverData, check_finite_parameters
+from ..curvature.objective import REDUCED_PRECISION, LossFn, LossOverData
 from ..errors import HessgapError
 from ..ops.box_ascent import box_radius
 from . import solvers
@@ -32,7 +33,7 @@ DEFAULT_RHO = {"linf": 2e-3, "l2": 0.1}
 DEFAULT_SUBSPACE_DIM = 100
 
 
-@dataclass
+@dataclass(repr=False)
 class SharpnessResult(JsonResult):
     """The outcome of :func:`sharpness`; every field is a plain number, string or list (JSON-ready).
 
@@ -98,6 +99,22 @@ def _check_buffers(model: nn.Module, objective: LossOverData) -> None:
             )
 
 
+def _check_box(space, epsilon: float, box: str, dtype: torch.dtype) -> None:
+    """The box must be a box in ``dtype``: finite, and wider than the rounding of the weights at its centre."""
+    radii = [box_radius(c, epsilon, box) for c in space.box_centre]
+    if not all(bool(torch.isfinite(r).all()) for r in radii) or not all(
+            bool(torch.isfinite(c + r).all()) for c, r in zip(space.box_centre, radii)):
+        raise HessgapError(
+            f"epsilon={epsilon:g} makes the box overflow {dtype}: the moved weights x ± ε(|x| + 1) are not finite; "
+            "Metric 2.1 uses small boxes (the paper: 1e-3 and 5e-4)"
+        )
+    if not any(bool((c + r != c).any()) for c, r in zip(space.box_centre, radii)):
+        raise HessgapError(
+            f"epsilon={epsilon:g} is below what {dtype} resolves at these weights: x + ε(|x| + 1) rounds to x for "
+            f"every weight, so the box holds only x; use ε ≥ {torch.finfo(dtype).eps:g} (the paper: 1e-3 and 5e-4)"
+        )
+
+
 def sharpness(
     model: nn.Module,
     data,
@@ -119,15 +136,20 @@ def sharpness(
     subspace_memory_bytes: int = 2**28,
     cache_batches: bool = False,
     lbfgsb_options: dict | None = None,
+    compute_loss=None,
+    weight_fn=None,
+    params=None,
+    group=None,
 ) -> SharpnessResult:
     """ε-sharpness of ``model`` at its current weights x over ``data`` (Metric 2.1).
 
     Args:
         model: the network; its weights, buffers, gradients and train/eval modes are restored bit for bit
             on return, also when the call raises or is interrupted.
-        data: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list) or one such pair;
-            f is the mean loss over all of it. Batches are moved to the model's device, and floating
-            inputs cast to its dtype.
+        data: a DataLoader or any iterable of batches, or one batch (``(inputs, targets)`` pairs, tuples of
+            several inputs and targets, mappings passed as ``model(**batch)``); f is the mean loss over
+            every unit (sample or counted token) of all of it. Batches are moved to the model's device, and
+            floating inputs cast to its dtype.
         epsilon: the box size ε (ρ for ``kind="adaptive"``).
         subspace_dim: None for the full space (A = I); p for a random n × p matrix A; True for the
             paper's p = 100. A has i.i.d. N(0, 1) entries (``subspace_scale``) drawn from ``seed`` and is
@@ -160,6 +182,14 @@ def sharpness(
         lbfgsb_options: extra ``options`` for scipy's L-BFGS-B; by default it runs exactly ``max_iter``
             iterations (``gtol = ftol = 0``): scipy's default ``gtol=1e-5`` stops it at y = 0 on any
             well-trained model, whose gradient is that small.
+        compute_loss, weight_fn: the batch's loss and weight for other batch structures (see
+            :class:`hessgap.HessianOperator`).
+        params: move only these parameters (names, tensors or modules); the others stay at x.
+        group: a torch.distributed process group (default: the default group when one is initialized):
+            each rank passes its own shard and every rank gets the sharpness over all the data.
+
+    Half-precision models (float16, bfloat16) are refused: a move of ε(|x| + 1) = 1e-3 relative is below
+    bfloat16's spacing (2⁻⁷ of a weight) and about float16's (2⁻¹⁰), so the moved weights would round back.
 
     Returns:
         :class:`SharpnessResult`.
@@ -185,10 +215,18 @@ def sharpness(
 
     if subspace_dim is True:
         subspace_dim = DEFAULT_SUBSPACE_DIM
-    objective = LossOverData(model, data, loss_fn=loss_fn, max_batches=max_batches)
+    objective = LossOverData(model, data, loss_fn=loss_fn, compute_loss=compute_loss, weight_fn=weight_fn,
+                             max_batches=max_batches, params=params, group=group)
+    if objective.dtype in REDUCED_PRECISION:
+        raise HessgapError(
+            f"sharpness moves the weights by ε(|x| + 1) = {epsilon:g} relative, below what {objective.dtype} resolves "
+            f"(its spacing is {torch.finfo(objective.dtype).eps:g} of a weight), so the moved weights would round back "
+            "to x; measure a float32 copy instead: hessgap.sharpness(copy.deepcopy(model).float(), ...)"
+        )
     _check_buffers(model, objective)
-    check_finite_parameters(objective.params, objective.names)
+    objective.check_finite_parameters()
     n = objective.num_parameters
+    objective.ranks.agree("the arguments of hessgap.sharpness", (n, epsilon, subspace_dim, ran, max_iter, seed, kind, norm))
     subspace = None
     if subspace_dim is not None:
         subspace = RandomSubspace(
@@ -214,6 +252,7 @@ def sharpness(
             space = ScaledSpace(objective, x)
         else:
             space = FullSpace(objective, x)
+        _check_box(space, epsilon, box, objective.dtype)
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
         with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({ran})", leave=False) as bar:

@@ -1,4 +1,9 @@
-"""Results of the spectrum methods: plain numbers plus the tensors, each JSON-serializable via ``to_dict``."""
+"""Results of the spectrum methods: plain numbers plus the tensors, each JSON-serializable via ``to_dict``.
+
+Each says what it ran on: ``n``, ``dtype`` (of the vectors and sums: float32 for a half-precision model),
+``model_dtype`` (the dtype the Hessian-vector products ran in), ``device``, ``path`` (fused or generic) and
+``notes`` (what the products changed to run, e.g. attention on PyTorch's math kernels).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +14,22 @@ import torch
 from .._results import JsonResult
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class EigenResult(JsonResult):
     """Extreme eigenvalues of the Hessian found by (block) Lanczos.
 
     ``eigenvalues`` are ordered by ``which``: descending for "LA", ascending for "SA", by descending
     magnitude for "LM". ``eigenvectors`` (k × n, unit rows, same order) are left out of ``to_dict``;
     save them with :meth:`save_eigenvectors`. ``residuals`` are ‖H·v − λ·v‖ computed explicitly from
-    the returned vectors; ``error_bounds`` bound |λ − λ_true| (see :func:`hessgap.eigenvalues`).
+    the returned vectors: each bounds the distance from its eigenvalue to the nearest true one (up to the
+    products' rounding). ``error_estimates`` are Kato–Temple estimates min(r, r²/gap) of |λ − λ_true|,
+    usually much smaller than r but not guaranteed (see :func:`hessgap.eigenvalues`).
     """
 
     eigenvalues: list[float]
     eigenvectors: torch.Tensor
     residuals: list[float]
-    error_bounds: list[float]
+    error_estimates: list[float]
     converged: bool
     which: str
     tol: float
@@ -37,6 +44,8 @@ class EigenResult(JsonResult):
     dtype: str
     device: str
     path: str | None
+    model_dtype: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     _left_out = ("eigenvectors",)
 
@@ -45,7 +54,7 @@ class EigenResult(JsonResult):
         torch.save(self.eigenvectors.detach().cpu(), path)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class TraceResult(JsonResult):
     """Hutchinson estimate of tr(H) with its standard error and a Student-t confidence interval.
 
@@ -65,15 +74,18 @@ class TraceResult(JsonResult):
     dtype: str
     device: str
     path: str | None
+    model_dtype: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class DensityResult(JsonResult):
     """Spectral density of the Hessian by stochastic Lanczos quadrature.
 
     ``nodes[i]`` and ``weights[i]`` are the Ritz values and Gauss quadrature weights of probe i
     (weights sum to 1); ``density`` is their average, broadened by Gaussians of width ``sigma`` and
-    evaluated on ``grid``, so it integrates to about 1 over a grid that covers the nodes.
+    evaluated on ``grid``, so it integrates to about 1 over a grid that covers the nodes; ``integral`` is
+    its integral over the grid (the call warns when that is off by more than 2 %).
     """
 
     grid: list[float]
@@ -81,6 +93,7 @@ class DensityResult(JsonResult):
     nodes: list[list[float]]
     weights: list[list[float]]
     sigma: float
+    integral: float
     num_probes: int
     lanczos_steps: int
     reorthogonalize: bool
@@ -90,6 +103,8 @@ class DensityResult(JsonResult):
     dtype: str
     device: str
     path: str | None
+    model_dtype: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def mean(self) -> float:
         """Σ weights·nodes averaged over probes: an estimate of tr(H) / n."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from ..errors import HessgapError
 from ._probes import generator_for, rademacher
 from ._results import DensityResult
 
+#: How far from 1 the density's integral over the grid may be before the call warns.
+INTEGRAL_TOLERANCE = 0.02
 # Reorthogonalize a second time when one pass shrank the vector below this fraction of its norm.
 _DGKS = 1 / math.sqrt(2)
 
@@ -35,16 +38,17 @@ def density(
     sigma: float | None = None,
     reorthogonalize: bool = True,
     seed: int = 0,
-    loss_fn=None,
-    max_batches: int | None = None,
     progress: bool = False,
     save_png: str | None = None,
+    **operator_options,
 ) -> DensityResult:
     """Spectral density of the Hessian from ``num_probes`` normalized Rademacher probes.
 
-    ``model`` is a model, or an operator / square symmetric tensor: a model comes with its ``data``
-    (and optional ``loss_fn`` / ``max_batches``); an operator is any object with ``n``, ``dtype``,
-    ``device`` and ``matmat``.
+    ``model`` is a model, or an operator / square symmetric tensor: a model comes with its ``data`` (and
+    ``operator_options``, the keywords of :class:`~hessgap.curvature.operator.HessianOperator`: ``loss_fn``,
+    ``compute_loss``, ``weight_fn``, ``max_batches``, ``params``, ``train_mode``, ``group``, ...); an
+    operator is any object with ``n``, ``dtype``, ``device`` and ``matmat``. Half-precision models
+    multiply in their dtype; the probes and sums are float32.
     ``lanczos_steps`` (at most n) Lanczos steps are run per probe, all probes in one ``matmat`` per
     step; a probe whose Krylov space becomes invariant stops early. With ``reorthogonalize`` (default)
     each probe's Lanczos vectors are kept and every new one is made orthogonal to them (memory:
@@ -62,10 +66,11 @@ def density(
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (sigma > 0 and math.isfinite(sigma))):
         raise HessgapError(f"sigma is the Gaussian broadening and must be a positive number, got {sigma!r}")
     explicit_grid = _explicit_grid(grid)
-    operator = CheckedOperator(resolve_operator(model, data, loss_fn=loss_fn, max_batches=max_batches, caller="density"))
+    operator = CheckedOperator(resolve_operator(model, data, caller="density", **operator_options))
     steps = min(lanczos_steps, operator.n)
     alphas, betas, lengths = _batched_lanczos(operator, num_probes, steps, bool(reorthogonalize), seed, progress)
 
+    from scipy.integrate import trapezoid
     from scipy.linalg import eigh_tridiagonal
 
     nodes, weights = [], []
@@ -85,6 +90,18 @@ def density(
     else:
         points = explicit_grid
     values = _broadened(points, nodes, weights, float(sigma))
+    integral = float(trapezoid(values, points))
+    if abs(integral - 1.0) > INTEGRAL_TOLERANCE:
+        spacing = float(np.diff(points).max())
+        warnings.warn(
+            f"the spectral density integrates to {integral:.3g} over this grid, not 1: "
+            + ("its points are too far apart for the broadening (spacing "
+               f"{spacing:.3g} against sigma {sigma:.3g}); use more grid points or a larger sigma"
+               if spacing > sigma else
+               "the grid does not cover the eigenvalues found; widen it or leave grid as a number of points"),
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     result = DensityResult(
         grid=points.tolist(),
@@ -92,15 +109,13 @@ def density(
         nodes=[theta.tolist() for theta in nodes],
         weights=[w.tolist() for w in weights],
         sigma=float(sigma),
+        integral=integral,
         num_probes=num_probes,
         lanczos_steps=steps,
         reorthogonalize=bool(reorthogonalize),
         hvps=operator.hvps,
         seconds=time.perf_counter() - started,
-        n=operator.n,
-        dtype=str(operator.dtype).replace("torch.", ""),
-        device=str(operator.device),
-        path=operator.path,
+        **operator.describe(),
     )
     if save_png is not None:
         result.plot(save_png)

@@ -38,26 +38,29 @@ def eigenvalues(
     max_basis: int | None = None,
     max_iter: int = 300,
     seed: int = 0,
-    loss_fn=None,
-    max_batches: int | None = None,
     progress: bool = False,
+    **operator_options,
 ) -> EigenResult:
     """The k extreme eigenvalues of the Hessian, with eigenvectors and residual norms.
 
-    ``model`` is a model, or an operator / square symmetric tensor: a model's ``data``, ``loss_fn`` and
-    ``max_batches`` build a :class:`~hessgap.curvature.operator.HessianOperator` over the mean loss of
-    the data, its batches held in memory for the repeated passes; an operator is any object with ``n``,
-    ``dtype``, ``device`` and ``matmat``.
+    ``model`` is a model, or an operator / square symmetric tensor: a model's ``data`` and
+    ``operator_options`` (the keywords of :class:`~hessgap.curvature.operator.HessianOperator`:
+    ``loss_fn``, ``compute_loss``, ``weight_fn``, ``max_batches``, ``params``, ``train_mode``, ``group``,
+    ``path``, ``chunk_size``) build the Hessian operator over the mean loss of the data, its batches held in
+    memory for the repeated passes; an operator is any object with ``n``, ``dtype``, ``device`` and
+    ``matmat``. Half-precision models multiply in their dtype; the Lanczos vectors are float32.
 
     ``which``: "LA" largest algebraic (descending), "SA" smallest algebraic (ascending), "LM"
     largest magnitude (by descending magnitude).
 
-    Stopping rule (``tol`` is relative): a Ritz pair (θ, x) is accepted when its error bound is at
-    most ``tol · max(|θ|, ε^(2/3)·‖T‖)`` (ARPACK's scaling). With ``criterion="residual"`` the bound
-    is the residual norm r = ‖H·x − θ·x‖, which guarantees an eigenvalue within r of θ. With
-    ``criterion="eigenvalue"`` (default) it is min(r, r²/gap), the Kato–Temple bound on the
-    eigenvalue error, with the gap to the other Ritz values (each shrunk by its own residual); the
-    eigenvalue is then accurate to ``tol`` while the eigenvector is accurate to about r/gap.
+    Stopping rule (``tol`` is relative): a Ritz pair (θ, x) is accepted when its error estimate is at
+    most ``tol · max(|θ|, ε^(2/3)·‖T‖)`` (ARPACK's scaling). With ``criterion="residual"`` the estimate
+    is the residual norm r = ‖H·x − θ·x‖, a bound: some eigenvalue lies within r of θ (up to the rounding
+    of the products). With ``criterion="eigenvalue"`` (default) it is min(r, r²/gap), Kato–Temple's
+    estimate of the eigenvalue error with the gap measured to the other Ritz values (each shrunk by its
+    own residual): the eigenvalue is then accurate to about ``tol`` and the eigenvector to about r/gap.
+    It is an *estimate*, not a bound: the Ritz gap can exceed the true one and the products' own rounding
+    (about 1e-7 relative in float32) is not in it; the result's ``residuals`` are the bounds.
 
     ``block_size`` vectors are multiplied per step (default 1 for k = 1, else min(k, 4)); larger blocks
     find clustered or repeated eigenvalues more reliably and use batched Hessian products.
@@ -75,9 +78,16 @@ def eigenvalues(
     positive_int(k, "k", "the number of eigenvalues wanted")
     positive_int(max_iter, "max_iter")
     operator = CheckedOperator(
-        resolve_operator(model, data, loss_fn=loss_fn, max_batches=max_batches, caller="eigenvalues")
+        resolve_operator(model, data, caller="eigenvalues", **operator_options)
     )
-    n = operator.n
+    block_size, max_basis = basis_sizes(operator.n, k, block_size, max_basis)
+    solver = BlockLanczos(operator, k, which, float(tol), criterion, block_size, max_basis, seed)
+    solver.run(max_iter, progress)
+    return solver.result(time.perf_counter() - started)
+
+
+def basis_sizes(n: int, k: int, block_size: int | None, max_basis: int | None) -> tuple[int, int]:
+    """The block size and the largest basis for k eigenvalues of an n × n operator (defaults, checks)."""
     if k > n:
         raise HessgapError(f"k = {k} eigenvalues asked for, but the Hessian is only {n} × {n}; use k <= {n}")
     if block_size is None:
@@ -93,9 +103,7 @@ def eigenvalues(
             f"max_basis = {max_basis} is too small for k = {k} and block_size = {block_size}: the basis must hold "
             f"the k kept vectors and two blocks, so use max_basis >= {k + 2 * block_size}"
         )
-    solver = _BlockLanczos(operator, k, which, float(tol), criterion, block_size, max_basis, seed)
-    solver.run(max_iter, progress)
-    return solver.result(time.perf_counter() - started)
+    return block_size, max_basis
 
 
 def _wanted_order(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -109,7 +117,7 @@ def _wanted_order(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
-def _error_bounds(theta, residuals, wanted, tol, criterion, eps):
+def _error_estimates(theta, residuals, wanted, tol, criterion, eps):
     """Bounds on |λ − θ| for the wanted Ritz values and whether each meets the tolerance."""
     wanted_theta = theta[wanted]
     r = residuals[wanted]
@@ -127,7 +135,11 @@ def _error_bounds(theta, residuals, wanted, tol, criterion, eps):
     return bound, bound <= threshold, threshold
 
 
-class _BlockLanczos:
+class BlockLanczos:
+    """One block Lanczos run. :meth:`run` multiplies by its operator; :meth:`iterate` is the same run as a
+    generator that yields each block to multiply and takes its product back, so that several runs can
+    share one pass over the data (see :mod:`hessgap.spectrum.blocks`)."""
+
     def __init__(self, operator: CheckedOperator, k, which, tol, criterion, block_size, max_basis, seed):
         self.op = operator
         self.k, self.which, self.tol, self.criterion = k, which, tol, criterion
@@ -228,13 +240,23 @@ class _BlockLanczos:
     # -- the iteration ----------------------------------------------------------------------------
 
     def run(self, max_iter: int, progress: bool) -> None:
+        steps = self.iterate(max_iter, progress)
+        block = next(steps)
+        try:
+            while True:
+                block = steps.send(self.op.matmat(block))
+        except StopIteration:
+            pass
+
+    def iterate(self, max_iter: int, progress: bool):
+        """The run as a generator: yields the next block of vectors, receives its product H·block."""
         from tqdm.auto import tqdm
 
         block = self._orthonormal_block(self._random(self.block_size), self.block_size)
         bar = tqdm(total=max_iter, desc="lanczos", unit="step", disable=not progress, leave=False)
         try:
             while True:
-                HP = self.op.matmat(block)
+                HP = yield block
                 self.iterations += 1
                 bar.update(1)
                 self._append(block, HP)
@@ -251,14 +273,14 @@ class _BlockLanczos:
                     next_block = self._orthonormal_block(HP, self.n - self.m)
                     coefficients = (self.HV[: self.m] @ next_block.T).to(torch.float64).cpu()
                     estimates = (coefficients.T @ S).norm(dim=0)
-                bound, ok, threshold = _error_bounds(theta, estimates, wanted, self.tol, self.criterion, self.eps)
+                bound, ok, threshold = _error_estimates(theta, estimates, wanted, self.tol, self.criterion, self.eps)
                 bar.set_postfix(worst=f"{float((bound / threshold).max()):.2g}")
                 out_of_steps = self.iterations >= max_iter
                 if bool(ok.all()) or exhausted or out_of_steps:
                     X, residual = self._explicit(S, theta, wanted)
                     checked = estimates.clone()
                     checked[wanted] = residual
-                    bound, ok, _ = _error_bounds(theta, checked, wanted, self.tol, self.criterion, self.eps)
+                    bound, ok, _ = _error_estimates(theta, checked, wanted, self.tol, self.criterion, self.eps)
                     if bool(ok.all()) or exhausted or out_of_steps:
                         self.converged = bool(ok.all()) or exhausted
                         self._final = (theta[wanted], X, residual, bound)
@@ -289,7 +311,7 @@ class _BlockLanczos:
             eigenvalues=[float(v) for v in values],
             eigenvectors=X,
             residuals=[float(r) for r in residual],
-            error_bounds=[float(b) for b in bound],
+            error_estimates=[float(b) for b in bound],
             converged=self.converged,
             which=self.which,
             tol=self.tol,
@@ -300,8 +322,5 @@ class _BlockLanczos:
             restarts=self.restarts,
             hvps=self.op.hvps,
             seconds=seconds,
-            n=self.n,
-            dtype=str(self.dtype).replace("torch.", ""),
-            device=str(self.device),
-            path=self.op.path,
+            **self.op.describe(),
         )

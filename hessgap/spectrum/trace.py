@@ -30,15 +30,16 @@ def trace(
     batch: int | None = None,
     confidence: float = 0.95,
     seed: int = 0,
-    loss_fn=None,
-    max_batches: int | None = None,
     progress: bool = False,
+    **operator_options,
 ) -> TraceResult:
     """Hutchinson estimate of tr(H) from ``num_probes`` Rademacher probes, run as one batch.
 
-    ``model`` is a model, or an operator / square symmetric tensor: a model comes with its ``data``
-    (and optional ``loss_fn`` / ``max_batches``); an operator is any object with ``n``, ``dtype``,
-    ``device`` and ``matmat``. ``batch`` is the number of probes per ``matmat`` call (default: all of
+    ``model`` is a model, or an operator / square symmetric tensor: a model comes with its ``data`` (and
+    ``operator_options``, the keywords of :class:`~hessgap.curvature.operator.HessianOperator`: ``loss_fn``,
+    ``compute_loss``, ``weight_fn``, ``max_batches``, ``params``, ``train_mode``, ``group``, ...); an
+    operator is any object with ``n``, ``dtype``, ``device`` and ``matmat``. Half-precision models
+    multiply in their dtype; the probes and sums are float32. ``batch`` is the number of probes per ``matmat`` call (default: all of
     them, or fewer so that probes plus products stay within 512 MiB). The result holds ``value`` (the
     mean of the per-probe zᵀHz), ``stderr``, and ``ci``, a two-sided Student-t interval at
     ``confidence``; its variance is 2·Σ_{i≠j} H_ij², so the estimate is exact for a diagonal H.
@@ -47,7 +48,7 @@ def trace(
     positive_int(num_probes, "num_probes", "the number of random probe vectors")
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (0 < confidence < 1):
         raise HessgapError(f"confidence must lie in (0, 1), e.g. 0.95, got {confidence!r}")
-    operator = CheckedOperator(resolve_operator(model, data, loss_fn=loss_fn, max_batches=max_batches, caller="trace"))
+    operator = CheckedOperator(resolve_operator(model, data, caller="trace", **operator_options))
     n, dtype, device = operator.n, operator.dtype, operator.device
     if batch is None:
         itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -86,8 +87,5 @@ def trace(
         estimates=estimates,
         hvps=operator.hvps,
         seconds=time.perf_counter() - started,
-        n=n,
-        dtype=str(dtype).replace("torch.", ""),
-        device=str(device),
-        path=operator.path,
+        **operator.describe(),
     )

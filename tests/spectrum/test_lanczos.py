@@ -71,7 +71,7 @@ def test_eigenvalue_criterion_bounds_the_error():
     assert by_value.hvps <= by_residual.hvps
     errors = np.abs(np.array(by_value.eigenvalues) - reference)
     assert (errors <= 1e-4 * np.abs(reference)).all()
-    assert (errors <= np.array(by_value.error_bounds) + 1e-12).all()
+    assert (errors <= np.array(by_value.error_estimates) + 1e-12).all()
     assert (np.array(by_residual.residuals) <= 1e-4 * np.abs(reference)).all()
 
 
