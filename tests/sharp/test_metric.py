@@ -297,3 +297,50 @@ def test_shared_checks_name_the_argument():
         hessgap.sharpness(model, loader, tol=float("nan"))
     with pytest.raises(HessgapError, match="max_iter must be a positive integer, got 2.0"):
         hessgap.sharpness(model, loader, max_iter=2.0)
+
+
+# ------------------------------------------------------------------------------------------ bad input that used to
+# reach torch or scipy and came back as their raw errors
+
+
+@pytest.mark.parametrize("solver", ["box-ascent", "lbfgsb"])
+def test_epsilon_below_the_dtype_resolution(solver):
+    """Was: scipy's AttributeError: nit (L-BFGS-B on an empty box)."""
+    model, loader = _small()
+    with pytest.raises(HessgapError, match="epsilon=1e-50 is below what torch.float32 resolves"):
+        hessgap.sharpness(model, loader, epsilon=1e-50, solver=solver)
+
+
+def test_epsilon_that_overflows():
+    """Was: 'hessgap: step must be a finite number, got inf', an error about the op's arguments."""
+    model, loader = _small()
+    with pytest.raises(HessgapError, match="epsilon=1e\\+300 makes the box overflow"):
+        hessgap.sharpness(model, loader, epsilon=1e300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("subspace_dim", [None, 4])
+def test_half_precision_is_refused_with_the_reason(dtype, subspace_dim):
+    """Was: a raw kernel error in the full space, and 0.0 (bfloat16) in a subspace."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(dtype)
+    loader = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+    with pytest.raises(HessgapError, match="round back to x; measure a float32 copy"):
+        hessgap.sharpness(model, loader, subspace_dim=subspace_dim)
+
+
+@pytest.mark.parametrize(
+    "batch,match",
+    [
+        ((torch.randn(4, 3), torch.tensor([0.0, 1.0, 0.0, 1.0])), "floating targets of shape \\(4,\\)"),
+        ((torch.randn(4, 3), torch.tensor([0, 1, 5, 1])), "targets range over \\[0, 5\\] but the model has 2 classes"),
+        ((torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long)), "expected class indices of shape \\(4,\\)"),
+        ((torch.randn(4, 3), torch.zeros(4, dtype=torch.bool)), "targets of dtype torch.bool"),
+        ((torch.ones(4, 3, dtype=torch.long), torch.tensor([0, 1, 0, 1])), "batch 0 .*input \\(4, 3\\) int64"),
+        ((torch.randn(4, 5), torch.tensor([0, 1, 0, 1])), "batch 0 .*shapes cannot be multiplied"),
+    ],
+)
+def test_batches_the_model_or_loss_cannot_take_name_the_batch(batch, match):
+    """Was: IndexError / RuntimeError from inside cross_entropy or the first layer, 11-26 frames deep."""
+    model, _ = _small()
+    with pytest.raises(HessgapError, match=match):
+        hessgap.sharpness(model, [batch])

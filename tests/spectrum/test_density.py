@@ -135,3 +135,15 @@ def test_bad_arguments(kwargs, message):
 def test_non_finite_products():
     with pytest.raises(NonFiniteError, match="NaN or inf"):
         density(NaNOperator(), num_probes=2, lanczos_steps=3)
+
+
+def test_a_grid_too_coarse_for_the_broadening_warns_and_records_the_integral():
+    """Was: density(grid=5) integrated to 0.69 without a word."""
+    A = random_symmetric(40, seed=3)
+    with pytest.warns(RuntimeWarning, match="integrates to .* too far apart for the broadening"):
+        coarse = density(A, grid=5, lanczos_steps=20)
+    assert abs(coarse.integral - 1) > 0.02
+    fine = density(A, lanczos_steps=20)
+    assert fine.integral == pytest.approx(1.0, abs=0.02)
+    with pytest.warns(RuntimeWarning, match="does not cover the eigenvalues"):
+        density(A, grid=np.linspace(10.0, 11.0, 200), lanczos_steps=20)
