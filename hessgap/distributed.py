@@ -123,6 +123,17 @@ class Ranks:
             "during this call (its own error says why); every rank stops here instead of waiting for it"
         )
 
+    def together(self, step, *args, **kwargs):
+        """Run a local ``step`` that may fail on some ranks only (reading a shard, checking weights) and
+        return its value; when any rank's step raised, every rank raises (see :meth:`settle`)."""
+        error, value = None, None
+        try:
+            value = step(*args, **kwargs)
+        except Exception as exc:  # every rank must reach the collective in settle, also the one that failed
+            error = exc
+        self.settle(error)
+        return value
+
     def agree(self, what: str, value) -> None:
         """Raise on every rank unless all ranks pass an equal ``value`` (a small picklable description)."""
         if not self.active:

@@ -32,3 +32,81 @@ def collectives(rank, world_size):
         out["settle"] = f"{type(exc).__name__}: {exc}"
     ranks.settle(None)  # every rank is still in step afterwards
     return out
+
+
+def tiny_problem(samples: int = 61):
+    """The model and the whole data set every distributed test shards (float64, fixed seeds)."""
+    from torch import nn
+
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).double()
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(64, 5, dtype=torch.float64) * 2 + 0.5)  # non-trivial running statistics
+    model.eval()
+    generator = torch.Generator().manual_seed(12)
+    x = torch.randn(samples, 5, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (samples,), generator=generator)
+    return model, x, y
+
+
+def batches_of(x, y, size: int = 8):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def shard(rank: int, world_size: int, x, y):
+    """Unequal shards: rank r gets a share that grows with r (the last rank the rest)."""
+    weights = [r + 1 for r in range(world_size)]
+    bounds = [round(len(x) * sum(weights[:r]) / sum(weights)) for r in range(world_size + 1)]
+    return x[bounds[rank] : bounds[rank + 1]], y[bounds[rank] : bounds[rank + 1]]
+
+
+def every_public_call(data, model):
+    """What each public call returns on ``data`` (the caller's shard, or all the data in one process)."""
+    import hessgap
+    from hessgap.curvature.objective import LossOverData
+
+    n = sum(p.numel() for p in model.parameters())
+    V = torch.randn(3, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = {
+        "loss": LossOverData(model, data).value(),
+        "hvp": hessgap.hvp(model, data, V).tolist(),
+        "operator": hessgap.HessianOperator(model, data, cache_batches=True).matmat(V).tolist(),
+        "sharpness": hessgap.sharpness(model, data, max_iter=4).value,
+        "sharpness_lbfgsb": hessgap.sharpness(model, data, solver="lbfgsb", max_iter=3).value,
+        "sharpness_subspace": hessgap.sharpness(model, data, subspace_dim=5, max_iter=3).value,
+        "adaptive": hessgap.adaptive_sharpness(model, data, max_iter=3).value,
+        "eigenvalues": hessgap.eigenvalues(model, data, k=3, tol=1e-9, max_iter=200).eigenvalues,
+        "trace": hessgap.trace(model, data, num_probes=6).value,
+        "density": hessgap.density(model, data, num_probes=2, lanczos_steps=8).nodes,
+        "blocks": hessgap.block_spectrum(model, data, k=1, num_probes=4, tol=1e-8).eigenvalues,
+    }
+    return out
+
+
+def measure_on_shards(rank, world_size):
+    model, x, y = tiny_problem()
+    xs, ys = shard(rank, world_size, x, y)
+    return every_public_call(batches_of(xs, ys), model)
+
+
+def bad_shards(rank, world_size):
+    """An empty shard on the last rank, then ranks that disagree on epsilon: every rank must raise."""
+    import hessgap
+    from hessgap.errors import HessgapError
+
+    model, x, y = tiny_problem()
+    xs, ys = shard(rank, world_size, x, y)
+    outcome = {}
+    data = [] if rank == world_size - 1 else batches_of(xs, ys)
+    try:
+        hessgap.trace(model, data, num_probes=2)
+        outcome["empty"] = None
+    except HessgapError as exc:
+        outcome["empty"] = str(exc)
+    try:
+        hessgap.sharpness(model, batches_of(xs, ys), epsilon=1e-3 * (rank + 1), max_iter=2)
+        outcome["disagree"] = None
+    except HessgapError as exc:
+        outcome["disagree"] = str(exc)
+    return outcome

@@ -1,5 +1,6 @@
 """hessgap.distributed: sums across gloo ranks, agreement checks, and failures raised on every rank."""
 
+import numpy as np
 import pytest
 
 from hessgap.distributed import Ranks
@@ -40,3 +41,28 @@ def test_collectives_on_gloo_ranks(world_size):
             assert out["settle"] == "ValueError: bad batch on the last rank"
         else:
             assert out["settle"].startswith(f"HessgapError: rank {world_size - 1} of {world_size} failed")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_public_call_on_shards_equals_one_process_on_all_data(world_size):
+    from rank_workers import batches_of, every_public_call, measure_on_shards, tiny_problem
+
+    results = run_ranks(measure_on_shards, world_size)
+    model, x, y = tiny_problem()
+    single = every_public_call(batches_of(x, y), model)
+    for rank_result in results[1:]:
+        assert rank_result == results[0]  # every rank returns the very same numbers
+    for name, expected in single.items():
+        got = np.asarray(results[0][name], dtype=np.float64)
+        np.testing.assert_allclose(got, np.asarray(expected, dtype=np.float64), rtol=1e-6, atol=1e-10,
+                                   err_msg=name)
+
+
+def test_an_empty_shard_or_disagreeing_ranks_raise_on_every_rank():
+    from rank_workers import bad_shards
+
+    results = run_ranks(bad_shards, 2)
+    assert "yielded no batches" in results[1]["empty"]
+    assert results[0]["empty"].startswith("rank 1 of 2 failed")
+    for outcome in results:
+        assert "ranks disagree on the arguments of hessgap.sharpness" in outcome["disagree"]

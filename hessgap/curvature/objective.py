@@ -11,6 +11,7 @@ parameters differentiated (:mod:`.params`), sums across ranks and the checks on 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -95,6 +96,11 @@ class LossOverData:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def parameter_digest(self) -> str:
+        """A short fingerprint of the parameters' names, shapes and dtypes: ranks compare it before working."""
+        text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in zip(self.names, self.params))
+        return f"{len(self.params)} tensors, n = {self.num_parameters}, {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
     @property
     def batches_cached(self) -> bool:
         """Whether every pass sees the very same batch tensors (kept after the first pass)."""
@@ -102,7 +108,7 @@ class LossOverData:
 
     def cache_batches(self) -> LossOverData:
         """Read and keep the (device-moved) batches now, so repeated passes skip the loader."""
-        self.source.fill()
+        self.ranks.together(self.source.fill)
         return self
 
     def batches(self) -> Iterator[Batch]:
@@ -223,8 +229,9 @@ class LossOverData:
         return self.totals()[0]
 
     def check_finite_parameters(self) -> None:
-        """Raise when a selected parameter holds NaN or inf: nothing measured there would mean anything."""
-        check_finite_parameters(self.params, self.names)
+        """Raise (on every rank) when a selected parameter holds NaN or inf: nothing measured there would mean
+        anything."""
+        self.ranks.together(check_finite_parameters, self.params, self.names)
 
     @staticmethod
     def _finite(value: float, what: str) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import Ranks
 from ..errors import HessgapError, NonFiniteError
 from ._flat import as_directions
 from .engine import DEFAULT_MEMORY_BUDGET, HvpEngine
@@ -76,6 +77,8 @@ class HessianOperator:
         self.objective = LossOverData(model, data, loss_fn, compute_loss=compute_loss, weight_fn=weight_fn,
                                       max_batches=max_batches, params=params, group=group)
         self.objective.check_finite_parameters()
+        self.ranks = self.objective.ranks
+        self.ranks.agree("the parameters the Hessian is taken over", self.objective.parameter_digest())
         if cache_batches:
             self.objective.cache_batches()
         self.model = model
@@ -260,6 +263,7 @@ class CheckedOperator:
         self.device = torch.device(operator.device)
         self.path = getattr(operator, "path", None)
         self.notes = getattr(operator, "notes", [])
+        self.ranks = getattr(operator, "ranks", Ranks())
         self.model_dtype = getattr(operator, "model_dtype", operator.dtype)
         self.hvps = 0
 

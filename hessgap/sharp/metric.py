@@ -226,7 +226,8 @@ def sharpness(
     _check_buffers(model, objective)
     objective.check_finite_parameters()
     n = objective.num_parameters
-    objective.ranks.agree("the arguments of hessgap.sharpness", (n, epsilon, subspace_dim, ran, max_iter, seed, kind, norm))
+    objective.ranks.agree("the arguments of hessgap.sharpness",
+                          (objective.parameter_digest(), epsilon, subspace_dim, ran, max_iter, seed, kind, norm))
     subspace = None
     if subspace_dim is not None:
         subspace = RandomSubspace(
@@ -252,7 +253,7 @@ def sharpness(
             space = ScaledSpace(objective, x)
         else:
             space = FullSpace(objective, x)
-        _check_box(space, epsilon, box, objective.dtype)
+        objective.ranks.together(_check_box, space, epsilon, box, objective.dtype)
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
         with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({ran})", leave=False) as bar:

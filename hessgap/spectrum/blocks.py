@@ -131,6 +131,7 @@ def block_spectrum(
     hessian = HessianOperator(model, data, cache_batches=True, **operator_options)
     operator = CheckedOperator(hessian)
     groups = parameter_blocks(model, hessian.names, blocks)
+    operator.ranks.agree("the arguments of hessgap.block_spectrum", (list(groups), k, tol, max_iter, num_probes, seed))
     offsets = torch.tensor([0] + [p.numel() for p in hessian.objective.params]).cumsum(0).tolist()
     columns = {
         name: torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members]).to(operator.device)

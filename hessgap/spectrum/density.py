@@ -68,6 +68,7 @@ def density(
     explicit_grid = _explicit_grid(grid)
     operator = CheckedOperator(resolve_operator(model, data, caller="density", **operator_options))
     steps = min(lanczos_steps, operator.n)
+    operator.ranks.agree("the arguments of hessgap.density", (num_probes, steps, bool(reorthogonalize), seed))
     alphas, betas, lengths = _batched_lanczos(operator, num_probes, steps, bool(reorthogonalize), seed, progress)
 
     from scipy.integrate import trapezoid

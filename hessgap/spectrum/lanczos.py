@@ -81,6 +81,8 @@ def eigenvalues(
         resolve_operator(model, data, caller="eigenvalues", **operator_options)
     )
     block_size, max_basis = basis_sizes(operator.n, k, block_size, max_basis)
+    operator.ranks.agree("the arguments of hessgap.eigenvalues", (k, which, tol, criterion, block_size, max_basis,
+                                                                  max_iter, seed))
     solver = BlockLanczos(operator, k, which, float(tol), criterion, block_size, max_basis, seed)
     solver.run(max_iter, progress)
     return solver.result(time.perf_counter() - started)

@@ -55,6 +55,7 @@ def trace(
         batch = max(1, min(num_probes, _CHUNK_BYTES // (2 * n * itemsize)))
     else:
         positive_int(batch, "batch", "probes per batched Hessian product")
+    operator.ranks.agree("the arguments of hessgap.trace", (num_probes, batch, seed))
     generator = generator_for(device, seed)
 
     from tqdm.auto import tqdm
