@@ -19,8 +19,9 @@ DATASETS_ON_DISK = ("mnist", "cifar10", "cifar100")
 REMEDY_NAMES = ("augment", "conservative", "adversarial", "dynamic")
 OPTIMIZER_NAMES = ("adam", "sgd")
 PRESET_NAMES = ("quick", "paper")
-#: Maximizers of Metric 2.1; "auto" picks one per problem and the result names the one that ran.
-SHARPNESS_SOLVERS = ("auto", "box-ascent", "lbfgsb")
+#: Maximizers of Metric 2.1: "auto" runs the paper's L-BFGS-B path and the sign ascent and keeps the better;
+#: "lbfgsb" is hessgap's torch L-BFGS-B (scipy's iterates), "lbfgsb-scipy" scipy's own, for reference.
+SHARPNESS_SOLVERS = ("auto", "box-ascent", "lbfgsb", "lbfgsb-scipy")
 
 
 def model_name(name) -> str:

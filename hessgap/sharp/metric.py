@@ -28,7 +28,7 @@ from .subspace import SCALES, RandomSubspace
 
 KINDS = ("keskar", "adaptive")
 NORMS = ("linf", "l2")
-DEFAULT_MAX_ITER = {"lbfgsb": 10, "box-ascent": 10}  # by the solver that runs
+DEFAULT_MAX_ITER = 10  # the paper's 10 iterations, for every solver
 DEFAULT_RHO = {"linf": 2e-3, "l2": 0.1}
 DEFAULT_SUBSPACE_DIM = 100
 
@@ -39,11 +39,12 @@ class SharpnessResult(JsonResult):
 
     ``value`` is the metric: Keskar's φ in percent for ``kind="keskar"``, the loss increase
     ``max_loss − loss`` for ``kind="adaptive"``. ``loss`` is f(x), ``max_loss`` the largest f found in
-    the box (≥ ``loss``). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``solver`` is the solver that ran,
-    ``solver_requested`` the one asked for (``"auto"`` picks one per problem: see
-    :func:`hessgap.sharp.solvers.resolve`). ``evaluations`` counts passes of loss and gradient over the
-    data, f(x) included, ``evaluation_seconds`` the time they took (the rest of ``seconds`` is the
-    solver's own work); ``history`` lists f at each of them.
+    the box (≥ ``loss``). ``epsilon`` is ε (Keskar) or ρ (adaptive). ``solver`` names the solvers that
+    ran (``"lbfgsb+box-ascent"`` for ``"auto"``: see :func:`hessgap.sharp.solvers.resolve`),
+    ``solver_requested`` the one asked for, ``solver_values`` the metric each solver reached on its own
+    (``value`` is the largest) and ``best_solver`` the one that reached ``value``. ``evaluations`` counts
+    passes of loss and gradient over the data, f(x) included, ``evaluation_seconds`` the time they took
+    (the rest of ``seconds`` is the solvers' own work); ``history`` lists f at each of them.
     """
 
     value: float
@@ -68,6 +69,8 @@ class SharpnessResult(JsonResult):
     restarts: int = 0
     message: str = ""
     history: list[float] = field(default_factory=list)
+    solver_values: dict[str, float] = field(default_factory=dict)
+    best_solver: str = ""
 
     def __str__(self) -> str:
         space = "full space" if self.subspace_dim is None else f"{self.subspace_dim}-dim subspace"
@@ -156,15 +159,16 @@ def sharpness(
             regenerated block by block when it does not fit ``subspace_memory_bytes``, so the extra
             memory stays a small multiple of the parameters' size for any p.
         loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
-        solver: ``"auto"`` (default), ``"box-ascent"`` or ``"lbfgsb"``. ``"box-ascent"`` is projected
-            sign ascent from the box corner sign(∇f)·r, with Auto-PGD's step halving and the best point
-            kept, using the fused op; ``"lbfgsb"`` is scipy's L-BFGS-B from y = 0, the paper's method
-            (``momentum`` and ``tol`` do not apply to it). ``"auto"`` runs box-ascent in the full space
-            and L-BFGS-B in a random subspace, where sign ascent can stop at a lower local maximum
-            (see :func:`hessgap.sharp.solvers.resolve`); the result names both. All return the largest f
-            they evaluated, a lower bound of the true maximum.
-        max_iter: at most this many iterations; 10 for both solvers by default (a box-ascent step is
-            one pass of loss and gradient; an L-BFGS-B iteration may take several).
+        solver: ``"auto"`` (default), ``"box-ascent"``, ``"lbfgsb"`` or ``"lbfgsb-scipy"``. ``"box-ascent"``
+            is projected sign ascent from the box corner sign(∇f)·r, with Auto-PGD's step halving and the
+            best point kept, using the fused op; ``"lbfgsb"`` is L-BFGS-B from y = 0, the paper's method,
+            taking scipy's iterates on the model's device (``momentum`` and ``tol`` do not apply to it);
+            ``"lbfgsb-scipy"`` is scipy's own, for reference. ``"auto"`` runs L-BFGS-B's path and then the
+            sign ascent and keeps the larger value, so it never reports less than the paper's method
+            (see :func:`hessgap.sharp.solvers.resolve`). All return the largest f they evaluated, a lower
+            bound of the true maximum.
+        max_iter: at most this many iterations of each solver; 10 by default, the paper's (a box-ascent step
+            is one pass of loss and gradient; an L-BFGS-B iteration may take several).
         seed: seeds the random subspace A and the tie-breaking of zero gradients.
         max_batches: limit f to the first batches of ``data``, for speed.
         train_mode: evaluate in train mode (BatchNorm on batch statistics, dropout on); the default is
@@ -204,7 +208,7 @@ def sharpness(
     epsilon = _checks.positive_number(
         epsilon, name, f"{name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)"
     )
-    max_iter = _checks.positive_int(DEFAULT_MAX_ITER[ran] if max_iter is None else max_iter, "max_iter")
+    max_iter = _checks.positive_int(DEFAULT_MAX_ITER if max_iter is None else max_iter, "max_iter")
     momentum = _checks.in_unit_interval(momentum, "momentum")
     if subspace_dim is not None and kind == "adaptive":
         raise HessgapError("adaptive sharpness is defined in the full space; leave subspace_dim=None")
@@ -256,48 +260,48 @@ def sharpness(
         objective.ranks.together(_check_box, space, epsilon, box, objective.dtype)
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
-        with tqdm(total=max_iter, disable=not progress, desc=f"sharpness ({ran})", leave=False) as bar:
-            if ran == "lbfgsb":
-                radii = [box_radius(c, epsilon, box) for c in space.box_centre]
-                outcome = solvers.lbfgsb(
-                    space,
-                    [-r for r in radii],
-                    radii,
-                    loss0,
-                    grad0,
-                    max_iter=max_iter,
-                    options=lbfgsb_options,
-                    tick=lambda: bar.update(1),
-                )
-            else:
-                step_rule = (
-                    solvers.L2Step(space, epsilon) if norm == "l2" else solvers.LinfStep(space, epsilon, box)
-                )
-                outcome = solvers.box_ascent(
-                    space,
-                    step_rule,
-                    loss0,
-                    grad0,
-                    max_iter=max_iter,
-                    momentum=momentum,
-                    tol=tol,
-                    seed=seed,
-                    tick=lambda: bar.update(1),
-                )
+        outcomes = {}
+        with tqdm(total=max_iter * len(ran), disable=not progress, desc=f"sharpness ({'+'.join(ran)})",
+                  leave=False) as bar:
+            for name in ran:
+                best_before = space.best
+                space.best = loss0  # each solver's own maximum, from y = 0
+                if name.startswith("lbfgsb"):
+                    radii = [box_radius(c, epsilon, box) for c in space.box_centre]
+                    outcome = solvers.lbfgsb(
+                        space, [-r for r in radii], radii, loss0, grad0, max_iter=max_iter,
+                        options=lbfgsb_options, tick=lambda: bar.update(1),
+                        engine="scipy" if name == "lbfgsb-scipy" else "torch",
+                    )
+                else:
+                    step_rule = (
+                        solvers.L2Step(space, epsilon) if norm == "l2" else solvers.LinfStep(space, epsilon, box)
+                    )
+                    outcome = solvers.box_ascent(
+                        space, step_rule, loss0, grad0, max_iter=max_iter, momentum=momentum, tol=tol,
+                        seed=seed, tick=lambda: bar.update(1),
+                    )
+                outcomes[name] = outcome
+                space.best = max(best_before, space.best)
         history = list(space.history)
         evaluations, evaluation_seconds = space.evaluations, space.evaluation_seconds
 
+    def metric(max_loss: float) -> float:
+        return max_loss - loss0 if kind == "adaptive" else (max_loss - loss0) / (1.0 + loss0) * 100.0
+
+    best_solver = max(outcomes, key=lambda name: outcomes[name].max_loss)
+    outcome = outcomes[best_solver]
     max_loss = max(outcome.max_loss, loss0)
-    value = max_loss - loss0 if kind == "adaptive" else (max_loss - loss0) / (1.0 + loss0) * 100.0
+    value = metric(max_loss)
     return SharpnessResult(
         value=value,
         loss=loss0,
         max_loss=max_loss,
         epsilon=epsilon,
         subspace_dim=subspace_dim,
-        solver=ran,
+        solver="+".join(ran),
         solver_requested=solver,
-        iterations=outcome.iterations,
+        iterations=sum(o.iterations for o in outcomes.values()),
         evaluations=evaluations,
         seconds=time.perf_counter() - started,
         evaluation_seconds=evaluation_seconds,
@@ -308,10 +312,12 @@ def sharpness(
         train_mode=bool(train_mode),
         seed=seed,
         max_batches=max_batches,
-        kernel=outcome.kernel,
-        restarts=outcome.restarts,
-        message=outcome.message,
+        kernel="+".join(o.kernel for o in outcomes.values()),
+        restarts=sum(o.restarts for o in outcomes.values()),
+        message="; ".join(f"{name}: {o.message}" for name, o in outcomes.items() if o.message),
         history=history,
+        solver_values={name: metric(max(o.max_loss, loss0)) for name, o in outcomes.items()},
+        best_solver=best_solver,
     )
 
 

@@ -73,7 +73,7 @@ def test_result_is_json_and_counts_are_honest():
     data = json.loads(result.to_json())
     for key in ("value", "loss", "max_loss", "epsilon", "subspace_dim", "solver", "iterations", "evaluations", "seconds"):
         assert key in data
-    assert data["solver"] == "box-ascent" and data["subspace_dim"] is None
+    assert data["solver"] == "lbfgsb+box-ascent" and data["subspace_dim"] is None
     assert result.evaluations == len(result.history) == calls["n"] // len(loader)
     assert result.max_loss == max(result.history)
     assert result.num_samples == 256
@@ -105,9 +105,11 @@ def test_progress_bar(capsys):
 def test_result_names_the_solver_asked_for_and_the_one_that_ran():
     model, loader = _small()
     full = hessgap.sharpness(model, loader, max_iter=2)
-    assert (full.solver_requested, full.solver) == ("auto", "box-ascent")
+    assert (full.solver_requested, full.solver) == ("auto", "lbfgsb+box-ascent")
+    assert set(full.solver_values) == {"lbfgsb", "box-ascent"} and full.value == max(full.solver_values.values())
+    assert full.solver_values[full.best_solver] == full.value
     sub = hessgap.sharpness(model, loader, max_iter=2, subspace_dim=3)
-    assert (sub.solver_requested, sub.solver) == ("auto", "lbfgsb") and "lbfgsb (auto)" in str(sub)
+    assert (sub.solver_requested, sub.solver) == ("auto", "lbfgsb+box-ascent") and "lbfgsb+box-ascent (auto)" in str(sub)
     sign = hessgap.sharpness(model, loader, max_iter=2, subspace_dim=3, solver="box-ascent")
     assert (sign.solver_requested, sign.solver) == ("box-ascent", "box-ascent") and sign.kernel != "scipy"
     assert json.loads(sign.to_json())["solver_requested"] == "box-ascent"
