@@ -12,10 +12,12 @@ def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float, float]:
     """(mean loss, accuracy in [0, 1]) of ``model`` in eval mode over every batch of ``loader``.
 
     A non-finite loss is returned as it is (NaN or inf), not raised: the training loop decides what a
-    diverged run does. The model's train/eval mode is restored.
+    diverged run does. Every module's own train/eval mode is restored, also on error (a caller may keep
+    one submodule in eval mode inside a model in train mode).
     """
     objective = LossOverData(model, loader, loss_fn=loss_fn)
-    was_training = model.training
+    # evaluation changes no weights, so only the modes are saved (not the parameters, as _state.preserved does)
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=objective.device)
     correct = torch.zeros((), dtype=torch.int64, device=objective.device)
@@ -30,5 +32,6 @@ def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float, float]:
                     correct += (outputs.argmax(1) == targets).sum()
                 count += inputs.shape[0]
     finally:
-        model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
     return float(total) / count, int(correct) / count
