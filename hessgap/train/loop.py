@@ -40,9 +40,12 @@ from ..errors import HessgapError
 from .checkpoint import (
     CHECKPOINT_DIR,
     HISTORY_FILE,
+    RESUME_ENTRIES,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
+    one_line,
+    repair_hint,
     save_checkpoint,
 )
 from .config import TrainConfig, check_same_run, resolve_batch_size, resolve_device
@@ -200,16 +203,20 @@ class _Run:
             self.write_history()
             return True
         last_epoch, last_path = next(reversed(available.items()))
-        state = load_checkpoint(last_path, map_location="cpu")  # RNG states must stay on the CPU
+        state = load_checkpoint(last_path, map_location="cpu", needs=RESUME_ENTRIES)  # RNG states stay on the CPU
         check_same_run(state["config"], self.config, self.folder)
         if self.warm_started and not torch.equal(self.x0.cpu(), state["x0"]):
             raise HessgapError(
                 f"{self.folder} holds a run warm-started from other weights than the init_state given; "
                 "use a new output folder for a new warm start"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], self.device, self.augment_generator)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"], self.device, self.augment_generator)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise HessgapError(f"{last_path} does not fit the run it belongs to ({one_line(exc)}); "
+                               f"{repair_hint(last_path)}") from exc
         self.x0 = state["x0"].to(self.device)
         self.history = list(state["history"])
         self.best_loss, self.bad_epochs = state["best_loss"], state["bad_epochs"]

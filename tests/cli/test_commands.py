@@ -196,3 +196,19 @@ def test_sweep_and_warmstart_commands(tmp_path, capsys):
     assert [r["warm_epoch"] for r in result["rows"]] == [0, 2]
 
 
+
+
+def test_incomplete_checkpoint_is_named_with_its_fix(tmp_path, capsys):
+    import torch
+
+    argv = ["train", "--batch-size", 512, "--epochs", 1, "--out", tmp_path / "run", *TINY]
+    assert run_cli(capsys, *argv)[0] == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch_0001.pt"
+    payload = torch.load(checkpoint, weights_only=False)
+    del payload["optimizer"], payload["x0"]
+    torch.save(payload, checkpoint)
+    code, out, err = run_cli(capsys, "sharpness", checkpoint, "--out", tmp_path / "s", "--quiet")
+    assert code == 1 and "epoch_0001.pt lacks x0" in err and "delete this file" in err and "Traceback" not in err
+    argv[argv.index("--epochs") + 1] = 2
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and "epoch_0001.pt lacks x0, optimizer" in err and "Traceback" not in err
