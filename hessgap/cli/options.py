@@ -103,7 +103,8 @@ def csv(kind):
 def add_run_options(parser, default_out: str) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--out", type=Path, default=None,
-                       help=f"run folder; rerunning on the same folder resumes (default: {DEFAULT_ROOT}/{default_out})")
+                       help=f"run folder; rerunning on the same folder resumes; one process at a time "
+                            f"(default: {DEFAULT_ROOT}/{default_out})")
     group.add_argument("--device", default="auto",
                        help="where to compute: auto (CUDA when available), cpu, cuda, cuda:1 ... (default: auto)")
     group.add_argument("--seed", type=seed, default=0,
