@@ -36,17 +36,29 @@ def digest(data: dict, length: int = 8) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-#: settings that name what was measured rather than how; a change gets its own words in the refusal
-_IDENTITY = {
-    "model_sha256": "the saved model's content differs from the one this folder measured (it was trained further "
-                    "or replaced; None: the folder does not record it)",
-}
+#: settings that name what was measured (the sha256 of the model files) rather than how
+_IDENTITY_KEYS = ("model_sha256",)
+
+
+def _short(value):
+    """Digests cut to 12 characters for a message (also inside a list)."""
+    if isinstance(value, list):
+        return [_short(v) for v in value]
+    return value[:12] if isinstance(value, str) else value
+
+
+def _difference(key: str, stored, current) -> str:
+    if key not in _IDENTITY_KEYS:
+        return f"{key}: {stored!r} in the folder, {current!r} now"
+    if stored is None:
+        return f"{key}: the folder does not record which model file it measured (written by an older hessgap)"
+    return (f"{key}: the saved model changed since this folder measured it (sha256 {_short(stored)} then, "
+            f"{_short(current)} now): it was trained further or replaced")
 
 
 def _differences(stored: dict, current: dict) -> list[str]:
     keys = sorted(set(stored) | set(current))
-    return [f"{k}: {stored.get(k)!r} in the folder, {current.get(k)!r} now"
-            + (f": {_IDENTITY[k]}" if k in _IDENTITY else "") for k in keys if stored.get(k) != current.get(k)]
+    return [_difference(k, stored.get(k), current.get(k)) for k in keys if stored.get(k) != current.get(k)]
 
 
 class RunFolder:
