@@ -61,10 +61,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many kinds on truncated or foreign files
-        raise HessgapError(
-            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}). The other checkpoints "
-            f"and history.json are untouched: delete this file to resume from the previous epoch."
-        ) from exc
+        raise HessgapError(f"{path} is corrupt or unreadable ({one_line(exc)}); {repair_hint(path)}") from exc
     if not isinstance(payload, dict) or "model" not in payload:
         raise HessgapError(f"checkpoint {path} is not a hessgap training checkpoint (no model state in it)")
     missing = [key for key in needs if key not in payload]

@@ -296,7 +296,8 @@ def test_a_command_that_fails_on_its_inputs_leaves_no_folder(trained_pair, tmp_p
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.pt").write_bytes(b"not a model")
     code, out, err = run_cli(capsys, "sharpness", "bad.pt", "--quiet")
-    assert code == 1 and "bad.pt is corrupt" in err
+    assert code == 1 and "bad.pt is corrupt" in err and "rerun the `hessgap train` command that wrote it" in err
+    assert "previous epoch" not in err  # not a run's checkpoint: deleting it resumes nothing
     other = tmp_path / "other"
     assert main(["train", "--width", "0.03", "--epochs", "1", "--batch-size", "512", "--out", str(other),
                  "--quiet", "--threads", "1", "--device", "cpu"]) == 0
