@@ -127,7 +127,7 @@ def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
 LOCK_FILE = ".hessgap.lock"
 # real path of a locked folder -> [descriptor of its lock file (None: unlocked file system), holders here]
 _held: dict[str, list] = {}
-_held_guard = threading.Lock()
+_held_guard = threading.RLock()  # re-entrant: garbage collection may run a FolderLock.__del__ inside it
 
 
 class FolderLock:
