@@ -1,5 +1,6 @@
 """The one way hessgap writes files: atomically (temporary file in the same folder, then a rename), and
-one JSON convention for every result, run file and checkpoint summary.
+one JSON convention for every result, run file and checkpoint summary; and the lock that keeps a second
+process out of a run folder (:class:`FolderLock`).
 
 An interrupted write never leaves a half-written file under the real name: the old file (or none) stays
 until the new one is complete and flushed to disk.
@@ -12,7 +13,10 @@ import io
 import json
 import math
 import os
+import socket
 import tempfile
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -74,6 +78,15 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def append_text(path: str | Path, text: str) -> Path:
+    """Append ``text`` to a log file (one ``write`` call; a log line is not a result, so no rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
 def dumps(data: Any, indent: int | None = 2, sort_keys: bool = False) -> str:
     """``data`` as strict JSON text (see :func:`jsonable`)."""
     return json.dumps(jsonable(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
@@ -107,3 +120,106 @@ def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return write_bytes(path, buffer.getvalue())
+
+
+# -- one process per run folder -------------------------------------------------------------------------
+
+LOCK_FILE = ".hessgap.lock"
+# real path of a locked folder -> [descriptor of its lock file (None: unlocked file system), holders here]
+_held: dict[str, list] = {}
+_held_guard = threading.RLock()  # re-entrant: garbage collection may run a FolderLock.__del__ inside it
+
+
+class FolderLock:
+    """An exclusive lock on a run folder (``fcntl.flock`` on ``<folder>/.hessgap.lock``), held from
+    :meth:`acquire` (or ``with``) to :meth:`release`.
+
+    Two processes writing one folder would interleave checkpoints and results: the second gets a
+    :class:`HessgapError` at once, naming the holder's pid. The operating system drops the lock when its
+    process exits or crashes, so a lock file left behind never blocks anyone. Within one process the lock
+    is shared (a command's run folder and the training runs it starts there take it nested) and is given
+    up when its last holder releases it.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._key: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._key is not None
+
+    def acquire(self) -> FolderLock:
+        """Take the lock (creating the folder); raises :class:`HessgapError` when another process holds it."""
+        if self._key is not None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.folder)
+        with _held_guard:
+            entry = _held.get(key)
+            if entry is None:
+                entry = _held[key] = [_lock(self.folder), 0]
+            entry[1] += 1
+        self._key = key
+        return self
+
+    def release(self) -> None:
+        if self._key is None:
+            return
+        with _held_guard:
+            entry = _held[self._key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[self._key]
+                if entry[0] is not None:
+                    os.close(entry[0])  # closing the descriptor drops the lock
+        self._key = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # at interpreter exit the module's globals may be gone; the OS drops the lock anyway
+            pass
+
+
+def _lock(folder: Path) -> int | None:
+    """Lock ``folder``'s lock file for this process and write our pid into it; its descriptor (None where
+    the file system cannot lock)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows)
+        return None
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: it names the holder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise HessgapError(
+            f"run folder {folder} is in use by another hessgap process ({holder}); wait for it to finish or "
+            "choose another --out folder (out_dir in Python)"
+        ) from None
+    except OSError as exc:  # a file system without locks (some network mounts): run, but say so
+        os.close(fd)
+        warnings.warn(f"cannot lock run folder {folder} ({exc}); make sure no other hessgap process writes to it",
+                      stacklevel=3)
+        return None
+    # written in place, not through atomic_write: renaming a new file over it would drop the lock
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    return fd
+
+
+def _holder(fd: int) -> str:
+    """"pid N" (and its machine, when another) of the process whose pid the lock file holds."""
+    words = os.pread(fd, 256, 0).decode(errors="replace").split()
+    if not words:
+        return "pid unknown: it has just started"
+    host = words[1] if len(words) > 1 else ""
+    return f"pid {words[0]}" + (f" on {host}" if host and host != socket.gethostname() else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -39,10 +40,16 @@ def main(argv=None) -> int:
     info = build_info()
     argv = sys.argv[1:] if argv is None else argv
     if "--json" in argv:
-        print(json.dumps(info, indent=2))
-        return 0
-    for key, value in info.items():
-        print(f"{key:22s} {value}")
+        text = json.dumps(info, indent=2)
+    else:
+        text = "\n".join(f"{key:22s} {value}" for key, value in info.items())
+    try:
+        print(text)
+        sys.stdout.flush()  # a reader that stopped early shows up here rather than at exit
+    except BrokenPipeError:  # `python -m hessgap.info | head -1`: the reader has what it wanted
+        # stdout still holds unwritten text: point it at /dev/null so the flush at exit fails no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

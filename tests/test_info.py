@@ -46,3 +46,12 @@ def test_every_public_name_resolves():
     for name in hessgap.__all__:
         assert getattr(hessgap, name) is not None, name
     assert callable(hessgap.sharpness) and callable(hessgap.eigenvalues)
+
+
+def test_info_into_a_closed_pipe_exits_quietly():
+    """`python -m hessgap.info | head -1`: the reader stops early; no BrokenPipeError traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "hessgap.info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before anything was written
+    err = process.stderr.read().decode()
+    process.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -57,3 +57,44 @@ def test_save_figure_writes_a_png(tmp_path):
     figure.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
     path = _io.save_figure(figure, tmp_path / "f.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the run-folder lock -----------------------------------------------------------------------------
+
+def test_a_folder_locked_by_another_process_is_refused_at_once(tmp_path):
+    from lock_holder import other_process_holding
+
+    with other_process_holding(tmp_path / "run") as holder:
+        with pytest.raises(HessgapError, match=rf"run folder .*run is in use by another hessgap process \(pid "
+                                               rf"{holder.pid}\); wait for it to finish or choose another --out"):
+            _io.FolderLock(tmp_path / "run").acquire()
+    with _io.FolderLock(tmp_path / "run") as lock:  # released when the other process ended
+        assert lock.held
+
+
+def test_a_crashed_holder_leaves_no_lock(tmp_path):
+    from lock_holder import other_process_holding
+
+    with other_process_holding(tmp_path) as holder:
+        holder.kill()
+        holder.wait(timeout=60)
+        assert (tmp_path / _io.LOCK_FILE).is_file()  # the file stays, the lock went with the process
+        with _io.FolderLock(tmp_path) as lock:
+            assert lock.held
+
+
+def test_the_lock_is_shared_within_a_process_until_its_last_holder_releases(tmp_path):
+    import subprocess
+    import sys
+
+    def other_process_can_lock() -> bool:
+        probe = "import sys; from hessgap._io import FolderLock; FolderLock(sys.argv[1]).acquire()"
+        return subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True).returncode == 0
+
+    outer = _io.FolderLock(tmp_path).acquire()
+    inner = _io.FolderLock(tmp_path / "." / "").acquire()  # nested, through another spelling of the path
+    inner.release()
+    assert not other_process_can_lock()
+    outer.release()
+    outer.release()  # releasing twice is harmless
+    assert other_process_can_lock()

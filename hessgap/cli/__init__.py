@@ -1,7 +1,9 @@
 """The ``hessgap`` command line: the paper's experiments, one network at a time or all at once.
 
 Every subcommand writes a run folder (``--out``, default ``./hessgap-runs/<name>``) with config.json,
-results JSON, PNG figures and report.md; running the same command on the same folder resumes. User
+results JSON, PNG figures and report.md; running the same command on the same folder resumes, and a
+second process on a folder in use is refused. A measurement of a saved model records the file's sha256:
+a model trained further gets a new default folder, and an old folder refuses it. User
 errors (bad names, missing data files, too large batches, damaged checkpoints) print one line and exit
 with status 1, without a traceback; an interrupted run exits with 130 and keeps what it finished.
 
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 0)")
     p.add_argument("--solver", choices=SHARPNESS_SOLVERS, default="auto", help=f"{SOLVER_HELP} (default: auto)")
     add_data_override(p)
-    add_run_options(p, "sharpness-<model folder>")
+    add_run_options(p, "sharpness-<model>-<sha256 prefix>")
 
     p = sub.add_parser("spectrum", formatter_class=Formatter, help="top Hessian eigenvalues, trace and density",
                        description="Hessian spectrum of a network saved by `hessgap train`, over its training set.")
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", action="store_true", help="also the spectral density and its plot (SLQ)")
     p.add_argument("--probes", type=positive_int, default=64, help="probe vectors of the trace (default: 64)")
     add_data_override(p)
-    add_run_options(p, "spectrum-<model folder>")
+    add_run_options(p, "spectrum-<model>-<sha256 prefix>")
 
     p = sub.add_parser("interpolate", formatter_class=Formatter, help="parametric plots between two saved networks",
                        description="Figures 3 and 7: loss and accuracy along x(α) = α x_B + (1 − α) x_A (linear) "
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", choices=PATH_CHOICES, default="both", help="which path (default: both)")
     p.add_argument("--data-root", default=None, help="data folder, when it moved since training (default: as trained)")
     p.add_argument("--eval-batch", type=positive_int, default=1024, help="batch size of evaluations (default: 1024)")
-    add_run_options(p, "interpolate-<a>-<b>")
+    add_run_options(p, "interpolate-<a>-<b>-<sha256 prefix>")
 
     for name, what, figure in (("sweep", "batch-size sweep", "Figure 4: test accuracy and sharpness vs batch size"),
                                ("warmstart", "warm-started LB", "Figure 5: LB runs started from the SB iterate after "

@@ -7,6 +7,7 @@ the experiments) is imported only then.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from ..experiments.demo import demo_settings, summary_lines
 from ..experiments.presets import PATHS, preset
 from ..experiments.report import write_report
 from ..experiments.runs import RunFolder
-from ..experiments.saved import model_file
+from ..experiments.saved import SavedModel, load, settings_for
 from ..train.config import TrainConfig, resolve_device
+from ..train.data import load_dataset
+from ..train.loop import batch_plan
 from .options import DEFAULT_ROOT, settings_from
 
 
@@ -46,6 +49,9 @@ def _check_data(settings) -> None:
 
 
 def _folder(args, command: str, settings: dict, default_name: str, ignore=("device", "experiments")):
+    """The command's run folder, opened (and locked until the command ends: use it in a ``with`` block).
+
+    Call it only once the inputs are checked: a command that fails on its inputs leaves no folder behind."""
     out = args.out if args.out is not None else DEFAULT_ROOT / default_name
     return RunFolder(out, command, settings, progress=not args.quiet, log=None if args.quiet else _say).open(ignore)
 
@@ -59,12 +65,12 @@ def _finish(folder) -> None:
 
 def cmd_demo(args) -> int:
     settings = demo_settings(seed=args.seed, device=args.device, dataset=args.dataset)
-    folder = _folder(args, "demo", settings.to_dict(), "demo")
-    outcome = reproduce(folder, settings)
-    print("\n".join(summary_lines(outcome)))
-    if outcome.get("parametric", {}).get("figures"):
-        print(f"parametric plot: {folder.figures_dir / outcome['parametric']['figures']['parametric']}")
-    _finish(folder)
+    with _folder(args, "demo", settings.to_dict(), "demo") as folder:
+        outcome = reproduce(folder, settings)
+        print("\n".join(summary_lines(outcome)))
+        if outcome.get("parametric", {}).get("figures"):
+            print(f"parametric plot: {folder.figures_dir / outcome['parametric']['figures']['parametric']}")
+        _finish(folder)
     return 1 if any("error" in r for r in outcome.values()) else 0
 
 
@@ -73,10 +79,10 @@ def cmd_reproduce(args) -> int:
     settings = settings_from(args, base)
     _check_data(settings)
     name = f"reproduce-{args.preset}-{settings.model}-{settings.dataset}"
-    folder = _folder(args, "reproduce", settings.to_dict(), name)
-    outcome = reproduce(folder, settings)
-    print("\n".join(summary_lines(outcome)))
-    _finish(folder)
+    with _folder(args, "reproduce", settings.to_dict(), name) as folder:
+        outcome = reproduce(folder, settings)
+        print("\n".join(summary_lines(outcome)))
+        _finish(folder)
     return 1 if any("error" in r for r in outcome.values()) else 0
 
 
@@ -84,18 +90,19 @@ def _single_experiment(args, name: str, command: str) -> int:
     base = preset(args.preset, model=args.model, dataset=args.dataset)
     settings = settings_from(args, base).replace(experiments=(name,))
     _check_data(settings)
-    folder = _folder(args, command, settings.to_dict(), f"{command}-{args.preset}-{settings.model}-{settings.dataset}")
-    result = run_experiment(name, folder, settings)
-    for row in result["rows"]:
-        key = "batch_size" if name == "sweep" else "warm_epoch"
-        label = "batch" if name == "sweep" else "SB epochs"
-        if row.get("test_acc") is not None:
-            sharp = ", ".join(f"ε={k}: {v:.4g}" for k, v in row["sharpness"].items())
-            print(f"{label} {row[key]:>5}: test accuracy {row['test_acc']:6.2f} %, sharpness {sharp}")
-        else:
-            status = row.get("skipped") or f"diverged at epoch {row.get('diverged')}"
-            print(f"{label} {row[key]:>5}: {status}")
-    _finish(folder)
+    default_name = f"{command}-{args.preset}-{settings.model}-{settings.dataset}"
+    with _folder(args, command, settings.to_dict(), default_name) as folder:
+        result = run_experiment(name, folder, settings)
+        for row in result["rows"]:
+            key = "batch_size" if name == "sweep" else "warm_epoch"
+            label = "batch" if name == "sweep" else "SB epochs"
+            if row.get("test_acc") is not None:
+                sharp = ", ".join(f"ε={k}: {v:.4g}" for k, v in row["sharpness"].items())
+                print(f"{label} {row[key]:>5}: test accuracy {row['test_acc']:6.2f} %, sharpness {sharp}")
+            else:
+                status = row.get("skipped") or f"diverged at epoch {row.get('diverged')}"
+                print(f"{label} {row[key]:>5}: {status}")
+        _finish(folder)
     return 0
 
 
@@ -119,71 +126,90 @@ def cmd_train(args) -> int:
         sharpness_every=args.sharpness_every, sharpness_epsilon=args.sharpness_epsilon,
         sharpness_batches=args.sharpness_batches, eval_batch_size=args.eval_batch, device=args.device,
     ).validate()
+    # the data and the batch size are checked before the folder is made
+    data = load_dataset(config.dataset, config.data_root, seed=config.data_seed)
+    batch_plan(config, data)
     name = f"train-{config.model}-{config.dataset}-b{config.batch_size}-seed{config.seed}"
     if config.remedy:
         name += f"-{config.remedy}"
     # the training loop itself checks a resumed run's configuration (and allows more epochs)
-    folder = _folder(args, "train", config.to_dict(), name, ignore=tuple(config.to_dict()))
-    result = model_train.run(folder, config)
-    final = result["final"]
-    _finish(folder)
-    print(f"model: {folder.path / result['model_file']}")
-    if result["diverged"] is not None:
-        print(f"hessgap: error: training diverged at epoch {result['diverged']} (non-finite loss); the checkpoints "
-              f"of the epochs before are kept in {folder.path / 'checkpoints'}; try a smaller --lr", file=sys.stderr)
-        return 1
+    with _folder(args, "train", config.to_dict(), name, ignore=tuple(config.to_dict())) as folder:
+        result = model_train.run(folder, config, data)
+        final = result["final"]
+        _finish(folder)
+        print(f"model: {folder.path / result['model_file']}")
+        if result["diverged"] is not None:
+            print(f"hessgap: error: training diverged at epoch {result['diverged']} (non-finite loss); the "
+                  f"checkpoints of the epochs before are kept in {folder.path / 'checkpoints'}; try a smaller --lr",
+                  file=sys.stderr)
+            return 1
     print(f"after epoch {final.get('epoch')}: train loss {final.get('train_loss'):.4g}, "
           f"train accuracy {100 * final.get('train_acc'):.2f} %, test accuracy {100 * final.get('test_acc'):.2f} %")
     return 0
 
 
+def _saved(path, args) -> SavedModel:
+    """The saved network at ``path`` and its data, checked (the data loaded) before any folder is made."""
+    saved = load(path, args.device)
+    _check_data(settings_for(saved.result, args.data_root, args.eval_batch, device=args.device))
+    return saved
+
+
 def cmd_sharpness(args) -> int:
-    settings = {"model": str(Path(args.model_path).resolve()), "epsilons": list(args.epsilon),
-                "subspace_dim": args.subspace_dim, "solver": args.solver, "seed": args.seed,
-                "max_batches": args.max_batches, "eval_batch": args.eval_batch, "data_root": args.data_root,
-                "device": args.device}
-    path = model_file(args.model_path)
-    folder = _folder(args, "sharpness", settings, f"sharpness-{path.parent.name}")
-    result = model_sharpness.run(folder, args.model_path, args.epsilon, args.subspace_dim or None, args.solver,
-                               args.seed, args.data_root, args.eval_batch, args.max_batches, args.device)
-    for m in result["measurements"]:
-        print(f"sharpness ({m['space']}, ε={m['epsilon']:g}): {m['value']:.5g}  (f(x) = {m['loss']:.4g}, "
-              f"max f = {m['max_loss']:.4g})")
-    _finish(folder)
+    saved = _saved(args.model_path, args)
+    settings = {"model": str(Path(args.model_path).resolve()), "model_sha256": saved.sha256,
+                "epsilons": list(args.epsilon), "subspace_dim": args.subspace_dim, "solver": args.solver,
+                "seed": args.seed, "max_batches": args.max_batches, "eval_batch": args.eval_batch,
+                "data_root": args.data_root, "device": args.device}
+    with _folder(args, "sharpness", settings, f"sharpness-{saved.label}-{saved.sha256[:8]}") as folder:
+        result = model_sharpness.run(folder, saved, args.epsilon, args.subspace_dim or None, args.solver, args.seed,
+                                     args.data_root, args.eval_batch, args.max_batches, args.device)
+        print(f"model: {saved.describe()}")
+        for m in result["measurements"]:
+            print(f"sharpness ({m['space']}, ε={m['epsilon']:g}): {m['value']:.5g}  (f(x) = {m['loss']:.4g}, "
+                  f"max f = {m['max_loss']:.4g})")
+        _finish(folder)
     return 0
 
 
 def cmd_spectrum(args) -> int:
-    settings = {"model": str(Path(args.model_path).resolve()), "k": args.k, "trace": args.trace,
-                "density": args.density, "probes": args.probes, "seed": args.seed, "max_batches": args.max_batches,
-                "eval_batch": args.eval_batch, "data_root": args.data_root, "device": args.device}
-    path = model_file(args.model_path)
-    folder = _folder(args, "spectrum", settings, f"spectrum-{path.parent.name}")
-    result = model_spectrum.run(folder, args.model_path, args.k, args.trace, args.density, args.probes, args.seed,
-                              args.data_root, args.eval_batch, args.max_batches, args.device)
-    print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in result["eigenvalues"]))
-    if result.get("trace"):
-        print(f"trace: {result['trace']['value']:.5g}")
-    if result.get("density"):
-        print(f"density plot: {folder.figures_dir / 'density.png'}")
-    _finish(folder)
+    saved = _saved(args.model_path, args)
+    settings = {"model": str(Path(args.model_path).resolve()), "model_sha256": saved.sha256, "k": args.k,
+                "trace": args.trace, "density": args.density, "probes": args.probes, "seed": args.seed,
+                "max_batches": args.max_batches, "eval_batch": args.eval_batch, "data_root": args.data_root,
+                "device": args.device}
+    with _folder(args, "spectrum", settings, f"spectrum-{saved.label}-{saved.sha256[:8]}") as folder:
+        result = model_spectrum.run(folder, saved, args.k, args.trace, args.density, args.probes, args.seed,
+                                    args.data_root, args.eval_batch, args.max_batches, args.device)
+        print(f"model: {saved.describe()}")
+        print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in result["eigenvalues"]))
+        if result.get("trace"):
+            print(f"trace: {result['trace']['value']:.5g}")
+        if result.get("density"):
+            print(f"density plot: {folder.figures_dir / 'density.png'}")
+        _finish(folder)
     return 0
 
 
 def cmd_interpolate(args) -> int:
+    a, b = _saved(args.model_a, args), _saved(args.model_b, args)
+    interpolate.check_pair(a, b)
     paths = PATHS if args.path == "both" else (args.path,)
     changes = {"alphas": args.points, "alpha_range": (args.alpha_min, args.alpha_max), "paths": paths}
-    settings = {"models": [str(Path(p).resolve()) for p in (args.model_a, args.model_b)], **changes,
-                "data_root": args.data_root, "eval_batch": args.eval_batch, "device": args.device}
-    name = f"interpolate-{model_file(args.model_a).parent.name}-{model_file(args.model_b).parent.name}"
-    folder = _folder(args, "interpolate", settings, name)
-    result = interpolate.run(folder, args.model_a, args.model_b, changes, args.data_root, args.eval_batch, args.device)
-    for path_name, curve in result["curves"].items():
-        losses = [v for v in curve["train_loss"] if v is not None]
-        print(f"{path_name} path: train loss at α=0 {curve['train_loss'][_nearest(curve['alpha'], 0)]:.4g}, "
-              f"at α=1 {curve['train_loss'][_nearest(curve['alpha'], 1)]:.4g}, largest {max(losses):.4g}")
-    print(f"figure: {folder.figures_dir / result['figures']['parametric']}")
-    _finish(folder)
+    settings = {"models": [str(Path(p).resolve()) for p in (args.model_a, args.model_b)],
+                "model_sha256": [a.sha256, b.sha256], **changes, "data_root": args.data_root,
+                "eval_batch": args.eval_batch, "device": args.device}
+    pair_digest = hashlib.sha256(f"{a.sha256} {b.sha256}".encode()).hexdigest()[:8]
+    with _folder(args, "interpolate", settings, f"interpolate-{a.label}-{b.label}-{pair_digest}") as folder:
+        result = interpolate.run(folder, a, b, changes, args.data_root, args.eval_batch, args.device)
+        print(f"models: α = 0 {a.describe()}, α = 1 {b.describe()}")
+        for path_name, curve in result["curves"].items():
+            losses = [v for v in curve["train_loss"] if v is not None]
+            at = {target: _nearest(curve["alpha"], target) for target in (0, 1)}
+            print(f"{path_name} path: train loss at α={curve['alpha'][at[0]]:.3g} {curve['train_loss'][at[0]]:.4g}, "
+                  f"at α={curve['alpha'][at[1]]:.3g} {curve['train_loss'][at[1]]:.4g}, largest {max(losses):.4g}")
+        print(f"figure: {folder.figures_dir / result['figures']['parametric']}")
+        _finish(folder)
     return 0
 
 

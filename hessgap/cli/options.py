@@ -52,6 +52,7 @@ def checked(convert: Callable[[str], object], check: Callable, expected: str):
 positive_int = checked(int, _checks.positive_int, "a positive integer")
 nonnegative_int = checked(int, _checks.nonnegative_int, "an integer >= 0")
 positive_float = checked(float, _checks.positive_number, "a positive number")
+seed = checked(int, _checks.seed, "an integer >= 0")
 
 
 def named(normalize: Callable[[str], str], choices: Sequence[str], what: str):
@@ -102,10 +103,11 @@ def csv(kind):
 def add_run_options(parser, default_out: str) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--out", type=Path, default=None,
-                       help=f"run folder; rerunning on the same folder resumes (default: {DEFAULT_ROOT}/{default_out})")
+                       help=f"run folder; rerunning on the same folder resumes; one process at a time "
+                            f"(default: {DEFAULT_ROOT}/{default_out})")
     group.add_argument("--device", default="auto",
                        help="where to compute: auto (CUDA when available), cpu, cuda, cuda:1 ... (default: auto)")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=seed, default=0,
                        help="random seed (initial weights, data order, random subspaces); default: 0")
     group.add_argument("--threads", type=positive_int, default=None,
                        help="CPU threads of torch; one thread is fastest for small networks and on shared "

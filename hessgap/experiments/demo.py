@@ -9,6 +9,7 @@ between them. Everything lands in a run folder with a report.md, and a rerun res
 from __future__ import annotations
 
 from .presets import Settings, preset
+from .spectrum import DISAGREEMENT, disagree
 
 
 def demo_settings(seed: int = 0, device: str = "auto", dataset: str = "digits") -> Settings:
@@ -47,12 +48,15 @@ def summary_lines(results: dict) -> list[str]:
         if s.get("distance_ratio"):
             lines.append(f"‖x_SB − x0‖ / ‖x_LB − x0‖ = {s['distance_ratio'][0]:.2f} (paper: 3 to 10)")
     sharp = results.get("sharpness")
+    sharpness_ratio = None  # LB / SB at the first ε, set against the eigenvalues' below
     if sharp and "tables" in sharp:
         full = sharp["tables"]["full"]
         for eps in sharp["epsilons"]:
             sb, lb = full["sb"].get(f"{eps:g}"), full["lb"].get(f"{eps:g}")
             if sb and lb:
                 ratio = f" (LB / SB = {lb[0] / sb[0]:.3g})" if sb[0] > 0 else ""
+                if sb[0] > 0 and sharpness_ratio is None:
+                    sharpness_ratio = lb[0] / sb[0]
                 lines.append(f"sharpness (full space, ε={eps:g}): SB {sb[0]:.4g}, LB {lb[0]:.4g}{ratio}")
     spec = results.get("spectrum")
     if spec and "models" in spec:
@@ -64,6 +68,8 @@ def summary_lines(results: dict) -> list[str]:
                              + trace)
         if spec.get("top_ratio_lb_sb") is not None:
             lines.append(f"largest eigenvalue LB / SB: {spec['top_ratio_lb_sb']:.3g}")
+            if disagree(sharpness_ratio, spec["top_ratio_lb_sb"]):
+                lines.append(DISAGREEMENT)
     for name, result in results.items():
         if isinstance(result, dict) and "error" in result:
             lines.append(f"{name}: failed: {result['error']}")

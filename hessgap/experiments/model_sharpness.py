@@ -9,33 +9,34 @@ from ..sharp import sharpness
 from . import _markdown as md
 from . import networks
 from .runs import RunFolder
-from .saved import load, model_file, settings_for
+from .saved import SavedModel, settings_for
 
 NAME = "model_sharpness"
 
 
-def run(folder: RunFolder, path, epsilons, subspace_dim=None, solver="auto", seed=0, data_root=None,
+def run(folder: RunFolder, saved: SavedModel, epsilons, subspace_dim=None, solver="auto", seed=0, data_root=None,
         eval_batch=1024, max_batches=None, device="auto") -> dict:
-    """Metric 2.1 of a saved network at each ε, full space (and a random subspace when ``subspace_dim``)."""
+    """Metric 2.1 of a saved network (:func:`.saved.load`) at each ε, full space (and a random subspace when
+    ``subspace_dim``)."""
     stored = folder.load_result(NAME)
     if stored is not None:
         return stored
-    result = load(path, device)
-    settings = settings_for(result, data_root, eval_batch, max_batches, device)
+    settings = settings_for(saved.result, data_root, eval_batch, max_batches, device)
     loader = networks.analysis_loader(settings)
     parts = folder.parts(NAME)
     measurements = []
     for dim in [None] + ([subspace_dim] if subspace_dim else []):
         for eps in epsilons:
             key = f"{'full' if dim is None else f'sub{dim}'}/eps{eps:g}"
-            measure = partial(_measure, folder, key, result.model, loader, eps, dim, solver, seed)
+            measure = partial(_measure, folder, key, saved.result.model, loader, eps, dim, solver, seed)
             entry = dict(parts.compute(key, measure))
             entry["space"] = "full" if dim is None else f"{dim}-dim subspace"
             entry["epsilon"] = eps
             measurements.append(entry)
     out = {
         "experiment": NAME,
-        "model": str(model_file(path)),
+        "model": str(saved.file),
+        "model_sha256": saved.sha256,
         "data": f"training set of {settings.dataset} ({len(loader.dataset)} samples)",
         "measurements": measurements,
     }
@@ -57,7 +58,7 @@ def render(r: dict) -> str:
              m.get("solver", "–"), md.fmt(m.get("seconds"), 3)] for m in r["measurements"]]
     return "\n".join([
         f"## Sharpness of {r['model']}",
-        f"Data: {r.get('data', '–')}.",
+        f"Model file sha256: {r.get('model_sha256', '–')}. Data: {r.get('data', '–')}.",
         "",
         md.table(["space", "ε", "sharpness", "f(x)", "max f", "solver", "seconds"], rows),
     ])

@@ -9,22 +9,23 @@ from ..spectrum import density, eigenvalues, trace
 from . import _markdown as md
 from . import networks
 from .runs import RunFolder
-from .saved import load, model_file, settings_for
+from .saved import SavedModel, settings_for
 
 NAME = "model_spectrum"
 
 
-def run(folder: RunFolder, path, k=10, with_trace=False, with_density=False, probes=64, seed=0,
+def run(folder: RunFolder, saved: SavedModel, k=10, with_trace=False, with_density=False, probes=64, seed=0,
         data_root=None, eval_batch=1024, max_batches=None, device="auto") -> dict:
-    """Top-k Hessian eigenvalues of a saved network; optionally its trace and spectral density."""
+    """Top-k Hessian eigenvalues of a saved network (:func:`.saved.load`); optionally its trace and spectral
+    density."""
     stored = folder.load_result(NAME)
     if stored is not None:
         return stored
-    result = load(path, device)
+    result = saved.result
     settings = settings_for(result, data_root, eval_batch, max_batches, device)
     loader = networks.analysis_loader(settings)
     parts = folder.parts(NAME)
-    out = {"experiment": NAME, "model": str(model_file(path)),
+    out = {"experiment": NAME, "model": str(saved.file), "model_sha256": saved.sha256,
            "data": f"training set of {settings.dataset} ({len(loader.dataset)} samples)", "figures": {}}
     eig = parts.compute(f"eigenvalues/k{k}", partial(_eigen, result.model, loader, k, seed, folder.progress))
     out["eigenvalues"] = eig["eigenvalues"]
@@ -60,7 +61,8 @@ def _density(model, loader, seed, progress, png) -> dict:
 # --- its report section ------------------------------------------------------------------------------
 
 def render(r: dict) -> str:
-    out = [f"## Hessian spectrum of {r['model']}", f"Data: {r.get('data', '–')}.", ""]
+    out = [f"## Hessian spectrum of {r['model']}",
+           f"Model file sha256: {r.get('model_sha256', '–')}. Data: {r.get('data', '–')}.", ""]
     if r.get("eigenvalues") is not None:
         out.append(f"Top {len(r['eigenvalues'])} eigenvalues: " + ", ".join(f"{v:.5g}" for v in r["eigenvalues"]))
     if r.get("trace") is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..train import loop
 from ..train.config import TrainConfig
+from ..train.data import Dataset
 from . import _figures as draw
 from . import _markdown as md
 from .runs import RunFolder
@@ -13,10 +14,11 @@ from .saved import MODEL_FILE
 NAME = "train"
 
 
-def run(folder: RunFolder, config: TrainConfig) -> dict:
-    """Train ``config`` into the run folder (checkpoints there; resumes), save ``model.pt``, write the result."""
+def run(folder: RunFolder, config: TrainConfig, data: Dataset | None = None) -> dict:
+    """Train ``config`` into the run folder (checkpoints there; resumes), save ``model.pt``, write the result.
+    ``data``: the configuration's data set, when the caller loaded it already."""
     folder.log(f"training {config.model} on {config.dataset}, batch {config.batch_size}, seed {config.seed}")
-    result = loop.train(config, out_dir=folder.path, progress=folder.progress)
+    result = loop.train(config, out_dir=folder.path, dataset=data, progress=folder.progress)
     result.save(folder.path / MODEL_FILE)
     summary = result.to_dict()
     out = {

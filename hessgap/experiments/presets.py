@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 from .. import _checks
@@ -69,6 +70,10 @@ class Settings:
         self.alpha_range = tuple(float(a) for a in self.alpha_range)
         for name in ("paths", "sweep_batches", "remedies", "experiments"):
             setattr(self, name, tuple(getattr(self, name)))
+        for name in ("seed", "data_seed"):  # numpy's integers as Python ints (JSON, range and the checks take those)
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
         self.validate()
 
     def validate(self) -> None:
@@ -78,6 +83,8 @@ class Settings:
             _checks.positive_int(getattr(self, name), name, allow_none=True)
         for name in ("width", "depth", "lr"):
             _checks.positive_number(getattr(self, name), name)
+        _checks.seed(self.seed, "seed")
+        _checks.seed(self.data_seed, "data_seed")
         if not self.epsilons or any(e <= 0 for e in self.epsilons):
             raise HessgapError(f"every sharpness epsilon must be > 0, got {self.epsilons}")
         _checks.in_unit_interval(self.lb_fraction, "lb_fraction", closed_low=False, closed_high=True)

@@ -10,7 +10,9 @@ Layout of a folder written by any ``hessgap`` command::
     <out>/models/<tag>/        one training run each (per-epoch checkpoints, history.json)
 
 Every file is written through :mod:`hessgap._io` (a temporary file first, renamed into place), so an
-interrupted run never leaves a half-written result behind.
+interrupted run never leaves a half-written result behind. An open folder is locked
+(:class:`hessgap._io.FolderLock`, ``<out>/.hessgap.lock``) until :meth:`RunFolder.close` or the process
+ends: a second process on the same folder is refused at once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._io import dumps, jsonable, read_json, write_json
+from .._io import FolderLock, append_text, dumps, jsonable, read_json, write_json
 from .._version import __version__
 from ..errors import HessgapError
 
@@ -34,9 +36,29 @@ def digest(data: dict, length: int = 8) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+#: settings that name what was measured (the sha256 of the model files) rather than how
+_IDENTITY_KEYS = ("model_sha256",)
+
+
+def _short(value):
+    """Digests cut to 12 characters for a message (also inside a list)."""
+    if isinstance(value, list):
+        return [_short(v) for v in value]
+    return value[:12] if isinstance(value, str) else value
+
+
+def _difference(key: str, stored, current) -> str:
+    if key not in _IDENTITY_KEYS:
+        return f"{key}: {stored!r} in the folder, {current!r} now"
+    if stored is None:
+        return f"{key}: the folder does not record which model file it measured (written by an older hessgap)"
+    return (f"{key}: the saved model changed since this folder measured it (sha256 {_short(stored)} then, "
+            f"{_short(current)} now): it was trained further or replaced")
+
+
 def _differences(stored: dict, current: dict) -> list[str]:
     keys = sorted(set(stored) | set(current))
-    return [f"{k}: {stored.get(k)!r} in the folder, {current.get(k)!r} now" for k in keys if stored.get(k) != current.get(k)]
+    return [_difference(k, stored.get(k), current.get(k)) for k in keys if stored.get(k) != current.get(k)]
 
 
 class RunFolder:
@@ -49,6 +71,7 @@ class RunFolder:
         self.progress = progress
         self._log = log
         self.memory: dict = {}  # objects this command already loaded (trained networks), by name
+        self._lock = FolderLock(self.path)
 
     # -- layout --------------------------------------------------------------------------------
     @property
@@ -72,11 +95,30 @@ class RunFolder:
 
     # -- configuration -------------------------------------------------------------------------
     def open(self, ignore: tuple[str, ...] = ("device", "experiments")) -> RunFolder:
-        """Create the folder, or check that an existing one was made by the same command and settings.
+        """Lock the folder (creating it), and check that an existing one was made by the same command and
+        settings; usable as ``with RunFolder(...).open() as folder:``, which closes it.
 
         Keys in ``ignore`` (where the run executes, which experiments run this time) may change
         between calls; anything else that differs would mix results of two configurations.
         """
+        self._lock.acquire()  # before reading config.json: another process may be writing it
+        try:
+            return self._check_and_record(ignore)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give up the folder's lock (the process's end does too)."""
+        self._lock.release()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_and_record(self, ignore: tuple[str, ...]) -> RunFolder:
         config_path = self.path / "config.json"
         if config_path.exists():
             stored = read_json(config_path)
@@ -93,7 +135,6 @@ class RunFolder:
                     f"{self.path} holds results of different settings ({'; '.join(diff)}); rerun with the "
                     "same settings to resume, or choose another --out folder to start a new run"
                 )
-        self.path.mkdir(parents=True, exist_ok=True)
         import torch  # here, not at the top: the command line reads the registry and presets without torch
 
         write_json(
@@ -141,10 +182,8 @@ class RunFolder:
     def log(self, message: str) -> None:
         if self._log is not None:
             self._log(message)
-        self.path.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
-        with open(self.path / "run.log", "a", encoding="utf-8") as handle:
-            handle.write(f"{stamp} {message}\n")
+        append_text(self.path / "run.log", f"{stamp} {message}\n")
 
 
 class Parts:

@@ -22,6 +22,21 @@ from .runs import RunFolder
 
 NAME = "spectrum"
 
+#: Why Metric 2.1 and the Hessian at the point may rank SB and LB in opposite orders; said where they do.
+DISAGREEMENT = (
+    "Sharpness and λ_max disagree, as they can: Metric 2.1 is the worst loss rise over a box of ℓ2 radius about "
+    "ε·√n, far outside the quadratic region where the Hessian describes the loss;\n"
+    "near zero training loss the cross-entropy Hessian shrinks with p(1−p) while the loss a finite step away still "
+    "rises steeply, and BatchNorm's scale symmetry makes weight-space sizes arbitrary."
+)
+
+
+def disagree(sharpness_ratio: float | None, eigenvalue_ratio: float | None) -> bool:
+    """Whether LB / SB of Metric 2.1 and LB / SB of the top eigenvalue lie on opposite sides of 1."""
+    if sharpness_ratio is None or eigenvalue_ratio is None:
+        return False
+    return (sharpness_ratio - 1.0) * (eigenvalue_ratio - 1.0) < 0
+
 
 def eigenvalues(model, settings: Settings, k: int) -> dict:
     """Top-k eigenvalues of the training-loss Hessian of ``model`` over the analysis data."""
@@ -95,6 +110,9 @@ def render(r: dict) -> str:
         else:
             rows.append([regime.upper(), f"diverged at epoch {m.get('diverged')}", "–", "–", "–", "–"])
     ratio = r.get("top_ratio_lb_sb")
+    sharp = {regime: m.get("sharpness") for regime, m in r["models"].items()}
+    sharp_ratio = sharp["lb"] / sharp["sb"] if sharp.get("lb") is not None and sharp.get("sb") else None
+    note = ["", DISAGREEMENT.replace("\n", " ")] if disagree(sharp_ratio, ratio) else []
     return "\n".join([
         "## 8. Top Hessian eigenvalues beside sharpness",
         f"Top {r['k']} eigenvalues of the training-loss Hessian (Lanczos) and Metric 2.1 (full space, ε={r['epsilon']:g}).",
@@ -102,6 +120,7 @@ def render(r: dict) -> str:
         md.table(["", "top eigenvalues", "trace (Hutchinson)", f"sharpness ε={r['epsilon']:g}", "f(x)", "HVPs (Lanczos)"], rows),
         "",
         f"λ_max(LB) / λ_max(SB) = {md.fmt(ratio, 3)}. Paper: {r.get('paper', '')}",
+        *note,
         "",
         md.figure(r, "spectrum", "top eigenvalues"),
     ])

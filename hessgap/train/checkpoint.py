@@ -44,21 +44,48 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     save_torch(path, payload)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; a damaged file raises an error naming it."""
+#: what rebuilding the trained network needs: in every checkpoint and in a model.pt of TrainResult.save
+RESULT_ENTRIES = ("model", "x0", "config", "input_shape", "num_classes")
+#: what resuming a run from its latest checkpoint needs besides
+RESUME_ENTRIES = (*RESULT_ENTRIES, "epoch", "optimizer", "rng", "history", "best_loss", "bad_epochs", "stopped_early")
+_RNG_ENTRIES = ("torch", "augment")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu",
+                    needs: tuple[str, ...] = ("model",)) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; a damaged file, or one without the entries
+    in ``needs`` (:data:`RESULT_ENTRIES`, :data:`RESUME_ENTRIES`), raises an error naming it and the fix."""
     path = Path(path)
     if not path.is_file():
         raise HessgapError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many kinds on truncated or foreign files
-        raise HessgapError(
-            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}). The other checkpoints "
-            f"and history.json are untouched: delete this file to resume from the previous epoch."
-        ) from exc
+        raise HessgapError(f"{path} is corrupt or unreadable ({one_line(exc)}); {repair_hint(path)}") from exc
     if not isinstance(payload, dict) or "model" not in payload:
         raise HessgapError(f"checkpoint {path} is not a hessgap training checkpoint (no model state in it)")
+    missing = [key for key in needs if key not in payload]
+    if "rng" in needs and isinstance(payload.get("rng"), dict):
+        missing += [f"rng[{key!r}]" for key in _RNG_ENTRIES if key not in payload["rng"]]
+    if missing:
+        raise HessgapError(f"{path} lacks {', '.join(missing)}: it is incomplete (written by another program or "
+                           f"version of hessgap, or edited); {repair_hint(path)}")
     return payload
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (torch's load_state_dict errors span several; the command line prints one)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def repair_hint(path: str | Path) -> str:
+    """What to do about a damaged or incomplete file: a run's checkpoint, or a ``model.pt`` saved from one."""
+    path = Path(path)
+    if path.parent.name == CHECKPOINT_DIR:
+        return ("delete this file to resume from the previous epoch's checkpoint, or use a new folder "
+                "(the other checkpoints and history.json are untouched)")
+    return ("rerun the `hessgap train` command that wrote it (it writes model.pt again from the run's checkpoints), "
+            "or give the run's folder or one of its checkpoints instead")
 
 
 def load_epoch_state(out_dir: str | Path, epoch: int, map_location: str | torch.device | None = "cpu") -> dict:

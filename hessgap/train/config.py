@@ -5,6 +5,7 @@ may change when a run is resumed; and how its device and batch size are resolved
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,8 @@ class TrainConfig:
         else:
             _checks.positive_int(self.batch_size, "batch_size")
         _checks.positive_int(self.epochs, "epochs")
+        self.seed = _checks.seed(_plain_int(self.seed), "seed")
+        self.data_seed = _checks.seed(_plain_int(self.data_seed), "data_seed")
         _checks.positive_int(self.patience, "patience", allow_none=True)
         _checks.positive_int(self.eval_batch_size, "eval_batch_size")
         _checks.positive_int(self.sharpness_batches, "sharpness_batches", allow_none=True)
@@ -122,6 +125,11 @@ class TrainConfig:
             BatchSchedule.from_value(self.batch_schedule)
         resolve_device(self.device)
         return self
+
+
+def _plain_int(value):
+    """numpy's integers as Python ints (the checks, torch's seeding and JSON take those); other values as they are."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

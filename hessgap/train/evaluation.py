@@ -15,7 +15,8 @@ def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float, float]:
     The loss is the mean over every unit of the loader, as :class:`~hessgap.curvature.objective.LossOverData`
     weighs batches; the accuracy counts class predictions of (inputs, class index) batches. A non-finite loss
     is returned as it is (NaN or inf), not raised: the training loop decides what a diverged run does. The
-    model's train/eval modes (every module's own) and buffers are restored.
+    model's train/eval modes (every module's own) and buffers are restored, also on error (a caller may
+    keep one submodule in eval mode inside a model in train mode).
     """
     objective = LossOverData(model, loader, loss_fn=loss_fn)
     total = torch.zeros((), dtype=torch.float64, device=objective.device)

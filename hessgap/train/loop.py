@@ -5,7 +5,8 @@ records train/test loss and accuracy (eval mode, over the whole split), the dist
 starting point, the batch size, the learning rate and the time, and what its epoch callbacks measure
 (the sharpness, Metric 2.1, with ``TrainConfig.sharpness_every``: :mod:`hessgap.train.sharpness_log`).
 With ``out_dir`` every epoch is checkpointed (see :mod:`hessgap.train.checkpoint`) and rerunning on the
-same folder resumes bit-exactly where it stopped; a finished run returns at once.
+same folder resumes bit-exactly where it stopped; a finished run returns at once. The folder is locked
+while the run trains (:class:`hessgap._io.FolderLock`): a second process training into it is refused.
 
 Epoch callbacks, in the order the loop calls them after an epoch's evaluation:
 
@@ -24,6 +25,7 @@ them on does not change the trajectory. The caller's global RNG state is left as
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -35,14 +37,17 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
-from .._io import read_json, write_json
+from .._io import FolderLock, read_json, write_json
 from ..errors import HessgapError
 from .checkpoint import (
     CHECKPOINT_DIR,
     HISTORY_FILE,
+    RESUME_ENTRIES,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
+    one_line,
+    repair_hint,
     save_checkpoint,
 )
 from .config import TrainConfig, check_same_run, resolve_batch_size, resolve_device
@@ -105,6 +110,21 @@ def train(
             f"the configuration names data set {config.dataset!r} but the Dataset passed is {dataset.name!r}; "
             f"set TrainConfig.dataset={dataset.name!r} so that the run records what it trained on"
         )
+    batch_size, schedule = batch_plan(config, dataset)
+    data = dataset.to(device) if device.type != "cpu" else dataset
+
+    measurements = [SharpnessLog.from_config(config, data.train, device)]
+    devices = [device] if device.type == "cuda" else []
+    # one process per run folder: two trainings into one folder would interleave their checkpoints
+    lock = FolderLock(folder) if folder is not None else contextlib.nullcontext()
+    with lock, torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
+        run = _Run(config, device, folder, dataset, data, batch_size, schedule, init_state)
+        return run.run(progress, measurements, epoch_callback)
+
+
+def batch_plan(config: TrainConfig, dataset: Dataset) -> tuple[int, BatchSchedule | None]:
+    """(first batch size, dynamic sampling's schedule or None) of ``config`` on ``dataset``; a batch larger
+    than the training set raises (callers check this before making a run folder)."""
     batch_size = resolve_batch_size(config.batch_size, dataset.num_train)
     schedule = None
     if config.remedy == "dynamic":
@@ -117,13 +137,7 @@ def train(
             f"batch size {largest} is larger than the training set of {dataset.name} ({dataset.num_train} samples); "
             f"use at most {dataset.num_train} (the paper's large batch, 10%, is {large_batch_size(dataset)})"
         )
-    data = dataset.to(device) if device.type != "cpu" else dataset
-
-    measurements = [SharpnessLog.from_config(config, data.train, device)]
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
-        run = _Run(config, device, folder, dataset, data, batch_size, schedule, init_state)
-        return run.run(progress, measurements, epoch_callback)
+    return batch_size, schedule
 
 
 class _Run:
@@ -200,16 +214,20 @@ class _Run:
             self.write_history()
             return True
         last_epoch, last_path = next(reversed(available.items()))
-        state = load_checkpoint(last_path, map_location="cpu")  # RNG states must stay on the CPU
+        state = load_checkpoint(last_path, map_location="cpu", needs=RESUME_ENTRIES)  # RNG states stay on the CPU
         check_same_run(state["config"], self.config, self.folder)
         if self.warm_started and not torch.equal(self.x0.cpu(), state["x0"]):
             raise HessgapError(
                 f"{self.folder} holds a run warm-started from other weights than the init_state given; "
                 "use a new output folder for a new warm start"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], self.device, self.augment_generator)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"], self.device, self.augment_generator)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise HessgapError(f"{last_path} does not fit the run it belongs to ({one_line(exc)}); "
+                               f"{repair_hint(last_path)}") from exc
         self.x0 = state["x0"].to(self.device)
         self.history = list(state["history"])
         self.best_loss, self.bad_epochs = state["best_loss"], state["bad_epochs"]

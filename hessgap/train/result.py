@@ -12,7 +12,15 @@ from torch import nn
 
 from .._io import jsonable, read_json
 from ..errors import HessgapError
-from .checkpoint import HISTORY_FILE, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    HISTORY_FILE,
+    RESULT_ENTRIES,
+    list_checkpoints,
+    load_checkpoint,
+    one_line,
+    repair_hint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .models import build_model, count_parameters
 
@@ -95,10 +103,10 @@ class TrainResult:
             path = available[max(available)]
             if (folder / HISTORY_FILE).is_file():
                 recorded = read_json(folder / HISTORY_FILE)
-        payload = load_checkpoint(path, map_location)
+        payload = load_checkpoint(path, map_location, needs=RESULT_ENTRIES)
         if recorded.get("diverged") is not None:
             payload["diverged"] = recorded["diverged"]
-            payload["history"] = list(payload["history"]) + [
+            payload["history"] = list(payload.get("history", [])) + [
                 h for h in recorded.get("history", []) if h["epoch"] > payload["epoch"]][:1]
             payload["out_dir"] = str(folder)
         try:
@@ -106,8 +114,11 @@ class TrainResult:
             model = build_model(config.model, payload["input_shape"], payload["num_classes"],
                                 config.width, config.depth, config.dropout)
             model.load_state_dict(payload["model"])
-        except (KeyError, RuntimeError) as exc:
-            raise HessgapError(f"{path} does not hold a complete hessgap training result: {exc}") from exc
+        except HessgapError:
+            raise
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise HessgapError(f"{path} does not hold a complete hessgap training result ({one_line(exc)}); "
+                               f"{repair_hint(path)}") from exc
         model.to(map_location).eval()
         return cls(model=model, x0=payload["x0"], history=list(payload.get("history", [])),
                    diverged=payload.get("diverged"), config=config, input_shape=tuple(payload["input_shape"]),

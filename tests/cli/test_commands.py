@@ -52,7 +52,7 @@ def test_sharpness_of_a_saved_model_matches_a_direct_call(trained_pair, tmp_path
     assert code == 0, err
     result = json.loads((tmp_path / "s" / "results" / "model_sharpness.json").read_text())
     assert [m["space"] for m in result["measurements"]] == ["full", "10-dim subspace"]
-    model = load(trained_pair / "lb" / "model.pt").model
+    model = load(trained_pair / "lb" / "model.pt").result.model
     loader = make_loader(load_dataset("digits").train, 1024, shuffle=False)
     direct = hessgap.sharpness(model, loader, epsilon=1e-3)
     assert result["measurements"][0]["value"] == pytest.approx(direct.value, rel=1e-6)
@@ -196,3 +196,134 @@ def test_sweep_and_warmstart_commands(tmp_path, capsys):
     assert [r["warm_epoch"] for r in result["rows"]] == [0, 2]
 
 
+
+
+def test_incomplete_checkpoint_is_named_with_its_fix(tmp_path, capsys):
+    import torch
+
+    argv = ["train", "--batch-size", 512, "--epochs", 1, "--out", tmp_path / "run", *TINY]
+    assert run_cli(capsys, *argv)[0] == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch_0001.pt"
+    payload = torch.load(checkpoint, weights_only=False)
+    del payload["optimizer"], payload["x0"]
+    torch.save(payload, checkpoint)
+    code, out, err = run_cli(capsys, "sharpness", checkpoint, "--out", tmp_path / "s", "--quiet")
+    assert code == 1 and "epoch_0001.pt lacks x0" in err and "delete this file" in err and "Traceback" not in err
+    argv[argv.index("--epochs") + 1] = 2
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and "epoch_0001.pt lacks x0, optimizer" in err and "Traceback" not in err
+
+
+# -- a run folder answers for the model it measured ---------------------------------------------------
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _value(out):
+    return float(out.split("sharpness (full, ε=0.001): ")[1].split()[0])
+
+
+def test_a_model_trained_further_is_measured_afresh(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    measure = ["sharpness", "run", "--epsilon", "1e-3", "--quiet", "--threads", 1]
+    train_argv = ["train", "--batch-size", 64, "--epochs", 1, "--out", "run", *TINY]
+    assert run_cli(capsys, *train_argv)[0] == 0
+    first_sha = _sha256(tmp_path / "run" / "model.pt")
+    code, out, err = run_cli(capsys, *measure)
+    assert code == 0, err
+    first = _value(out)
+
+    train_argv[train_argv.index("--epochs") + 1] = 3  # train the same run further
+    assert run_cli(capsys, *train_argv)[0] == 0
+    sha = _sha256(tmp_path / "run" / "model.pt")
+    code, out, err = run_cli(capsys, *measure)
+    assert code == 0, err
+    again = _value(out)
+    code, out, err = run_cli(capsys, *measure, "--out", "fresh")
+    assert again == _value(out) != first  # the retrained model's number, as a fresh folder gives it
+
+    first_folder = tmp_path / "hessgap-runs" / f"sharpness-run-{first_sha[:8]}"
+    assert sorted(p.name for p in (tmp_path / "hessgap-runs").iterdir()) == sorted(
+        [first_folder.name, f"sharpness-run-{sha[:8]}"])
+    result = json.loads((first_folder / "results" / "model_sharpness.json").read_text())
+    assert result["model_sha256"] == first_sha and result["model"].endswith("model.pt")
+    assert first_sha in (first_folder / "report.md").read_text()
+    code, out, err = run_cli(capsys, *measure, "--out", first_folder)
+    assert code == 1 and "holds results of different settings" in err and "Traceback" not in err
+    assert (f"model_sha256: the saved model changed since this folder measured it (sha256 {first_sha[:12]} then, "
+            f"{sha[:12]} now): it was trained further or replaced") in err
+
+
+def test_spectrum_and_interpolate_follow_their_models_too(tmp_path, capsys):
+    for name, batch in (("a", 64), ("b", 512)):
+        assert main(["train", "--batch-size", str(batch), "--epochs", "1", "--out", str(tmp_path / name), *TINY]) == 0
+    spectrum = ["spectrum", tmp_path / "a", "--k", 1, "--out", tmp_path / "e", "--quiet", "--threads", 1]
+    between = ["interpolate", tmp_path / "a", tmp_path / "b", "--points", 3, "--out", tmp_path / "i", "--quiet",
+               "--threads", 1]
+    assert run_cli(capsys, *spectrum)[0] == 0 and run_cli(capsys, *between)[0] == 0
+    sha = _sha256(tmp_path / "a" / "model.pt")
+    assert json.loads((tmp_path / "e" / "results" / "model_spectrum.json").read_text())["model_sha256"] == sha
+    models = json.loads((tmp_path / "i" / "results" / "parametric.json").read_text())["models"]
+    assert models["sb"].endswith(f"model.pt (sha256 {sha[:12]})")
+    assert main(["train", "--batch-size", "64", "--epochs", "2", "--out", str(tmp_path / "a"), *TINY]) == 0
+    for argv in (spectrum, between):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 1 and "holds results of different settings" in err and "model_sha256" in err, argv
+
+
+# -- default folders, and none left behind by a failing command --------------------------------------
+
+def test_default_folders_of_model_files_are_named_after_them(trained_pair, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(trained_pair / "sb" / "model.pt", tmp_path / "model.pt")
+    shutil.copy(trained_pair / "sb" / "model.pt", tmp_path / "final weights.pt")
+    checkpoint = trained_pair / "sb" / "checkpoints" / "epoch_0002.pt"
+    for given, label in (("model.pt", tmp_path.name), ("final weights.pt", "final weights"),
+                         (checkpoint, "sb-epoch_0002")):
+        code, out, err = run_cli(capsys, "sharpness", given, "--epsilon", "1e-3", "--quiet", "--threads", 1)
+        assert code == 0, err
+        sha = _sha256(tmp_path / given if isinstance(given, str) else given)
+        assert (tmp_path / "hessgap-runs" / f"sharpness-{label}-{sha[:8]}" / "report.md").is_file()
+    assert len(list((tmp_path / "hessgap-runs").iterdir())) == 3
+
+
+def test_a_command_that_fails_on_its_inputs_leaves_no_folder(trained_pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    code, out, err = run_cli(capsys, "sharpness", "bad.pt", "--quiet")
+    assert code == 1 and "bad.pt is corrupt" in err and "rerun the `hessgap train` command that wrote it" in err
+    assert "previous epoch" not in err  # not a run's checkpoint: deleting it resumes nothing
+    other = tmp_path / "other"
+    assert main(["train", "--width", "0.03", "--epochs", "1", "--batch-size", "512", "--out", str(other),
+                 "--quiet", "--threads", "1", "--device", "cpu"]) == 0
+    code, out, err = run_cli(capsys, "interpolate", trained_pair / "sb", other, "--quiet")
+    assert code == 1 and "the two models differ" in err
+    code, out, err = run_cli(capsys, "train", "--batch-size", 5000, *TINY)
+    assert code == 1 and "larger than the training set" in err
+    (tmp_path / "mnist").mkdir()
+    code, out, err = run_cli(capsys, "train", "--dataset", "mnist", "--data-root", tmp_path / "mnist", *TINY)
+    assert code == 1 and "train-images-idx3-ubyte" in err
+    assert not (tmp_path / "hessgap-runs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "mnist", "other"]
+
+
+# -- one process per run folder ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["demo", "reproduce", "train", "sharpness", "spectrum", "interpolate", "sweep",
+                                     "warmstart"])
+def test_a_folder_in_use_by_another_process_is_refused_at_once(command, trained_pair, tmp_path, capsys):
+    from lock_holder import other_process_holding
+
+    inputs = {"sharpness": [trained_pair / "sb"], "spectrum": [trained_pair / "sb"],
+              "interpolate": [trained_pair / "sb", trained_pair / "lb"]}.get(command, [])
+    with other_process_holding(tmp_path / "run") as holder:
+        code, out, err = run_cli(capsys, command, *inputs, "--out", tmp_path / "run", "--quiet", "--device", "cpu")
+    assert code == 1 and "Traceback" not in err
+    assert f"run folder {tmp_path / 'run'} is in use by another hessgap process (pid {holder.pid})" in err
+    assert "choose another --out" in err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".hessgap.lock"]  # nothing written

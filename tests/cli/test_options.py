@@ -76,3 +76,12 @@ def test_number_types_check_with_hessgaps_checks(kind, text, value, message):
     else:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             kind(text)
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "reproduce", "sharpness"])
+def test_negative_seed_is_refused(command, capsys):
+    argv = [command] + (["model.pt"] if command == "sharpness" else []) + ["--seed", "-1"]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert "--seed: expected an integer >= 0, got -1" in capsys.readouterr().err

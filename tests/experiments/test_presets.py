@@ -23,3 +23,9 @@ def test_settings_validation_and_epoch_budget():
     assert preset("quick").dataset == "digits" and preset("paper", model="C1").dataset == "cifar10"
     with pytest.raises(HessgapError, match="quick, paper"):
         preset("fast")
+
+
+@pytest.mark.parametrize("name, value", [("seed", 1.5), ("seed", -2), ("data_seed", "a")])
+def test_settings_seeds_must_be_integers(name, value):
+    with pytest.raises(HessgapError, match=f"{name} must be an integer ≥ 0"):
+        tiny_settings(**{name: value})

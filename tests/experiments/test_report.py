@@ -117,6 +117,16 @@ def test_parametric_spectrum_and_remedies_sections(tmp_path):
     assert "82.5" in text and "231.8" in text and "batch 16 grown ×1.5" in text
 
 
+@pytest.mark.parametrize("lb_top, explained", [(0.5, True), (4.0, False)])
+def test_spectrum_section_explains_a_disagreement_with_sharpness(tmp_path, lb_top, explained):
+    folder = RunFolder(tmp_path, "reproduce", _settings()).open()
+    folder.save_result("spectrum", {"experiment": "spectrum", "epsilon": 1e-3, "k": 1, "top_ratio_lb_sb": lb_top,
+                                    "models": {"sb": {"eigenvalues": [1.0], "sharpness": 2.0, "loss": 0.01},
+                                               "lb": {"eigenvalues": [lb_top], "sharpness": 50.0, "loss": 0.02}}})
+    text = render(tmp_path)
+    assert (" ".join(spectrum.DISAGREEMENT.split()) in " ".join(text.split())) is explained
+
+
 def test_figures_are_png_files(tmp_path):
     gap_result = _gap_result()
     sharp = _sharpness_result()

@@ -41,3 +41,23 @@ def test_config_round_trip_and_bad_options(digits):
     with pytest.raises(HessgapError, match="names data set 'mnist1d' but the Dataset passed is 'digits'"):
         train(tiny(dataset="MNIST-1D"), dataset=digits, progress=False)
     assert train(tiny(model="f1", dataset="Digits", epochs=1), dataset=digits, progress=False).config.model == "F1"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(seed="a"), "seed must be an integer ≥ 0, got 'a'"),
+    (dict(seed=1.5), "seed must be an integer ≥ 0, got 1.5"),
+    (dict(seed=-1), "seed must be an integer ≥ 0, got -1"),
+    (dict(seed=True), "seed must be an integer ≥ 0, got True"),
+    (dict(data_seed=1.5), "data_seed must be an integer ≥ 0, got 1.5"),
+    (dict(data_seed="0"), "data_seed must be an integer ≥ 0, got '0'"),
+])
+def test_seeds_must_be_integers(digits, options, message):
+    with pytest.raises(HessgapError, match=message):
+        train(tiny(**options), dataset=digits, progress=False)
+
+
+def test_numpy_integer_seeds_are_plain_integers(digits):
+    import numpy as np
+
+    config = tiny(seed=np.int64(3), data_seed=np.int32(0)).validate()
+    assert type(config.seed) is int and type(config.data_seed) is int and config.seed == 3

@@ -103,6 +103,35 @@ def test_idx_reader_checks_the_header(tmp_path):
         read_idx(truncated)
 
 
+@pytest.mark.parametrize("name, shape", [
+    ("train-images-idx3-ubyte", (0, 28, 28)),  # no images at all
+    ("t10k-images-idx3-ubyte", (6, 0, 28)),  # images of no pixels
+])
+def test_mnist_file_without_data_is_named_at_load_time(tmp_path, name, shape):
+    write_mnist(tmp_path)
+    write_idx(tmp_path / name, np.zeros(shape))
+    if shape[0] == 0:
+        write_idx(tmp_path / name.replace("images-idx3", "labels-idx1"), np.zeros(0))
+    with pytest.raises(HessgapError, match=f"{name} holds no images .*{shape}"):
+        load_dataset("mnist", root=tmp_path)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_truncated_or_oversized_file_is_named(tmp_path, compress):
+    write_mnist(tmp_path, compress=compress)
+    name = "train-images-idx3-ubyte" + (".gz" if compress else "")
+    full = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(full[: len(full) // 2])
+    with pytest.raises(HessgapError, match=f"{name}"):
+        load_dataset("mnist", root=tmp_path)
+    write_mnist(tmp_path)  # header sizes that disagree with the data: 12 images promised, 13 present
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes() + b"\x03")
+    with pytest.raises(HessgapError, match="train-labels-idx1-ubyte: the header promises \\(12,\\) = 12 bytes of data "
+                                           "but the file holds 13.*1 byte more"):
+        load_dataset("mnist", root=tmp_path)
+
+
 def test_mnist_missing_files_are_listed(tmp_path):
     with pytest.raises(HessgapError, match="does not exist.*train-images-idx3-ubyte"):
         load_dataset("mnist", root=tmp_path / "nowhere")
@@ -140,6 +169,12 @@ def test_cifar_reads_pickles(tmp_path, name, subdir):
     np.testing.assert_allclose(data.test.tensors[0].numpy(), ref_test, rtol=1e-5, atol=1e-5)
     assert data.train.tensors[1].tolist() == sum((written[f][key] for f in train_files), [])
     assert data.test.tensors[1].tolist() == sum((written[f][key] for f in test_files), [])
+
+
+def test_cifar_files_without_images_are_named(tmp_path):
+    write_cifar(tmp_path, "cifar100", per_file=0)
+    with pytest.raises(HessgapError, match="CIFAR100 train files in .* \\(train\\) hold no images"):
+        load_dataset("cifar100", root=tmp_path)
 
 
 def test_cifar_missing_and_damaged_files(tmp_path):

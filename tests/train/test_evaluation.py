@@ -21,3 +21,19 @@ def test_evaluate_matches_a_direct_computation(digits):
     assert loss == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-5)
     assert acc == pytest.approx(float((out.argmax(1) == y).double().mean()))
     assert model.training  # mode restored
+
+
+def test_evaluate_restores_every_modules_own_mode_also_on_error(digits):
+    model = build_model("C1", (1, 8, 8), 10, width=0.1).train()
+    frozen = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)][0]
+    frozen.eval()  # a submodule the caller keeps in eval mode inside a model in train mode
+    before = [m.training for m in model.modules()]
+    evaluate(model, make_loader(digits.test, 97, shuffle=False))
+    assert [m.training for m in model.modules()] == before
+
+    def broken_loss(outputs, targets):
+        raise RuntimeError("loss failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        evaluate(model, make_loader(digits.test, 97, shuffle=False), loss_fn=broken_loss)
+    assert [m.training for m in model.modules()] == before

@@ -165,3 +165,13 @@ def test_training_on_cuda_resumes_and_matches_the_cpu_run_closely(digits, tmp_pa
     assert gpu.final["train_acc"] == pytest.approx(cpu.final["train_acc"], abs=0.05)
     loaded = TrainResult.load(tmp_path, map_location="cuda")
     assert next(loaded.model.parameters()).is_cuda
+
+
+def test_two_trainings_never_share_a_folder(digits, tmp_path):
+    from lock_holder import other_process_holding
+
+    with other_process_holding(tmp_path) as holder:
+        with pytest.raises(HessgapError, match=rf"in use by another hessgap process \(pid {holder.pid}\)"):
+            train(tiny(epochs=1), out_dir=tmp_path, dataset=digits, progress=False)
+        assert not (tmp_path / "checkpoints").exists()
+    assert len(train(tiny(epochs=1), out_dir=tmp_path, dataset=digits, progress=False).history) == 1

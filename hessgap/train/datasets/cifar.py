@@ -73,6 +73,12 @@ def load_cifar(name: str, root: str | Path) -> tuple[np.ndarray, np.ndarray, np.
         out.append(np.concatenate([d for d, _ in parts[split]]))
         out.append(np.concatenate([y for _, y in parts[split]]))
     x_train, y_train, x_test, y_test = out
+    for split, images in (("train", x_train), ("test", x_test)):
+        if len(images) == 0:  # valid but empty pickles would only fail deep in training
+            raise HessgapError(
+                f"the {name.upper()} {split} files in {directory} ({', '.join(layout[split])}) hold no images; "
+                "replace them with the files of the official 'python version' archive"
+            )
     for split, labels in (("train", y_train), ("test", y_test)):
         if labels.size and (labels.min() < 0 or labels.max() >= layout["classes"]):
             raise HessgapError(

@@ -43,10 +43,14 @@ def read_idx(path: Path) -> np.ndarray:
         raise HessgapError(f"{path}: truncated IDX header")
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape))
-    if len(raw) - header != expected:
+    held = len(raw) - header
+    if held != expected:
+        what = ("it is truncated (cut off while copied or downloaded)" if held < expected
+                else f"it holds {held - expected} byte{'s' if held - expected > 1 else ''} more than its header says: "
+                     "the header or the data is corrupt")
         raise HessgapError(
-            f"{path}: the header promises {shape} = {expected} bytes of data but the file holds {len(raw) - header}; "
-            "the file is truncated or corrupt"
+            f"{path}: the header promises {shape} = {expected} bytes of data but the file holds {held}; {what}. "
+            "Replace it with the original MNIST file"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
@@ -76,6 +80,11 @@ def load_mnist(root: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     arrays = {key: read_idx(path) for key, path in found.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.size == 0:  # a valid but empty file would only fail deep in training ("use at most 0")
+            raise HessgapError(
+                f"{found[f'{split}_images']} holds no images (its header says {images.shape}); the file is empty or "
+                "was written incompletely: replace it with the original MNIST file"
+            )
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise HessgapError(
                 f"MNIST {split} files disagree: images {images.shape} (expected N×H×W) and labels {labels.shape} "
