@@ -68,9 +68,11 @@ def in_unit_interval(value, name: str, *, closed_low: bool = True, closed_high: 
 
 
 def seed(value, name: str = "seed") -> int:
-    """A random seed: any integer ≥ 0."""
+    """A random seed: an integer in [0, 2⁶³) (what torch's generators take)."""
     if not is_int(value) or value < 0:
         raise HessgapError(f"{name} must be an integer ≥ 0, got {value!r}")
+    if value >= 2**63:
+        raise HessgapError(f"{name} must be below 2**63 (the largest seed torch's generators take), got {value!r}")
     return value
 
 

@@ -36,6 +36,8 @@ def test_numbers_intervals_seeds_and_choices():
         _checks.in_unit_interval(1.0, "m")
     assert _checks.in_unit_interval(1.0, "q", closed_high=True) == 1.0
     assert _checks.seed(7) == 7
+    with pytest.raises(HessgapError, match="seed must be below 2\\*\\*63"):
+        _checks.seed(2**64)
     for bad in ("a", 1.5, -1, True):
         with pytest.raises(HessgapError, match="seed must be an integer"):
             _checks.seed(bad)
