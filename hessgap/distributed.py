@@ -93,6 +93,15 @@ class Ranks:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape on all ranks), in rank order."""
+        if not self.active:
+            return [tensor]
+        host = tensor.cpu() if self.backend == "gloo" else tensor
+        parts = [torch.empty_like(host) for _ in range(self.world_size)]
+        _dist().all_gather(parts, host.contiguous(), group=self.group)
+        return [part.to(tensor.device) for part in parts]
+
     def sum_numbers(self, values: Sequence[float]) -> list[float]:
         """Plain numbers added up across the ranks (float64, one all-reduce)."""
         if not self.active:

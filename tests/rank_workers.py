@@ -110,3 +110,42 @@ def bad_shards(rank, world_size):
     except HessgapError as exc:
         outcome["disagree"] = str(exc)
     return outcome
+
+
+def fsdp_shards_of(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's rows of k parameter-shaped tensors (k, *shape), as FSDP2 shards the parameter's dim 0
+    (torch.chunk's split)."""
+    rows = -(-full.shape[1] // world_size)
+    return full[:, rank * rows : (rank + 1) * rows]
+
+
+def sharded_hessian(rank, world_size):
+    """An FSDP2-sharded model on unequal data shards: H·V (local shards), eigenvalues and trace."""
+    from torch.distributed.fsdp import fully_shard
+
+    import hessgap
+
+    model, x, y = tiny_problem()
+    reference_model = __import__("copy").deepcopy(model)
+    for module in model:
+        if any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module)
+    fully_shard(model)
+    xs, ys = shard(rank, world_size, x, y)
+    data = batches_of(xs, ys, size=16)
+    shapes = [p.shape for p in reference_model.parameters()]
+    n = sum(int(torch.Size(s).numel()) for s in shapes)
+    V = torch.randn(2, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pieces = V.split([int(torch.Size(s).numel()) for s in shapes], dim=1)
+    local = torch.cat([fsdp_shards_of(piece.reshape((2,) + tuple(s)), rank, world_size).reshape(2, -1)
+                       for piece, s in zip(pieces, shapes)], dim=1)
+    result = hessgap.hvp(model, data, local, return_info=True)
+    eigen = hessgap.eigenvalues(model, data, k=3, tol=1e-8, max_iter=300)
+    trace = hessgap.trace(model, data, num_probes=48)
+    refused = None
+    try:
+        hessgap.sharpness(model, data, max_iter=1)
+    except hessgap.HessgapError as exc:
+        refused = str(exc)
+    return {"hv": result.value.tolist(), "path": result.path, "eigenvalues": eigen.eigenvalues,
+            "n": eigen.n, "trace": trace.value, "stderr": trace.stderr, "refused": refused}

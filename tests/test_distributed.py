@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 
 from hessgap.distributed import Ranks
 from hessgap.errors import HessgapError
 
+from oracles import explicit_hessian
 from rank_workers import collectives
 from ranks import run_ranks
 
@@ -66,3 +68,32 @@ def test_an_empty_shard_or_disagreeing_ranks_raise_on_every_rank():
     assert results[0]["empty"].startswith("rank 1 of 2 failed")
     for outcome in results:
         assert "ranks disagree on the arguments of hessgap.sharpness" in outcome["disagree"]
+
+
+def test_fsdp2_sharded_products_and_spectrum_equal_one_process_on_all_data():
+    """FSDP2 shards: H·V comes back sharded like the parameters and equals the full product's rows; the
+    eigenvalues (Lanczos on sharded vectors) equal one process's; the trace agrees within its error."""
+    import hessgap
+
+    from rank_workers import batches_of, fsdp_shards_of, sharded_hessian, tiny_problem
+
+    world_size = 2
+    results = run_ranks(sharded_hessian, world_size)
+    model, x, y = tiny_problem()
+    data = batches_of(x, y, size=16)
+    shapes = [p.shape for p in model.parameters()]
+    n = sum(int(torch.Size(s).numel()) for s in shapes)
+    V = torch.randn(2, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    full = hessgap.hvp(model, data, V).reshape(2, -1)
+    pieces = full.split([int(torch.Size(s).numel()) for s in shapes], dim=1)
+    top = hessgap.eigenvalues(model, data, k=3, tol=1e-8, max_iter=300).eigenvalues
+    exact_trace = float(torch.linalg.eigvalsh(explicit_hessian(model, data)).sum())
+    for rank, out in enumerate(results):
+        expected = torch.cat([fsdp_shards_of(piece.reshape((2,) + tuple(s)), rank, world_size).reshape(2, -1)
+                              for piece, s in zip(pieces, shapes)], dim=1)
+        torch.testing.assert_close(torch.tensor(out["hv"], dtype=torch.float64), expected, rtol=1e-9, atol=1e-12)
+        assert out["path"] == "sharded" and out["n"] == n
+        np.testing.assert_allclose(out["eigenvalues"], top, rtol=1e-6)
+        assert abs(out["trace"] - exact_trace) <= 4 * out["stderr"]
+        assert "does not take FSDP2-sharded models" in out["refused"]
+    assert results[0]["eigenvalues"] == results[1]["eigenvalues"]

@@ -24,6 +24,7 @@ from ..distributed import Ranks
 from ..errors import HessgapError, NonFiniteError
 from .batches import Batch, ComputeLoss, LossFn, WeightFn, ignore_index_of, structure, units
 from .params import select_parameters
+from .sharded import ShardedParameters, is_sharded
 from .source import DataSource
 
 #: Parameter dtypes whose sums (f, ∇f, H·V over the loader) accumulate in float32.
@@ -71,6 +72,8 @@ class LossOverData:
                  cache_batches: bool = False, group=None):
         self.model = model
         self.names, self.params = select_parameters(model, params)
+        # FSDP2: the parameters are DTensor shards; vectors are then this rank's shards (see .sharded)
+        self.sharded = ShardedParameters(self.names, self.params) if is_sharded(self.params) else None
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.accumulation_dtype = accumulation_dtype(self.dtype)
@@ -94,12 +97,23 @@ class LossOverData:
 
     @property
     def num_parameters(self) -> int:
+        """The length of a direction vector: every selected parameter, or this rank's shards of them."""
+        return sum(p.numel() for p in self.vector_params)
+
+    @property
+    def total_parameters(self) -> int:
+        """Every selected parameter, over all ranks' shards."""
         return sum(p.numel() for p in self.params)
+
+    @property
+    def vector_params(self) -> list[torch.Tensor]:
+        """Tensors with the shapes of a direction's pieces: the parameters, or this rank's shards of them."""
+        return [p.to_local() for p in self.params] if self.sharded is not None else list(self.params)
 
     def parameter_digest(self) -> str:
         """A short fingerprint of the parameters' names, shapes and dtypes: ranks compare it before working."""
         text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in zip(self.names, self.params))
-        return f"{len(self.params)} tensors, n = {self.num_parameters}, {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        return f"{len(self.params)} tensors, n = {self.total_parameters}, {hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
     @property
     def batches_cached(self) -> bool:
@@ -122,11 +136,14 @@ class LossOverData:
 
     # -- one batch --------------------------------------------------------------------------------
 
-    def batch_loss(self, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
-        """The batch's mean loss (a scalar tensor, differentiable when grad mode is on)."""
-        model = self.model if model is None else model
+    def batch_loss(self, batch: Batch, parameters: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The batch's mean loss (a scalar tensor, differentiable when grad mode is on); with ``parameters``
+        (name → tensor) the model runs on those instead of its own (``torch.func.functional_call``)."""
+        model = self.model if parameters is None else _WithParameters(self.model, parameters)
         try:
-            if self.compute_loss is not None:
+            if self.compute_loss is not None and parameters is not None:
+                loss = model.call(self.compute_loss, batch.raw)
+            elif self.compute_loss is not None:
                 loss = self.compute_loss(model, batch.raw)
             else:
                 outputs = model(*batch.args, **batch.kwargs)
@@ -177,6 +194,7 @@ class LossOverData:
 
     def value(self) -> float:
         """f at the model's current parameters (no gradients)."""
+        self.refuse_sharded("the loss over the data (value)")
         error, total, weight = None, 0.0, 0.0
         try:
             with torch.no_grad():
@@ -191,6 +209,7 @@ class LossOverData:
 
     def value_and_grad(self) -> tuple[float, list[torch.Tensor]]:
         """f and ∇f with respect to the selected parameters, accumulated over all batches in one pass."""
+        self.refuse_sharded("the loss and its gradient (value_and_grad)")
         grads = [torch.zeros_like(p, dtype=self.accumulation_dtype) for p in self.params]
         error, total, weight = None, 0.0, 0.0
         try:
@@ -231,7 +250,15 @@ class LossOverData:
     def check_finite_parameters(self) -> None:
         """Raise (on every rank) when a selected parameter holds NaN or inf: nothing measured there would mean
         anything."""
-        self.ranks.together(check_finite_parameters, self.params, self.names)
+        self.ranks.together(check_finite_parameters, self.vector_params, self.names)
+
+    def refuse_sharded(self, what: str) -> None:
+        """Raise when the model is FSDP2-sharded: ``what`` needs the full parameters on every rank."""
+        if self.sharded is not None:
+            raise HessgapError(
+                f"{what} does not take FSDP2-sharded models yet (the parameters are DTensor shards); hvp, "
+                "HessianOperator, eigenvalues and trace do. Measure an unsharded copy on each rank instead"
+            )
 
     @staticmethod
     def _finite(value: float, what: str) -> float:
@@ -241,6 +268,30 @@ class LossOverData:
                 "(a diverged training run gives this)"
             )
         return value
+
+
+class _WithParameters:
+    """``model`` called with other parameters (name → tensor) through ``torch.func.functional_call``; also for a
+    ``compute_loss(model, batch)`` closure, which calls the model itself."""
+
+    def __init__(self, model: nn.Module, parameters: dict[str, torch.Tensor]):
+        self.model, self.parameters = model, parameters
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self.model, self.parameters, args, kwargs)
+
+    def call(self, closure, batch):
+        return torch.func.functional_call(_Closure(self.model, closure), {f"model.{k}": v for k, v in
+                                                                         self.parameters.items()}, (batch,))
+
+
+class _Closure(nn.Module):
+    def __init__(self, model: nn.Module, closure):
+        super().__init__()
+        self.model, self.closure = model, closure
+
+    def forward(self, batch):
+        return self.closure(self.model, batch)
 
 
 def check_finite_parameters(params: Sequence[torch.Tensor], names: Sequence[str]) -> None:

@@ -24,6 +24,7 @@ from ..errors import HessgapError, NonFiniteError
 from ._flat import as_directions
 from .engine import DEFAULT_MEMORY_BUDGET, HvpEngine
 from .objective import LossOverData
+from .probes import generator_for
 
 #: What makes an object an operator.
 OPERATOR_ATTRIBUTES = ("matmat", "n", "dtype", "device")
@@ -85,7 +86,9 @@ class HessianOperator:
         self._engine = HvpEngine(
             self.objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
         )
-        self.n: int = self.objective.num_parameters
+        self.n: int = self.objective.num_parameters  # this rank's shards only, for an FSDP2-sharded model
+        self.total_parameters: int = self.objective.total_parameters
+        self.sharded: bool = self.objective.sharded is not None
         self.dtype: torch.dtype = self.objective.accumulation_dtype
         self.model_dtype: torch.dtype = self.objective.dtype
         self.device: torch.device = self.objective.device
@@ -119,7 +122,7 @@ class HessianOperator:
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """H Vᵀ for the k rows of ``V`` (shape (k, n)), returned as a (k, n) tensor: rows are H v_i."""
-        directions = as_directions(V, self.objective.params, self.objective.names)
+        directions = as_directions(V, self.objective.vector_params, self.objective.names)
         _, flat, stats = self._engine.run(directions)
         self.hvps += directions.k
         self.passes += 1
@@ -254,24 +257,35 @@ def resolve_operator(model, data=None, *, caller: str = "this function", **optio
 
 
 class CheckedOperator:
-    """Wraps an operator: counts the Hessian-vector products of one call, checks shape and finiteness."""
+    """Wraps an operator: counts the Hessian-vector products of one call, checks shape and finiteness, and
+    provides the vector algebra the spectrum methods use (inner products, norms, random vectors), which for
+    an FSDP2-sharded operator works on this rank's shards and sums across the ranks."""
 
     def __init__(self, operator):
         self.operator = operator
-        self.n = int(operator.n)
+        self.n = int(operator.n)  # the length of the vectors this rank holds
         self.dtype = operator.dtype
         self.device = torch.device(operator.device)
         self.path = getattr(operator, "path", None)
         self.notes = getattr(operator, "notes", [])
         self.ranks = getattr(operator, "ranks", Ranks())
+        self.sharded = bool(getattr(operator, "sharded", False))
+        self.total_n = int(getattr(operator, "total_parameters", self.n))  # over every rank's shards
         self.model_dtype = getattr(operator, "model_dtype", operator.dtype)
         self.hvps = 0
 
     def describe(self) -> dict:
         """What a spectrum result records about the operator it ran on."""
-        return {"n": self.n, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+        return {"n": self.total_n, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
                 "path": self.path, "model_dtype": str(self.model_dtype).replace("torch.", ""),
                 "notes": list(self.notes)}
+
+    def refuse_sharded(self, what: str) -> None:
+        if self.sharded:
+            raise HessgapError(
+                f"{what} does not take FSDP2-sharded models yet; eigenvalues and trace do (their vectors are "
+                "sharded like the parameters)"
+            )
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         result = self.operator.matmat(V)
@@ -285,3 +299,34 @@ class CheckedOperator:
                 "loss for non-finite values (a diverged model gives this)"
             )
         return result.to(self.dtype)
+
+    # -- vector algebra over the whole (possibly sharded) vectors -------------------------------------------
+
+    def gram(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """A·Bᵀ: the inner products of A's rows with B's rows."""
+        product = A @ B.T
+        return self.ranks.sum_(product) if self.sharded else product
+
+    def norms(self, A: torch.Tensor) -> torch.Tensor:
+        """The Euclidean norm of each row of A."""
+        if not self.sharded:
+            return A.norm(dim=1)
+        return self.ranks.sum_(A.pow(2).sum(dim=1)).sqrt()
+
+    def row_dots(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Σ_j A_ij·B_ij per row, in float64."""
+        dots = (A.double() * B.double()).sum(dim=1)
+        return self.ranks.sum_(dots) if self.sharded else dots
+
+    def pivot_signs(self, X: torch.Tensor) -> torch.Tensor:
+        """The sign of each row's entry of largest magnitude (over all shards): fixes eigenvectors' signs."""
+        values = X.gather(1, X.abs().argmax(dim=1, keepdim=True))[:, 0]
+        if self.sharded:  # the largest entry of every rank, then the largest of those
+            candidates = torch.stack(self.ranks.gather(values))
+            values = candidates.gather(0, candidates.abs().argmax(dim=0, keepdim=True))[0]
+        signs = torch.sign(values)
+        return torch.where(signs == 0, torch.ones_like(signs), signs)
+
+    def generator(self, seed: int) -> torch.Generator:
+        """The generator of random vectors: one stream per rank for sharded vectors (each draws its shard)."""
+        return generator_for(self.device, seed + 1_000_003 * self.ranks.rank if self.sharded else seed)

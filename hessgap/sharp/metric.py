@@ -221,6 +221,7 @@ def sharpness(
         subspace_dim = DEFAULT_SUBSPACE_DIM
     objective = LossOverData(model, data, loss_fn=loss_fn, compute_loss=compute_loss, weight_fn=weight_fn,
                              max_batches=max_batches, params=params, group=group)
+    objective.refuse_sharded("sharpness")
     if objective.dtype in REDUCED_PRECISION:
         raise HessgapError(
             f"sharpness moves the weights by ε(|x| + 1) = {epsilon:g} relative, below what {objective.dtype} resolves "

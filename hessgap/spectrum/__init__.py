@@ -7,7 +7,7 @@
 
 Each takes a model with its data, an operator (``n``, ``dtype``, ``device``, ``matmat``), or an
 explicit symmetric matrix (:class:`MatrixOperator`), and returns a JSON-serializable result. The
-operators live in :mod:`hessgap.curvature.operator`; the random probes in :mod:`hessgap.spectrum._probes`.
+operators live in :mod:`hessgap.curvature.operator`; the random probes in :mod:`hessgap.curvature.probes`.
 """
 
 from ..curvature.operator import MatrixOperator

@@ -22,8 +22,8 @@ from .._io import save_figure
 from .._results import JsonResult
 from ..curvature.operator import CheckedOperator, HessianOperator
 from ..curvature.params import parameter_blocks
+from ..curvature.probes import generator_for, rademacher
 from ..errors import HessgapError
-from ._probes import generator_for, rademacher
 from .lanczos import BlockLanczos, basis_sizes
 
 
@@ -94,6 +94,8 @@ class _BlockView:
         self.n = int(columns.numel())
         self.dtype, self.device, self.path = parent.dtype, parent.device, parent.path
         self.hvps = 0
+        # the vector algebra of the whole operator serves the block's vectors too (never sharded here)
+        self.gram, self.norms, self.pivot_signs, self.generator = parent.gram, parent.norms, parent.pivot_signs, parent.generator
 
     def describe(self) -> dict:
         return dict(self.parent.describe(), n=self.n)
@@ -130,6 +132,7 @@ def block_spectrum(
         raise HessgapError(f"tol is a relative tolerance and must lie in (0, 1), got {tol!r}")
     hessian = HessianOperator(model, data, cache_batches=True, **operator_options)
     operator = CheckedOperator(hessian)
+    operator.refuse_sharded("block_spectrum")
     groups = parameter_blocks(model, hessian.names, blocks)
     operator.ranks.agree("the arguments of hessgap.block_spectrum", (list(groups), k, tol, max_iter, num_probes, seed))
     offsets = torch.tensor([0] + [p.numel() for p in hessian.objective.params]).cumsum(0).tolist()

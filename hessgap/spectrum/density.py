@@ -18,8 +18,8 @@ import torch
 
 from .._checks import positive_int
 from ..curvature.operator import CheckedOperator, resolve_operator
+from ..curvature.probes import generator_for, rademacher
 from ..errors import HessgapError
-from ._probes import generator_for, rademacher
 from ._results import DensityResult
 
 #: How far from 1 the density's integral over the grid may be before the call warns.
@@ -67,6 +67,7 @@ def density(
         raise HessgapError(f"sigma is the Gaussian broadening and must be a positive number, got {sigma!r}")
     explicit_grid = _explicit_grid(grid)
     operator = CheckedOperator(resolve_operator(model, data, caller="density", **operator_options))
+    operator.refuse_sharded("density")
     steps = min(lanczos_steps, operator.n)
     operator.ranks.agree("the arguments of hessgap.density", (num_probes, steps, bool(reorthogonalize), seed))
     alphas, betas, lengths = _batched_lanczos(operator, num_probes, steps, bool(reorthogonalize), seed, progress)

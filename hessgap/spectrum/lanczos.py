@@ -17,7 +17,6 @@ import torch
 from .._checks import positive_int
 from ..curvature.operator import CheckedOperator, resolve_operator
 from ..errors import HessgapError
-from ._probes import generator_for
 from ._results import EigenResult
 
 _WHICH = ("LA", "SA", "LM")
@@ -80,7 +79,7 @@ def eigenvalues(
     operator = CheckedOperator(
         resolve_operator(model, data, caller="eigenvalues", **operator_options)
     )
-    block_size, max_basis = basis_sizes(operator.n, k, block_size, max_basis)
+    block_size, max_basis = basis_sizes(operator.total_n, k, block_size, max_basis)
     operator.ranks.agree("the arguments of hessgap.eigenvalues", (k, which, tol, criterion, block_size, max_basis,
                                                                   max_iter, seed))
     solver = BlockLanczos(operator, k, which, float(tol), criterion, block_size, max_basis, seed)
@@ -147,10 +146,12 @@ class BlockLanczos:
         self.k, self.which, self.tol, self.criterion = k, which, tol, criterion
         self.block_size, self.max_basis = block_size, max_basis
         self.dtype, self.device, self.n = operator.dtype, operator.device, operator.n
+        # the dimension of the space: n, or every rank's shards together for a sharded operator
+        self.dimension = getattr(operator, "total_n", operator.n)
         self.eps = torch.finfo(self.dtype).eps
         # A direction whose part outside the basis is this small (relative) carries no new information.
         self.drop_tol = 100 * self.eps
-        self.generator = generator_for(self.device, seed)
+        self.generator = operator.generator(seed)
         self.V = torch.empty(max_basis, self.n, dtype=self.dtype, device=self.device)
         self.HV = torch.empty_like(self.V)
         self.m = 0
@@ -171,14 +172,14 @@ class BlockLanczos:
         the basis keeps growing; fewer rows come back only when the basis would exceed ``max_rows``.
         """
         V = self.V[: self.m]
-        reference = W.norm(dim=1)
+        reference = self.op.norms(W)
         W = W.clone()
         norms = reference
         for _ in range(2):  # classical Gram–Schmidt, repeated only when the DGKS test asks for it
             if not self.m:
                 break
-            W -= (W @ V.T) @ V
-            before, norms = norms, W.norm(dim=1)
+            W -= self.op.gram(W, V) @ V
+            before, norms = norms, self.op.norms(W)
             if bool((norms >= _DGKS * before).all()):
                 break
         accepted: list[torch.Tensor] = []
@@ -190,16 +191,16 @@ class BlockLanczos:
                 if accepted:
                     Q = torch.stack(accepted)
                     for _ in range(2):
-                        w = w - (Q @ w) @ Q
-                norm = w.norm()
+                        w = w - self.op.gram(w[None], Q)[0] @ Q
+                norm = self.op.norms(w[None])[0]
                 if norm > self.drop_tol * size:
                     accepted.append(w / norm)
                     break
                 w = self._random(1)[0]
-                size = w.norm()
+                size = self.op.norms(w[None])[0]
                 for _ in range(2):
                     if self.m:
-                        w = w - (V @ w) @ V
+                        w = w - self.op.gram(w[None], V)[0] @ V
         if not accepted:
             return W.new_zeros(0, self.n)
         return torch.stack(accepted)
@@ -209,7 +210,7 @@ class BlockLanczos:
         self.V[m0:m] = P
         self.HV[m0:m] = HP
         self.m = m
-        coupling = (self.V[:m] @ HP.T).to(torch.float64).cpu()  # (m, b): new columns of T = V·(HV)ᵀ
+        coupling = self.op.gram(self.V[:m], HP).to(torch.float64).cpu()  # (m, b): new columns of T = V·(HV)ᵀ
         T = torch.zeros(m, m, dtype=torch.float64)
         T[:m0, :m0] = self.T
         T[:, m0:] = coupling
@@ -236,7 +237,7 @@ class BlockLanczos:
         X = rotation.T @ self.V[: self.m]
         HX = rotation.T @ self.HV[: self.m]
         values = theta[wanted].to(self.dtype).to(self.device)
-        residual = (HX - values[:, None] * X).norm(dim=1).to(torch.float64).cpu()
+        residual = self.op.norms(HX - values[:, None] * X).to(torch.float64).cpu()
         return X, residual
 
     # -- the iteration ----------------------------------------------------------------------------
@@ -265,15 +266,15 @@ class BlockLanczos:
                 theta, S = torch.linalg.eigh(self.T)
                 order = _wanted_order(theta, self.which)
                 wanted = order[: self.k]
-                exhausted = self.m >= self.n
+                exhausted = self.m >= self.dimension
                 if exhausted:
                     next_block = None
                     estimates = torch.zeros_like(theta)
                 else:
                     # The next block is H·(last block) made orthogonal to the basis; every Ritz
                     # residual lies in its span, so its coefficients give the residual norms cheaply.
-                    next_block = self._orthonormal_block(HP, self.n - self.m)
-                    coefficients = (self.HV[: self.m] @ next_block.T).to(torch.float64).cpu()
+                    next_block = self._orthonormal_block(HP, self.dimension - self.m)
+                    coefficients = self.op.gram(self.HV[: self.m], next_block).to(torch.float64).cpu()
                     estimates = (coefficients.T @ S).norm(dim=0)
                 bound, ok, threshold = _error_estimates(theta, estimates, wanted, self.tol, self.criterion, self.eps)
                 bar.set_postfix(worst=f"{float((bound / threshold).max()):.2g}")
@@ -295,11 +296,9 @@ class BlockLanczos:
 
     def result(self, seconds: float) -> EigenResult:
         values, X, residual, bound = self._final
-        X = X / X.norm(dim=1, keepdim=True)
+        X = X / self.op.norms(X)[:, None]
         # Fix each eigenvector's sign (largest entry positive) so results are reproducible.
-        pivots = X.abs().argmax(dim=1)
-        signs = torch.sign(X.gather(1, pivots[:, None]))
-        X = X * torch.where(signs == 0, torch.ones_like(signs), signs)
+        X = X * self.op.pivot_signs(X)[:, None]
         if not self.converged:
             import warnings
 

@@ -14,8 +14,8 @@ import torch
 
 from .._checks import positive_int
 from ..curvature.operator import CheckedOperator, resolve_operator
+from ..curvature.probes import rademacher
 from ..errors import HessgapError
-from ._probes import generator_for, rademacher
 from ._results import TraceResult
 
 # Probes and their products held at once: default chunk size for trace().
@@ -56,7 +56,7 @@ def trace(
     else:
         positive_int(batch, "batch", "probes per batched Hessian product")
     operator.ranks.agree("the arguments of hessgap.trace", (num_probes, batch, seed))
-    generator = generator_for(device, seed)
+    generator = operator.generator(seed)
 
     from tqdm.auto import tqdm
 
@@ -66,8 +66,8 @@ def trace(
             rows = min(batch, num_probes - len(estimates))
             Z = rademacher(rows, n, dtype=dtype, device=device, generator=generator)
             HZ = operator.matmat(Z)
-            # Accumulate zᵀHz in float64 one probe at a time (the terms cancel heavily).
-            estimates.extend(float(torch.dot(z.double(), hz.double())) for z, hz in zip(Z, HZ))
+            # zᵀHz summed in float64 (the terms cancel heavily), over every rank's shard for a sharded model
+            estimates.extend(float(v) for v in operator.row_dots(Z, HZ))
             bar.update(rows)
 
     values = torch.tensor(estimates, dtype=torch.float64)

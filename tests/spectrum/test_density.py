@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from hessgap.curvature.probes import generator_for, rademacher
 from hessgap.errors import HessgapError, NonFiniteError
 from hessgap.spectrum import density, trace
-from hessgap.spectrum._probes import generator_for, rademacher
 
 
 def random_symmetric(n, seed, dtype=torch.float64):

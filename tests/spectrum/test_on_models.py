@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from hessgap.curvature.probes import generator_for, rademacher
 from hessgap.errors import HessgapError
 from hessgap.spectrum import density, eigenvalues, trace
-from hessgap.spectrum._probes import generator_for, rademacher
 
 from oracles import explicit_hessian
 

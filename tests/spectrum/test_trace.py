@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from hessgap.curvature.probes import generator_for, rademacher
 from hessgap.errors import HessgapError, NonFiniteError
 from hessgap.spectrum import MatrixOperator, trace
-from hessgap.spectrum._probes import generator_for, rademacher
 
 
 def random_symmetric(n, seed, off_diagonal=1.0, dtype=torch.float64):

@@ -1,4 +1,5 @@
-"""Random probes of the spectrum methods: seeded generators on the operator's device, Rademacher matrices."""
+"""Random vectors in parameter space: seeded generators on the operator's device, Rademacher matrices (the
+probes of the spectrum methods)."""
 
 from __future__ import annotations
 
