@@ -14,6 +14,7 @@ import json
 import math
 import os
 import socket
+import sys
 import tempfile
 import threading
 import warnings
@@ -50,9 +51,29 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default process group, or (0, 1) without one."""
+    dist = sys.modules.get("torch.distributed")  # never imported here just to ask
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(handle)`` on a temporary file beside ``path``, flush it to disk and rename it into place."""
+    """Call ``write(handle)`` on a temporary file beside ``path``, flush it to disk and rename it into place.
+
+    In a distributed run (an initialized default process group) rank 0 writes and every rank waits for it
+    (a barrier): every rank calls the same writes in the same order, and reads what rank 0 wrote."""
     path = Path(path)
+    rank, world = _rank_and_world()
+    if rank == 0:
+        _write_file(path, write)
+    if world > 1:
+        sys.modules["torch.distributed"].barrier()
+    return path
+
+
+def _write_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -67,7 +88,6 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         except FileNotFoundError:
             pass
         raise
-    return path
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -79,8 +99,11 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def append_text(path: str | Path, text: str) -> Path:
-    """Append ``text`` to a log file (one ``write`` call; a log line is not a result, so no rename)."""
+    """Append ``text`` to a log file (one ``write`` call; a log line is not a result, so no rename). In a
+    distributed run only rank 0 writes."""
     path = Path(path)
+    if _rank_and_world()[0] != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(text)
@@ -138,7 +161,8 @@ class FolderLock:
     :class:`HessgapError` at once, naming the holder's pid. The operating system drops the lock when its
     process exits or crashes, so a lock file left behind never blocks anyone. Within one process the lock
     is shared (a command's run folder and the training runs it starts there take it nested) and is given
-    up when its last holder releases it.
+    up when its last holder releases it. In a distributed run rank 0 holds it for all the ranks (they run
+    one command together; only rank 0 writes).
     """
 
     def __init__(self, folder: str | Path):
@@ -154,6 +178,8 @@ class FolderLock:
         if self._key is not None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
+        if _rank_and_world()[0] != 0:
+            return self
         key = os.path.realpath(self.folder)
         with _held_guard:
             entry = _held.get(key)

@@ -149,3 +149,23 @@ def sharded_hessian(rank, world_size):
         refused = str(exc)
     return {"hv": result.value.tolist(), "path": result.path, "eigenvalues": eigen.eigenvalues,
             "n": eigen.n, "trace": trace.value, "stderr": trace.stderr, "refused": refused}
+
+
+def _mlp_without_batchnorm(name, input_shape, num_classes, width=1.0, depth=1.0, dropout=0.5):
+    """A plain MLP (no BatchNorm: SyncBatchNorm runs on GPUs only, so CPU ranks would normalize apart)."""
+    from torch import nn
+
+    features = int(torch.Size(input_shape).numel())
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+def ddp_training(rank, world_size, out_dir, epochs):
+    """Train into ``out_dir`` on the default process group; the final weights and history."""
+    from hessgap.train import TrainConfig, loop, train
+
+    loop.build_model = _mlp_without_batchnorm  # see the docstring above
+    config = TrainConfig(model="F1", dataset="digits", batch_size=100, epochs=epochs, seed=4, sharpness_every=1,
+                         sharpness_batches=1, device="cpu")
+    result = train(config, out_dir=out_dir, progress=False)
+    return {"weights": [p.detach().clone() for p in result.model.parameters()], "history": result.history,
+            "resumed_from": result.resumed_from}

@@ -97,3 +97,34 @@ def test_fsdp2_sharded_products_and_spectrum_equal_one_process_on_all_data():
         assert abs(out["trace"] - exact_trace) <= 4 * out["stderr"]
         assert "does not take FSDP2-sharded models" in out["refused"]
     assert results[0]["eigenvalues"] == results[1]["eigenvalues"]
+
+
+def test_ddp_training_follows_one_process_and_resumes_on_any_world_size(tmp_path, monkeypatch):
+    """2 ranks with DistributedDataParallel on the one-process global batch reach the one-process weights;
+    a run stopped after one epoch on 2 ranks resumes (on 2 ranks, or in one process) with nothing lost."""
+    from hessgap.train import TrainConfig, loop, train
+
+    from rank_workers import _mlp_without_batchnorm, ddp_training
+
+    monkeypatch.setattr(loop, "build_model", _mlp_without_batchnorm)
+    single = train(TrainConfig(model="F1", dataset="digits", batch_size=100, epochs=2, seed=4, sharpness_every=1,
+                               sharpness_batches=1, device="cpu"), progress=False)
+    straight = run_ranks(ddp_training, 2, str(tmp_path / "straight"), 2)
+    for rank_result in straight:
+        for ours, theirs in zip(rank_result["weights"], single.model.parameters()):
+            torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+        for ours, theirs in zip(rank_result["history"], single.history):
+            for key in ("train_loss", "test_loss", "train_acc", "test_acc", "distance_from_start", "sharpness"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-4), key
+    run_ranks(ddp_training, 2, str(tmp_path / "stopped"), 1)  # interrupted after epoch 1
+    resumed = run_ranks(ddp_training, 2, str(tmp_path / "stopped"), 2)
+    assert resumed[0]["resumed_from"] == 1
+    for ours, theirs in zip(resumed[0]["weights"], straight[0]["weights"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    # the checkpoints do not depend on the world size: one process takes the run over
+    run_ranks(ddp_training, 2, str(tmp_path / "handover"), 1)
+    one = train(TrainConfig(model="F1", dataset="digits", batch_size=100, epochs=2, seed=4, sharpness_every=1,
+                            sharpness_batches=1, device="cpu"), out_dir=tmp_path / "handover", progress=False)
+    assert one.resumed_from == 1
+    for ours, theirs in zip(one.model.parameters(), straight[0]["weights"]):
+        torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-6)

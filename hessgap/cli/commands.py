@@ -7,11 +7,14 @@ the experiments) is imported only then.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..experiments import interpolate, model_sharpness, model_spectrum, model_train, networks, reproduce, run_experiment
@@ -27,7 +30,38 @@ from .options import DEFAULT_ROOT, settings_from
 
 
 def run(args) -> int:
-    """Run the subcommand ``args.command`` with its parsed options; returns the exit status."""
+    """Run the subcommand ``args.command`` with its parsed options; returns the exit status.
+
+    Under ``torchrun`` (its environment names a world of several processes) the ranks join one process group
+    first (NCCL on GPUs, gloo on CPUs) and run the command together: training with DistributedDataParallel,
+    measurements over each rank's shard of the data; rank 0 alone prints and writes the run folder.
+    """
+    with _process_group():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _process_group():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    try:
+        with contextlib.ExitStack() as stack:
+            if dist.get_rank() != 0:  # one summary on the terminal, rank 0's
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(args) -> int:
+    if dist.is_initialized() and dist.get_rank() != 0:
+        args.quiet = True  # progress bars and messages from rank 0 only
     threads = getattr(args, "threads", None)
     if threads is None and (args.command == "demo" or getattr(args, "preset", None) == "quick"):
         threads = 1  # small networks: more threads only add synchronization, badly so on a busy machine

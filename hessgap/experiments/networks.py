@@ -21,6 +21,7 @@ from ..train import loop
 from ..train.config import TrainConfig
 from ..train.data import load_dataset, make_loader
 from ..train.evaluation import evaluate as evaluate_model
+from ..train.parallel import Replicas
 from ..train.result import TrainResult
 from .presets import Settings
 from .runs import RunFolder, digest
@@ -65,11 +66,15 @@ def eval_loader(tensor_dataset, settings: Settings):
 
 def analysis_loader(settings: Settings):
     """The training data that sharpness and spectra are measured over: all of it, or the first
-    ``sharpness_batches`` batches of ``eval_batch`` samples (a fixed subset, the same for every network)."""
+    ``sharpness_batches`` batches of ``eval_batch`` samples (a fixed subset, the same for every network).
+    On several ranks (torchrun), each rank's contiguous shard of it: the measurements add the shards up."""
     train_set = dataset(settings).train
     if settings.sharpness_batches is not None:
         count = min(len(train_set), settings.sharpness_batches * settings.eval_batch)
         train_set = TensorDataset(*(t[:count] for t in train_set.tensors))
+    replicas = Replicas.resolve()
+    if replicas is not None:
+        train_set = replicas.shard(train_set)
     return eval_loader(train_set, settings)
 
 

@@ -317,10 +317,23 @@ def lbfgsb(
     result = minimize_box(
         negative_f, start, flat_lower, flat_upper, max_iter=opts["maxiter"], memory=opts.get("maxcor", 10),
         gtol=opts["gtol"], ftol=opts["ftol"], max_fun=opts.get("maxfun", 15000),
-        max_line_search=opts.get("maxls", 20), callback=(lambda _: tick()) if tick is not None else None,
+        max_line_search=opts.get("maxls", 20), callback=_ticking(tick),
     )
     return SolverOutcome(max_loss=max(loss0, space.best), iterations=result.nit, kernel="torch",
                          message=result.message)
+
+
+def _ticking(tick: Callable[[], None] | None):
+    """An iteration callback that only ticks the progress bar: minimize_box stops on a true return value,
+    and tqdm's update() returns one whenever it redraws."""
+    if tick is None:
+        return None
+
+    def on_iterate(_iterate) -> bool:
+        tick()
+        return False
+
+    return on_iterate
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -179,11 +179,14 @@ def make_loader(
     seed: int = 0,
     epoch: int = 0,
     drop_last: bool = False,
+    part=None,
 ) -> DataLoader:
     """A DataLoader over ``tensor_dataset`` whose order depends only on (seed, epoch).
 
     Batches are cut by indexing the tensors with a whole batch of indices at once (no per-sample
-    collation), so the loader is fast and works on tensors that already live on a GPU.
+    collation), so the loader is fast and works on tensors that already live on a GPU. ``part`` maps each
+    batch's indices to the part this process takes (a rank's part of the global batch in distributed
+    training, :meth:`hessgap.train.parallel.Replicas.part`).
     """
     if not isinstance(tensor_dataset, TensorDataset):
         raise HessgapError(f"make_loader expects a torch.utils.data.TensorDataset, got {type(tensor_dataset).__name__}")
@@ -197,7 +200,7 @@ def make_loader(
             f"(the paper's large batch is 10% of the training set, here {max(1, size // 10)})"
         )
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch)) if shuffle else None
-    return DataLoader(tensor_dataset, sampler=_BatchIndices(size, int(batch_size), generator, drop_last),
+    return DataLoader(tensor_dataset, sampler=_BatchIndices(size, int(batch_size), generator, drop_last, part),
                       batch_size=None)
 
 
@@ -208,8 +211,9 @@ class _BatchIndices(Sampler):
     dataset gather a batch in one indexing call, on the CPU or on the GPU.
     """
 
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator | None, drop_last: bool):
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator | None, drop_last: bool, part=None):
         self.size, self.batch_size, self.generator, self.drop_last = size, batch_size, generator, drop_last
+        self.part = part
 
     def __iter__(self):
         order = torch.randperm(self.size, generator=self.generator) if self.generator is not None \
@@ -217,7 +221,7 @@ class _BatchIndices(Sampler):
         for batch in order.split(self.batch_size):
             if self.drop_last and len(batch) < self.batch_size:
                 return
-            yield batch
+            yield batch if self.part is None else self.part(batch)
 
     def __len__(self) -> int:
         full, rest = divmod(self.size, self.batch_size)

@@ -10,7 +10,15 @@ from ..curvature.objective import LossOverData, output_tensor
 
 
 def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float, float]:
-    """(mean loss, accuracy in [0, 1]) of ``model`` in eval mode over every batch of ``loader``.
+    """(mean loss, accuracy in [0, 1]) of ``model`` in eval mode over every batch of ``loader`` (see
+    :func:`evaluation_sums`)."""
+    loss_sum, weight, correct, samples = evaluation_sums(model, loader, loss_fn)
+    return loss_sum / weight, correct / samples
+
+
+def evaluation_sums(model: nn.Module, loader, loss_fn=None) -> tuple[float, float, int, int]:
+    """(Σ weighted loss, Σ weights, correct predictions, samples) of ``model`` in eval mode over ``loader``:
+    sums, so that shards of a split (distributed training) add up.
 
     The loss is the mean over every unit of the loader, as :class:`~hessgap.curvature.objective.LossOverData`
     weighs batches; the accuracy counts class predictions of (inputs, class index) batches. A non-finite loss
@@ -32,4 +40,4 @@ def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float, float]:
             if targets is not None and targets.dim() == 1 and logits.dim() == 2 and not targets.is_floating_point():
                 correct += (logits.argmax(1) == targets).sum()
             samples += batch.samples
-    return float(total) / weight, int(correct) / samples
+    return float(total), weight, int(correct), samples

@@ -21,6 +21,9 @@ Epoch callbacks, in the order the loop calls them after an epoch's evaluation:
 Reproducibility: the initial weights come from ``seed``; the data order of epoch e from (seed, e); dropout
 and augmentation from RNG states saved in every checkpoint. Measurements run under a forked RNG, so turning
 them on does not change the trajectory. The caller's global RNG state is left as it was.
+
+On several ranks (an initialized default process group, e.g. under ``torchrun``) the run trains with
+DistributedDataParallel on the one-process global batch: see :mod:`hessgap.train.parallel`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
@@ -52,8 +56,9 @@ from .checkpoint import (
 )
 from .config import TrainConfig, check_same_run, resolve_batch_size, resolve_device
 from .data import Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
-from .evaluation import evaluate
+from .evaluation import evaluation_sums
 from .models import build_model
+from .parallel import Replicas, rank_device
 from .remedies import BatchSchedule, make_training_step
 from .result import TrainResult
 from .sharpness_log import SharpnessLog
@@ -99,7 +104,11 @@ def train(
     Diverging runs (non-finite loss) stop at once, record the epoch and keep the earlier checkpoints.
     """
     config = TrainConfig.from_dict(config.to_dict() if isinstance(config, TrainConfig) else config).validate()
+    replicas = Replicas.resolve()
     device = resolve_device(config.device)
+    if replicas is not None:
+        device = rank_device(device)
+        progress = progress and replicas.rank == 0
     folder = Path(out_dir) if out_dir is not None else None
     if dataset is None:
         dataset = load_dataset(config.dataset, config.data_root, seed=config.data_seed)
@@ -113,12 +122,12 @@ def train(
     batch_size, schedule = batch_plan(config, dataset)
     data = dataset.to(device) if device.type != "cpu" else dataset
 
-    measurements = [SharpnessLog.from_config(config, data.train, device)]
+    measurements = [SharpnessLog.from_config(config, data.train, device, replicas)]
     devices = [device] if device.type == "cuda" else []
     # one process per run folder: two trainings into one folder would interleave their checkpoints
     lock = FolderLock(folder) if folder is not None else contextlib.nullcontext()
     with lock, torch.random.fork_rng(devices=devices):  # leave the caller's RNG as it was
-        run = _Run(config, device, folder, dataset, data, batch_size, schedule, init_state)
+        run = _Run(config, device, folder, dataset, data, batch_size, schedule, init_state, replicas)
         return run.run(progress, measurements, epoch_callback)
 
 
@@ -144,8 +153,9 @@ class _Run:
     """One training run's mutable state: model, optimizer, RNGs, history, and its run folder (if any)."""
 
     def __init__(self, config: TrainConfig, device: torch.device, folder: Path | None, dataset: Dataset,
-                 data: Dataset, batch_size: int, schedule: BatchSchedule | None, init_state: dict | None):
-        self.config, self.device, self.folder = config, device, folder
+                 data: Dataset, batch_size: int, schedule: BatchSchedule | None, init_state: dict | None,
+                 replicas: Replicas | None = None):
+        self.config, self.device, self.folder, self.replicas = config, device, folder, replicas
         self.dataset, self.data, self.batch_size, self.schedule = dataset, data, batch_size, schedule
         torch.manual_seed(config.seed)
         if device.type == "cuda":
@@ -159,9 +169,13 @@ class _Run:
                 raise HessgapError(f"init_state does not fit model {config.model} (width {config.width}, depth "
                                    f"{config.depth}) on {dataset.name}: {exc}") from exc
         self.warm_started = init_state is not None
+        # the replica the steps train (DDP on several ranks); self.model is the module itself, what is saved
+        self.trained = replicas.wrap(self.model, device) if replicas is not None else self.model
         self.optimizer = _make_optimizer(config, self.model)
         self.augment_generator = torch.Generator().manual_seed(epoch_seed(config.seed, _AUGMENT_STREAM))
-        self.step = make_training_step(config.remedy, flip_ok=dataset.flip_ok, image=dataset.image,
+        self.loss_scale = 1.0  # a rank's share of the global batch (see hessgap.train.parallel)
+        self.step = make_training_step(config.remedy, loss_fn=self._scaled_loss, flip_ok=dataset.flip_ok,
+                                       image=dataset.image,
                                        prox_lambda=config.prox_lambda, prox_steps=config.prox_steps,
                                        fgsm_epsilon=config.fgsm_epsilon, generator=self.augment_generator)
         self.x0 = parameters_to_vector(self.model.parameters()).detach().clone()
@@ -171,6 +185,10 @@ class _Run:
         self.meta = {"input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
                      "dataset": dataset.name}
         self.last_good: dict | None = None  # the last finite weights, handed back if an epoch diverges
+
+    def _scaled_loss(self, outputs, targets):
+        return F.cross_entropy(outputs, targets) * self.loss_scale if self.loss_scale != 1.0 else \
+            F.cross_entropy(outputs, targets)
 
     # --- the run folder -------------------------------------------------------------------------------
 
@@ -244,17 +262,42 @@ class _Run:
 
     def train_epoch(self, epoch: int, size: int, progress: bool) -> float:
         """One pass over the shuffled training set; returns the mean loss of the training batches."""
-        # BatchNorm cannot train on a batch of one sample: drop such a last batch
+        total = len(self.data.train)
+        world = self.replicas.world_size if self.replicas is not None else 1
+        # BatchNorm cannot train on one sample: drop a last (global) batch too small to give every rank two
+        rest = total % size
+        drop_last = 0 < rest < 2 * world if world > 1 else rest == 1
+        part = self.replicas.part if self.replicas is not None else None
         loader = make_loader(self.data.train, size, shuffle=True, seed=self.config.seed, epoch=epoch,
-                             drop_last=len(self.data.train) % size == 1)
-        self.model.train()
+                             drop_last=drop_last, part=part)
+        self.trained.train()
         running = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync
         seen = 0
-        for inputs, targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", disable=not progress):
-            loss = self.step(self.model, self.optimizer, inputs, targets)
-            running += loss.double() * inputs.shape[0]
+        for index, (inputs, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch",
+                                                       disable=not progress)):
+            global_size = min(size, total - index * size)
+            self.loss_scale = inputs.shape[0] * world / global_size if world > 1 else 1.0
+            loss = self.step(self.trained, self.optimizer, inputs, targets)
+            running += loss.double() / self.loss_scale * inputs.shape[0]
             seen += inputs.shape[0]
+        self.loss_scale = 1.0
+        if self.replicas is not None:
+            summed, count = self.replicas.sum([float(running), seen])
+            return summed / max(count, 1)
         return float(running) / max(seen, 1)
+
+    def evaluate(self, split) -> tuple[float, float]:
+        """(mean loss, accuracy) of the model over a split: on several ranks each evaluates its shard."""
+        if self.replicas is not None:
+            split = self.replicas.shard(split)
+        sums = [0.0, 0.0, 0, 0]
+        if len(split):
+            loader = make_loader(split, min(self.config.eval_batch_size, len(split)), shuffle=False)
+            sums = list(evaluation_sums(self.model, loader))
+        if self.replicas is not None:
+            sums = self.replicas.sum(sums)
+        loss_sum, weight, correct, samples = sums
+        return loss_sum / weight, correct / samples
 
     def update_patience(self, epoch: int, train_loss: float) -> None:
         if self.config.patience is None:
@@ -283,8 +326,6 @@ class _Run:
             return self.result()
         config, model = self.config, self.model
         slots = {key: value for measure in measurements for key, value in measure.fields.items()}
-        eval_loaders = [make_loader(split, min(config.eval_batch_size, len(split)), shuffle=False)
-                        for split in (self.data.train, self.data.test)]
         start = len(self.history) + 1
         bar = tqdm(total=config.epochs, initial=start - 1, desc=f"{config.model} on {self.dataset.name}",
                    unit="epoch", disable=not progress)
@@ -293,7 +334,8 @@ class _Run:
                 began = time.perf_counter()
                 size = self.schedule.batch_size(epoch) if self.schedule else self.batch_size
                 batch_loss = self.train_epoch(epoch, size, progress)
-                (train_loss, train_acc), (test_loss, test_acc) = (evaluate(model, loader) for loader in eval_loaders)
+                (train_loss, train_acc), (test_loss, test_acc) = (self.evaluate(split) for split in
+                                                                  (self.data.train, self.data.test))
                 with torch.no_grad():
                     x = parameters_to_vector(model.parameters())
                     finite = bool(torch.isfinite(x).all()) and all(

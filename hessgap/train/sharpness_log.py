@@ -35,10 +35,17 @@ class SharpnessLog:
         self.max_batches, self.batch_size, self.device = max_batches, batch_size, device
 
     @classmethod
-    def from_config(cls, config, train_set: TensorDataset, device: torch.device) -> SharpnessLog:
+    def from_config(cls, config, train_set: TensorDataset, device: torch.device, replicas=None) -> SharpnessLog:
         """The log a :class:`~hessgap.train.config.TrainConfig` asks for (``sharpness_every``, ``sharpness_epsilon``,
-        ``sharpness_batches``, batches of ``eval_batch_size``)."""
-        return cls(train_set, config.sharpness_every, config.sharpness_epsilon, config.sharpness_batches,
+        ``sharpness_batches``, batches of ``eval_batch_size``). On several ranks (``replicas``) each measures its
+        shard of those samples, and the metric adds the shards up: the value of one process."""
+        max_batches = config.sharpness_batches
+        if replicas is not None:
+            if max_batches is not None:
+                count = min(len(train_set), max_batches * config.eval_batch_size)
+                train_set = TensorDataset(*(t[:count] for t in train_set.tensors))
+            train_set, max_batches = replicas.shard(train_set), None
+        return cls(train_set, config.sharpness_every, config.sharpness_epsilon, max_batches,
                    config.eval_batch_size, device)
 
     def due(self, epoch: int, last: bool) -> bool:

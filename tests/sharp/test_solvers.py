@@ -217,3 +217,12 @@ def test_torch_lbfgsb_takes_scipys_path_on_trained_mlps(config):
     assert (ours.kernel, scipy.kernel) == ("torch", "scipy")
     assert ours.iterations == scipy.iterations and ours.evaluations == scipy.evaluations
     np.testing.assert_allclose(ours.history, scipy.history, rtol=1e-5)
+
+
+def test_a_progress_bar_does_not_change_the_result():
+    """The L-BFGS-B iteration callback ticks tqdm, whose update() returns True when it redraws; that must not
+    read as 'stop' (it did: with progress=True L-BFGS-B ended early, and ranks of a distributed run diverged)."""
+    model, loader = trained_mlp(*SB)
+    quiet = hessgap.sharpness(model, loader, solver="lbfgsb")
+    shown = hessgap.sharpness(model, loader, solver="lbfgsb", progress=True)
+    assert shown.iterations == quiet.iterations == 10 and shown.history == quiet.history
