@@ -66,7 +66,7 @@ def _finish(folder) -> None:
 
 def cmd_demo(args) -> int:
     settings = demo_settings(seed=args.seed, device=args.device, dataset=args.dataset)
-    with _folder(args, "demo", settings.to_dict(), "demo") as folder:
+    with _folder(args, "demo", settings.to_dict(), f"demo-{settings.dataset}") as folder:
         outcome = reproduce(folder, settings)
         print("\n".join(summary_lines(outcome)))
         if outcome.get("parametric", {}).get("figures"):

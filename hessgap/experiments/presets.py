@@ -183,6 +183,9 @@ ADDED_SETTINGS = {
     "conv_dropout": False, "sharpness_batchnorm": "eval",
 }
 
+#: The demo's data set when none is named: MNIST-1D, where the generalization gap shows (digits is too easy).
+DEMO_DATASET = "mnist1d"
+
 # The data set each network of the paper used, where it is available offline (TIMIT is not: F2 is
 # run on MNIST-1D, a 40-feature sequence task, unless --dataset says otherwise).
 PAPER_DATA = {"F1": "mnist", "F2": "mnist1d", "C1": "cifar10", "C2": "cifar10", "C3": "cifar100", "C4": "cifar100"}
