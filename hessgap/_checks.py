@@ -76,6 +76,13 @@ def seed(value, name: str = "seed") -> int:
     return value
 
 
+def flag(value, name: str) -> bool:
+    """``value`` when it is True or False (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise HessgapError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def choice(value, choices: Iterable[str], name: str) -> str:
     """``value`` when it is one of ``choices``."""
     choices = tuple(choices)

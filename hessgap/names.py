@@ -22,6 +22,16 @@ PRESET_NAMES = ("quick", "paper")
 #: Maximizers of Metric 2.1: "auto" runs the paper's L-BFGS-B path and the sign ascent and keeps the better;
 #: "lbfgsb" is hessgap's torch L-BFGS-B (scipy's iterates), "lbfgsb-scipy" scipy's own, for reference.
 SHARPNESS_SOLVERS = ("auto", "box-ascent", "lbfgsb", "lbfgsb-scipy")
+#: Input preprocessing: "standardize" (hessgap's default: per channel, with the training split's statistics)
+#: or "none" (pixel intensities scaled to [0, 1], as the authors' code did; MNIST-1D as generated).
+PREPROCESS_NAMES = ("standardize", "none")
+#: Initial weights: PyTorch's default (hessgap's default) or Glorot-uniform with zero biases (Keras's, the paper's).
+INIT_NAMES = ("pytorch", "glorot")
+#: BatchNorm while sharpness is measured: "eval" (running statistics, hessgap's default) or "train" (the
+#: statistics of each batch, as the authors' Keras BatchNormalization(mode=2) always normalized).
+BATCHNORM_MODES = ("eval", "train")
+#: When training stops: after a fixed number of epochs, or once the training loss stopped improving.
+STOP_RULES = ("epochs", "plateau")
 
 
 def model_name(name) -> str:

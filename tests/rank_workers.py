@@ -151,7 +151,7 @@ def sharded_hessian(rank, world_size):
             "n": eigen.n, "trace": trace.value, "stderr": trace.stderr, "refused": refused}
 
 
-def _mlp_without_batchnorm(name, input_shape, num_classes, width=1.0, depth=1.0, dropout=0.5):
+def _mlp_without_batchnorm(name, input_shape, num_classes, width=1.0, depth=1.0, dropout=0.5, **options):
     """A plain MLP (no BatchNorm: SyncBatchNorm runs on GPUs only, so CPU ranks would normalize apart)."""
     from torch import nn
 

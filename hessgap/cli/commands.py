@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..experiments import interpolate, model_sharpness, model_spectrum, model_train, networks, reproduce, run_experiment
 from ..experiments.demo import demo_settings, summary_lines
-from ..experiments.presets import PATHS, preset
+from ..experiments.presets import ADDED_SETTINGS, PATHS, preset
 from ..experiments.report import write_report
 from ..experiments.runs import RunFolder
 from ..experiments.saved import SavedModel, load, settings_for
@@ -87,7 +87,8 @@ def _folder(args, command: str, settings: dict, default_name: str, ignore=("devi
 
     Call it only once the inputs are checked: a command that fails on its inputs leaves no folder behind."""
     out = args.out if args.out is not None else DEFAULT_ROOT / default_name
-    return RunFolder(out, command, settings, progress=not args.quiet, log=None if args.quiet else _say).open(ignore)
+    return RunFolder(out, command, settings, progress=not args.quiet, log=None if args.quiet else _say).open(
+        ignore, added=ADDED_SETTINGS)
 
 
 def _finish(folder) -> None:
@@ -99,7 +100,7 @@ def _finish(folder) -> None:
 
 def cmd_demo(args) -> int:
     settings = demo_settings(seed=args.seed, device=args.device, dataset=args.dataset)
-    with _folder(args, "demo", settings.to_dict(), "demo") as folder:
+    with _folder(args, "demo", settings.to_dict(), f"demo-{settings.dataset}") as folder:
         outcome = reproduce(folder, settings)
         print("\n".join(summary_lines(outcome)))
         if outcome.get("parametric", {}).get("figures"):
@@ -155,13 +156,15 @@ def cmd_train(args) -> int:
     config = TrainConfig(
         model=args.model, dataset=args.dataset, data_root=args.data_root, batch_size=args.batch_size,
         epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, patience=args.patience,
-        seed=args.seed, width=args.width, depth=args.depth, dropout=args.dropout, remedy=args.remedy,
+        min_delta=args.min_delta, seed=args.seed, width=args.width, depth=args.depth, dropout=args.dropout,
+        conv_dropout=args.conv_dropout, init=args.init, preprocess=args.preprocess, remedy=args.remedy,
         prox_lambda=args.prox_lambda, fgsm_epsilon=args.fgsm_epsilon, batch_schedule=schedule,
         sharpness_every=args.sharpness_every, sharpness_epsilon=args.sharpness_epsilon,
-        sharpness_batches=args.sharpness_batches, eval_batch_size=args.eval_batch, device=args.device,
+        sharpness_batches=args.sharpness_batches, sharpness_solver=args.sharpness_solver,
+        sharpness_batchnorm=args.sharpness_batchnorm, eval_batch_size=args.eval_batch, device=args.device,
     ).validate()
     # the data and the batch size are checked before the folder is made
-    data = load_dataset(config.dataset, config.data_root, seed=config.data_seed)
+    data = load_dataset(config.dataset, config.data_root, seed=config.data_seed, preprocess=config.preprocess)
     batch_plan(config, data)
     name = f"train-{config.model}-{config.dataset}-b{config.batch_size}-seed{config.seed}"
     if config.remedy:
@@ -193,11 +196,13 @@ def cmd_sharpness(args) -> int:
     saved = _saved(args.model_path, args)
     settings = {"model": str(Path(args.model_path).resolve()), "model_sha256": saved.sha256,
                 "epsilons": list(args.epsilon), "subspace_dim": args.subspace_dim, "solver": args.solver,
+                "sharpness_batchnorm": args.batchnorm,
                 "seed": args.seed, "max_batches": args.max_batches, "eval_batch": args.eval_batch,
                 "data_root": args.data_root, "device": args.device}
     with _folder(args, "sharpness", settings, f"sharpness-{saved.label}-{saved.sha256[:8]}") as folder:
         result = model_sharpness.run(folder, saved, args.epsilon, args.subspace_dim or None, args.solver, args.seed,
-                                     args.data_root, args.eval_batch, args.max_batches, args.device)
+                                     args.data_root, args.eval_batch, args.max_batches, args.device,
+                                     batchnorm=args.batchnorm)
         print(f"model: {saved.describe()}")
         for m in result["measurements"]:
             print(f"sharpness ({m['space']}, ε={m['epsilon']:g}): {m['value']:.5g}  (f(x) = {m['loss']:.4g}, "

@@ -51,6 +51,7 @@ def checked(convert: Callable[[str], object], check: Callable, expected: str):
 
 positive_int = checked(int, _checks.positive_int, "a positive integer")
 nonnegative_int = checked(int, _checks.nonnegative_int, "an integer >= 0")
+nonnegative_float = checked(float, _checks.nonnegative_number, "a number >= 0")
 positive_float = checked(float, _checks.positive_number, "a positive number")
 seed = checked(int, _checks.seed, "an integer >= 0")
 
@@ -131,6 +132,19 @@ def add_model_data_options(parser, preset_defaults: bool) -> None:
                        help=f"scale of every layer's units/channels (the paper: 1) {d('1.0')}")
     group.add_argument("--depth", type=positive_float, default=None if preset_defaults else 1.0,
                        help=f"scale of the number of repeated blocks (the paper: 1) {d('1.0')}")
+    paper = (lambda quick, text: f"(quick: {quick}, paper: {text})") if preset_defaults else (
+        lambda quick, text: f"(default: {quick}; the paper: {text})")
+    group.add_argument("--preprocess", choices=names.PREPROCESS_NAMES, default=None if preset_defaults else "standardize",
+                       help="standardize: inputs standardized per channel with the training split's statistics; none: "
+                            f"pixels in [0, 1] as the authors' code fed them (MNIST-1D is the same either way) "
+                            f"{paper('standardize', 'none')}")
+    group.add_argument("--init", choices=names.INIT_NAMES, default=None if preset_defaults else "pytorch",
+                       help="initial weights: pytorch (its default) or glorot (Glorot-uniform, zero biases: Keras's, "
+                            f"the paper's) {paper('pytorch', 'glorot')}")
+    group.add_argument("--conv-dropout", action=argparse.BooleanOptionalAction, default=None if preset_defaults else False,
+                       help="C2/C4: the authors' dropout between convolutions (0.3 after the first, 0.4 after the others "
+                            f"but each stack's last) and before the dense layer; other networks have none "
+                            f"{paper('off', 'on')}")
 
 
 def add_training_options(parser) -> None:
@@ -141,7 +155,15 @@ def add_training_options(parser) -> None:
                        help="epochs of LB runs; batches in between get epochs geometrically in between "
                             "(quick: 150, paper: same as --epochs)")
     group.add_argument("--patience", type=positive_int,
-                       help="stop when the training loss has not improved for this many epochs (default: off)")
+                       help="stop when the training loss has not improved for this many epochs (quick: off, paper: 10)")
+    group.add_argument("--stop", choices=names.STOP_RULES,
+                       help="epochs: every run trains --epochs; plateau: the tables' SB and LB networks train until "
+                            "the loss has not improved for --patience epochs, at most --max-epochs, while the sweep "
+                            "and warm starts keep their fixed epochs, as in the paper (quick: epochs, paper: plateau)")
+    group.add_argument("--max-epochs", type=positive_int,
+                       help="with --stop plateau: at most this many epochs (default: 500)")
+    group.add_argument("--min-delta", type=nonnegative_float,
+                       help="a fall of the training loss by at most this much is no improvement (default: 0)")
     group.add_argument("--optimizer", choices=names.OPTIMIZER_NAMES,
                        help="adam (the paper) or sgd with momentum 0.9 (default: adam)")
     group.add_argument("--lr", type=positive_float, help="learning rate (default: 1e-3)")
@@ -154,8 +176,12 @@ def add_training_options(parser) -> None:
                        help="number of random starts, seeds --seed ... --seed+N-1 (quick: 2, paper: 5)")
 
 
-SOLVER_HELP = ("maximizer of Metric 2.1: auto (box ascent in the full space, L-BFGS-B's path in a random "
-               "subspace), box-ascent, or lbfgsb (the paper's 10 iterations of L-BFGS-B)")
+SOLVER_HELP = ("maximizer of Metric 2.1: auto (the paper's L-BFGS-B and the sign ascent, keeping the larger value), "
+               "box-ascent, lbfgsb (the paper's 10 iterations of L-BFGS-B) or lbfgsb-scipy (scipy's own, for reference)")
+
+
+BATCHNORM_HELP = ("BatchNorm while sharpness is measured: eval (running statistics) or train (each batch's "
+                  "statistics, dropout off, as the authors' Keras BatchNormalization(mode=2))")
 
 
 def add_sharpness_options(parser) -> None:
@@ -164,7 +190,8 @@ def add_sharpness_options(parser) -> None:
                        help="box sizes ε of Metric 2.1, comma-separated (default: 1e-3,5e-4)")
     group.add_argument("--subspace-dim", type=nonnegative_int,
                        help="dimension p of the random subspace of Table 4; 0 = full space only (default: 100)")
-    group.add_argument("--solver", choices=names.SHARPNESS_SOLVERS, help=f"{SOLVER_HELP} (default: auto)")
+    group.add_argument("--solver", choices=names.SHARPNESS_SOLVERS, help=f"{SOLVER_HELP} (quick: auto, paper: lbfgsb)")
+    group.add_argument("--sharpness-batchnorm", choices=names.BATCHNORM_MODES, help=f"{BATCHNORM_HELP} (quick: eval, paper: train)")
     group.add_argument("--sharpness-batches", type=positive_int,
                        help="measure sharpness and spectra over the first N batches of --eval-batch training "
                             "samples (default: the whole training set)")
@@ -176,7 +203,7 @@ def add_warmstart_options(parser) -> None:
     parser.add_argument("--warm-lb-epochs", type=positive_int,
                         help="warm start: LB epochs from each SB iterate (quick: 60, paper: 100)")
     parser.add_argument("--warm-every", type=positive_int,
-                        help="warm start: from the SB iterate of every N-th epoch (quick: 2, paper: 10)")
+                        help="warm start: from the SB iterate of every N-th epoch (quick: 2, paper: 1, the paper's)")
 
 
 def add_data_override(parser) -> None:
@@ -199,7 +226,9 @@ SETTINGS_FIELDS = {
     "alphas": "alphas",
     "sweep_batches": "sweep_batches", "warm_sb_epochs": "warmstart_sb_epochs",
     "warm_lb_epochs": "warmstart_lb_epochs", "warm_every": "warmstart_every", "lb_epochs": "lb_epochs",
-    "remedies": "remedies", "experiments": "experiments",
+    "remedies": "remedies", "experiments": "experiments", "stop": "stop", "max_epochs": "max_epochs",
+    "min_delta": "min_delta", "preprocess": "preprocess", "init": "init", "conv_dropout": "conv_dropout",
+    "sharpness_batchnorm": "sharpness_batchnorm",
 }
 
 

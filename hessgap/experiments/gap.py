@@ -92,8 +92,8 @@ def render(r: dict) -> str:
                      md.pct(p["test_lb"]), f"{gap:.2f}"])
     out = [
         "## 1. Generalization gap (Table 2)",
-        f"SB batch {sb['batch_size']}, LB batch {lb['batch_size']}; accuracy in % (mean ± std over seeds, eval mode, "
-        "whole splits).",
+        f"SB batch {sb['batch_size']}, LB batch {lb['batch_size']}, {_stopping(s)}; accuracy in % (mean ± std over "
+        "seeds, eval mode, whole splits).",
         "",
         md.table(["", "train SB", "train LB", "test SB", "test LB", "gap (test SB − LB)"], rows),
         "",
@@ -111,6 +111,16 @@ def render(r: dict) -> str:
             md.table(["seed", "regime", "batch", "epochs", "train acc", "test acc", "train loss", "‖x − x0‖", "status"],
                    per_seed), "", "</details>", "", md.figure(r, "gap", "accuracy of SB and LB")]
     return "\n".join(out)
+
+
+def _stopping(s: dict) -> str:
+    """How the runs were stopped, in a few words."""
+    if s.get("stop", "epochs") == "plateau":
+        return (f"each trained until its training loss had not improved for {s.get('patience')} epochs "
+                f"(at most {s.get('max_epochs')})")
+    lb_epochs = s.get("lb_epochs") or s.get("epochs")
+    text = f"{s.get('epochs')} epochs" + (f" (LB {lb_epochs})" if lb_epochs != s.get("epochs") else "")
+    return text + (f", or until the loss stalled for {s['patience']} epochs" if s.get("patience") else "")
 
 
 def plot(result: dict, path) -> Path:

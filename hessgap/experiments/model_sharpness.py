@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..sharp import sharpness
+from ..train.sharpness_log import measure_sharpness
 from . import _markdown as md
 from . import networks
 from .runs import RunFolder
@@ -15,9 +15,9 @@ NAME = "model_sharpness"
 
 
 def run(folder: RunFolder, saved: SavedModel, epsilons, subspace_dim=None, solver="auto", seed=0, data_root=None,
-        eval_batch=1024, max_batches=None, device="auto") -> dict:
+        eval_batch=1024, max_batches=None, device="auto", batchnorm="eval") -> dict:
     """Metric 2.1 of a saved network (:func:`.saved.load`) at each ε, full space (and a random subspace when
-    ``subspace_dim``)."""
+    ``subspace_dim``), BatchNorm on running (``batchnorm="eval"``) or batch statistics (``"train"``)."""
     stored = folder.load_result(NAME)
     if stored is not None:
         return stored
@@ -28,7 +28,7 @@ def run(folder: RunFolder, saved: SavedModel, epsilons, subspace_dim=None, solve
     for dim in [None] + ([subspace_dim] if subspace_dim else []):
         for eps in epsilons:
             key = f"{'full' if dim is None else f'sub{dim}'}/eps{eps:g}"
-            measure = partial(_measure, folder, key, saved.result.model, loader, eps, dim, solver, seed)
+            measure = partial(_measure, folder, key, saved.result.model, loader, eps, dim, solver, seed, batchnorm)
             entry = dict(parts.compute(key, measure))
             entry["space"] = "full" if dim is None else f"{dim}-dim subspace"
             entry["epsilon"] = eps
@@ -44,9 +44,10 @@ def run(folder: RunFolder, saved: SavedModel, epsilons, subspace_dim=None, solve
     return out
 
 
-def _measure(folder: RunFolder, key: str, model, loader, epsilon: float, subspace_dim, solver: str, seed: int) -> dict:
-    value = sharpness(model, loader, epsilon=epsilon, subspace_dim=subspace_dim, seed=seed, progress=folder.progress,
-                      solver=solver)
+def _measure(folder: RunFolder, key: str, model, loader, epsilon: float, subspace_dim, solver: str, seed: int,
+             batchnorm: str) -> dict:
+    value = measure_sharpness(model, loader, epsilon, subspace_dim=subspace_dim, seed=seed, progress=folder.progress,
+                              solver=solver, batchnorm=batchnorm)
     folder.log(f"sharpness {key}: {value.value:.5g}")
     return value.to_dict()
 

@@ -16,13 +16,13 @@ from torch.utils.data import TensorDataset
 
 from .._io import read_json
 from ..errors import HessgapError
-from ..sharp import sharpness as sharpness_metric
 from ..train import loop
-from ..train.config import TrainConfig
+from ..train.config import ADDED_DEFAULTS, TrainConfig
 from ..train.data import load_dataset, make_loader
 from ..train.evaluation import evaluate as evaluate_model
 from ..train.parallel import Replicas
 from ..train.result import TrainResult
+from ..train.sharpness_log import measure_sharpness
 from .presets import Settings
 from .runs import RunFolder, digest
 
@@ -53,9 +53,10 @@ class Trained:
 def dataset(settings: Settings):
     """The settings' data set, loaded once per process (the split depends on ``data_seed`` only, not on
     the seeds of the training runs)."""
-    key = (settings.dataset, settings.data_root, settings.data_seed)
+    key = (settings.dataset, settings.data_root, settings.data_seed, settings.preprocess)
     if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(settings.dataset, root=settings.data_root, seed=settings.data_seed)
+        _DATASETS[key] = load_dataset(settings.dataset, root=settings.data_root, seed=settings.data_seed,
+                                      preprocess=settings.preprocess)
     return _DATASETS[key]
 
 
@@ -87,13 +88,22 @@ def train_config(
     epochs: int | None = None,
     batch_schedule: tuple | None = None,
     keep_checkpoints: int | None = 1,
+    fixed_epochs: bool = False,
 ) -> TrainConfig:
     """The :class:`hessgap.train.config.TrainConfig` of one run under ``settings``.
 
     Only the latest checkpoint is kept by default (enough to resume): at the paper's scale a C2 checkpoint
     is ~180 MB, so keeping every epoch of every run would fill a disk. ``keep_checkpoints=None`` keeps all
-    (the warm-start experiment starts LB runs from every SB epoch).
+    (the warm-start experiment starts LB runs from every SB epoch). ``fixed_epochs``: a run the paper
+    trained for a fixed number of epochs (Figs. 4 and 5); with ``settings.stop == "plateau"`` the others
+    train until the loss stops improving, at most ``settings.max_epochs`` (``epochs`` is then ignored).
     """
+    patience = settings.patience
+    if settings.trains_to_plateau():
+        if fixed_epochs:
+            patience = None
+        else:
+            epochs = settings.max_epochs
     kwargs = dict(
         model=settings.model,
         dataset=settings.dataset,
@@ -103,14 +113,20 @@ def train_config(
         epochs=epochs if epochs is not None else settings.epochs,
         optimizer=settings.optimizer,
         lr=settings.lr,
-        patience=settings.patience,
+        patience=patience,
+        min_delta=settings.min_delta,
         seed=seed,
         width=settings.width,
         depth=settings.depth,
+        init=settings.init,
+        conv_dropout=settings.conv_dropout,
+        preprocess=settings.preprocess,
         remedy=remedy,
         sharpness_every=sharpness_every,
         sharpness_epsilon=settings.epsilons[0],
         sharpness_batches=settings.sharpness_batches,
+        sharpness_solver=settings.sharpness_solver,
+        sharpness_batchnorm=settings.sharpness_batchnorm,
         eval_batch_size=settings.eval_batch,
         device=settings.device,
         keep_checkpoints=keep_checkpoints,
@@ -130,8 +146,10 @@ def train(run: RunFolder, config, label: str, data=None, init_state=None, init_l
 
     A diverged run (non-finite loss) is reported and returned with ``diverged`` set; its checkpoints stay.
     """
-    # what does not change the trained weights does not name the run
-    identity = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", "keep_checkpoints")}
+    # what does not change the trained weights does not name the run; nor do options added later while they
+    # keep the value runs had before them (so a folder's earlier runs keep their names)
+    identity = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", "keep_checkpoints")
+                and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
     if init_state is not None:
         if init_label is None:
             raise HessgapError("a warm-started run needs init_label naming where its weights came from")
@@ -211,13 +229,14 @@ def percent(accuracy: float) -> float:
 
 def sharpness(run: RunFolder, trained: Trained, settings: Settings, epsilon: float, subspace_dim: int | None = None,
               seed: int = 0) -> dict:
-    """Metric 2.1 of a trained network over the training set, cached in the run folder per network."""
+    """Metric 2.1 of a trained network over the training set (solver and BatchNorm mode of ``settings``),
+    cached in the run folder per network."""
     key = f"{trained.tag}/{'full' if subspace_dim is None else f'sub{subspace_dim}'}/eps{epsilon:g}/seed{seed}"
     cache = run.parts("measurements")
     if key in cache:
         return cache.get(key)
-    result = sharpness_metric(trained.model, analysis_loader(settings), epsilon=epsilon, subspace_dim=subspace_dim,
-                              seed=seed, solver=settings.sharpness_solver)
+    result = measure_sharpness(trained.model, analysis_loader(settings), epsilon, subspace_dim=subspace_dim,
+                               seed=seed, solver=settings.sharpness_solver, batchnorm=settings.sharpness_batchnorm)
     run.log(f"sharpness {key}: {result.value:.4g} (loss {result.loss:.3g}, {result.seconds:.1f} s)")
     return cache.put(key, result.to_dict())
 

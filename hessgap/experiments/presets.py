@@ -13,10 +13,18 @@ from dataclasses import dataclass
 
 from .. import _checks
 from ..errors import HessgapError
-from ..names import PRESET_NAMES, REMEDY_NAMES, SHARPNESS_SOLVERS
+from ..names import (
+    BATCHNORM_MODES,
+    INIT_NAMES,
+    PREPROCESS_NAMES,
+    PRESET_NAMES,
+    REMEDY_NAMES,
+    SHARPNESS_SOLVERS,
+    STOP_RULES,
+)
 from .registry import EXPERIMENTS
 
-__all__ = ["EXPERIMENTS", "PATHS", "PRESET_NAMES", "REMEDY_NAMES", "Settings", "preset"]
+__all__ = ["ADDED_SETTINGS", "EXPERIMENTS", "PATHS", "PRESET_NAMES", "REMEDY_NAMES", "Settings", "preset"]
 
 #: The interpolation paths of Figures 3 and 7 (see :mod:`hessgap.experiments.parametric`).
 PATHS = ("linear", "curved")
@@ -24,7 +32,15 @@ PATHS = ("linear", "curved")
 
 @dataclass
 class Settings:
-    """Everything that decides the numbers of a run (``device`` and ``experiments`` only decide where and what)."""
+    """Everything that decides the numbers of a run (``device`` and ``experiments`` only decide where and what).
+
+    Stopping: with ``stop="epochs"`` every run trains ``epochs`` epochs (LB ``lb_epochs``; ``patience``, when
+    set, stops any run earlier once its training loss has not improved by more than ``min_delta`` for that
+    many epochs). With ``stop="plateau"`` the SB and LB networks of the tables (and the remedies' LB runs)
+    train until their training loss has not improved by more than ``min_delta`` for ``patience`` epochs, at
+    most ``max_epochs``, as the paper trained "until the loss function ceased to improve"; the sweep (Fig. 4)
+    and the warm starts (Fig. 5) train their fixed epochs, as the paper's did (100 each).
+    """
 
     model: str = "F1"
     dataset: str = "digits"
@@ -37,6 +53,13 @@ class Settings:
     epochs: int = 100
     lb_epochs: int | None = None  # None: `epochs`; LB takes fewer steps per epoch and may need more epochs
     patience: int | None = None
+    stop: str = "epochs"  # "epochs" or "plateau" (see above)
+    max_epochs: int = 500  # stop="plateau": at most this many epochs
+    min_delta: float = 0.0  # an improvement of the training loss by at most this much does not count
+    # the paper's choices where hessgap's defaults differ (the paper preset sets them)
+    preprocess: str = "standardize"  # "none": pixels in [0, 1], as the authors' code fed them
+    init: str = "pytorch"  # "glorot": Keras's Glorot-uniform weights and zero biases
+    conv_dropout: bool = False  # True: the authors' dropout between C2/C4's convolutions
     sb_batch: int = 256
     lb_batch: int | None = None  # None: lb_fraction of the training set (the paper's 10 %)
     lb_fraction: float = 0.1
@@ -46,6 +69,7 @@ class Settings:
     epsilons: tuple = (1e-3, 5e-4)
     subspace_dim: int | None = 100  # None: full space only
     sharpness_solver: str = "auto"  # one of hessgap.names.SHARPNESS_SOLVERS; auto: the metric's choice
+    sharpness_batchnorm: str = "eval"  # "train": BatchNorm on batch statistics while measuring (the authors' Keras)
     sharpness_batches: int | None = None  # None: the whole training set
     eval_batch: int = 1024
     # experiment-specific
@@ -81,6 +105,16 @@ class Settings:
                      "alphas", "spectrum_k", "warmstart_sb_epochs", "warmstart_lb_epochs", "warmstart_every",
                      "patience"):
             _checks.positive_int(getattr(self, name), name, allow_none=True)
+        _checks.positive_int(self.max_epochs, "max_epochs")
+        _checks.nonnegative_number(self.min_delta, "min_delta")
+        _checks.choice(self.stop, STOP_RULES, "stop rule")
+        if self.stop == "plateau" and self.patience is None:
+            raise HessgapError("stop='plateau' needs patience: the number of epochs without improvement of the "
+                               "training loss after which a run stops (the paper preset: 10)")
+        _checks.choice(self.preprocess, PREPROCESS_NAMES, "preprocess")
+        _checks.choice(self.init, INIT_NAMES, "init")
+        _checks.flag(self.conv_dropout, "conv_dropout")
+        _checks.choice(self.sharpness_batchnorm, BATCHNORM_MODES, "sharpness_batchnorm")
         for name in ("width", "depth", "lr"):
             _checks.positive_number(getattr(self, name), name)
         _checks.seed(self.seed, "seed")
@@ -123,6 +157,10 @@ class Settings:
         t = min(1.0, max(0.0, t))
         return max(1, int(round(self.epochs * (self.lb_epochs / self.epochs) ** t)))
 
+    def trains_to_plateau(self) -> bool:
+        """Whether the tables' networks train until their loss stops improving (``stop="plateau"``)."""
+        return self.stop == "plateau"
+
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -137,6 +175,16 @@ class Settings:
             raise HessgapError(f"unknown settings {sorted(unknown)}; known: {sorted(names)}")
         return cls(**data)
 
+
+#: settings added after run folders had been recorded, with the value a folder that lacks them had: such a
+#: folder resumes while they keep these values
+ADDED_SETTINGS = {
+    "stop": "epochs", "max_epochs": 500, "min_delta": 0.0, "preprocess": "standardize", "init": "pytorch",
+    "conv_dropout": False, "sharpness_batchnorm": "eval",
+}
+
+#: The demo's data set when none is named: MNIST-1D, where the generalization gap shows (digits is too easy).
+DEMO_DATASET = "mnist1d"
 
 # The data set each network of the paper used, where it is available offline (TIMIT is not: F2 is
 # run on MNIST-1D, a 40-feature sequence task, unless --dataset says otherwise).
@@ -194,13 +242,21 @@ def preset(name: str, model: str | None = None, dataset: str | None = None) -> S
             model=model,
             dataset=dataset or PAPER_DATA.get(model, "mnist"),
             epochs=100,
+            stop="plateau",
+            patience=10,
+            max_epochs=500,
+            preprocess="none",
+            init="glorot",
+            conv_dropout=True,
             sb_batch=256,
             lb_fraction=0.1,
             seeds=5,
+            sharpness_solver="lbfgsb",
+            sharpness_batchnorm="train",
             sweep_batches=_PAPER_SWEEP.get(model, _PAPER_SWEEP["F1"]),
             warmstart_sb_epochs=100,
             warmstart_lb_epochs=100,
-            warmstart_every=10,
+            warmstart_every=1,
             sharpness_every=5,
             sharpness_batches=None,
         )

@@ -94,16 +94,18 @@ class RunFolder:
         return self.results_dir / f"{name}.json"
 
     # -- configuration -------------------------------------------------------------------------
-    def open(self, ignore: tuple[str, ...] = ("device", "experiments")) -> RunFolder:
+    def open(self, ignore: tuple[str, ...] = ("device", "experiments"), added: dict | None = None) -> RunFolder:
         """Lock the folder (creating it), and check that an existing one was made by the same command and
         settings; usable as ``with RunFolder(...).open() as folder:``, which closes it.
 
         Keys in ``ignore`` (where the run executes, which experiments run this time) may change
-        between calls; anything else that differs would mix results of two configurations.
+        between calls; anything else that differs would mix results of two configurations. ``added`` maps
+        settings introduced after folders had been written to the value such a folder had: a folder that
+        does not record them counts as having that value.
         """
         self._lock.acquire()  # before reading config.json: another process may be writing it
         try:
-            return self._check_and_record(ignore)
+            return self._check_and_record(ignore, added or {})
         except BaseException:
             self.close()
             raise
@@ -118,7 +120,7 @@ class RunFolder:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _check_and_record(self, ignore: tuple[str, ...]) -> RunFolder:
+    def _check_and_record(self, ignore: tuple[str, ...], added: dict) -> RunFolder:
         config_path = self.path / "config.json"
         if config_path.exists():
             stored = read_json(config_path)
@@ -127,8 +129,9 @@ class RunFolder:
                     f"{self.path} holds a '{stored.get('command')}' run, not '{self.command}'; "
                     "choose another --out folder"
                 )
-            old = {k: v for k, v in stored.get("settings", {}).items() if k not in ignore}
             new = {k: v for k, v in self.settings.items() if k not in ignore}
+            earlier = {k: jsonable(v) for k, v in added.items() if k in new}  # what a folder from before them had
+            old = {k: v for k, v in {**earlier, **stored.get("settings", {})}.items() if k not in ignore}
             diff = _differences(old, new)
             if diff:
                 raise HessgapError(

@@ -106,5 +106,7 @@ def settings_for(result, data_root: str | None = None, eval_batch: int = 1024, m
     return Settings(
         model=config.model, dataset=config.dataset, data_root=data_root if data_root is not None else config.data_root,
         data_seed=getattr(config, "data_seed", 0), width=config.width, depth=config.depth,
+        preprocess=getattr(config, "preprocess", "standardize"), init=getattr(config, "init", "pytorch"),
+        conv_dropout=getattr(config, "conv_dropout", False),
         eval_batch=eval_batch, sharpness_batches=max_batches, seeds=1, experiments=(), device=device, **extra,
     )

@@ -110,12 +110,18 @@ def render(r: dict) -> str:
         f"the first {s['sharpness_batches']} × {s['eval_batch']} training samples"
     return "\n".join([
         "## 2. Sharpness (Tables 3 and 4)",
-        f"Metric 2.1 at the trained weights, over {data}, solver `{solver}`, eval mode; mean ± std over seeds.",
+        f"Metric 2.1 at the trained weights, over {data}, solver `{solver}`, {_batchnorm(s)}; mean ± std over seeds.",
         "",
         md.table(header, rows),
         "",
         md.figure(r, "sharpness", "sharpness of SB and LB"),
     ])
+
+
+def _batchnorm(s: dict) -> str:
+    if s.get("sharpness_batchnorm", "eval") == "train":
+        return "BatchNorm on the statistics of each batch (dropout off)"
+    return "eval mode"
 
 
 def plot(result: dict, path) -> Path:

@@ -17,7 +17,8 @@ NAME = "sweep"
 def run(folder: RunFolder, settings: Settings) -> dict:
     """One network per batch size of ``settings.sweep_batches`` (first seed), each evaluated and measured
     at every ε in the full space. Batch sizes larger than the training set are an error. With
-    ``lb_epochs`` set, larger batches train for more epochs (see :meth:`Settings.epochs_for`)."""
+    ``lb_epochs`` set, larger batches train for more epochs (see :meth:`Settings.epochs_for`); every run
+    trains its epochs also with ``stop="plateau"`` (the paper's Fig. 4: 100 epochs each)."""
     stored = folder.load_result(NAME)
     if stored is not None:
         return stored
@@ -26,7 +27,8 @@ def run(folder: RunFolder, settings: Settings) -> dict:
         networks.check_batch(batch, len(data.train), "sweep batch size")
     rows = []
     for batch in sorted(settings.sweep_batches):
-        config = networks.train_config(settings, batch, settings.seed, epochs=settings.epochs_for(batch, len(data.train)))
+        config = networks.train_config(settings, batch, settings.seed, epochs=settings.epochs_for(batch, len(data.train)),
+                                       fixed_epochs=True)
         trained = networks.train(folder, config, f"b{batch}-seed{settings.seed}", data)
         row = {"batch_size": batch, "model": trained.tag, "diverged": trained.diverged, "sharpness": {}}
         if trained.diverged is None:

@@ -14,15 +14,31 @@ import torch
 
 from .. import _checks
 from ..errors import HessgapError
-from ..names import OPTIMIZER_NAMES, REMEDY_NAMES, dataset_name, model_name
+from ..names import (
+    BATCHNORM_MODES,
+    INIT_NAMES,
+    OPTIMIZER_NAMES,
+    PREPROCESS_NAMES,
+    REMEDY_NAMES,
+    SHARPNESS_SOLVERS,
+    dataset_name,
+    model_name,
+)
 from .data import SMALL_BATCH, large_batch_size
 from .remedies import BatchSchedule
 
 # fields that may change between a run and its resumption (they do not change the trajectory)
 RESUMABLE_CHANGES = frozenset({
     "epochs", "patience", "min_delta", "device", "data_root", "sharpness_every", "sharpness_epsilon",
-    "sharpness_batches", "eval_batch_size", "keep_checkpoints",
+    "sharpness_batches", "eval_batch_size", "keep_checkpoints", "sharpness_solver", "sharpness_batchnorm",
 })
+
+#: options added after runs had been recorded, with the value a recorded run that lacks them had: a run folder
+#: written before they existed resumes, and keeps its name in an experiment's folder while they keep these values
+ADDED_DEFAULTS = {
+    "preprocess": "standardize", "init": "pytorch", "conv_dropout": False, "sharpness_solver": "auto",
+    "sharpness_batchnorm": "eval",
+}
 
 
 @dataclass
@@ -39,6 +55,12 @@ class TrainConfig:
     ``sharpness_batches`` limits it to the first batches of the training set. ``keep_checkpoints``: None
     keeps every epoch's checkpoint, k keeps the starting point (epoch 0) and the last k (a checkpoint holds the weights and ADAM's two moments,
     about 3× the parameters' bytes: 21 MB for C1, 180 MB for C2 per epoch). ``device``: "auto" (CUDA if available), "cpu", "cuda", ...
+
+    The paper's choices where hessgap's defaults differ (the ``paper`` preset sets them): ``preprocess="none"``
+    (pixels in [0, 1], not standardized), ``init="glorot"`` (Keras's Glorot-uniform weights, zero biases),
+    ``conv_dropout=True`` (the authors' dropout between C2/C4's convolutions), ``sharpness_solver="lbfgsb"``
+    and ``sharpness_batchnorm="train"`` (BatchNorm on batch statistics while sharpness is measured, as
+    the authors' Keras BatchNormalization(mode=2) normalized); ``patience`` stops at a plateau.
     """
 
     model: str = "F1"
@@ -56,6 +78,9 @@ class TrainConfig:
     width: float = 1.0
     depth: float = 1.0
     dropout: float = 0.5
+    conv_dropout: bool = False
+    init: str = "pytorch"
+    preprocess: str = "standardize"
     remedy: str | None = None
     prox_lambda: float = 1e-3
     prox_steps: int = 3
@@ -64,6 +89,8 @@ class TrainConfig:
     sharpness_every: int = 0
     sharpness_epsilon: float = 1e-3
     sharpness_batches: int | None = None
+    sharpness_solver: str = "auto"
+    sharpness_batchnorm: str = "eval"
     eval_batch_size: int = 1024
     keep_checkpoints: int | None = None
     device: str = "auto"
@@ -117,6 +144,11 @@ class TrainConfig:
         for name in ("momentum", "prox_lambda", "min_delta"):
             _checks.nonnegative_number(getattr(self, name), name)
         _checks.in_unit_interval(self.dropout, "dropout")
+        _checks.choice(self.init, INIT_NAMES, "init")
+        _checks.choice(self.preprocess, PREPROCESS_NAMES, "preprocess")
+        _checks.choice(self.sharpness_solver, SHARPNESS_SOLVERS, "sharpness_solver")
+        _checks.choice(self.sharpness_batchnorm, BATCHNORM_MODES, "sharpness_batchnorm")
+        _checks.flag(self.conv_dropout, "conv_dropout")
         if self.remedy is not None and self.remedy not in REMEDY_NAMES:
             raise HessgapError(f"unknown remedy {self.remedy!r}; choose None or one of {', '.join(REMEDY_NAMES)}")
         if self.batch_schedule is not None:
@@ -154,6 +186,7 @@ def check_same_run(saved: dict, config: TrainConfig, folder: Path) -> None:
     """Refuse to resume the run in ``folder`` (configuration ``saved``) with a configuration that would change
     its trajectory (any field outside :data:`RESUMABLE_CHANGES`)."""
     current = config.to_dict()
+    saved = {**ADDED_DEFAULTS, **saved}  # a run recorded before an option existed had its default
     for key in sorted(set(saved) | set(current)):
         if key in RESUMABLE_CHANGES:
             continue

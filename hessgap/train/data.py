@@ -4,8 +4,11 @@
 ``mnist1d`` (generated here) need no files. ``mnist`` reads the IDX files and ``cifar10`` / ``cifar100``
 the python pickles from a directory the user names; nothing is ever downloaded.
 
-Inputs are float32, standardized with statistics of the training split (per channel for images), so
-the same scale holds for every network; labels are int64.
+Inputs are float32; labels are int64. ``preprocess="standardize"`` (the default) standardizes the images
+with statistics of the training split (per channel), so the same scale holds for every network;
+``preprocess="none"`` keeps the pixel intensities scaled to [0, 1] (digits' 0..16 and MNIST's and CIFAR's
+0..255 divided by their full scale), as the authors' code fed them (``X /= 255``). MNIST-1D is the same
+either way: its generator's own global scaling is part of the data set's definition.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from .. import _checks
 from ..errors import HessgapError
-from ..names import DATASET_NAMES, DATASETS_ON_DISK, dataset_name
+from ..names import DATASET_NAMES, DATASETS_ON_DISK, PREPROCESS_NAMES, dataset_name
 
 __all__ = ["DATASET_NAMES", "SMALL_BATCH", "Dataset", "epoch_seed", "large_batch_size", "load_dataset", "make_loader"]
 
@@ -73,10 +76,14 @@ def _as_unit_float(pixels: np.ndarray, full_scale: float) -> np.ndarray:
     return np.divide(pixels, np.float32(full_scale), dtype=np.float32)
 
 
-def _standardize(train: np.ndarray, test: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(x − mean) / std with the training split's statistics, in float32 and in place (CIFAR is 600 MB)."""
+def _standardize(train: np.ndarray, test: np.ndarray, channel_axis: int | None,
+                 preprocess: str = "standardize") -> tuple[np.ndarray, np.ndarray]:
+    """(x − mean) / std with the training split's statistics, in float32 and in place (CIFAR is 600 MB);
+    with ``preprocess="none"`` the arrays as they are (in float32)."""
     train = train.astype(np.float32, copy=False)
     test = test.astype(np.float32, copy=False)
+    if preprocess == "none":
+        return train, test
     dims = tuple(a for a in range(train.ndim) if a != channel_axis)  # channel_axis None: every axis
     # torch reduces without materializing (x − mean)²
     var, mean = torch.var_mean(torch.from_numpy(train), dim=dims, keepdim=True, correction=0)
@@ -99,7 +106,7 @@ def _check_labels(name: str, labels: np.ndarray, num_classes: int, where: str) -
         )
 
 
-def _load_digits(seed: int) -> Dataset:
+def _load_digits(seed: int, preprocess: str) -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -109,9 +116,10 @@ def _load_digits(seed: int) -> Dataset:
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=0.2, random_state=seed, stratify=labels
     )
-    x_train, x_test = _standardize(x_train, x_test, channel_axis=1)
+    x_train, x_test = _standardize(x_train, x_test, channel_axis=1, preprocess=preprocess)
     return Dataset("digits", _pair(x_train, y_train), _pair(x_test, y_test), (1, 8, 8), 10, image=True,
-                   flip_ok=False, source=f"scikit-learn load_digits, stratified 80/20 split (seed {seed})")
+                   flip_ok=False, source=f"scikit-learn load_digits, stratified 80/20 split (seed {seed})"
+                   + _described(preprocess))
 
 
 def _load_mnist1d(seed: int) -> Dataset:
@@ -122,35 +130,43 @@ def _load_mnist1d(seed: int) -> Dataset:
                    image=False, flip_ok=False, source=f"MNIST-1D generated locally (Greydanus 2020 defaults, seed {seed})")
 
 
-def _load_mnist(root: Path) -> Dataset:
+def _described(preprocess: str) -> str:
+    return "; pixels in [0, 1], not standardized" if preprocess == "none" else ""
+
+
+def _load_mnist(root: Path, preprocess: str) -> Dataset:
     from .datasets.idx import load_mnist
 
     x_train, y_train, x_test, y_test = load_mnist(root)
     for split, labels in (("train", y_train), ("test", y_test)):
         _check_labels("MNIST", labels.astype(np.int64), 10, f"{root} ({split})")
     x_train, x_test = _standardize(_as_unit_float(x_train[:, None], 255), _as_unit_float(x_test[:, None], 255),
-                                   channel_axis=1)
+                                   channel_axis=1, preprocess=preprocess)
     return Dataset("mnist", _pair(x_train, y_train.astype(np.int64)), _pair(x_test, y_test.astype(np.int64)),
-                   tuple(x_train.shape[1:]), 10, image=True, flip_ok=False, source=f"MNIST IDX files in {root}")
+                   tuple(x_train.shape[1:]), 10, image=True, flip_ok=False,
+                   source=f"MNIST IDX files in {root}" + _described(preprocess))
 
 
-def _load_cifar(name: str, root: Path) -> Dataset:
+def _load_cifar(name: str, root: Path, preprocess: str) -> Dataset:
     from .datasets.cifar import CIFAR_LAYOUT, load_cifar
 
     x_train, y_train, x_test, y_test = load_cifar(name, root)
-    x_train, x_test = _standardize(_as_unit_float(x_train, 255), _as_unit_float(x_test, 255), channel_axis=1)
+    x_train, x_test = _standardize(_as_unit_float(x_train, 255), _as_unit_float(x_test, 255), channel_axis=1,
+                                   preprocess=preprocess)
     return Dataset(name, _pair(x_train, y_train), _pair(x_test, y_test), (3, 32, 32), CIFAR_LAYOUT[name]["classes"],
-                   image=True, flip_ok=True, source=f"{name.upper()} python pickles in {root}")
+                   image=True, flip_ok=True, source=f"{name.upper()} python pickles in {root}" + _described(preprocess))
 
 
-def load_dataset(name: str, root: str | Path | None = None, seed: int = 0) -> Dataset:
+def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, preprocess: str = "standardize") -> Dataset:
     """Load one of :data:`DATASET_NAMES`.
 
     ``root`` is the directory holding MNIST's IDX files or CIFAR's pickles (not needed for ``digits``
     and ``mnist1d``). ``seed`` fixes the digits split and the MNIST-1D sample; the same seed always gives
-    the same data, so vary the training seed, not this one, across repeated runs.
+    the same data, so vary the training seed, not this one, across repeated runs. ``preprocess``:
+    "standardize" (per channel, the training split's statistics) or "none" (pixels in [0, 1]).
     """
     key = dataset_name(name)
+    _checks.choice(preprocess, PREPROCESS_NAMES, "preprocessing")
     if key in DATASETS_ON_DISK and root is None:
         raise HessgapError(
             f"data set {key!r} is read from files: name their directory (data_root / --data-root); "
@@ -158,12 +174,12 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0) -> Da
         )
     seed = int(seed)
     if key == "digits":
-        return _load_digits(seed)
+        return _load_digits(seed, preprocess)
     if key == "mnist1d":
         return _load_mnist1d(seed)
     if key == "mnist":
-        return _load_mnist(Path(root))
-    return _load_cifar(key, Path(root))
+        return _load_mnist(Path(root), preprocess)
+    return _load_cifar(key, Path(root), preprocess)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -111,7 +111,7 @@ def train(
         progress = progress and replicas.rank == 0
     folder = Path(out_dir) if out_dir is not None else None
     if dataset is None:
-        dataset = load_dataset(config.dataset, config.data_root, seed=config.data_seed)
+        dataset = load_dataset(config.dataset, config.data_root, seed=config.data_seed, preprocess=config.preprocess)
     elif not isinstance(dataset, Dataset):
         raise HessgapError(f"dataset must be a hessgap.train.data.Dataset, got {type(dataset).__name__}")
     elif dataset.name != config.dataset:
@@ -161,7 +161,8 @@ class _Run:
         if device.type == "cuda":
             torch.cuda.manual_seed(config.seed)
         self.model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.width,
-                                 config.depth, config.dropout).to(device)
+                                 config.depth, config.dropout, init=config.init,
+                                 conv_dropout=config.conv_dropout).to(device)
         if init_state is not None:
             try:
                 self.model.load_state_dict(init_state)

@@ -4,6 +4,12 @@ Every model is a flat ``nn.Sequential`` of Flatten, Linear, Conv2d, BatchNorm1d/
 Dropout (plus one Unflatten for 1-D signals), with no custom forward, so hessgap's fused HVP engine can
 walk it layer by layer.
 
+Two variants follow the authors' Keras code (``network_zoo.py`` of keskarnitish/large-batch-training)
+where it differs from these defaults: ``init="glorot"`` (Keras's Glorot-uniform weights and zero biases,
+instead of PyTorch's default initialization) and ``conv_dropout=True`` for C2/C4 (the authors' VGG puts
+dropout 0.3 after the first convolution, 0.4 after every other convolution of a stack but its last, and
+``dropout`` after the flattening as well as after the dense layer).
+
 Scaling: ``width`` multiplies every channel and unit count (at least 1 each); ``depth`` multiplies the
 number of repeated blocks (F nets: hidden layers; C1/C3: conv blocks; C2/C4: convolutions per stack;
 at least 1 each). ``width=depth=1`` gives the paper's networks.
@@ -23,12 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
+from .. import _checks
 from ..errors import HessgapError
-from ..names import MODEL_NAMES, model_name
+from ..names import INIT_NAMES, MODEL_NAMES, model_name
 
-__all__ = ["MODEL_NAMES", "build_model", "count_parameters"]
+__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "glorot_"]
 
 # hidden layers of the fully connected nets (Linear 512 + BN + ReLU each)
 _DENSE_LAYERS = {"F1": 5, "F2": 7}
@@ -37,6 +45,9 @@ _ALEX_BLOCKS, _ALEX_CHANNELS, _ALEX_KERNEL, _ALEX_DENSE = 2, 64, 5, (384, 192)
 # VGG-like: (channels, convolutions) per stack, 3×3 kernels, 2×2 pool after each stack, dense 512
 _VGG_STACKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 _VGG_DENSE = 512
+# the authors' VGG dropout (conv_dropout=True): after the net's first convolution, and after the others but
+# the last of each stack
+_VGG_FIRST_DROPOUT, _VGG_CONV_DROPOUT = 0.3, 0.4
 
 
 def _check_scale(name: str, value: float) -> float:
@@ -143,14 +154,21 @@ def _alexnet_like(shape, num_classes, width, depth, dropout) -> list[nn.Module]:
     return layers
 
 
-def _vgg_like(shape, num_classes, width, depth, dropout) -> list[nn.Module]:
+def _vgg_like(shape, num_classes, width, depth, dropout, conv_dropout=False) -> list[nn.Module]:
     tracker = _ConvShape(shape)
     layers = tracker.prefix()
+    first = True
     for channels, convs in _VGG_STACKS:
-        for _ in range(_scaled(convs, depth)):
+        count = _scaled(convs, depth)
+        for index in range(count):
             layers += tracker.conv(_scaled(channels, width), 3)
+            if conv_dropout and index < count - 1:
+                layers.append(nn.Dropout(_VGG_FIRST_DROPOUT if first else _VGG_CONV_DROPOUT))
+            first = False
         layers += tracker.pool(2, 2, 0)
     layers.append(nn.Flatten())
+    if conv_dropout and dropout:
+        layers.append(nn.Dropout(dropout))
     layers += _dense_block(tracker.features, _scaled(_VGG_DENSE, width), dropout)
     layers.append(nn.Linear(_scaled(_VGG_DENSE, width), num_classes))
     return layers
@@ -163,6 +181,9 @@ def build_model(
     width: float = 1.0,
     depth: float = 1.0,
     dropout: float = 0.5,
+    *,
+    init: str = "pytorch",
+    conv_dropout: bool = False,
 ) -> nn.Sequential:
     """One of the paper's networks, adapted to ``input_shape`` ((C, H, W) or (L,)) and ``num_classes``.
 
@@ -171,7 +192,10 @@ def build_model(
     3×3 stacks 2×64, 2×128, 3×256, 3×512, 3×512 with BN, ReLU and a 2×2 max-pool after each stack, then
     dense 512 (BN, ReLU, dropout). C1 and C3 (and C2 and C4) differ only in the class count, which comes
     from the data. ``dropout`` applies to the C nets' dense layers (0 leaves the Dropout layers out).
-    The initialisation is PyTorch's default; seed with ``torch.manual_seed`` before calling.
+    ``conv_dropout=True`` adds the authors' dropout between C2/C4's convolutions (and before their dense
+    layer); the other networks have none, as in the authors' code, and are unchanged by it.
+    ``init``: "pytorch" (PyTorch's default) or "glorot" (Glorot-uniform weights and zero biases of every
+    Linear and Conv2d, Keras's default and so the paper's); seed with ``torch.manual_seed`` before calling.
     """
     key = model_name(name)
     shape = _check_shape(input_shape)
@@ -182,13 +206,30 @@ def build_model(
     dropout = float(dropout)
     if not 0.0 <= dropout < 1.0:
         raise HessgapError(f"dropout must be in [0, 1), got {dropout}")
+    _checks.choice(init, INIT_NAMES, "initialization")
+    _checks.flag(conv_dropout, "conv_dropout")
     if key in _DENSE_LAYERS:
         layers = _fully_connected(key, shape, num_classes, width, depth)
     elif key in ("C1", "C3"):
         layers = _alexnet_like(shape, num_classes, width, depth, dropout)
     else:
-        layers = _vgg_like(shape, num_classes, width, depth, dropout)
-    return nn.Sequential(*layers)
+        layers = _vgg_like(shape, num_classes, width, depth, dropout, conv_dropout)
+    model = nn.Sequential(*layers)
+    if init == "glorot":
+        glorot_(model)
+    return model
+
+
+def glorot_(model: nn.Module) -> nn.Module:
+    """Glorot-uniform weights (Keras's ``glorot_uniform``: U(±√(6 / (fan_in + fan_out))), fans counting the
+    kernel's receptive field) and zero biases for every Linear and Conv layer of ``model``, in place."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -112,7 +112,7 @@ class TrainResult:
         try:
             config = TrainConfig.from_dict(payload["config"])
             model = build_model(config.model, payload["input_shape"], payload["num_classes"],
-                                config.width, config.depth, config.dropout)
+                                config.width, config.depth, config.dropout, conv_dropout=config.conv_dropout)
             model.load_state_dict(payload["model"])
         except HessgapError:
             raise

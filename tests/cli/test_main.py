@@ -55,9 +55,11 @@ def test_bad_names_exit_with_the_choices(argv, message, capsys):
 def test_demo_data_needs_no_files(capsys):
     from hessgap.experiments.demo import demo_settings
 
-    assert demo_settings().dataset == "digits"
-    settings = demo_settings(dataset="mnist1d")
-    assert settings.dataset == "mnist1d" and settings.experiments == ("gap", "sharpness", "spectrum", "parametric")
+    assert demo_settings().dataset == "mnist1d"  # where the gap shows
+    assert build_parser().parse_args(["demo"]).dataset == "mnist1d"
+    settings = demo_settings(dataset="digits")
+    assert settings.dataset == "digits" and settings.experiments == ("gap", "sharpness", "spectrum", "parametric")
+    assert settings.seeds >= 2  # mean ± std over seeds
     with pytest.raises(SystemExit) as exit_info:  # data read from files is for `reproduce`, not the demo
         main(["demo", "--dataset", "cifar10"])
     assert exit_info.value.code == 2

@@ -85,3 +85,42 @@ def test_negative_seed_is_refused(command, capsys):
         build_parser().parse_args(argv)
     assert exit_.value.code == 2
     assert "--seed: expected an integer >= 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, flag, expected", [
+    ("reproduce", "--preprocess", names.PREPROCESS_NAMES),
+    ("train", "--preprocess", names.PREPROCESS_NAMES),
+    ("sweep", "--init", names.INIT_NAMES),
+    ("train", "--init", names.INIT_NAMES),
+    ("warmstart", "--stop", names.STOP_RULES),
+    ("reproduce", "--sharpness-batchnorm", names.BATCHNORM_MODES),
+    ("train", "--sharpness-batchnorm", names.BATCHNORM_MODES),
+    ("train", "--sharpness-solver", names.SHARPNESS_SOLVERS),
+    ("sharpness", "--batchnorm", names.BATCHNORM_MODES),
+])
+def test_the_papers_options_take_the_names_modules_choices(command, flag, expected):
+    assert tuple(_option(command, flag).choices) == tuple(expected)
+
+
+def test_the_papers_options_override_a_preset_and_default_to_it():
+    from hessgap.experiments import preset
+
+    parser = build_parser()
+    untouched = options.settings_from(parser.parse_args(["reproduce", "--preset", "paper"]), preset("paper"))
+    assert untouched == preset("paper").replace(device="auto")
+    argv = ["reproduce", "--preset", "paper", "--preprocess", "standardize", "--init", "pytorch", "--no-conv-dropout",
+            "--stop", "epochs", "--max-epochs", "50", "--min-delta", "1e-4", "--sharpness-batchnorm", "eval",
+            "--solver", "auto", "--warm-every", "10"]
+    s = options.settings_from(parser.parse_args(argv), preset("paper"))
+    assert (s.preprocess, s.init, s.conv_dropout, s.stop, s.max_epochs, s.min_delta) == \
+        ("standardize", "pytorch", False, "epochs", 50, 1e-4)
+    assert (s.sharpness_batchnorm, s.sharpness_solver, s.warmstart_every) == ("eval", "auto", 10)
+    quick = options.settings_from(parser.parse_args(["sweep", "--conv-dropout", "--stop", "plateau", "--patience", "3"]),
+                                  preset("quick"))
+    assert quick.conv_dropout and quick.stop == "plateau" and quick.patience == 3
+    train = parser.parse_args(["train"])
+    assert (train.preprocess, train.init, train.conv_dropout, train.min_delta) == ("standardize", "pytorch", False, 0.0)
+    assert (train.sharpness_solver, train.sharpness_batchnorm) == ("auto", "eval")
+    assert options.nonnegative_float("0") == 0.0
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number >= 0, got -1.0"):
+        options.nonnegative_float("-1")

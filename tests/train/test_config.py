@@ -61,3 +61,33 @@ def test_numpy_integer_seeds_are_plain_integers(digits):
 
     config = tiny(seed=np.int64(3), data_seed=np.int32(0)).validate()
     assert type(config.seed) is int and type(config.data_seed) is int and config.seed == 3
+
+
+def test_the_papers_options_are_checked(digits):
+    bad = [
+        (dict(init="he"), "unknown init 'he'; choose one of pytorch, glorot"),
+        (dict(preprocess="whiten"), "unknown preprocess 'whiten'; choose one of standardize, none"),
+        (dict(sharpness_solver="adam"), "unknown sharpness_solver 'adam'"),
+        (dict(sharpness_batchnorm="batch"), "unknown sharpness_batchnorm 'batch'; choose one of eval, train"),
+        (dict(conv_dropout="yes"), "conv_dropout must be True or False, got 'yes'"),
+    ]
+    for options, message in bad:
+        with pytest.raises(HessgapError, match=message):
+            train(tiny(**options), dataset=digits, progress=False)
+
+
+def test_runs_recorded_before_the_papers_options_resume(digits, tmp_path):
+    from hessgap.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from hessgap.train.config import ADDED_DEFAULTS
+
+    config = tiny(epochs=1)
+    train(config, out_dir=tmp_path, dataset=digits, progress=False)
+    path = checkpoint_path(tmp_path, 1)
+    state = load_checkpoint(path)
+    for key in ADDED_DEFAULTS:  # as a run written before these options existed
+        del state["config"][key]
+    save_checkpoint(path, state)
+    resumed = train(tiny(epochs=2), out_dir=tmp_path, dataset=digits, progress=False)
+    assert resumed.resumed_from == 1 and len(resumed.history) == 2
+    with pytest.raises(HessgapError, match="init='pytorch', but this configuration has init='glorot'"):
+        train(tiny(epochs=3, init="glorot"), out_dir=tmp_path, dataset=digits, progress=False)

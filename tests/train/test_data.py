@@ -306,3 +306,33 @@ def test_loader_bad_batch_sizes():
 def test_large_batch_is_ten_percent():
     assert large_batch_size(60000) == 6000 and large_batch_size(50000) == 5000
     assert large_batch_size(load_dataset("digits")) == 144
+
+
+def test_no_preprocessing_keeps_pixels_in_their_unit_range():
+    from sklearn.datasets import load_digits
+
+    raw = load_dataset("digits", preprocess="none")
+    x = torch.cat([raw.train.tensors[0], raw.test.tensors[0]])
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0  # 0..16 divided by 16, not centred or scaled
+    assert sorted(set((x * 16).round().flatten().tolist())) == sorted(set(load_digits().images.flatten().tolist()))
+    standardized = load_dataset("digits")
+    assert torch.equal(raw.train.tensors[1], standardized.train.tensors[1])  # the same split
+    scale = float(standardized.train.tensors[0].flatten()[1:].std() / raw.train.tensors[0].flatten()[1:].std())
+    np.testing.assert_allclose((raw.train.tensors[0] - raw.train.tensors[0].mean()) * scale,
+                               standardized.train.tensors[0], atol=1e-4)
+    assert "not standardized" in raw.source and "not standardized" not in standardized.source
+    m1d = load_dataset("mnist1d", preprocess="none")  # MNIST-1D's own scaling belongs to the data set
+    assert torch.equal(m1d.train.tensors[0], load_dataset("mnist1d").train.tensors[0])
+    with pytest.raises(HessgapError, match="unknown preprocessing 'whiten'; choose one of standardize, none"):
+        load_dataset("digits", preprocess="whiten")
+
+
+def test_no_preprocessing_reads_mnist_and_cifar_in_zero_one(tmp_path):
+    written = write_mnist(tmp_path / "mnist")
+    data = load_dataset("mnist", tmp_path / "mnist", preprocess="none")
+    np.testing.assert_allclose(data.train.tensors[0].numpy()[:, 0], written["train-images-idx3-ubyte"] / 255.0,
+                               rtol=1e-6)
+    batches = write_cifar(tmp_path / "cifar", "cifar10")
+    cifar = load_dataset("cifar10", tmp_path / "cifar", preprocess="none")
+    np.testing.assert_allclose(cifar.test.tensors[0].numpy().reshape(-1, 3072), batches["test_batch"][b"data"] / 255.0,
+                               rtol=1e-6)

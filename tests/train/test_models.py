@@ -149,3 +149,60 @@ def test_models_take_the_fused_hvp_path(dataset):
         batch = (torch.randn(4, *shape), torch.randint(0, classes, (4,)))
         info = hessgap.hvp(model, batch, torch.randn(1, n), return_info=True)
         assert info.path == "fused", (name, info.fallback_reason)
+
+
+# --- the authors' variants: Glorot initialization and C2/C4's convolution dropout ------------------------
+
+def test_glorot_init_has_keras_statistics():
+    torch.manual_seed(0)
+    model = build_model("F1", (1, 28, 28), 10, init="glorot")
+    for layer in (m for m in model if isinstance(m, nn.Linear)):
+        fan_out, fan_in = layer.weight.shape
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5
+        w = layer.weight.detach()
+        assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.99 * bound  # U(−bound, bound)
+        assert abs(float(w.std()) - bound / 3 ** 0.5) < 0.02 * bound / 3 ** 0.5  # its std, bound / √3
+        assert abs(float(w.mean())) < 0.01 * bound
+        assert torch.count_nonzero(layer.bias) == 0
+    conv = next(m for m in build_model("C1", (3, 32, 32), 10, init="glorot") if isinstance(m, nn.Conv2d))
+    bound = (6.0 / (3 * 25 + 64 * 25)) ** 0.5  # fans count the 5×5 receptive field, as Keras's
+    assert bound * 0.99 < float(conv.weight.detach().abs().max()) <= bound and torch.count_nonzero(conv.bias) == 0
+    torch.manual_seed(0)
+    default = build_model("F1", (1, 28, 28), 10)
+    torch.manual_seed(0)
+    assert all(torch.equal(p, q) for p, q in zip(default.parameters(),
+                                                 build_model("F1", (1, 28, 28), 10, init="pytorch").parameters()))
+    first = next(m for m in default if isinstance(m, nn.Linear))
+    assert float(first.weight.detach().abs().max()) <= 784 ** -0.5 and torch.count_nonzero(first.bias) > 0  # PyTorch's own
+    with pytest.raises(HessgapError, match="unknown initialization 'he'; choose one of pytorch, glorot"):
+        build_model("F1", (40,), 10, init="he")
+
+
+def _dropout_rates(model):
+    return [m.p for m in model if isinstance(m, nn.Dropout)]
+
+
+@pytest.mark.parametrize("name", ["C2", "C4"])
+def test_conv_dropout_follows_the_authors_vgg(name):
+    classes = 10 if name == "C2" else 100
+    plain = build_model(name, (3, 32, 32), classes)
+    assert _dropout_rates(plain) == [0.5]  # the dense layer's only
+    keras = build_model(name, (3, 32, 32), classes, conv_dropout=True)
+    # stacks of 2, 2, 3, 3, 3 convolutions: 0.3 after the first, 0.4 after every other but a stack's last,
+    # then 0.5 after flattening and after the dense layer
+    assert _dropout_rates(keras) == [0.3, 0.4] + [0.4] * 2 * 3 + [0.5, 0.5]
+    layers = list(keras)
+    convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+    assert isinstance(layers[convs[0] + 3], nn.Dropout) and layers[convs[0] + 3].p == 0.3  # conv, BN, ReLU, dropout
+    assert isinstance(layers[convs[1] + 3], nn.MaxPool2d)  # a stack's last convolution: no dropout
+    assert count_parameters(keras) == count_parameters(plain)
+    assert _dropout_rates(build_model(name, (3, 32, 32), classes, dropout=0.0, conv_dropout=True)) == [0.3] + [0.4] * 7
+
+
+@pytest.mark.parametrize("name", ["F1", "F2", "C1", "C3"])
+def test_conv_dropout_leaves_the_other_networks_as_the_authors_had_them(name):
+    a = build_model(name, (3, 32, 32), 10)
+    b = build_model(name, (3, 32, 32), 10, conv_dropout=True)
+    assert [type(m) for m in a] == [type(m) for m in b]
+    with pytest.raises(HessgapError, match="conv_dropout must be True or False, got 1"):
+        build_model(name, (3, 32, 32), 10, conv_dropout=1)

@@ -64,3 +64,43 @@ def test_resuming_a_measured_run_is_bit_exact(digits, tmp_path):
     assert strip(whole.history) == strip(resumed.history)
     assert [h["sharpness"] is not None for h in resumed.history] == [False, True, True]
     assert torch.equal(whole.x0, resumed.x0)
+
+
+def _dropout_net():
+    torch.manual_seed(0)
+    from hessgap.train.models import build_model
+
+    return build_model("C1", (1, 8, 8), 10, width=0.1, dropout=0.5)
+
+
+def test_batchnorm_batch_statistics_change_the_metric_and_keep_it_deterministic(digits):
+    from hessgap.train.sharpness_log import measure_sharpness
+
+    result = train(tiny(epochs=2), dataset=digits, progress=False)
+    loader = make_loader(digits.train, 512, shuffle=False)
+    before = weights(result.model)
+    eval_mode = measure_sharpness(result.model, loader, 1e-3, batchnorm="eval")
+    batch_stats = measure_sharpness(result.model, loader, 1e-3, batchnorm="train")
+    assert not eval_mode.train_mode and batch_stats.train_mode
+    assert batch_stats.loss != pytest.approx(eval_mode.loss, rel=1e-3)  # f(x) itself differs
+    assert batch_stats.value != pytest.approx(eval_mode.value, rel=1e-2)
+    assert same_weights(before, weights(result.model)) and not result.model.training  # buffers and mode kept
+    reference = sharpness(result.model, loader, epsilon=1e-3, train_mode=True)
+    assert batch_stats.value == reference.value  # F1 has no dropout: exactly the metric's train mode
+
+    net = _dropout_net()  # with dropout, train mode alone would draw new masks at every evaluation
+    data = make_loader(digits.train, 512, shuffle=False)
+    first = measure_sharpness(net, data, 1e-3, batchnorm="train", solver="box-ascent")
+    second = measure_sharpness(net, data, 1e-3, batchnorm="train", solver="box-ascent")
+    assert first.value == second.value and first.loss == second.loss
+    assert [m.p for m in net if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]  # the rates are put back
+    with pytest.raises(Exception, match="unknown sharpness BatchNorm mode 'batch'"):
+        measure_sharpness(net, data, 1e-3, batchnorm="batch")
+
+
+def test_the_log_measures_with_the_configured_solver_and_batchnorm(digits):
+    run = train(tiny(epochs=1, sharpness_every=1, sharpness_batches=1, eval_batch_size=256,
+                     sharpness_solver="lbfgsb", sharpness_batchnorm="train"), dataset=digits, progress=False)
+    reference = sharpness(run.model, make_loader(digits.train, 256, shuffle=False), epsilon=1e-3, max_batches=1,
+                          solver="lbfgsb", train_mode=True)
+    assert run.history[0]["sharpness"] == pytest.approx(reference.value, rel=1e-6)
