@@ -62,10 +62,14 @@ def _rank_and_world() -> tuple[int, int]:
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, flush it to disk and rename it into place.
 
-    In a distributed run (an initialized default process group) rank 0 writes and every rank waits for it
-    (a barrier): every rank calls the same writes in the same order, and reads what rank 0 wrote."""
+    In a distributed run (an initialized default process group) every rank calls the same writes in the
+    same order and rank 0 alone writes, between two barriers: the first makes every rank finish what it
+    read before the file changes (a rank that looked for a checkpoint after rank 0 wrote it would take
+    another branch), the second makes every rank read what rank 0 wrote."""
     path = Path(path)
     rank, world = _rank_and_world()
+    if world > 1:
+        sys.modules["torch.distributed"].barrier()
     if rank == 0:
         _write_file(path, write)
     if world > 1:
