@@ -217,7 +217,8 @@ class HvpEngine:
         def loss_of(outputs, targets):
             return self.objective.loss_of_outputs(outputs, batch)
 
-        state = self._plan.forward_backward(batch.inputs, batch.targets, batch.weight, loss_of)
+        with self.objective.naming_failures(batch):
+            state = self._plan.forward_backward(batch.inputs, batch.targets, batch.weight, loss_of)
         # activations, output gradients and the layers' saved masks: about three activations' worth
         state_bytes = 3 * state.activation_numel * batch.inputs.element_size()
         if self._primal_snapshot is not None and self._primal_bytes + state_bytes <= PRIMAL_CACHE_BYTES:
