@@ -250,7 +250,10 @@ class HvpEngine:
             with counter, self.rules.watch():
                 loss = self.objective.batch_loss(batch)
             value = self._check_loss(loss, batch.index)
-            grads = torch.autograd.grad(loss * batch.weight, params, create_graph=True, allow_unused=True)
+            self._note_loss_precision(loss)
+            # The batch's weight scales the products in the accumulation dtype, not the loss in the model's:
+            # a float16 loss times a token count overflows long before the products do.
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if stats.chunk_size == 0:
             itemsize = params[0].element_size()
@@ -268,9 +271,20 @@ class HvpEngine:
                                            is_grads_batched=True, allow_unused=True)
             for acc, h in zip(total, products):
                 if h is not None:
-                    acc[start : start + k].add_(h)
+                    acc[start : start + k].add_(h, alpha=batch.weight)
             start += k
         return value
+
+    def _note_loss_precision(self, loss: torch.Tensor) -> None:
+        """Say so when the loss is less precise than the model (Hugging Face computes its losses in float32)."""
+        dtype = self.objective.dtype
+        if loss.dtype.is_floating_point and torch.finfo(loss.dtype).eps > torch.finfo(dtype).eps:
+            self.rules.note(
+                f"the loss came out in {str(loss.dtype).replace('torch.', '')} for a "
+                f"{str(dtype).replace('torch.', '')} model (Hugging Face computes its losses in float32), so the "
+                "products carry its rounding; pass loss_fn= (with weight_fn= for token counts) to compute it in "
+                "the model's dtype"
+            )
 
 
 class _ActivationCounter:

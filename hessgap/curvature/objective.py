@@ -198,10 +198,11 @@ class LossOverData:
         try:
             for batch in self.batches():
                 loss = self.batch_loss(batch)
-                batch_grads = torch.autograd.grad(loss * batch.weight, self.params, allow_unused=True)
+                # weighted in the accumulation dtype: a float16 loss times a token count would overflow
+                batch_grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                 for acc, g in zip(grads, batch_grads):
                     if g is not None:
-                        acc.add_(g)
+                        acc.add_(g, alpha=batch.weight)
                 del batch_grads  # one gradient's worth of memory, not two, while the next batch runs
                 total += float(loss.detach()) * batch.weight
                 weight += batch.weight
