@@ -133,6 +133,18 @@ def _trainable_of(module: nn.Module, what: str) -> list[int]:
 BLOCK_KINDS = ("module", "parameter")
 
 
+def _label(model: nn.Module, item) -> str:
+    """A block's name for an entry of a blocks= list: the name itself, or the name the model gives a module
+    or parameter passed as an object."""
+    if isinstance(item, str):
+        return item
+    named = model.named_modules() if isinstance(item, nn.Module) else model.named_parameters()
+    for name, value in named:
+        if value is item:
+            return name or "(root)"
+    return str(item)
+
+
 def parameter_blocks(model: nn.Module, names: list[str], blocks="module") -> dict[str, list[int]]:
     """Named blocks of the selected parameters: ``{block name: positions in names}``.
 
@@ -149,7 +161,15 @@ def parameter_blocks(model: nn.Module, names: list[str], blocks="module") -> dic
             key = n if blocks == "parameter" else (n.rsplit(".", 1)[0] if "." in n else "(root)")
             out.setdefault(key, []).append(position[n])
         return out
-    spec = blocks if isinstance(blocks, dict) else {str(b): b for b in blocks}
+    if isinstance(blocks, dict):
+        spec = blocks
+    elif isinstance(blocks, (list, tuple)):
+        spec = {_label(model, b): b for b in blocks}
+    else:
+        raise HessgapError(
+            f"blocks= is a {type(blocks).__name__}; give 'module', 'parameter', a list of module names (or "
+            "modules), or a dict {block name: parameters}"
+        )
     if not spec:
         raise HessgapError("blocks= is empty; name at least one block")
     out = {}

@@ -80,6 +80,21 @@ def test_the_restricted_hessian_is_the_block_of_the_explicit_one(kind):
     torch.testing.assert_close(op.matmat(V), V @ block, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("spec", [["2.bias", "0.weight"], "2", lambda m: [m[1]], lambda m: m[2].weight])
+def test_the_fused_path_holds_the_parameters_left_out_fixed(spec):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double().eval()
+    data = batches()
+    spec = spec(model) if callable(spec) else spec
+    names, _ = select_parameters(model, spec)
+    index = positions(model, names)
+    block = explicit_hessian(model, data)[index][:, index]
+    V = torch.randn(2, len(index), dtype=torch.float64)
+    result = hessgap.hvp(model, data, V, params=spec, path="fused", return_info=True)
+    assert result.path == "fused"
+    torch.testing.assert_close(result.value, V @ block, rtol=1e-10, atol=1e-12)
+
+
 def test_every_call_takes_params():
     model = net()
     data = batches()
