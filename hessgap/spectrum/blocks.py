@@ -113,6 +113,7 @@ class _BlockView:
         self.parent, self.columns = parent, columns
         self.n = int(columns.numel())
         self.dtype, self.device, self.path = parent.dtype, parent.device, parent.path
+        self.model_dtype = parent.model_dtype
         self.hvps = 0
 
     def describe(self) -> dict:
