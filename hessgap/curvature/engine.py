@@ -32,7 +32,7 @@ from . import fused
 from ._flat import Directions, all_finite, unflatten
 from .batches import Batch
 from .objective import LossOverData
-from .second_order import SecondOrderRules
+from .second_order import SecondOrderRules, check_differentiable
 
 PATHS = ("auto", "fused", "generic")
 
@@ -255,7 +255,8 @@ class HvpEngine:
             # a float16 loss times a token count overflows long before the products do.
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        if stats.chunk_size == 0:
+        if stats.chunk_size == 0:  # the first batch of the pass: its graph stands for the others'
+            check_differentiable(loss, [grads[i] for i in live])
             itemsize = params[0].element_size()
             per_direction = itemsize * (4 * counter.numel + 4 * self.objective.num_parameters)
             stats.chunk_size = self._cpu_fit(self._chunk(per_direction, directions.k), GENERIC_CPU_CHUNK_BYTES,

@@ -14,6 +14,11 @@ feature's standard deviation is below about 0.025, as it is for GPT-2's embeddin
 For float16 tensors these functions run in float32 inside a curvature call (their input and parameters
 cast up, the output cast back: the forward is float16's to rounding, as under autocast), and the notes say
 so. bfloat16 has float32's range and needs none of it.
+
+A custom ``torch.autograd.Function`` whose backward is marked ``@once_differentiable`` is worse than an
+op without a rule: PyTorch raises nothing, and the gradient's graph simply ends there, so the Hessian
+silently misses every term through it. :func:`check_differentiable` finds that end in the gradient's graph
+and raises, naming the Function.
 """
 
 from __future__ import annotations
@@ -109,6 +114,40 @@ class SecondOrderRules:
         """Add ``text`` to the notes once."""
         if text not in self.notes:
             self.notes.append(text)
+
+
+def _graph(roots) -> Iterator:
+    """Every autograd node reachable from ``roots`` (each once)."""
+    seen, stack = set(), [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+
+
+def _once_differentiable(node) -> bool:
+    backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
+    code = getattr(backward, "__code__", None)
+    return code is not None and code.co_name == "wrapper" and code.co_filename == _FUNCTION_FILE
+
+
+_FUNCTION_FILE = torch.autograd.function.__file__
+
+
+def check_differentiable(loss: torch.Tensor, grads) -> None:
+    """Raise when the gradient's graph ends in a once-differentiable backward (see the module docstring)."""
+    if not any(node.name() == "torch::autograd::Error" for node in _graph(g.grad_fn for g in grads if g is not None)):
+        return
+    names = sorted({node._forward_cls.__name__ for node in _graph([loss.grad_fn]) if _once_differentiable(node)})
+    what = ", ".join(names) if names else "a custom autograd Function"
+    raise HessgapError(
+        f"the model uses {what}, whose backward is marked @once_differentiable: the gradient is not differentiable "
+        "through it and its Hessian terms would be silently lost. Give it a backward made of differentiable ops "
+        "(without @once_differentiable), or leave the parameters before it out with params=..."
+    )
 
 
 def missing_rule(exc: BaseException) -> str | None:

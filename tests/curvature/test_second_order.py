@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -179,6 +180,50 @@ def test_an_op_without_a_second_order_rule_is_named(model, op):
     assert_unchanged(model, before)
     # first order is fine: sharpness runs
     assert hessgap.sharpness(model, data, max_iter=1).value >= 0
+
+
+class Square(torch.autograd.Function):
+    """x², with a backward PyTorch cannot differentiate (marked once-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class OnceDifferentiable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.second(Square.apply(self.first(x)))
+
+
+def test_a_once_differentiable_function_is_named_not_silently_dropped():
+    """Its Hessian terms came back as zeros: PyTorch raises nothing, the graph just ends."""
+    model = OnceDifferentiable()
+    data = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    for call in (lambda: hessgap.hvp(model, data, torch.randn(2, 35), path="generic"),
+                 lambda: hessgap.hvp(model, data, torch.randn(2, 20), params="first"),
+                 lambda: hessgap.eigenvalues(model, data)):
+        with pytest.raises(HessgapError, match="uses Square, whose backward is marked @once_differentiable"):
+            call()
+    # the parameters after it never differentiate through it: the block of the second layer is exact
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 4)).double()
+    model = OnceDifferentiable().double()
+    x = plain(torch.randn(6, 4, dtype=torch.float64)).detach()
+    data = (x, torch.randint(0, 3, (6,)))
+    V = torch.randn(2, 15, dtype=torch.float64)
+    H = explicit_hessian(model.second, [(Square.apply(model.first(x)).detach(), data[1])])
+    torch.testing.assert_close(hessgap.hvp(model, data, V, params="second", path="generic"), V @ H)
 
 
 def test_float16_normalization_runs_in_float32_inside_a_curvature_call():
