@@ -5,10 +5,10 @@
 
 - ``"fused"``: the R-operator engine of :mod:`hessgap.curvature.fused` (plain layer stacks with a known loss);
 - ``"generic"``: any model, through autograd: the batch's gradient is built once with its graph kept
-  (``create_graph``), and each chunk of directions is one batched backward through that graph
-  (``is_grads_batched``, a vmap over the k directions), so the forward and first backward are shared by
-  all k directions and every product is a batched kernel. Attention runs on kernels that have
-  double-backward rules (:mod:`hessgap.curvature.second_order`).
+  (``create_graph``), so the forward and first backward are shared by all k directions; each chunk of
+  directions is then one backward through that graph: a plain one for a chunk of one direction (the CPU
+  default for real models), a batched one (``is_grads_batched``, a vmap over the chunk) otherwise.
+  Attention runs on kernels that have double-backward rules (:mod:`hessgap.curvature.second_order`).
 
 It cuts the k directions into chunks that fit a memory budget, keeps each cached batch's primal pass
 between calls while the model is unchanged (compared value by value, so edits through ``.data`` count),
@@ -44,8 +44,13 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 #: slower per direction than smaller chunks (measured on F1 and C1 at batch 1024/256: chunks of 2–4
 #: directions beat 16 by 10–40 %).
 CPU_CHUNK_BYTES = 8 * 1024**2
-#: The same for the generic path's batched backward (measured on a GPT-2-shaped model: chunks of 4 beat 16).
-GENERIC_CPU_CHUNK_BYTES = 32 * 1024**2
+#: The same for the generic path: above it a chunk is one direction, a plain second backward. On CPU the
+#: vmapped backward (is_grads_batched) gains nothing from its larger GEMMs and pays for the copies its
+#: batching rules make: one thread, k = 16, per direction in gradients (benchmarks/hvp_models_ratio.py):
+#: GPT-2 (4 × 256, batch 8 × 128) chunk 1 1.48, chunks 2–16 2.1–2.4; see benchmarks/RESULTS.md for the
+#: ResNets. Only models whose largest activation is under 256K elements (tests, toy nets, where the
+#: per-call overhead dominates) still take batched chunks.
+GENERIC_CPU_CHUNK_BYTES = 1024**2
 # Primal passes (activations and output gradients of every batch) kept between calls when the batches are
 # cached and the model has not changed: later products then cost only the R-passes, as a retained graph does.
 PRIMAL_CACHE_BYTES = 512 * 1024**2
@@ -268,8 +273,13 @@ class HvpEngine:
         for chunk in directions.chunks(stats.chunk_size):
             k = chunk[0].shape[0]
             grad_outputs = [chunk[i].to(params[i].dtype) for i in live]
-            products = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, retain_graph=True,
-                                           is_grads_batched=True, allow_unused=True)
+            if k == 1:  # one direction: a plain backward, without vmap's batching rules and their copies
+                products = torch.autograd.grad(outputs, params, grad_outputs=[g[0] for g in grad_outputs],
+                                               retain_graph=True, allow_unused=True)
+                products = [None if h is None else h.unsqueeze(0) for h in products]
+            else:
+                products = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, retain_graph=True,
+                                               is_grads_batched=True, allow_unused=True)
             for acc, h in zip(total, products):
                 if h is not None:
                     acc[start : start + k].add_(h, alpha=batch.weight)
