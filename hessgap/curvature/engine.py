@@ -63,6 +63,8 @@ class PassStats:
     weight: float = 0.0  # units (samples or tokens) over every rank
     loss_sum: float = 0.0  # Σ w_b·L_b over every rank
     chunk_size: int = 0
+    written: bool = False  # whether a batch has written the sums (the first one writes, later ones add)
+    unit: float = 1.0  # the sums hold Σ_b (w_b / unit)·H_b·V: unit = the first batch's weight on one rank
 
     @property
     def loss(self) -> float:
@@ -162,7 +164,8 @@ class HvpEngine:
         objective = self.objective
         stats = PassStats()
         params = objective.params
-        flat_total = torch.zeros(directions.k, objective.num_parameters, dtype=objective.accumulation_dtype,
+        # Not zero-filled: the first batch writes its products (a pass over k·n numbers fewer; see _accumulate)
+        flat_total = torch.empty(directions.k, objective.num_parameters, dtype=objective.accumulation_dtype,
                                  device=params[0].device)
         total = unflatten(flat_total, params)
         error = None
@@ -184,10 +187,14 @@ class HvpEngine:
             error = exc
         ranks = objective.ranks
         ranks.settle(error)
+        if not stats.written:  # no batch on this rank held anything to average
+            flat_total.zero_()
         ranks.sum_(flat_total)
         stats.samples, stats.weight, stats.loss_sum = ranks.sum_numbers([stats.samples, stats.weight, stats.loss_sum])
         stats.samples = int(stats.samples)
-        flat_total.div_(stats.weight)
+        factor = stats.unit / stats.weight
+        if factor != 1.0:  # one batch: the products are already the mean's
+            flat_total.mul_(factor)
         if not all_finite(flat_total):
             raise NonFiniteError(
                 "the Hessian-vector product is not finite; check the parameters and inputs for huge or "
@@ -242,10 +249,10 @@ class HvpEngine:
                                                  state.largest_activation_numel, batch.inputs.device)
             start = 0
             for chunk in directions.chunks(stats.chunk_size):
-                part = self._plan.apply(state, chunk)
-                for acc, hv in zip(total, part):
-                    acc[start : start + hv.shape[0]].add_(hv)
+                part = self._plan.apply(state, chunk)  # already weighted by the batch's units
+                _accumulate(total, part, start, chunk[0].shape[0], 1.0, not stats.written)
                 start += chunk[0].shape[0]
+            stats.written = True
         return loss
 
     def _generic_batch(self, batch: Batch, directions, total, stats) -> float:
@@ -266,9 +273,17 @@ class HvpEngine:
             per_direction = itemsize * (4 * counter.numel + 4 * self.objective.num_parameters)
             stats.chunk_size = self._cpu_fit(self._chunk(per_direction, directions.k), GENERIC_CPU_CHUNK_BYTES,
                                              itemsize, counter.largest, params[0].device)
+        first = not stats.written
+        if first and not self.objective.ranks.active:
+            stats.unit = batch.weight  # a single batch's products are then written as they come
         if not live:  # the gradient does not depend on the parameters: this batch's Hessian is 0
+            if first:
+                for acc in total:
+                    acc.zero_()
+                stats.written = True
             return value
         outputs = [grads[i] for i in live]
+        scale = batch.weight / stats.unit
         start = 0
         for chunk in directions.chunks(stats.chunk_size):
             k = chunk[0].shape[0]
@@ -280,10 +295,9 @@ class HvpEngine:
             else:
                 products = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, retain_graph=True,
                                                is_grads_batched=True, allow_unused=True)
-            for acc, h in zip(total, products):
-                if h is not None:
-                    acc[start : start + k].add_(h, alpha=batch.weight)
+            _accumulate(total, products, start, k, scale, first)
             start += k
+        stats.written = True
         return value
 
     def _note_loss_precision(self, loss: torch.Tensor) -> None:
@@ -296,6 +310,23 @@ class HvpEngine:
                 "products carry its rounding; pass loss_fn= (with weight_fn= for token counts) to compute it in "
                 "the model's dtype"
             )
+
+
+def _accumulate(total, products, start: int, k: int, scale: float, first: bool) -> None:
+    """Add ``scale``·products into rows start..start+k of the sums, or write them there for the first batch
+    (the sums are not zero-filled: on a (k, n) result of 10M parameters that pass, the add's read and a
+    final scaling took 10–20 % of a ResNet-18's product). A missing product is a zero block."""
+    for acc, h in zip(total, products):
+        rows = acc[start : start + k]
+        if h is None:
+            if first:
+                rows.zero_()
+        elif not first:
+            rows.add_(h, alpha=scale)
+        elif scale == 1.0:
+            rows.copy_(h)
+        else:
+            torch.mul(h, scale, out=rows)
 
 
 class _ActivationCounter:
