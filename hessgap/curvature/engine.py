@@ -47,9 +47,9 @@ CPU_CHUNK_BYTES = 8 * 1024**2
 #: The same for the generic path: above it a chunk is one direction, a plain second backward. On CPU the
 #: vmapped backward (is_grads_batched) gains nothing from its larger GEMMs and pays for the copies its
 #: batching rules make: one thread, k = 16, per direction in gradients (benchmarks/hvp_models_ratio.py):
-#: GPT-2 (4 × 256, batch 8 × 128) chunk 1 1.48, chunks 2–16 2.1–2.4; see benchmarks/RESULTS.md for the
-#: ResNets. Only models whose largest activation is under 256K elements (tests, toy nets, where the
-#: per-call overhead dominates) still take batched chunks.
+#: GPT-2 (4 × 256, batch 8 × 128) chunk 1 2.17, chunks 2–16 3.04–3.80; transformers ResNet-18 (batch 32)
+#: chunk 1 2.90, chunks 2–16 2.83–3.41 (4 within noise of 1). Only models whose largest activation is
+#: under 256K elements (tests, toy nets, where the per-call overhead dominates) still take batched chunks.
 GENERIC_CPU_CHUNK_BYTES = 1024**2
 # Primal passes (activations and output gradients of every batch) kept between calls when the batches are
 # cached and the model has not changed: later products then cost only the R-passes, as a retained graph does.
