@@ -19,6 +19,7 @@ for cross-entropy with ignored entries; the label tokens that count for token-le
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,11 +151,14 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def ignore_index_of(loss_fn) -> int | None:
-    """The ignored target value of a cross-entropy loss (None for other losses)."""
+    """The ignored target value of a cross-entropy loss (None for other losses): ``nn.CrossEntropyLoss``,
+    ``F.cross_entropy``, or a ``functools.partial`` of it that may set ``ignore_index``."""
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         return loss_fn.ignore_index
     if loss_fn is F.cross_entropy:
         return IGNORE_INDEX
+    if isinstance(loss_fn, functools.partial) and loss_fn.func is F.cross_entropy and not loss_fn.args:
+        return loss_fn.keywords.get("ignore_index", IGNORE_INDEX)
     return None
 
 

@@ -5,10 +5,10 @@
 
 - ``"fused"``: the R-operator engine of :mod:`hessgap.curvature.fused` (plain layer stacks with a known loss);
 - ``"generic"``: any model, through autograd: the batch's gradient is built once with its graph kept
-  (``create_graph``), and each chunk of directions is one batched backward through that graph
-  (``is_grads_batched``, a vmap over the k directions), so the forward and first backward are shared by
-  all k directions and every product is a batched kernel. Attention runs on kernels that have
-  double-backward rules (:mod:`hessgap.curvature.second_order`).
+  (``create_graph``), so the forward and first backward are shared by all k directions; each chunk of
+  directions is then one backward through that graph: a plain one for a chunk of one direction (the CPU
+  default for real models), a batched one (``is_grads_batched``, a vmap over the chunk) otherwise.
+  Attention runs on kernels that have double-backward rules (:mod:`hessgap.curvature.second_order`).
 
 It cuts the k directions into chunks that fit a memory budget, keeps each cached batch's primal pass
 between calls while the model is unchanged (compared value by value, so edits through ``.data`` count),
@@ -32,7 +32,7 @@ from . import fused
 from ._flat import Directions, all_finite, unflatten
 from .batches import Batch
 from .objective import LossOverData
-from .second_order import SecondOrderRules
+from .second_order import SecondOrderRules, check_differentiable
 from .sharded import without_forward_hooks as sharded_hooks_off
 
 PATHS = ("auto", "fused", "generic")  # what users ask for; an FSDP2-sharded model runs the "sharded" pass
@@ -45,8 +45,13 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 #: slower per direction than smaller chunks (measured on F1 and C1 at batch 1024/256: chunks of 2–4
 #: directions beat 16 by 10–40 %).
 CPU_CHUNK_BYTES = 8 * 1024**2
-#: The same for the generic path's batched backward (measured on a GPT-2-shaped model: chunks of 4 beat 16).
-GENERIC_CPU_CHUNK_BYTES = 32 * 1024**2
+#: The same for the generic path: above it a chunk is one direction, a plain second backward. On CPU the
+#: vmapped backward (is_grads_batched) gains nothing from its larger GEMMs and pays for the copies its
+#: batching rules make: one thread, k = 16, per direction in gradients (benchmarks/hvp_models_ratio.py):
+#: GPT-2 (4 × 256, batch 8 × 128) chunk 1 2.17, chunks 2–16 3.04–3.80; transformers ResNet-18 (batch 32)
+#: chunk 1 2.90, chunks 2–16 2.83–3.41 (4 within noise of 1). Only models whose largest activation is
+#: under 256K elements (tests, toy nets, where the per-call overhead dominates) still take batched chunks.
+GENERIC_CPU_CHUNK_BYTES = 1024**2
 # Primal passes (activations and output gradients of every batch) kept between calls when the batches are
 # cached and the model has not changed: later products then cost only the R-passes, as a retained graph does.
 PRIMAL_CACHE_BYTES = 512 * 1024**2
@@ -59,6 +64,8 @@ class PassStats:
     weight: float = 0.0  # units (samples or tokens) over every rank
     loss_sum: float = 0.0  # Σ w_b·L_b over every rank
     chunk_size: int = 0
+    written: bool = False  # whether a batch has written the sums (the first one writes, later ones add)
+    unit: float = 1.0  # the sums hold Σ_b (w_b / unit)·H_b·V: unit = the first batch's weight on one rank
 
     @property
     def loss(self) -> float:
@@ -159,11 +166,12 @@ class HvpEngine:
     def _pass(self, directions: Directions, fused_path: bool):
         objective = self.objective
         stats = PassStats()
-        flat_total = torch.zeros(directions.k, objective.num_parameters, dtype=objective.accumulation_dtype,
+        # Not zero-filled: the first batch writes its products (a pass over k·n numbers fewer; see _accumulate)
+        flat_total = torch.empty(directions.k, objective.num_parameters, dtype=objective.accumulation_dtype,
                                  device=objective.device)
         total = unflatten(flat_total, objective.vector_params)
         if objective.sharded is not None:
-            return self._sharded_pass(directions, flat_total, total, stats)
+            return self._sharded_pass(directions, flat_total.zero_(), total, stats)
         error = None
         try:
             for batch in objective.batches():
@@ -183,10 +191,14 @@ class HvpEngine:
             error = exc
         ranks = objective.ranks
         ranks.settle(error)
+        if not stats.written:  # no batch on this rank held anything to average
+            flat_total.zero_()
         ranks.sum_(flat_total)
         stats.samples, stats.weight, stats.loss_sum = ranks.sum_numbers([stats.samples, stats.weight, stats.loss_sum])
         stats.samples = int(stats.samples)
-        flat_total.div_(stats.weight)
+        factor = stats.unit / stats.weight
+        if factor != 1.0:  # one batch: the products are already the mean's
+            flat_total.mul_(factor)
         if not all_finite(flat_total):
             raise NonFiniteError(
                 "the Hessian-vector product is not finite; check the parameters and inputs for huge or "
@@ -272,7 +284,8 @@ class HvpEngine:
         def loss_of(outputs, targets):
             return self.objective.loss_of_outputs(outputs, batch)
 
-        state = self._plan.forward_backward(batch.inputs, batch.targets, batch.weight, loss_of)
+        with self.objective.naming_failures(batch):
+            state = self._plan.forward_backward(batch.inputs, batch.targets, batch.weight, loss_of)
         # activations, output gradients and the layers' saved masks: about three activations' worth
         state_bytes = 3 * state.activation_numel * batch.inputs.element_size()
         if self._primal_snapshot is not None and self._primal_bytes + state_bytes <= PRIMAL_CACHE_BYTES:
@@ -291,10 +304,10 @@ class HvpEngine:
                                                  state.largest_activation_numel, batch.inputs.device)
             start = 0
             for chunk in directions.chunks(stats.chunk_size):
-                part = self._plan.apply(state, chunk)
-                for acc, hv in zip(total, part):
-                    acc[start : start + hv.shape[0]].add_(hv)
+                part = self._plan.apply(state, chunk)  # already weighted by the batch's units
+                _accumulate(total, part, start, chunk[0].shape[0], 1.0, not stats.written)
                 start += chunk[0].shape[0]
+            stats.written = True
         return loss
 
     def _generic_batch(self, batch: Batch, directions, total, stats) -> float:
@@ -304,27 +317,71 @@ class HvpEngine:
             with counter, self.rules.watch():
                 loss = self.objective.batch_loss(batch)
             value = self._check_loss(loss, batch.index)
-            grads = torch.autograd.grad(loss * batch.weight, params, create_graph=True, allow_unused=True)
+            self._note_loss_precision(loss)
+            # The batch's weight scales the products in the accumulation dtype, not the loss in the model's:
+            # a float16 loss times a token count overflows long before the products do.
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        if stats.chunk_size == 0:
+        if stats.chunk_size == 0:  # the first batch of the pass: its graph stands for the others'
+            check_differentiable(loss, [grads[i] for i in live])
             itemsize = params[0].element_size()
             per_direction = itemsize * (4 * counter.numel + 4 * self.objective.num_parameters)
             stats.chunk_size = self._cpu_fit(self._chunk(per_direction, directions.k), GENERIC_CPU_CHUNK_BYTES,
                                              itemsize, counter.largest, params[0].device)
+        first = not stats.written
+        if first and not self.objective.ranks.active:
+            stats.unit = batch.weight  # a single batch's products are then written as they come
         if not live:  # the gradient does not depend on the parameters: this batch's Hessian is 0
+            if first:
+                for acc in total:
+                    acc.zero_()
+                stats.written = True
             return value
         outputs = [grads[i] for i in live]
+        scale = batch.weight / stats.unit
         start = 0
         for chunk in directions.chunks(stats.chunk_size):
             k = chunk[0].shape[0]
             grad_outputs = [chunk[i].to(params[i].dtype) for i in live]
-            products = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, retain_graph=True,
-                                           is_grads_batched=True, allow_unused=True)
-            for acc, h in zip(total, products):
-                if h is not None:
-                    acc[start : start + k].add_(h)
+            if k == 1:  # one direction: a plain backward, without vmap's batching rules and their copies
+                products = torch.autograd.grad(outputs, params, grad_outputs=[g[0] for g in grad_outputs],
+                                               retain_graph=True, allow_unused=True)
+                products = [None if h is None else h.unsqueeze(0) for h in products]
+            else:
+                products = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, retain_graph=True,
+                                               is_grads_batched=True, allow_unused=True)
+            _accumulate(total, products, start, k, scale, first)
             start += k
+        stats.written = True
         return value
+
+    def _note_loss_precision(self, loss: torch.Tensor) -> None:
+        """Say so when the loss is less precise than the model (Hugging Face computes its losses in float32)."""
+        dtype = self.objective.dtype
+        if loss.dtype.is_floating_point and torch.finfo(loss.dtype).eps > torch.finfo(dtype).eps:
+            self.rules.note(
+                f"the loss came out in {str(loss.dtype).replace('torch.', '')} for a "
+                f"{str(dtype).replace('torch.', '')} model (Hugging Face computes its losses in float32), so the "
+                "products carry its rounding; pass loss_fn= (with weight_fn= for token counts) to compute it in "
+                "the model's dtype"
+            )
+
+
+def _accumulate(total, products, start: int, k: int, scale: float, first: bool) -> None:
+    """Add ``scale``·products into rows start..start+k of the sums, or write them there for the first batch
+    (the sums are not zero-filled: on a (k, n) result of 10M parameters that pass, the add's read and a
+    final scaling took 10–20 % of a ResNet-18's product). A missing product is a zero block."""
+    for acc, h in zip(total, products):
+        rows = acc[start : start + k]
+        if h is None:
+            if first:
+                rows.zero_()
+        elif not first:
+            rows.add_(h, alpha=scale)
+        elif scale == 1.0:
+            rows.copy_(h)
+        else:
+            torch.mul(h, scale, out=rows)
 
 
 class _ActivationCounter:

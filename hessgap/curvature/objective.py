@@ -11,6 +11,7 @@ parameters differentiated (:mod:`.params`), sums across ranks and the checks on 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -140,7 +141,7 @@ class LossOverData:
         """The batch's mean loss (a scalar tensor, differentiable when grad mode is on); with ``parameters``
         (name → tensor) the model runs on those instead of its own (``torch.func.functional_call``)."""
         model = self.model if parameters is None else _WithParameters(self.model, parameters)
-        try:
+        with self.naming_failures(batch):
             if self.compute_loss is not None and parameters is not None:
                 loss = model.call(self.compute_loss, batch.raw)
             elif self.compute_loss is not None:
@@ -148,15 +149,6 @@ class LossOverData:
             else:
                 outputs = model(*batch.args, **batch.kwargs)
                 loss = self.loss_of_outputs(outputs, batch)
-        except HessgapError:
-            raise
-        except (RuntimeError, IndexError, TypeError, ValueError) as exc:
-            if _missing_rule(exc) or not _raised_inside_torch(exc):
-                raise  # an error of the user's own code keeps its type; the engine names missing rules
-            raise HessgapError(
-                f"the model or its loss failed on batch {batch.index} ({_describe(batch)}): {type(exc).__name__}: "
-                f"{exc}. Check that the batches fit the model (shapes, dtypes) and the loss (targets)"
-            ) from exc
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise HessgapError(
@@ -169,6 +161,22 @@ class LossOverData:
                 "loss_fn / compute_loss must compute it from the model's outputs, without .detach() or torch.no_grad()"
             )
         return loss
+
+    @contextlib.contextmanager
+    def naming_failures(self, batch: Batch) -> Iterator[None]:
+        """Turn an error torch raised on this batch (a shape or dtype the batch gave a layer) into a
+        HessgapError that describes the batch; errors of the user's own code keep their type."""
+        try:
+            yield
+        except HessgapError:
+            raise
+        except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+            if _missing_rule(exc) or not _raised_inside_torch(exc):
+                raise  # an error of the user's own code keeps its type; the engine names missing rules
+            raise HessgapError(
+                f"the model or its loss failed on batch {batch.index} ({_describe(batch)}): {type(exc).__name__}: "
+                f"{exc}. Check that the batches fit the model (shapes, dtypes) and the loss (targets)"
+            ) from exc
 
     def loss_of_outputs(self, outputs, batch: Batch) -> torch.Tensor:
         """The batch's mean loss from the model's outputs on it (``loss_fn``, or the output's ``.loss``)."""
@@ -215,10 +223,11 @@ class LossOverData:
         try:
             for batch in self.batches():
                 loss = self.batch_loss(batch)
-                batch_grads = torch.autograd.grad(loss * batch.weight, self.params, allow_unused=True)
+                # weighted in the accumulation dtype: a float16 loss times a token count would overflow
+                batch_grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                 for acc, g in zip(grads, batch_grads):
                     if g is not None:
-                        acc.add_(g)
+                        acc.add_(g, alpha=batch.weight)
                 del batch_grads  # one gradient's worth of memory, not two, while the next batch runs
                 total += float(loss.detach()) * batch.weight
                 weight += batch.weight
@@ -347,14 +356,27 @@ def _check_class_targets(logits: torch.Tensor, targets: torch.Tensor, ignore: in
 
 def _raised_inside_torch(exc: BaseException) -> bool:
     """Whether the innermost Python frame of the error is torch's own code (a shape or dtype the batch gave
-    a layer), rather than the user's model or loss raising on purpose."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    a layer), rather than the user's model or loss raising on purpose.
+
+    hessgap's own frames in between do not count as the user's: the torch-function mode that watches
+    attention calls (every op of the forward passes through it) is skipped, and the fused engine's layer
+    rules run torch's ops on the model's behalf, so an error there is torch's.
+    """
+    tb, frames = exc.__traceback__, []
+    while tb is not None:
+        frames.append(os.path.abspath(tb.tb_frame.f_code.co_filename))
         tb = tb.tb_next
-    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_TORCH_DIR)
+    for filename in reversed(frames):
+        if filename in _PASS_THROUGH:
+            continue
+        return filename.startswith(_TORCH_DIR) or filename.startswith(_FUSED_DIR)
+    return False
 
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_FUSED_DIR = os.path.join(_HERE, "fused") + os.sep
+_PASS_THROUGH = {os.path.join(_HERE, "second_order.py")}
 
 
 def _missing_rule(exc: Exception) -> bool:

@@ -1,8 +1,9 @@
 """Which parameters a call differentiates with respect to: all trainable ones, or the ones named by ``params=``.
 
 ``params`` restricts the Hessian (and sharpness's box) to some parameters, the others held fixed. It takes
-parameter names (``"h.0.attn.c_attn.weight"``), module names (``"h.0.attn"``: all of that module's
-trainable parameters), parameter tensors, submodules, or a list mixing them. The selection keeps the
+parameter names (``"h.0.attn.c_attn.weight"``; a tied parameter by any of its names), module names
+(``"h.0.attn"``: all of that module's trainable parameters), parameter tensors, submodules (their
+trainable parameters), or a list mixing them. The selection keeps the
 model's ``named_parameters()`` order, which is also the order of the flat n-vectors.
 
 :func:`parameter_blocks` cuts the trainable parameters into named blocks (one per module that owns
@@ -12,6 +13,7 @@ parameters, or one per parameter tensor) for the per-block spectra.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -62,11 +64,25 @@ def select_parameters(model: nn.Module, params=None) -> tuple[list[str], list[nn
 
 
 def _resolve(model: nn.Module, every: list[tuple[str, nn.Parameter]], params) -> set[int]:
-    """ids of the parameters ``params`` names (see the module docstring)."""
-    items = [params] if isinstance(params, (str, torch.Tensor, nn.Module)) else list(params)
+    """ids of the parameters ``params`` names (see the module docstring).
+
+    A module (by name or object) stands for its trainable parameters; a parameter named or passed itself
+    must be trainable (:func:`select_parameters` says so). A tied parameter answers to every name it has
+    (``lm_head.weight`` is ``transformer.wte.weight`` in a GPT-2), although ``named_parameters()`` lists
+    it once.
+    """
+    if isinstance(params, (str, torch.Tensor, nn.Module)):
+        items = [params]
+    elif isinstance(params, Iterable):
+        items = list(params)
+    else:
+        raise HessgapError(
+            f"params= is a {type(params).__name__}; give parameter or module names, parameters or modules "
+            "(one, or a list of them)"
+        )
     if not items:
         raise HessgapError("params= is empty; name at least one parameter or module, or leave params=None for all")
-    by_name = dict(every)
+    by_name = dict(model.named_parameters(remove_duplicate=False))  # tied parameters under each of their names
     modules = dict(model.named_modules())
     owned = {id(p) for _, p in every}
     chosen: set[int] = set()
@@ -75,7 +91,7 @@ def _resolve(model: nn.Module, every: list[tuple[str, nn.Parameter]], params) ->
             if item in by_name:
                 chosen.add(id(by_name[item]))
             elif item in modules and list(modules[item].parameters()):
-                chosen.update(id(p) for p in modules[item].parameters())
+                chosen.update(_trainable_of(modules[item], repr(item)))
             else:
                 close = difflib.get_close_matches(item, list(by_name) + list(modules), n=3)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -89,7 +105,7 @@ def _resolve(model: nn.Module, every: list[tuple[str, nn.Parameter]], params) ->
                 raise HessgapError(
                     f"params= holds a {type(item).__name__} that is not a submodule with parameters of this model"
                 )
-            chosen.update(found)
+            chosen.update(_trainable_of(item, f"a {type(item).__name__}"))
         elif isinstance(item, torch.Tensor):
             if id(item) not in owned:
                 raise HessgapError(
@@ -104,7 +120,29 @@ def _resolve(model: nn.Module, every: list[tuple[str, nn.Parameter]], params) ->
     return chosen
 
 
+def _trainable_of(module: nn.Module, what: str) -> list[int]:
+    found = [id(p) for p in module.parameters() if p.requires_grad]
+    if not found:
+        raise HessgapError(
+            f"params= names module {what}, which has no trainable parameters (all have requires_grad=False); "
+            "unfreeze them or choose another module"
+        )
+    return found
+
+
 BLOCK_KINDS = ("module", "parameter")
+
+
+def _label(model: nn.Module, item) -> str:
+    """A block's name for an entry of a blocks= list: the name itself, or the name the model gives a module
+    or parameter passed as an object."""
+    if isinstance(item, str):
+        return item
+    named = model.named_modules() if isinstance(item, nn.Module) else model.named_parameters()
+    for name, value in named:
+        if value is item:
+            return name or "(root)"
+    return str(item)
 
 
 def parameter_blocks(model: nn.Module, names: list[str], blocks="module") -> dict[str, list[int]]:
@@ -123,7 +161,15 @@ def parameter_blocks(model: nn.Module, names: list[str], blocks="module") -> dic
             key = n if blocks == "parameter" else (n.rsplit(".", 1)[0] if "." in n else "(root)")
             out.setdefault(key, []).append(position[n])
         return out
-    spec = blocks if isinstance(blocks, dict) else {str(b): b for b in blocks}
+    if isinstance(blocks, dict):
+        spec = blocks
+    elif isinstance(blocks, (list, tuple)):
+        spec = {_label(model, b): b for b in blocks}
+    else:
+        raise HessgapError(
+            f"blocks= is a {type(blocks).__name__}; give 'module', 'parameter', a list of module names (or "
+            "modules), or a dict {block name: parameters}"
+        )
     if not spec:
         raise HessgapError("blocks= is empty; name at least one block")
     out = {}

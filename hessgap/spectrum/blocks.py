@@ -57,21 +57,30 @@ class BlockSpectrumResult(JsonResult):
     notes: list[str] = field(default_factory=list)
 
     def plot(self, path: str, *, title: str | None = None):
-        """A bar plot per block of its top eigenvalue (and trace, when measured), log scale; returns ``path``."""
+        """A bar plot per block of its top eigenvalue (and trace, when measured); returns ``path``.
+
+        The axis is logarithmic, or symmetric-logarithmic when some value is ≤ 0 (an indefinite block's
+        trace, a block whose largest eigenvalue is negative), so that no bar silently vanishes.
+        """
         from matplotlib.figure import Figure
 
         count = len(self.blocks)
         figure = Figure(figsize=(max(6.4, 0.35 * count + 2), 4.2), dpi=110)
         axes = figure.add_subplot(1, 1, 1)
         positions = list(range(count))
-        top = [max(values[0], 1e-30) for values in self.eigenvalues]
+        top = [values[0] for values in self.eigenvalues]
         width = 0.4 if self.traces is not None else 0.8
         axes.bar([p - width / 2 if self.traces is not None else p for p in positions], top, width=width,
                  color="tab:red", label="top eigenvalue λ_max(H_jj)")
         if self.traces is not None:
-            axes.bar([p + width / 2 for p in positions], [max(t, 1e-30) for t in self.traces], width=width,
-                     color="tab:blue", label="trace tr(H_jj)")
-        axes.set_yscale("log")
+            axes.bar([p + width / 2 for p in positions], self.traces, width=width, color="tab:blue",
+                     label="trace tr(H_jj)")
+        scale, linthresh = axis_scale(top + (self.traces or []))
+        if scale == "symlog":
+            axes.set_yscale("symlog", linthresh=linthresh)
+            axes.axhline(0.0, color="black", linewidth=0.6)
+        else:
+            axes.set_yscale("log")
         axes.set_xticks(positions, self.blocks, rotation=70, ha="right", fontsize=7)
         axes.set_ylabel("curvature of the block")
         axes.set_title(title or f"Per-block Hessian curvature ({count} blocks, n = {self.n})", fontsize=9)
@@ -80,6 +89,17 @@ class BlockSpectrumResult(JsonResult):
         figure.tight_layout()
         save_figure(figure, path)
         return path
+
+
+def axis_scale(values) -> tuple[str, float | None]:
+    """``("log", None)`` for positive values; ``("symlog", linear threshold)`` when some are ≤ 0 (the linear
+    part spans the smallest non-zero magnitude, or 1e-3 of the largest when that is smaller)."""
+    finite = [abs(v) for v in values if v == v and abs(v) != float("inf")]
+    if all(v > 0 for v in values):
+        return "log", None
+    largest = max(finite, default=1.0) or 1.0
+    nonzero = [v for v in finite if v > 0]
+    return "symlog", max(min(nonzero, default=largest), 1e-3 * largest)
 
 
 #: Stacked, zero-padded probes of all blocks held at once when estimating the traces.
@@ -93,6 +113,7 @@ class _BlockView:
         self.parent, self.columns = parent, columns
         self.n = int(columns.numel())
         self.dtype, self.device, self.path = parent.dtype, parent.device, parent.path
+        self.model_dtype = parent.model_dtype
         self.hvps = 0
         # the vector algebra of the whole operator serves the block's vectors too (never sharded here)
         self.gram, self.norms, self.pivot_signs, self.generator = parent.gram, parent.norms, parent.pivot_signs, parent.generator
@@ -196,14 +217,19 @@ def _lockstep_lanczos(views, product, k, tol, max_iter, seed, progress) -> dict:
         steps = solver.iterate(max_iter, progress=False)
         solvers[name] = (solver, steps)
         pending[name] = next(steps)
-    while pending:
-        products = product(pending)
-        for name in list(pending):
-            solver, steps = solvers[name]
-            try:
-                pending[name] = steps.send(products[name])
-            except StopIteration:
-                del pending[name]
+    from tqdm.auto import tqdm
+
+    with tqdm(total=max_iter, desc="block lanczos", unit="step", disable=not progress, leave=False) as bar:
+        while pending:
+            products = product(pending)
+            for name in list(pending):
+                solver, steps = solvers[name]
+                try:
+                    pending[name] = steps.send(products[name])
+                except StopIteration:
+                    del pending[name]
+            bar.update(1)
+            bar.set_postfix(blocks_left=len(pending))
     out = {}
     for name, (solver, _) in solvers.items():
         found = solver.result(seconds=0.0)

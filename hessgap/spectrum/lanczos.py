@@ -59,7 +59,11 @@ def eigenvalues(
     estimate of the eigenvalue error with the gap measured to the other Ritz values (each shrunk by its
     own residual): the eigenvalue is then accurate to about ``tol`` and the eigenvector to about r/gap.
     It is an *estimate*, not a bound: the Ritz gap can exceed the true one and the products' own rounding
-    (about 1e-7 relative in float32) is not in it; the result's ``residuals`` are the bounds.
+    (about 1e-7 relative in float32) is not in it; the result's ``residuals`` are the bounds. For a
+    bfloat16 or float16 model the products carry the model dtype's rounding (about 1e-2 and 1e-3 of ‖H‖),
+    which no residual gets much below: a pair whose residual is within twice the model dtype's unit roundoff
+    of the largest wanted |θ| also counts as converged (its eigenvalue is then accurate to about that
+    much of the top eigenvalue, not of itself).
 
     ``block_size`` vectors are multiplied per step (default 1 for k = 1, else min(k, 4)); larger blocks
     find clustered or repeated eigenvalues more reliably and use batched Hessian products.
@@ -118,8 +122,14 @@ def _wanted_order(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
-def _error_estimates(theta, residuals, wanted, tol, criterion, eps):
-    """Bounds on |λ − θ| for the wanted Ritz values and whether each meets the tolerance."""
+def _error_estimates(theta, residuals, wanted, tol, criterion, eps, product_eps=0.0):
+    """Bounds on |λ − θ| for the wanted Ritz values and whether each meets the tolerance.
+
+    ``product_eps`` is the relative rounding of the products themselves (the model's dtype when that is
+    coarser than the vectors', e.g. bfloat16): no residual gets much below product_eps·‖H‖, so a pair whose
+    residual is within twice that of the largest wanted |θ| also counts as converged, to the precision the
+    products have.
+    """
     wanted_theta = theta[wanted]
     r = residuals[wanted]
     if criterion == "residual" or theta.numel() == 1:
@@ -133,7 +143,12 @@ def _error_estimates(theta, residuals, wanted, tol, criterion, eps):
         bound = torch.minimum(r, kato_temple)
     floor = eps ** (2.0 / 3.0) * float(theta.abs().max())
     threshold = tol * wanted_theta.abs().clamp_min(floor)
-    return bound, bound <= threshold, threshold
+    ok = bound <= threshold
+    if product_eps:
+        # The residual itself (a bound) at the products' rounding, measured against the wanted eigenvalues:
+        # against ‖T‖ a large eigenvalue at the other end would let an unconverged pair through.
+        ok = ok | (r <= 2 * product_eps * float(wanted_theta.abs().max()))
+    return bound, ok, threshold
 
 
 class BlockLanczos:
@@ -149,6 +164,10 @@ class BlockLanczos:
         # the dimension of the space: n, or every rank's shards together for a sharded operator
         self.dimension = getattr(operator, "total_n", operator.n)
         self.eps = torch.finfo(self.dtype).eps
+        # Products of a half-precision model carry its rounding (unit roundoff eps/2), however precise the
+        # vectors are.
+        model_eps = torch.finfo(getattr(operator, "model_dtype", self.dtype)).eps
+        self.product_eps = model_eps / 2 if model_eps > self.eps else 0.0
         # A direction whose part outside the basis is this small (relative) carries no new information.
         self.drop_tol = 100 * self.eps
         self.generator = operator.generator(seed)
@@ -276,14 +295,16 @@ class BlockLanczos:
                     next_block = self._orthonormal_block(HP, self.dimension - self.m)
                     coefficients = self.op.gram(self.HV[: self.m], next_block).to(torch.float64).cpu()
                     estimates = (coefficients.T @ S).norm(dim=0)
-                bound, ok, threshold = _error_estimates(theta, estimates, wanted, self.tol, self.criterion, self.eps)
+                bound, ok, threshold = _error_estimates(theta, estimates, wanted, self.tol, self.criterion, self.eps,
+                                                    self.product_eps)
                 bar.set_postfix(worst=f"{float((bound / threshold).max()):.2g}")
                 out_of_steps = self.iterations >= max_iter
                 if bool(ok.all()) or exhausted or out_of_steps:
                     X, residual = self._explicit(S, theta, wanted)
                     checked = estimates.clone()
                     checked[wanted] = residual
-                    bound, ok, _ = _error_estimates(theta, checked, wanted, self.tol, self.criterion, self.eps)
+                    bound, ok, _ = _error_estimates(theta, checked, wanted, self.tol, self.criterion, self.eps,
+                                                      self.product_eps)
                     if bool(ok.all()) or exhausted or out_of_steps:
                         self.converged = bool(ok.all()) or exhausted
                         self._final = (theta[wanted], X, residual, bound)

@@ -28,10 +28,11 @@ class LayerRule:
 
 
 def param_slot(p: torch.Tensor | None, index_of: dict[int, int]) -> int | None:
-    """Index of ``p`` among the trainable parameters, or None when absent or frozen."""
+    """Index of ``p`` among the differentiated parameters, or None when absent, frozen, or left out by
+    ``params=`` (held fixed like a frozen one)."""
     if p is None or not p.requires_grad:
         return None
-    return index_of[id(p)]
+    return index_of.get(id(p))
 
 
 def pair(value) -> tuple[int, int]:

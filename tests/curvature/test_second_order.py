@@ -1,0 +1,245 @@
+"""Second-order autograd through attention and other ops: rerouted where PyTorch has the rules, named where not."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hessgap
+from hessgap.curvature.second_order import ATTENTION_NOTE, NORMALIZATION_NOTE
+from hessgap.errors import HessgapError
+
+from oracles import assert_unchanged, explicit_hessian, snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F = nn.functional
+FLASH = "aten._scaled_dot_product_flash_attention_for_cpu"
+
+
+class Attention(nn.Module):
+    """One attention layer through F.scaled_dot_product_attention, causal or with a padding mask."""
+
+    def __init__(self, causal: bool, width=4, heads=2, classes=3):
+        super().__init__()
+        self.causal, self.heads = causal, heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x, mask=None):
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        attn_mask = None if mask is None else mask[:, None, None, :].bool()
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
+        return self.out(o.transpose(1, 2).reshape(b, t, w).mean(1))
+
+
+def attention_data(masked: bool):
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for n, t in ((3, 5), (2, 4)):
+        x = torch.randn(n, t, 4, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (n,), generator=gen)
+        if masked:
+            mask = torch.ones(n, t, dtype=torch.long)
+            mask[0, -2:] = 0
+            out.append((x, mask, y))
+        else:
+            out.append((x, y))
+    return out
+
+
+def attention_model(causal):
+    torch.manual_seed(0)
+    return Attention(causal).double()
+
+
+class Ops(TorchDispatchMode):
+    """The aten ops that ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("causal, masked", [(True, False), (False, True)], ids=["causal", "padding-mask"])
+def test_attention_runs_on_every_curvature_call_and_the_notes_say_so(causal, masked):
+    model = attention_model(causal)
+    data = attention_data(masked)
+    with Ops() as ops:  # outside a curvature call the model runs PyTorch's fused CPU kernel
+        model(*data[0][:-1])
+    assert FLASH in ops.seen
+
+    def objective(forward):
+        total = sum(F.cross_entropy(forward(*batch[:-1]), batch[-1]) * len(batch[-1]) for batch in data)
+        return total / 5
+
+    H = explicit_hessian(model, objective=objective)
+    n = H.shape[0]
+    V = torch.randn(3, n, dtype=torch.float64)
+    before = snapshot(model)
+    with Ops() as ops:
+        result = hessgap.hvp(model, data, V, return_info=True)
+    assert FLASH not in ops.seen and "aten._safe_softmax" in ops.seen  # the math kernel's softmax
+    assert ATTENTION_NOTE in result.notes
+    torch.testing.assert_close(result.value, V @ H, rtol=1e-10, atol=1e-12)
+
+    op = hessgap.HessianOperator(model, data)
+    torch.testing.assert_close(op.matmat(V), V @ H, rtol=1e-10, atol=1e-12)
+    assert ATTENTION_NOTE in op.notes
+    exact = torch.linalg.eigvalsh(H)
+    top = hessgap.eigenvalues(model, data, k=2, tol=1e-8)
+    assert top.eigenvalues == pytest.approx(exact.flip(0)[:2].tolist(), rel=1e-7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a short density's integral
+        results = [top, hessgap.trace(model, data, num_probes=8), hessgap.density(model, data, lanczos_steps=8),
+                   hessgap.block_spectrum(model, data, num_probes=2)]
+    for r in results:
+        assert ATTENTION_NOTE in r.notes and ATTENTION_NOTE in r.to_dict()["notes"]
+    assert_unchanged(model, before)
+    # the caller's own kernel choice is back in force after the call
+    with Ops() as ops:
+        model(*data[0][:-1])
+    assert FLASH in ops.seen
+
+
+def test_sharpness_keeps_the_fast_kernels():
+    model = attention_model(True)
+    with Ops() as ops:
+        hessgap.sharpness(model, attention_data(False), max_iter=2)
+    assert FLASH in ops.seen and "aten._safe_softmax" not in ops.seen
+
+
+def test_a_model_without_attention_gets_no_note():
+    model = nn.Sequential(nn.Linear(4, 3))
+    result = hessgap.hvp(model, (torch.randn(5, 4), torch.randint(0, 3, (5,))), torch.randn(1, 15),
+                         path="generic", return_info=True)
+    assert result.notes == []
+
+
+def test_a_callers_math_only_context_is_kept():
+    model = attention_model(True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        hessgap.hvp(model, attention_data(False), torch.randn(1, 75, dtype=torch.float64))
+        with Ops() as ops:
+            model(*attention_data(False)[0][:-1])
+    assert FLASH not in ops.seen
+
+
+class DirectFlash(nn.Module):
+    """Calls the CPU flash-attention kernel itself: it has a backward but no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, -1)
+        o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+        return self.out(o.squeeze(1).mean(1))
+
+
+class PairwiseDistance(nn.Module):
+    """Logits as distances to learned class centres by torch.cdist: its backward has no derivative either."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.centres = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return -torch.cdist(self.fc(x), self.centres)
+
+
+@pytest.mark.parametrize("model, op", [
+    (DirectFlash, r"_scaled_dot_product_flash_attention_for_cpu, whose backward \(aten::_scaled_dot_product_flash_"
+                  r"attention_for_cpu_backward\) has no derivative"),
+    (PairwiseDistance, r"_cdist, whose backward \(_cdist_backward\) has no derivative"),
+])
+def test_an_op_without_a_second_order_rule_is_named(model, op):
+    model = model()
+    data = (torch.randn(3, 5, 4) if isinstance(model, DirectFlash) else torch.randn(3, 5, 4)[:, 0],
+            torch.randint(0, 3, (3,)))
+    n = sum(p.numel() for p in model.parameters())
+    before = snapshot(model)
+    for call in (lambda: hessgap.hvp(model, data, torch.randn(2, n)),
+                 lambda: hessgap.hvp(model, data, torch.randn(2, n), train_mode=True),
+                 lambda: hessgap.eigenvalues(model, data),
+                 lambda: hessgap.trace(model, data, num_probes=2)):
+        with pytest.raises(HessgapError, match=op) as info:
+            call()
+        assert "no second-order rule" in str(info.value) or "has no derivative" in str(info.value)
+        assert "Replace it" in str(info.value)
+    assert_unchanged(model, before)
+    # first order is fine: sharpness runs
+    assert hessgap.sharpness(model, data, max_iter=1).value >= 0
+
+
+class Square(torch.autograd.Function):
+    """x², with a backward PyTorch cannot differentiate (marked once-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class OnceDifferentiable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.second(Square.apply(self.first(x)))
+
+
+def test_a_once_differentiable_function_is_named_not_silently_dropped():
+    """Its Hessian terms came back as zeros: PyTorch raises nothing, the graph just ends."""
+    model = OnceDifferentiable()
+    data = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    for call in (lambda: hessgap.hvp(model, data, torch.randn(2, 35), path="generic"),
+                 lambda: hessgap.hvp(model, data, torch.randn(2, 20), params="first"),
+                 lambda: hessgap.eigenvalues(model, data)):
+        with pytest.raises(HessgapError, match="uses Square, whose backward is marked @once_differentiable"):
+            call()
+    # the parameters after it never differentiate through it: the block of the second layer is exact
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 4)).double()
+    model = OnceDifferentiable().double()
+    x = plain(torch.randn(6, 4, dtype=torch.float64)).detach()
+    data = (x, torch.randint(0, 3, (6,)))
+    V = torch.randn(2, 15, dtype=torch.float64)
+    H = explicit_hessian(model.second, [(Square.apply(model.first(x)).detach(), data[1])])
+    torch.testing.assert_close(hessgap.hvp(model, data, V, params="second", path="generic"), V @ H)
+
+
+def test_float16_normalization_runs_in_float32_inside_a_curvature_call():
+    torch.manual_seed(0)
+    # features with a standard deviation below 0.025: float16's 1/σ³ in LayerNorm's double backward overflows
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+        model[0].bias.zero_()
+    data = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    reference = hessgap.hvp(model, data, V := torch.randn(2, 99), return_info=True)  # float32
+    half = model.half()
+    before = snapshot(half)
+    result = hessgap.hvp(half, data, V, return_info=True)
+    assert NORMALIZATION_NOTE in result.notes
+    assert float((result.value - reference.value).norm() / reference.value.norm()) < 2e-2
+    assert_unchanged(half, before)
+    # bfloat16 has float32's range: nothing rerouted
+    assert NORMALIZATION_NOTE not in hessgap.hvp(model.float().bfloat16(), data, V, return_info=True).notes
