@@ -82,10 +82,11 @@ def make_grid(dims: int, steps, span) -> Grid:
         raise HessgapError(f"steps must be one integer ≥ 2{' or a pair (nx, ny)' if dims == 2 else ''}, got {steps!r}")
     if _is_pair_of_pairs(span) and dims != 2:
         raise HessgapError(f"span must be (low, high) or one number r for a 1-D landscape, got {span!r}")
+    per_axis_spans = _is_pair_of_pairs(span)
     axes = []
     for axis in range(dims):
-        suffix = "" if dims == 1 else f" (axis {'xy'[axis]})"
-        count = _steps(steps[axis] if per_axis_steps else steps, "steps" + suffix)
-        low, high = _interval(span[axis] if _is_pair_of_pairs(span) else span, "span" + suffix)
+        # name the axis only when the value was given for that axis
+        count = _steps(steps[axis] if per_axis_steps else steps, f"steps (axis {'xy'[axis]})" if per_axis_steps else "steps")
+        low, high = _interval(span[axis] if per_axis_spans else span, f"span (axis {'xy'[axis]})" if per_axis_spans else "span")
         axes.append(np.linspace(low, high, count))
     return Grid(axes[0], axes[1] if dims == 2 else None)
