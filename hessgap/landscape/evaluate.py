@@ -50,8 +50,9 @@ class Evaluator:
     """Evaluates one model on one data set at many points of a plane, a pass over the data at a time."""
 
     def __init__(self, model: nn.Module, objective: LossOverData, plane: Plane, *, batchnorm: str, engine: str,
-                 memory_budget: int):
+                 memory_budget: int, cache_batches: bool):
         self.model = model
+        self.cache_batches = cache_batches
         self.objective = objective
         self.plane = plane
         self.batch_statistics = batchnorm == "train"
@@ -74,7 +75,24 @@ class Evaluator:
         return self.engine
 
     def run(self, coefficients: torch.Tensor, on_batch=None) -> PassResult:
-        """Loss and accuracy at the (P, K) ``coefficients``' points, over every batch of the data."""
+        """Loss and accuracy at the (P, K) ``coefficients``' points, over every batch of the data.
+
+        Each point's weights are formed once and kept between the batches while a group of points' weights fits
+        in half the memory budget. A larger set of points is split into such groups, each a walk over the
+        batches held in memory (``cache_batches``); without them the weights are formed again for each batch
+        instead, so that the data is read once. ``on_batch(points)`` follows the progress.
+        """
+        points = coefficients.shape[0]
+        group = max(1, (self.memory_budget // 2) // max(per_point_bytes(self.plane, coefficients), 1))
+        if group < points and self.cache_batches and not self.objective.batches_cached:
+            self.objective.cache_batches()
+        if group >= points or not self.objective.batches_cached:
+            return self._pass(coefficients, group >= points, on_batch)
+        parts = [self._pass(coefficients[start : start + group], True, on_batch) for start in range(0, points, group)]
+        accuracy = None if parts[0].accuracy is None else torch.cat([part.accuracy for part in parts])
+        return PassResult(torch.cat([part.loss for part in parts]), accuracy, parts[0].samples)
+
+    def _pass(self, coefficients: torch.Tensor, keep_weights: bool, on_batch) -> PassResult:
         points = coefficients.shape[0]
         loss_sums = torch.zeros(points, dtype=torch.float64, device=coefficients.device)
         correct = torch.zeros(points, dtype=torch.int64, device=coefficients.device)
@@ -84,8 +102,10 @@ class Evaluator:
             for index, (inputs, targets) in enumerate(self.objective.batches()):
                 engine = self._engine_for(inputs)
                 prepared = engine.prepare(inputs)
-                if chunk is None:  # sized on the first batch; the weights kept for a chunk need it fixed
-                    chunk = self._chunk_size(engine, prepared, coefficients)
+                if chunk is None:  # sized on the first batch: the weights kept for a chunk need it fixed
+                    engine.start_pass(keep_weights)
+                    kept = points * per_point_bytes(self.plane, coefficients) if keep_weights else 0
+                    chunk = engine.chunk_size(prepared, coefficients, self.memory_budget - kept)
                 size = inputs.shape[0]
                 classification = classification and targets.dim() == 1 and not targets.is_floating_point()
                 for start in range(0, points, chunk):
@@ -99,15 +119,11 @@ class Evaluator:
                         classification = False
                 samples += size
                 if on_batch is not None:
-                    on_batch()
+                    on_batch(points)
         accuracy = 100.0 * correct.double() / samples if classification else None
         return PassResult(loss_sums / samples, accuracy, samples)
 
-    def _chunk_size(self, engine, prepared, coefficients: torch.Tensor) -> int:
-        """Points per chunk; each point's weights are kept between batches when all of them fit in half the
-        budget (then forming them is paid once per pass, not once per batch)."""
-        points = coefficients.shape[0]
-        kept = points * engine.weight_bytes_per_point(coefficients.element_size())
-        keep = kept <= self.memory_budget // 2
-        engine.start_pass(keep)
-        return engine.chunk_size(prepared, coefficients, self.memory_budget - (kept if keep else 0))
+
+def per_point_bytes(plane: Plane, like: torch.Tensor) -> int:
+    """Memory of one point's moving weights and statistics."""
+    return sum(basis[0].numel() for basis in plane.moving.values()) * like.element_size()

@@ -34,9 +34,6 @@ class FunctionalEngine:
         """A new set of points: keep each point's weights between the batches of this pass when asked."""
         self._cache = {} if keep_weights else None
 
-    def weight_bytes_per_point(self, element_size: int) -> int:
-        return element_size * sum(basis[0].numel() for basis in self.plane.moving.values())
-
     def prepare(self, inputs: torch.Tensor) -> torch.Tensor:
         return inputs
 

@@ -151,12 +151,9 @@ class StackEngine:
     # -- the pass ------------------------------------------------------------------------------------------
     def start_pass(self, keep_weights: bool) -> None:
         """A new set of points: forget the weights formed for the last; keep each chunk's weights between the
-        batches of this pass when ``keep_weights`` (they cost ``weight_bytes_per_point`` each)."""
+        batches of this pass when ``keep_weights``, else form them again for each batch."""
         self._cache = {}
         self._keep_weights = keep_weights
-
-    def weight_bytes_per_point(self, element_size: int) -> int:
-        return element_size * sum(op.module.weight.numel() for op in self.ops if op.kind == "layer" and op.moves)
 
     def prepare(self, inputs: torch.Tensor) -> Prepared:
         batch = inputs.shape[0]

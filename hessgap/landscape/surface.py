@@ -188,12 +188,13 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
                 if len(blocks) > 1 and cache_batches:
                     one.cache_batches()
                 evaluators.append(Evaluator(model, one, plane, batchnorm=batchnorm, engine=engine,
-                                            memory_budget=memory_budget))
+                                            memory_budget=memory_budget, cache_batches=cache_batches))
         batches = [sum(1 for _ in e.objective.batches()) if e.objective.batches_cached else None for e in evaluators]
-        total = len(blocks) * sum(batches) if blocks and None not in batches else None
-        evaluation_started = time.perf_counter()
         width = len(grid.x)
-        with tqdm(total=total, desc="landscape", unit="batch", disable=not progress, leave=False) as bar:
+        total = len(pending) * width * sum(batches) if None not in batches else None
+        evaluation_started = time.perf_counter()
+        with tqdm(total=total, desc="landscape", unit="point-batch", unit_scale=True, disable=not progress,
+                  leave=False) as bar:
             for block in blocks:
                 coefficients = plane.coefficients(grid.points(block), objective.params[0])
                 passes = [e.run(coefficients, on_batch=bar.update) for e in evaluators]
