@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_write, dumps, save_figure, write_text
+from ..errors import HessgapError
 from .result import LandscapeResult
 
 
@@ -43,7 +44,7 @@ def write_vtp(result: LandscapeResult, path: str | Path) -> Path:
     """The 2-D surfaces as VTK XML PolyData (ParaView opens it): points (x, y, train loss), one quad per grid
     cell, every surface as point data. Non-finite values are written as the largest finite value."""
     if result.y is None:
-        raise ValueError("a VTK surface needs a 2-D landscape")
+        raise HessgapError("a VTK surface needs a 2-D landscape; this one is a line (write_npz keeps it)")
     nx, ny = len(result.x), len(result.y)
     xs, ys = np.meshgrid(result.x, result.y)
 

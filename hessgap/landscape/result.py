@@ -23,8 +23,10 @@ class LandscapeResult(JsonResult):
     targets are not class labels; ``test_*`` are None without test data. ``directions`` (dims × n, the
     trainable parameters in ``model.parameters()`` order; x_B − x_A between models) is left out of
     ``to_dict()`` and kept in the ``.npz``. ``clamped_variances`` counts, per point of a path between
-    models, the BatchNorm running variances clamped at 0. ``timing`` holds the seconds spent finding the
-    directions and evaluating the grid in this call; ``rows_resumed`` the rows a run folder already had.
+    models, the BatchNorm running variances clamped at 0. ``engine`` names the engine that ran ("stack" or
+    "functional") and ``fallback_reason`` why the layer-stack engine did not. ``passes`` counts the blocks of
+    rows evaluated in this call, each one pass over the data; ``rows_resumed`` the rows a run folder already
+    had. ``timing`` holds the seconds spent finding the directions and evaluating the grid in this call.
     """
 
     x: np.ndarray

@@ -49,15 +49,16 @@ class _Act:
 @dataclasses.dataclass
 class Prepared:
     """What a batch needs once for every chunk of points: the activations before the first op that depends on
-    the point, and, when that op is a layer, its outputs for the basis states: stacked as GEMM rows
-    (``rows``, a constant row last when ``constant_row``) or kept apart for a per-channel combination."""
+    the point, and, when that op is a layer, its outputs for the basis states as rows (K', B, *spatial, C),
+    channels last. They combine in one GEMM (a constant row last when ``constant_row``), or, when the
+    BatchNorm after the layer moves, with per-channel factors (``per_channel``)."""
 
     act: _Act
     start: int
     batch: int
     rows: torch.Tensor | None = None
     constant_row: bool = False
-    basis_outputs: list[torch.Tensor] | None = None
+    per_channel: bool = False
 
 
 def _per_channel(values: torch.Tensor, spatial: int) -> torch.Tensor:
@@ -167,14 +168,15 @@ class StackEngine:
     def _prepare_moving(self, op: LayerOp, act: _Act, index: int, batch: int) -> Prepared:
         """The first moving layer's outputs for each basis state, on the batch shared by every point."""
         layer, x = op.module, act.tensor
-        weights = self.plane.moving.get(op.prefix + "weight")
-        if weights is None or self._norm_moves(op):  # per-channel factors that differ by point
-            outputs = [_apply_layer(layer, x, w, None) for w in (weights if weights is not None else [layer.weight])]
-            return Prepared(act, index, batch, basis_outputs=outputs)
         if x.dim() == 4:  # convolutions and pooling run several times faster on channels-last images on CPU
             x = x.contiguous(memory_format=torch.channels_last)
+        # rows with the channels last, so that the points' outputs are channels-last too
+        weights = self.plane.moving.get(op.prefix + "weight")
+        if weights is None or self._norm_moves(op):  # per-channel factors that differ by point
+            bases = weights if weights is not None else [layer.weight]
+            rows = torch.stack([_apply_layer(layer, x, w, None).movedim(1, -1) for w in bases])
+            return Prepared(act, index, batch, rows=rows, per_channel=True)
         biases = self.plane.moving.get(op.prefix + "bias")
-        # rows with the channels last, so that the GEMM's output is channels-last too
         rows = torch.stack([_apply_layer(layer, x, w, None if biases is None else b).movedim(1, -1)
                             for w, b in zip(weights, biases if biases is not None else [None] * len(weights))])
         constant = layer.bias if biases is None else None
@@ -229,7 +231,7 @@ class StackEngine:
             samples = slice(first, min(batch, first + tile))
             size = samples.stop - samples.start
             act, start = _Act(prepared.act.tensor[samples], None, False), prepared.start
-            if prepared.rows is not None or prepared.basis_outputs is not None:
+            if prepared.rows is not None:
                 act = self._combine(self.ops[start], prepared, samples, coefficients)
                 start += 1
                 if record is not None:
@@ -257,14 +259,13 @@ class StackEngine:
     def _combine(self, op: LayerOp, prepared: Prepared, samples: slice, coefficients: torch.Tensor) -> _Act:
         """Each point's output of the first moving layer, from the layer's outputs for the basis states."""
         points = coefficients.shape[0]
-        if prepared.rows is not None:
-            rows = prepared.rows[:, samples]
+        rows = prepared.rows[:, samples]
+        if not prepared.per_channel:
             if prepared.constant_row:
                 ones = torch.ones(points, 1, dtype=coefficients.dtype, device=coefficients.device)
                 coefficients = torch.cat([coefficients, ones], dim=1)
             out = coefficients @ rows.reshape(rows.shape[0], -1)
             return _Act(out.reshape(-1, *rows.shape[2:]).movedim(-1, 1), points, True)
-        outputs = [output[samples] for output in prepared.basis_outputs]
         if op.prefix + "weight" in self.plane.moving:
             factors = coefficients.T.unsqueeze(-1)  # (K, G, 1)
         else:
@@ -274,13 +275,13 @@ class StackEngine:
             scale, shift = self._affine(op.norm, op.norm_prefix, coefficients)
             factors = factors * scale
             bias = shift if bias is None else bias * scale + shift
-        spatial = outputs[0].dim() - 2
-        out = outputs[0].unsqueeze(0) * _per_channel(factors[0].expand(points, -1), spatial)
-        for factor, output in zip(factors[1:], outputs[1:]):
-            out.addcmul_(output.unsqueeze(0), _per_channel(factor.expand(points, -1), spatial))
+        ones = [1] * (rows.dim() - 3)
+        out = rows[0].unsqueeze(0) * factors[0].reshape(points, 1, *ones, -1)
+        for factor, row in zip(factors[1:], rows[1:]):
+            out.addcmul_(row.unsqueeze(0), factor.reshape(points, 1, *ones, -1))
         if bias is not None:
-            out.add_(_per_channel(bias, spatial))
-        return _Act(out.reshape(-1, *out.shape[2:]), points, True)
+            out.add_(bias.reshape(-1, 1, *ones, bias.shape[-1]) if bias.dim() == 2 else bias)
+        return _Act(out.reshape(-1, *rows.shape[2:]).movedim(-1, 1), points, True)
 
     def _layer(self, op: LayerOp, act: _Act, coefficients, batch: int, chunk) -> _Act:
         layer = op.module

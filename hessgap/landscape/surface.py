@@ -151,81 +151,49 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
         if dims is not None and dims != len(given):
             raise HessgapError(f"dims={dims} does not match the {len(given)} given direction(s); leave dims out")
         dims = len(given)
+    # what decides the values: a run folder resumes only with the same
     settings = {
-        "directions": kind, "steps": steps, "span": span, "batchnorm": batchnorm, "seed": seed,
+        "directions": kind, "dims": dims, "steps": steps, "span": span, "batchnorm": batchnorm, "seed": seed,
         "loss_fn": type(objective.loss_fn).__name__, "max_batches": max_batches, "test": test_data is not None,
     }
     if kind == "random":
         settings.update(normalization=normalization, ignore=ignore)
     if kind in ("model", "models"):
         settings["path"] = path
-    folder = None
-    if out is not None:
-        models = {"model": fingerprint(model), "others": [fingerprint(m) for m in others]}
-        if given is not None:
-            flat = torch.cat([d.reshape(-1).double().cpu() for axis in given for d in axis])
-            models["directions"] = {"sum": float(flat.sum()), "norm": float(flat.norm())}
-        folder = LandscapeFolder(out, settings | {"dims": dims}, models)
+    folder = _folder(out, settings, model, others, given) if out is not None else None
 
     with preserved(model):
-        # the folder is checked before any directions are searched for, so a mismatch fails at once
-        if folder is not None:
-            folder.open()
         plane = _plane(kind, model, objective, dims, others, given, normalization=normalization, ignore=ignore,
                        path=path, seed=seed, loss_fn=loss_fn, max_batches=max_batches, folder=folder)
         seconds_directions = time.perf_counter() - started
         grid = make_grid(plane.dims, steps, span if span is not None else
                          ((-1.0, 2.0) if kind in ("model", "models") else (-1.0, 1.0)))
         set_batchnorm_mode(model, batchnorm)
-
         finished = folder.rows() if folder is not None else {}
         pending = [row for row in range(grid.rows) if row not in finished]
         per_pass = rows_per_pass or (1 if folder is not None else grid.rows)
         blocks = [pending[i : i + per_pass] for i in range(0, len(pending), per_pass)]
-        evaluators = []
-        for one in (objective, test_objective):
-            if one is not None:
-                if len(blocks) > 1 and cache_batches:
-                    one.cache_batches()
-                evaluators.append(Evaluator(model, one, plane, batchnorm=batchnorm, engine=engine,
-                                            memory_budget=memory_budget, cache_batches=cache_batches))
-        batches = [sum(1 for _ in e.objective.batches()) if e.objective.batches_cached else None for e in evaluators]
-        width = len(grid.x)
-        total = len(pending) * width * sum(batches) if None not in batches else None
+        evaluators = [
+            Evaluator(model, one, plane, batchnorm=batchnorm, engine=engine, memory_budget=memory_budget,
+                      cache_batches=cache_batches)
+            for one in (objective, test_objective) if one is not None
+        ]
+        if len(blocks) > 1 and cache_batches:  # every block sees the very same batches, read once
+            for evaluator in evaluators:
+                evaluator.objective.cache_batches()
         evaluation_started = time.perf_counter()
-        with tqdm(total=total, desc="landscape", unit="point-batch", unit_scale=True, disable=not progress,
-                  leave=False) as bar:
-            for block in blocks:
-                coefficients = plane.coefficients(grid.points(block), objective.params[0])
-                passes = [e.run(coefficients, on_batch=bar.update) for e in evaluators]
-                for i, row in enumerate(block):
-                    finished[row] = _row_values(passes, coefficients, plane, i * width, width,
-                                                evaluators[0].engine.name)
-                if folder is not None:
-                    folder.save_rows(finished)
-                if on_row is not None:
-                    for row in block:
-                        on_row(row, finished[row])
+        _evaluate_rows(blocks, grid, plane, evaluators, finished, folder, progress, on_row)
         seconds_evaluation = time.perf_counter() - evaluation_started
 
-    def surface(key: str, dtype=np.float64) -> np.ndarray | None:
-        if finished[0].get(key) is None:
-            return None
-        values = np.stack([_as_array(finished[row][key]) for row in range(grid.rows)])
-        return values.reshape(grid.shape).astype(dtype)
-
-    first = finished[0]
     result = LandscapeResult(
-        x=grid.x, y=grid.y, loss=surface("loss"), accuracy=surface("accuracy"), test_loss=surface("test_loss"),
-        test_accuracy=surface("test_accuracy"), directions=plane.directions, kind=kind, dims=plane.dims,
-        settings=settings | {"dims": plane.dims, "span": [[float(a[0]), float(a[-1])] for a in (grid.x, grid.y)
-                                                            if a is not None],
+        x=grid.x, y=grid.y, loss=_surface(finished, grid, "loss"), accuracy=_surface(finished, grid, "accuracy"),
+        test_loss=_surface(finished, grid, "test_loss"), test_accuracy=_surface(finished, grid, "test_accuracy"),
+        directions=plane.directions, kind=kind, dims=plane.dims,
+        settings=settings | {"span": [[float(a[0]), float(a[-1])] for a in (grid.x, grid.y) if a is not None],
                              "engine": engine, "rows_per_pass": per_pass, "memory_budget": memory_budget},
-        eigenvalues=plane.eigenvalues,
-        clamped_variances=surface("clamped_variances", np.int64),
-        engine=first["engine"],
-        fallback_reason=evaluators[0].fallback_reason if blocks else None,
-        samples=first["samples"], test_samples=first.get("test_samples"),
+        eigenvalues=plane.eigenvalues, clamped_variances=_surface(finished, grid, "clamped_variances", np.int64),
+        engine=finished[0]["engine"], fallback_reason=evaluators[0].fallback_reason if blocks else None,
+        samples=finished[0]["samples"], test_samples=finished[0].get("test_samples"),
         passes=len(blocks), rows_resumed=grid.rows - len(pending),
         timing={"directions": seconds_directions, "evaluation": seconds_evaluation,
                 "total": time.perf_counter() - started},
@@ -234,6 +202,42 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
     if folder is not None:
         write_all(result, folder.results_dir, folder.figures_dir)
     return result
+
+
+def _folder(out, settings: dict, model: nn.Module, others: list[nn.Module], given) -> LandscapeFolder:
+    """The run folder, checked against these settings and models before any work is done."""
+    models = {"model": fingerprint(model), "others": [fingerprint(m) for m in others]}
+    if given is not None:
+        flat = torch.cat([d.reshape(-1).double().cpu() for axis in given for d in axis])
+        models["directions"] = {"sum": float(flat.sum()), "norm": float(flat.norm())}
+    return LandscapeFolder(out, settings, models).open()
+
+
+def _evaluate_rows(blocks, grid, plane, evaluators, finished: dict, folder, progress: bool, on_row) -> None:
+    """Each block of rows in one pass over the data (and the test data); rows saved as their block finishes."""
+    batches = [sum(1 for _ in e.objective.batches()) if e.objective.batches_cached else None for e in evaluators]
+    width = len(grid.x)
+    total = sum(len(block) for block in blocks) * width * sum(batches) if None not in batches else None
+    with tqdm(total=total, desc="landscape", unit="point-batch", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        for block in blocks:
+            coefficients = plane.coefficients(grid.points(block), evaluators[0].objective.params[0])
+            passes = [e.run(coefficients, on_batch=bar.update) for e in evaluators]
+            for i, row in enumerate(block):
+                finished[row] = _row_values(passes, coefficients, plane, i * width, width, evaluators[0].engine.name)
+            if folder is not None:
+                folder.save_rows(finished)
+            if on_row is not None:
+                for row in block:
+                    on_row(row, finished[row])
+
+
+def _surface(finished: dict, grid, key: str, dtype=np.float64) -> np.ndarray | None:
+    """One surface from the finished rows, shaped like the grid (None when the rows do not have it)."""
+    if finished[0].get(key) is None:
+        return None
+    values = np.stack([_as_array(finished[row][key]) for row in range(grid.rows)])
+    return values.reshape(grid.shape).astype(dtype)
 
 
 def run_landscape(out_dir: str | Path, model: nn.Module, data, *, progress: bool = True, **options) -> LandscapeResult:
