@@ -57,6 +57,15 @@ class LandscapeResult(JsonResult):
         found = {name: getattr(self, field) for name, field in SURFACES.items()}
         return {name: values for name, values in found.items() if values is not None}
 
+    def save(self, folder) -> dict:
+        """Write the files a run folder gets (``results/landscape.json|.npz|.vtp``, ``figures/*.png``) into
+        ``folder``; returns {what: path}."""
+        from pathlib import Path
+
+        from .export import write_all
+
+        return write_all(self, Path(folder) / "results", Path(folder) / "figures")
+
     def __repr__(self) -> str:
         grid = " × ".join(str(n) for n in self.loss.shape[::-1])
         finite = self.loss[np.isfinite(self.loss)]

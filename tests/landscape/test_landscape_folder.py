@@ -102,6 +102,10 @@ def test_files_of_a_plane(tmp_path, ref):
             assert path.read_bytes()[:8] == PNG and result.files[f"{surface}_{style}"] == str(path)
     assert not list(tmp_path.rglob("*.tmp"))  # every write went through a rename
 
+    later = landscape(model, data, test_data=test, steps=(4, 3)).save(tmp_path / "saved")  # no run folder
+    assert {key for key in later if key != "json"} == {key for key in result.files if key != "json"}
+    assert (tmp_path / "saved" / "figures" / "train_loss_surface.png").read_bytes()[:8] == PNG
+
 
 def test_files_of_a_line_between_models_with_a_diverging_point(tmp_path, ref):
     model_a, model_b = ref.mlp(0), ref.mlp(1)
