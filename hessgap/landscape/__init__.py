@@ -8,7 +8,7 @@ grid points evaluated per pass over the data.
 
 Modules: :mod:`.surface` (the call and its run folder), :mod:`.grid`, :mod:`.plane` (points as combinations
 of basis states), :mod:`.directions` (random, Hessian, given), :mod:`.interpolation` (between models),
-:mod:`.evaluate` (the pass over the data), :mod:`.stack` and :mod:`.functional` (the engines),
+:mod:`.evaluate` (the pass over the data), :mod:`.stack` (with :mod:`.layers`) and :mod:`.functional` (the engines),
 :mod:`.result`, :mod:`.export` (npz, VTK, PNG), :mod:`.folder` (resumable rows), :mod:`.command` (CLI).
 """
 
