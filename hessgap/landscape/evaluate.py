@@ -1,0 +1,129 @@
+"""One pass over the data for many grid points: each batch is read and moved once and serves every point.
+
+The data is walked through :class:`~hessgap.curvature.objective.LossOverData` (its ``batches()`` and
+``batch_loss()``), so how a batch becomes a loss is decided there. Points are evaluated in chunks of G,
+G sized so that a chunk's activations fit the memory budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .._checks import choice
+from ..curvature.objective import LossOverData
+from ..errors import HessgapError
+from .functional import FunctionalEngine
+from .layers import unsupported_reason
+from .plane import Plane
+from .stack import StackEngine
+
+ENGINES = ("auto", "stack", "functional")
+BATCHNORM_MODES = ("eval", "train")
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+def set_batchnorm_mode(model: nn.Module, batchnorm: str) -> None:
+    """Eval mode everywhere (no dropout); BatchNorm normalizes with batch statistics when ``batchnorm="train"``.
+
+    Callers hold :func:`hessgap._state.preserved`, which restores every module's mode afterwards.
+    """
+    model.eval()
+    if batchnorm == "train":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train()
+
+
+@dataclasses.dataclass
+class PassResult:
+    """Mean loss and accuracy (percent; None when the targets are not class labels) at each point."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor | None
+    samples: int
+
+
+class Evaluator:
+    """Evaluates one model on one data set at many points of a plane, a pass over the data at a time."""
+
+    def __init__(self, model: nn.Module, objective: LossOverData, plane: Plane, *, batchnorm: str, engine: str,
+                 memory_budget: int, cache_batches: bool):
+        self.model = model
+        self.cache_batches = cache_batches
+        self.objective = objective
+        self.plane = plane
+        self.batch_statistics = batchnorm == "train"
+        self.requested = choice(engine, ENGINES, "engine")
+        self.memory_budget = memory_budget
+        self.engine = None
+        self.fallback_reason: str | None = None
+
+    def _engine_for(self, inputs: torch.Tensor):
+        """The engine, chosen at the first batch (the layer-stack engine needs the samples' shape)."""
+        if self.engine is None:
+            reason = unsupported_reason(self.model, tuple(inputs.shape[1:]))
+            if self.requested == "stack" and reason is not None:
+                raise HessgapError(f"engine='stack' cannot run this model: {reason}; use engine='auto'")
+            if self.requested == "functional" or reason is not None:
+                self.fallback_reason = reason if self.requested == "auto" else None
+                self.engine = FunctionalEngine(self.model, self.plane, self.batch_statistics)
+            else:
+                self.engine = StackEngine(self.model, self.plane, self.batch_statistics, inputs.device)
+        return self.engine
+
+    def run(self, coefficients: torch.Tensor, on_batch=None) -> PassResult:
+        """Loss and accuracy at the (P, K) ``coefficients``' points, over every batch of the data.
+
+        Each point's weights are formed once and kept between the batches while a group of points' weights fits
+        in half the memory budget. A larger set of points is split into such groups, each a walk over the
+        batches held in memory (``cache_batches``); without them the weights are formed again for each batch
+        instead, so that the data is read once. ``on_batch(points)`` follows the progress.
+        """
+        points = coefficients.shape[0]
+        group = max(1, (self.memory_budget // 2) // max(per_point_bytes(self.plane, coefficients), 1))
+        if group < points and self.cache_batches and not self.objective.batches_cached:
+            self.objective.cache_batches()
+        if group >= points or not self.objective.batches_cached:
+            return self._pass(coefficients, group >= points, on_batch)
+        parts = [self._pass(coefficients[start : start + group], True, on_batch) for start in range(0, points, group)]
+        accuracy = None if parts[0].accuracy is None else torch.cat([part.accuracy for part in parts])
+        return PassResult(torch.cat([part.loss for part in parts]), accuracy, parts[0].samples)
+
+    def _pass(self, coefficients: torch.Tensor, keep_weights: bool, on_batch) -> PassResult:
+        points = coefficients.shape[0]
+        loss_sums = torch.zeros(points, dtype=torch.float64, device=coefficients.device)
+        correct = torch.zeros(points, dtype=torch.int64, device=coefficients.device)
+        classification, samples = True, 0
+        chunk = None
+        with torch.no_grad():
+            for index, (inputs, targets) in enumerate(self.objective.batches()):
+                engine = self._engine_for(inputs)
+                prepared = engine.prepare(inputs)
+                if chunk is None:  # sized on the first batch: the weights kept for a chunk need it fixed
+                    engine.start_pass(keep_weights)
+                    kept = points * per_point_bytes(self.plane, coefficients) if keep_weights else 0
+                    chunk = engine.chunk_size(prepared, coefficients, self.memory_budget - kept)
+                size = inputs.shape[0]
+                classification = classification and targets.dim() == 1 and not targets.is_floating_point()
+                for start in range(0, points, chunk):
+                    outputs = engine.outputs(prepared, coefficients[start : start + chunk], start // chunk)
+                    losses = torch.stack([self.objective.batch_loss(out, targets, index) for out in outputs])
+                    # weighted by the batch's samples, as LossOverData.value weights unequal batches
+                    loss_sums[start : start + chunk] += losses.double() * size
+                    if classification and outputs.dim() == 3:
+                        correct[start : start + chunk] += (outputs.argmax(-1) == targets).sum(1)
+                    else:
+                        classification = False
+                samples += size
+                if on_batch is not None:
+                    on_batch(points)
+        accuracy = 100.0 * correct.double() / samples if classification else None
+        return PassResult(loss_sums / samples, accuracy, samples)
+
+
+def per_point_bytes(plane: Plane, like: torch.Tensor) -> int:
+    """Memory of one point's moving weights and statistics."""
+    return sum(basis[0].numel() for basis in plane.moving.values()) * like.element_size()

@@ -1,0 +1,64 @@
+"""The ``hessgap landscape`` command's options and run, with a stand-in for the command line's model loading."""
+
+import argparse
+import json
+
+import pytest
+
+from hessgap.errors import HessgapError
+from hessgap.landscape import command
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def parser():
+    parser = argparse.ArgumentParser(prog="hessgap landscape")
+    command.add_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0)  # the command line's shared run options
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+@pytest.fixture
+def load(ref):
+    saved = {"a": ref.mlp(0), "b": ref.mlp(1), "c": ref.mlp(2)}
+    calls = []
+
+    def load(path):
+        calls.append(path)
+        return saved[path], ref.batches((3, 4)), ref.batches((3, 4), samples=12, sizes=(12,), seed=5)
+
+    load.calls = calls
+    return load
+
+
+def test_a_random_plane_then_a_resumed_rerun(tmp_path, load, capsys):
+    args = parser().parse_args(["a", "--steps", "3,4", "--span", "0.5", "--test", "--quiet"])
+    result = command.run(args, load=load, out_dir=tmp_path)
+    assert result.loss.shape == (4, 3) and result.test_loss is not None and result.passes == 4
+    printed = capsys.readouterr().out
+    assert "landscape: 3 × 4 points, random directions, stack engine" in printed and "lowest training loss" in printed
+    assert json.loads((tmp_path / "config.json").read_text())["settings"]["span"] == 0.5
+    again = command.run(args, load=load, out_dir=tmp_path)
+    assert again.rows_resumed == 4 and again.passes == 0
+
+
+def test_paths_and_planes_between_saved_models(tmp_path, load):
+    args = parser().parse_args(["a", "--directions", "b", "--path", "curved", "--steps", "5", "--quiet"])
+    line = command.run(args, load=load, out_dir=tmp_path / "line")
+    assert line.kind == "model" and line.settings["path"] == "curved" and line.x[0] == -1 and line.x[-1] == 2
+    args = parser().parse_args(["a", "--directions", "b,c", "--steps", "3", "--span", "0,1,0,0.5", "--quiet"])
+    plane = command.run(args, load=load, out_dir=tmp_path / "plane")
+    assert plane.kind == "models" and plane.y[-1] == 0.5 and load.calls.count("c") == 1
+
+
+def test_options_and_their_errors(load, tmp_path):
+    options = command.options(parser().parse_args(["a", "--ignore", "none", "--memory-budget", "0.5",
+                                                   "--directions", "hessian-min", "--dims", "1"]), load)
+    assert options["ignore"] is None and options["memory_budget"] == 2**29 and options["directions"] == "hessian-min"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["a", "--steps", "3,4,5"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["a", "--span", "1,2,3"])
+    with pytest.raises(HessgapError, match="steps must be an integer ≥ 2"):
+        command.run(parser().parse_args(["a", "--steps", "1", "--quiet"]), load=load, out_dir=tmp_path)
