@@ -28,6 +28,8 @@ _API = {
     "trace": "hessgap.spectrum.trace",
     "density": "hessgap.spectrum.density",
     "block_spectrum": "hessgap.spectrum.blocks",
+    "measures": "hessgap.measures",
+    "MeasuresResult": "hessgap.measures",
     "BlockSpectrumResult": "hessgap.spectrum.blocks",
     "MatrixOperator": "hessgap.curvature.operator",
     "EigenResult": "hessgap.spectrum._results",
