@@ -48,6 +48,10 @@ def keskar(ctx: Context, epsilon: float = DEFAULT_EPSILON, solver: str = "auto",
 def keskar_subspace(ctx: Context, epsilon: float = DEFAULT_EPSILON, subspace_dim: int = DEFAULT_SUBSPACE_DIM,
                     solver: str = "auto", max_iter: int = 10) -> Outcome:
     """Metric 2.1 in a random ``subspace_dim``-dimensional subspace (A seeded from the call's seed), in percent."""
+    n = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
+    if subspace_dim >= n:
+        raise NotApplicable(f"the model has {n} parameters, not more than the subspace's {subspace_dim} dimensions; "
+                            "set a smaller subspace_dim (options={'keskar_subspace': {'subspace_dim': ...}})")
     return _outcome(sharpness(ctx.model, ctx.batches, epsilon=epsilon, subspace_dim=subspace_dim,
                               loss_fn=ctx.loss_fn, solver=solver, max_iter=max_iter, seed=ctx.seed))
 
