@@ -22,6 +22,14 @@ PRESET_NAMES = ("quick", "paper")
 #: Maximizers of Metric 2.1: "auto" runs the paper's L-BFGS-B path and the sign ascent and keeps the better;
 #: "lbfgsb" is hessgap's torch L-BFGS-B (scipy's iterates), "lbfgsb-scipy" scipy's own, for reference.
 SHARPNESS_SOLVERS = ("auto", "box-ascent", "lbfgsb", "lbfgsb-scipy")
+#: The measures of ``hessgap.measures`` (each an entry of :mod:`hessgap.measures.registry`, in this order).
+MEASURE_NAMES = (
+    "keskar", "keskar_subspace", "adaptive_linf", "adaptive_l2", "m_sharpness", "gaussian", "gaussian_adaptive",
+    "pacbayes_flatness", "pacbayes_mag_flatness", "hessian_lmax", "hessian_trace", "scaled_lmax", "scaled_trace",
+    "scaled_lmax_over_trace", "relative_flatness", "fisher_rao",
+)
+#: The zoos of ``hessgap correlate``.
+ZOO_PRESETS = ("quick", "full")
 
 
 def model_name(name) -> str:

@@ -21,6 +21,7 @@ from .._version import __version__
 from ..errors import HessgapError
 from ..experiments.registry import EXPERIMENTS
 from ..names import OPTIMIZER_NAMES, PRESET_NAMES, REMEDY_NAMES, SHARPNESS_SOLVERS
+from .measures_options import add_parsers as add_measures_parsers
 from .options import (
     DEMO_DATASETS,
     PATH_CHOICES,
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             add_warmstart_options(p)
         add_run_options(p, f"{name}-<preset>-<model>-<dataset>")
+    add_measures_parsers(sub)
     return parser
 
 

@@ -23,13 +23,14 @@ from ..experiments.saved import SavedModel, load, settings_for
 from ..train.config import TrainConfig, resolve_device
 from ..train.data import load_dataset
 from ..train.loop import batch_plan
+from . import measures_commands
 from .options import DEFAULT_ROOT, settings_from
 
 
 def run(args) -> int:
     """Run the subcommand ``args.command`` with its parsed options; returns the exit status."""
     threads = getattr(args, "threads", None)
-    if threads is None and (args.command == "demo" or getattr(args, "preset", None) == "quick"):
+    if threads is None and (args.command in ("demo", "measures") or getattr(args, "preset", None) == "quick"):
         threads = 1  # small networks: more threads only add synchronization, badly so on a busy machine
     if threads:
         torch.set_num_threads(threads)
@@ -217,7 +218,16 @@ def _nearest(values, target) -> int:
     return min(range(len(values)), key=lambda i: abs(values[i] - target))
 
 
+def cmd_measures(args) -> int:
+    return measures_commands.cmd_measures(args, _folder, _saved, _finish)
+
+
+def cmd_correlate(args) -> int:
+    return measures_commands.cmd_correlate(args, _folder, _finish)
+
+
 HANDLERS = {
     "demo": cmd_demo, "reproduce": cmd_reproduce, "train": cmd_train, "sharpness": cmd_sharpness,
     "spectrum": cmd_spectrum, "interpolate": cmd_interpolate, "sweep": cmd_sweep, "warmstart": cmd_warmstart,
+    "measures": cmd_measures, "correlate": cmd_correlate,
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .. import _checks
 from ..errors import HessgapError
+from ..names import MEASURE_NAMES
 from . import average_case, fisher_rao, hessian, pacbayes, relative_flatness, worst_case
 
 
@@ -89,6 +90,7 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
 )}
 
 NAMES: tuple[str, ...] = tuple(MEASURES)
+assert NAMES == MEASURE_NAMES, "hessgap.names.MEASURE_NAMES must list the registry's measures, in its order"
 
 
 def resolve(names) -> list[Measure]:
