@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .. import _checks
 from .._state import preserved
 from .context import Context, Outcome
 
@@ -59,6 +60,8 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
 def gaussian(ctx: Context, rho: float, samples: int, adaptive: bool) -> Outcome:
     """E_δ f(x + δ) − f(x) with δ ~ N(0, ρ²) (plain) or N(0, ρ² x²) (adaptive), as a mean over ``samples``
     seeded draws, with its standard error."""
+    rho = _checks.positive_number(rho, "rho", "the noise's standard deviation")
+    samples = _checks.positive_int(samples, "samples", "the Monte Carlo draws")
     objective = ctx.objective()
     with preserved(ctx.model, train_mode=False, parameters=False):
         loss0 = objective.value()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from .._state import preserved
 from .average_case import noise, perturbations
 from .context import Context, NotApplicable, Outcome, accuracy
@@ -59,6 +60,8 @@ def search_sigma(measure_at, target: float = TARGET, tolerance: float = TOLERANC
 def _flatness(ctx: Context, magnitude_aware: bool, samples: int, target: float, deviation: str) -> Outcome:
     if deviation not in DEVIATIONS:
         raise NotApplicable(f"unknown deviation {deviation!r}; choose one of {', '.join(DEVIATIONS)}")
+    _checks.positive_int(samples, "samples", "the Monte Carlo draws per σ")
+    _checks.positive_number(target, "target", "the deviation searched for (Jiang et al.: 0.1)")
     objective = ctx.objective()
     statistic = (lambda: accuracy(objective)) if deviation == "accuracy" else objective.value
     with preserved(ctx.model, train_mode=False, parameters=False):

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _checks
 from ..curvature.operator import HessianOperator
 from .average_case import mean_and_stderr
 from .context import Context, NotApplicable, Outcome
@@ -50,6 +51,7 @@ def _rademacher(count: int, size: int, generator: torch.Generator, like: torch.T
 def relative_flatness(ctx: Context, probes: int = DEFAULT_PROBES, form: str = "petzka") -> Outcome:
     """κ_Tr of the last linear layer (``form="petzka"``) or ‖W‖²_F·Tr(H_W) (``"simple"``), with the standard
     error over the Hutchinson probes."""
+    _checks.positive_int(probes, "probes", "Hutchinson probes")
     if form not in FORMS:
         raise NotApplicable(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
     name, layer = last_linear(ctx.model)

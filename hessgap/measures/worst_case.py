@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from ..curvature.batches import structure
 from ..sharp.metric import adaptive_sharpness, sharpness
 from .average_case import mean_and_stderr
@@ -89,6 +90,8 @@ def m_sharpness(ctx: Context, m: int = DEFAULT_M, batches: int = DEFAULT_M_BATCH
                 norm: str = "linf", solver: str = "auto", max_iter: int = 10) -> Outcome:
     """The mean of the adaptive worst-case rise over ``batches`` disjoint batches of ``m`` samples, with the
     standard error of that mean over the batches."""
+    _checks.positive_int(m, "m", "samples per batch")
+    _checks.positive_int(batches, "batches", "the number of batches of m samples")
     values = []
     for pair in split_samples(ctx.batches, m, batches, ctx.seed):
         result = adaptive_sharpness(ctx.model, pair, rho=rho, norm=norm, loss_fn=ctx.loss_fn, solver=solver,

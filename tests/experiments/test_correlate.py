@@ -86,3 +86,22 @@ def test_bad_zoo_settings_are_refused():
     quick = preset("quick")
     assert (quick.epochs_for(32), quick.epochs_for(128), quick.epochs_for(512)) == (50, 77, 120)
     assert len(quick.members()) == 48
+
+
+def test_cifar_is_read_from_the_users_folder(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {b"data": rng.integers(0, 256, (8, 3072)).astype(np.uint8), b"labels": rng.integers(0, 10, 8).tolist()}
+        with open(root / name, "wb") as handle:
+            pickle.dump(entry, handle, protocol=2)
+    result, _ = _run(tmp_path / "run", datasets=("cifar10",), data_root=str(tmp_path), batch_sizes=(8, 16),
+                     seeds=(0,), min_train_acc=0.0, measures=("fisher_rao",), measure_samples=16)
+    assert [r["dataset"] for r in result["rows"]] == ["cifar10", "cifar10"]
+    assert all(r["measures"]["values"]["fisher_rao"] > 0 for r in result["rows"])
+    assert "τ needs at least 3" in result["correlations"]["cifar10"]["fisher_rao"]["reason"]
