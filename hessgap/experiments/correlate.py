@@ -108,7 +108,8 @@ def run(folder: RunFolder, settings: ZooSettings) -> dict:
                 row["measures"] = parts.get(key)
             rows.append(row)
     result = {"experiment": NAME, "settings": settings.to_dict(), "rows": rows,
-              "correlations": correlations(rows, settings), "invariance": invariance(rows)}
+              "correlations": correlations(rows, settings),
+              "invariance": {d: invariance([r for r in rows if r["dataset"] == d]) for d in settings.datasets}}
     result["figures"] = {f"scatter_{d}": plot(result, folder.figure(f"correlate_{d}"), d).name
                          for d in settings.datasets if _included(rows, d)}
     folder.save_result(NAME, result)
@@ -174,7 +175,7 @@ def invariance(rows: list[dict]) -> dict:
 def _inv(entry: dict | None) -> str:
     if not entry or entry.get("invariant") is None:
         return "–"
-    return f"{'yes' if entry['invariant'] else 'no'} ({100 * entry['change']:.2g} %)"
+    return f"{'yes' if entry['invariant'] else 'no'} ({100 * entry['change']:.3g} %)"
 
 
 def render(r: dict) -> str:
@@ -187,8 +188,8 @@ def render(r: dict) -> str:
            "measure against the accuracy gap (train − test, points) and the loss gap (test − train); Ψ: Jiang et "
            "al.'s granulated τ against the accuracy gap over batch size, learning rate and width. Invariant: the "
            "measure's value under a function-preserving ReLU/BatchNorm rescaling (largest relative change).", ""]
-    inv = r.get("invariance", {})
     for dataset, per in r["correlations"].items():
+        inv = r.get("invariance", {}).get(dataset, {})
         included = _included(r["rows"], dataset)
         total = [row for row in r["rows"] if row["dataset"] == dataset]
         out += [f"### {dataset}: {len(included)} of {len(total)} networks included", ""]

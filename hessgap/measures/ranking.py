@@ -66,7 +66,8 @@ def granulated_tau(rows: Sequence[dict], axes: Sequence[str], measure: str, gap:
         psi[axis] = sum(taus) / len(taus) if taus else None
         used[axis] = len(taus)
     defined = [v for v in psi.values() if v is not None]
-    return {"psi": psi, "groups": used, "value": sum(defined) / len(defined) if defined else None}
+    value = round(sum(defined) / len(defined), 12) + 0.0 if defined else None  # no -1e-17 for a τ that cancels
+    return {"psi": psi, "groups": used, "value": value}
 
 
 def _key(value):

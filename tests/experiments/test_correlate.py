@@ -42,8 +42,8 @@ def test_tiny_zoo_gives_tau_per_measure(tiny_run):
     assert per["fisher_rao"]["psi"]["lr"] is None  # one learning rate: no group varies it
     checked = [r for r in rows if r["measures"]["invariant"]["fisher_rao"] is not None]
     assert len(checked) == 1  # invariance_models = 1
-    assert result["invariance"]["fisher_rao"]["invariant"] is True
-    assert result["invariance"]["keskar"]["invariant"] is False
+    assert result["invariance"]["digits"]["fisher_rao"]["invariant"] is True
+    assert result["invariance"]["digits"]["keskar"]["invariant"] is False
     assert (path / "figures" / "correlate_digits.png").stat().st_size > 10_000
     text = find("correlate").render(result)
     assert "| measure | τ (acc gap)" in text and "fisher_rao" in text
