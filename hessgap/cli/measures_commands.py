@@ -7,18 +7,20 @@ from pathlib import Path
 
 from ..experiments import correlate, model_measures
 from ..experiments.zoo import preset
-from .measures_options import zoo_from
+from .measures_options import options_from, zoo_from
 
 
 def cmd_measures(args, folder_for, saved_for, finish) -> int:
     saved = saved_for(args.model_path, args)
     settings = {"model": str(Path(args.model_path).resolve()), "model_sha256": saved.sha256,
                 "names": list(args.names) if args.names else None, "invariance": not args.no_invariance,
+                "options": options_from(args.sets),
                 "seed": args.seed, "max_batches": args.max_batches, "eval_batch": args.eval_batch,
                 "data_root": args.data_root, "device": args.device}
     with folder_for(args, "measures", settings, f"measures-{saved.label}-{saved.sha256[:8]}") as folder:
         result = model_measures.run(folder, saved, list(args.names) if args.names else None, args.seed, args.data_root,
-                                    args.eval_batch, args.max_batches, args.device, not args.no_invariance)
+                                    args.eval_batch, args.max_batches, args.device, not args.no_invariance,
+                                    options_from(args.sets))
         print(f"model: {saved.describe()}")
         print("\n".join(model_measures.lines(result)))
         finish(folder)
@@ -27,6 +29,7 @@ def cmd_measures(args, folder_for, saved_for, finish) -> int:
 
 def cmd_correlate(args, folder_for, finish) -> int:
     settings = zoo_from(args, preset(args.preset))
+    correlate.check_options(settings)
     for dataset in settings.datasets:  # a missing data set fails before any folder is made
         correlate._dataset(settings, dataset)
     with folder_for(args, "correlate", settings.to_dict(), f"correlate-{args.preset}", ignore=("device",)) as folder:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
 from .. import names
 from ..experiments.zoo import ZooSettings
 from .options import (
@@ -19,6 +22,31 @@ from .options import (
 
 measure_name = one_of(names.MEASURE_NAMES, "measure")
 _DEFAULTS = ZooSettings()
+SET_HELP = ("a measure's setting, MEASURE.SETTING=VALUE (repeatable), e.g. keskar.epsilon=5e-4 or "
+            "gaussian.samples=64; `hessgap measures --help` lists the measures, their docs the settings")
+
+
+def measure_setting(text: str) -> tuple[str, str, object]:
+    """An argparse type: ``MEASURE.SETTING=VALUE``; the value is read as JSON (numbers, true/false, strings
+    in quotes) or else kept as text."""
+    key, sep, value = text.partition("=")
+    measure, dot, setting = key.strip().partition(".")
+    if not sep or not dot or not setting:
+        raise argparse.ArgumentTypeError(f"expected MEASURE.SETTING=VALUE (e.g. keskar.epsilon=5e-4), got {text!r}")
+    measure_name(measure)
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value.strip()
+    return measure, setting.strip(), parsed
+
+
+def options_from(sets) -> dict:
+    """``--set`` items as the ``options`` of :func:`hessgap.measures`."""
+    options: dict = {}
+    for measure, setting, value in sets or ():
+        options.setdefault(measure, {})[setting] = value
+    return options
 
 
 def add_parsers(sub) -> None:
@@ -32,6 +60,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--names", type=csv(measure_name), default=None,
                    help=f"comma-separated measures (default: all): {', '.join(names.MEASURE_NAMES)}")
     p.add_argument("--no-invariance", action="store_true", help="skip the invariance check (about half the time)")
+    p.add_argument("--set", dest="sets", type=measure_setting, action="append", metavar="MEASURE.SETTING=VALUE",
+                   help=SET_HELP)
     add_data_override(p)
     add_run_options(p, "measures-<model>-<sha256 prefix>")
 
@@ -59,6 +89,8 @@ def add_parsers(sub) -> None:
                    help=f"exclude networks below this training accuracy, %% (quick: {d.min_train_acc:g})")
     g = p.add_argument_group("measures")
     g.add_argument("--names", type=csv(measure_name), default=None, help="measures, comma-separated (default: all)")
+    g.add_argument("--set", dest="sets", type=measure_setting, action="append", metavar="MEASURE.SETTING=VALUE",
+                   help=SET_HELP)
     g.add_argument("--measure-samples", type=nonnegative_int,
                    help=f"measure over the first N training samples, 0 = all (quick: {d.measure_samples})")
     g.add_argument("--invariance-models", type=positive_int,
@@ -79,5 +111,7 @@ def zoo_from(args, base: ZooSettings) -> ZooSettings:
     changes = {field: getattr(args, arg) for arg, field in ZOO_FIELDS.items() if getattr(args, arg, None) is not None}
     if args.measure_samples is not None:
         changes["measure_samples"] = args.measure_samples or None
+    if args.sets:
+        changes["options"] = options_from(args.sets)
     changes["device"] = args.device
     return base.replace(**changes)

@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 from ..measures.api import measures as compute_measures
 from ..measures.ranking import granulated_tau, kendall_tau
+from ..measures.registry import MEASURES
 from ..train.config import TrainConfig
 from ..train.data import load_dataset, make_loader
 from . import _figures as draw
@@ -82,11 +83,18 @@ def _train_member(folder: RunFolder, settings: ZooSettings, member: dict) -> dic
     return row
 
 
+def check_options(settings: ZooSettings) -> None:
+    """Every per-measure setting must be one the measure takes: checked before anything trains."""
+    for name, options in settings.options.items():
+        MEASURES[name].settings(options)
+
+
 def run(folder: RunFolder, settings: ZooSettings) -> dict:
     """Train the zoo, measure every included member, correlate; the stored result when the folder has it."""
     stored = folder.load_result(NAME)
     if stored is not None:
         return stored
+    check_options(settings)
     parts = folder.parts(NAME)
     rows = []
     for dataset in settings.datasets:

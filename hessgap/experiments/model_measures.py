@@ -13,7 +13,7 @@ NAME = "model_measures"
 
 
 def run(folder: RunFolder, saved: SavedModel, names=None, seed: int = 0, data_root=None, eval_batch: int = 1024,
-        max_batches=None, device: str = "auto", check_invariance: bool = True) -> dict:
+        max_batches=None, device: str = "auto", check_invariance: bool = True, options: dict | None = None) -> dict:
     """The measures of a saved network (:func:`.saved.load`), or the stored result."""
     stored = folder.load_result(NAME)
     if stored is not None:
@@ -21,7 +21,7 @@ def run(folder: RunFolder, saved: SavedModel, names=None, seed: int = 0, data_ro
     settings = settings_for(saved.result, data_root, eval_batch, max_batches, device)
     loader = networks.analysis_loader(settings)
     result = compute_measures(saved.result.model, loader, names, seed=seed, check_invariance=check_invariance,
-                              progress=folder.progress)
+                              options=options, progress=folder.progress)
     folder.log(f"measured {len(result.values)} measures in {result.total_seconds:.1f} s")
     out = {"experiment": NAME, "model": str(saved.file), "model_sha256": saved.sha256,
            "data": f"training set of {settings.dataset} ({len(loader.dataset)} samples)", **result.to_dict()}

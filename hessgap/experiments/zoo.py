@@ -79,6 +79,12 @@ class ZooSettings:
             _checks.choice(name, MEASURE_NAMES, "measure")
         if not self.measures:
             raise HessgapError("the zoo needs at least one measure")
+        if not isinstance(self.options, dict):
+            raise HessgapError(f"options must map measure names to settings, got {type(self.options).__name__}")
+        for name, settings in self.options.items():
+            _checks.choice(name, MEASURE_NAMES, "measure in options")
+            if not isinstance(settings, dict):
+                raise HessgapError(f"options[{name!r}] must be a dict of settings, got {type(settings).__name__}")
         if not all(isinstance(a, (list, tuple)) and len(set(a)) == len(a) for a in
                    (self.widths, self.batch_sizes, self.lrs, self.seeds)) or not all(
                 (self.widths, self.batch_sizes, self.lrs, self.seeds)):

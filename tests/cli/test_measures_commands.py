@@ -44,6 +44,19 @@ def test_measures_of_a_saved_model_match_the_python_call(saved, tmp_path, capsys
     assert "## Measures of" in (tmp_path / "m" / "report.md").read_text()
 
 
+def test_settings_from_the_command_line(saved, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "measures", saved, "--names", "keskar", "--set", "keskar.epsilon=5e-4",
+                             "--no-invariance", "--out", tmp_path / "m", *RUN)
+    assert code == 0, err
+    result = json.loads((tmp_path / "m" / "results" / "model_measures.json").read_text())
+    assert result["settings"]["keskar"]["epsilon"] == 5e-4 and result["invariant"] == {"keskar": None}
+    code, out, err = run_cli(capsys, "correlate", *ZOO, "--set", "keskar.eps=1", "--out", tmp_path / "c")
+    assert code == 1 and "has no setting 'eps'" in err and not (tmp_path / "c").exists()
+    with pytest.raises(SystemExit):
+        main(["measures", str(saved), "--set", "keskar-epsilon"])
+    assert "MEASURE.SETTING=VALUE" in capsys.readouterr().err
+
+
 def test_an_unknown_measure_name_is_a_usage_error(saved, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["measures", str(saved), "--names", "sharpest"])
