@@ -2,10 +2,12 @@
 one call, each with its settings and timing, and whether it is *checked* invariant to the rescalings of the
 weights that leave the network's function unchanged.
 
-The invariance check builds a rescaled copy of the model (:mod:`hessgap.measures.rescale`: ReLU and
-BatchNorm symmetries, the outputs verified unchanged on the data), measures it with the same settings and
-seeds (the same random draws), and calls a measure invariant when its value moved by less than
-``invariance_rtol`` of its size. The model itself is never modified.
+The invariance check builds two rescaled copies of the model (:mod:`hessgap.measures.rescale`: ReLU and
+BatchNorm symmetries, the outputs verified unchanged on the data): one with the factors (α, β), one with
+their inverses (1/α, 1/β), which moves every layer the other way. Each copy is measured with the same
+settings and seeds (the same random draws), and a measure is called invariant when neither value moved by
+more than ``invariance_rtol`` of its size (a ratio of two non-invariant quantities can move little under one
+rescaling and much under the other). The model itself is never modified.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class MeasuresResult(JsonResult):
     ``values``: the number (None when the measure does not apply; ``not_applicable`` says why). ``stderr``:
     its standard error when it is a Monte Carlo or Hutchinson estimate. ``invariant``: the checked answer,
     True / False, or None when it could not be checked (``invariance[name]["reason"]``); ``invariance`` also
-    holds the declared answer of the literature, the rescaled copy's value and the relative change.
+    holds the declared answer of the literature, the two rescaled copies' values and the larger relative
+    change.
     ``settings``: every setting each measure ran with; ``seconds``: each one's time (the invariance check
     excluded; ``check_seconds`` holds it); ``details`` and ``notes``: what else each found.
     """
@@ -107,9 +110,10 @@ def measures(model: nn.Module, data, names=None, *, loss_fn=None, options: dict 
         options: per-measure settings, e.g. ``{"keskar": {"epsilon": 5e-4}, "gaussian": {"samples": 64}}``.
         seed: seeds every random draw (subspaces, Gaussian noise, probes, batch splits).
         max_batches: use only the first batches of ``data``.
-        check_invariance: also measure a rescaled copy and report ``invariant``; about doubles the time.
+        check_invariance: also measure two rescaled copies and report ``invariant``; about triples the time.
         invariance_rtol: the relative change below which a measure counts as invariant.
-        relu_factor, batchnorm_factor: the scales α of the ReLU and β of the BatchNorm rescaling.
+        relu_factor, batchnorm_factor: the scales α of the ReLU and β of the BatchNorm rescaling (the second
+            copy uses 1/α and 1/β).
         progress: a tqdm bar over the measures.
 
     Returns:
@@ -137,12 +141,15 @@ def measures(model: nn.Module, data, names=None, *, loss_fn=None, options: dict 
 
     batches, samples = _read_batches(model, data, loss_fn, max_batches)
     ctx = Context(model, batches, loss_fn=loss_fn, seed=seed, progress=progress)
-    twin, rescaling, unchecked = None, "", None
+    twins, rescaling, unchecked = [], "", None
     if check_invariance:
         try:
-            twin_model, rescaling, output_change = rescaled_copy(model, batches, relu_factor, batchnorm_factor)
-            twin = Context(twin_model, batches, loss_fn=loss_fn, seed=seed)
-            rescaling += f" (outputs changed by {output_change:.1g} of their size)"
+            texts = []
+            for alpha, beta in ((relu_factor, batchnorm_factor), (1 / relu_factor, 1 / batchnorm_factor)):
+                twin_model, text, output_change = rescaled_copy(model, batches, alpha, beta)
+                twins.append(Context(twin_model, batches, loss_fn=loss_fn, seed=seed))
+                texts.append(f"{text} (outputs changed by {output_change:.1g} of their size)")
+            rescaling = "; and ".join(texts)
         except NoSymmetry as exc:
             unchecked = str(exc)
             rescaling = f"none: {exc}"
@@ -168,16 +175,16 @@ def measures(model: nn.Module, data, names=None, *, loss_fn=None, options: dict 
         result.values[name], result.stderr[name] = outcome.value, outcome.stderr
         result.details[name], result.notes[name] = outcome.details, outcome.notes
         entry = {"declared": measure.declared}
-        if twin is None or not math.isfinite(outcome.value):
+        if not twins or not math.isfinite(outcome.value):
             result.invariant[name] = None
             entry["reason"] = unchecked or "the value is not finite"
         else:
             t1 = time.perf_counter()
-            other = measure.fn(twin, **kwargs).value
+            others = [measure.fn(twin, **kwargs).value for twin in twins]
             result.check_seconds[name] = time.perf_counter() - t1
-            change = _changed(outcome.value, other)
+            change = max(_changed(outcome.value, other) for other in others)
             result.invariant[name] = bool(change <= invariance_rtol)
-            entry.update(value_rescaled=other, change=change, rtol=invariance_rtol)
+            entry.update(values_rescaled=others, change=change, rtol=invariance_rtol)
         result.invariance[name] = entry
     result.total_seconds = time.perf_counter() - started
     return result

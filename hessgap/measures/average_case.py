@@ -26,26 +26,44 @@ DEFAULT_RHO = {"plain": 5e-3, "adaptive": 5e-2}
 DEFAULT_SAMPLES = 16
 
 
-def noise(ctx: Context, salt: int, samples: int) -> list[list[torch.Tensor]]:
-    """``samples`` draws of z ~ N(0, I), one tensor per trainable parameter, from the context's seed."""
-    generator = ctx.generator(salt)
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
-    return [[torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
-            for _ in range(samples)]
+class Draws:
+    """``samples`` draws z ~ N(0, I) over the trainable parameters, made on demand: draw i comes from its own
+    generator (the call's seed, ``salt`` and i), one tensor per parameter in ``named_parameters()`` order, so
+    only one draw is in memory at a time and the same draw can be made again (every σ of a search, a rescaled
+    copy of the model)."""
+
+    def __init__(self, ctx: Context, salt: int, samples: int):
+        self.ctx, self.salt, self.samples = ctx, salt, samples
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def draw(self, index: int) -> list[torch.Tensor]:
+        generator = self.ctx.generator(self.salt * SALT_STRIDE + index)
+        return [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+                for p in self.ctx.model.parameters() if p.requires_grad]
 
 
-def perturbations(ctx: Context, draws: list[list[torch.Tensor]], scale: Callable[[torch.Tensor], torch.Tensor]
-                  ) -> Iterator[int]:
+SALT_STRIDE = 100_003
+
+
+def noise(ctx: Context, salt: int, samples: int) -> Draws:
+    return Draws(ctx, salt, samples)
+
+
+def perturbations(ctx: Context, draws: Draws, scale: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[int]:
     """Move the model to x + scale(x) ⊙ z for each draw z in turn (yielding its index), in eval mode; the
     model comes back exactly as it was, also on error. ``scale(x)`` is the per-coordinate standard deviation."""
     with preserved(ctx.model, train_mode=False) as centre:
         names = list(centre)
         params = dict(ctx.model.named_parameters())
         sigmas = [scale(centre[name]) for name in names]
-        for index, z in enumerate(draws):
+        for index in range(len(draws)):
+            z = draws.draw(index)
             with torch.no_grad():
                 for name, s, zi in zip(names, sigmas, z):
                     params[name].copy_(torch.addcmul(centre[name], s, zi))
+            del z
             yield index
 
 

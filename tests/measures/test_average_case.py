@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import hessgap
+from hessgap.measures.average_case import SALT_STRIDE
 
 from measure_models import classification_data, relu_net
 from oracles import ONE_BATCH, Separable, identity_loss
@@ -34,10 +35,13 @@ def test_network_against_brute_force_monte_carlo():
     torch.manual_seed(0)
     model, data = relu_net(), classification_data()
     result = _gaussian(model, data, "gaussian_adaptive", rho=0.05, samples=8)
-    # the same draws, made again: one N(0, I) tensor per parameter per sample from the measure's own generator
-    generator = torch.Generator().manual_seed(2)  # seed 0, salt 2 (adaptive)
+    # the same draws, made again: draw i from its own generator (seed 0, salt 2 for adaptive, index i), one
+    # N(0, I) tensor per parameter
     params = list(model.parameters())
-    draws = [[torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params] for _ in range(8)]
+    draws = []
+    for i in range(8):
+        generator = torch.Generator().manual_seed(2 * SALT_STRIDE + i)
+        draws.append([torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params])
     x = torch.cat([b[0] for b in data])
     y = torch.cat([b[1] for b in data])
     with torch.no_grad():

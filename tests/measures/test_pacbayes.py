@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hessgap
+from hessgap.measures.average_case import SALT_STRIDE
 from hessgap.measures.pacbayes import MAGNITUDE_EPS, search_sigma
 
 from measure_models import classification_data, fit, relu_net
@@ -35,8 +36,9 @@ def test_loss_deviation_on_a_quadratic_matches_a_manual_bisection(magnitude):
     name = "pacbayes_mag_flatness" if magnitude else "pacbayes_flatness"
     result = hessgap.measures(model, ONE_BATCH, [name], loss_fn=identity_loss, check_invariance=False,
                               options={name: {"deviation": "loss", "samples": 5}})
-    generator = torch.Generator().manual_seed(4 if magnitude else 3)  # the measure's draws: seed 0, its salt
-    draws = [torch.randn(3, generator=generator, dtype=torch.float64) for _ in range(5)]
+    salt = 4 if magnitude else 3  # the measure's draws: seed 0, its salt, draw i from its own generator
+    draws = [torch.randn(3, generator=torch.Generator().manual_seed(salt * SALT_STRIDE + i), dtype=torch.float64)
+             for i in range(5)]
     x64, a64 = x.double(), a.double()
 
     def deviation(sigma):
