@@ -20,6 +20,7 @@ model is in eval mode; the value is the mean over the samples, with the standard
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.func import functional_call, jvp
@@ -40,7 +41,10 @@ def directional_terms(ctx: Context) -> torch.Tensor:
             def outputs(p, batch=batch):
                 return output_tensor(functional_call(ctx.model, p, batch.args, batch.kwargs))
 
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # torch registers its forward-mode decompositions through torch.jit.script on the first jvp
+                # and warns that torch.jit.script is deprecated: its own business, not the caller's
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
                 out, tangent = jvp(outputs, (params,), (params,))
             if out.dim() == 0:
                 raise NotApplicable("it needs per-sample outputs (a leading sample dimension)")

@@ -72,7 +72,7 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
             "1/σ², σ: isotropic noise that lowers the training accuracy by 0.1", 5),
     Measure("pacbayes_mag_flatness", pacbayes.magnitude_flatness, "PAC-Bayes", JIANG + " (61)", None,
             "1/σ′², noise variance σ′²x² + 1e-6 that lowers the training accuracy by 0.1", 5),
-    Measure("hessian_lmax", hessian.hessian_lmax, "Hessian", "Keskar et al. 2017 §4; Dinh et al. 2017", False,
+    Measure("hessian_lmax", hessian.hessian_lmax, "Hessian", "Keskar et al. 2017 (sharp: large eigenvalues); Dinh et al. 2017", False,
             "largest eigenvalue of the loss's Hessian H", 2),
     Measure("hessian_trace", hessian.hessian_trace, "Hessian", "Dinh et al. 2017", False,
             "trace of H (Hutchinson)", 1),
