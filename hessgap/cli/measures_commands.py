@@ -31,7 +31,7 @@ def cmd_correlate(args, folder_for, finish) -> int:
     settings = zoo_from(args, preset(args.preset))
     correlate.check_options(settings)
     for dataset in settings.datasets:  # a missing data set fails before any folder is made
-        correlate._dataset(settings, dataset)
+        correlate.dataset_of(settings, dataset)
     with folder_for(args, "correlate", settings.to_dict(), f"correlate-{args.preset}", ignore=("device",)) as folder:
         result = correlate.run(folder, settings)
         included = [r for r in result["rows"] if "excluded" not in r]

@@ -36,7 +36,8 @@ GAPS = ("acc_gap", "loss_gap")
 _DATA: dict[tuple, Any] = {}
 
 
-def _dataset(settings: ZooSettings, name: str):
+def dataset_of(settings: ZooSettings, name: str):
+    """The data set ``name`` of the zoo, loaded once per process."""
     key = (name, settings.data_root, settings.data_seed)
     if key not in _DATA:
         _DATA[key] = load_dataset(name, root=settings.data_root, seed=settings.data_seed)
@@ -53,7 +54,7 @@ def _config(settings: ZooSettings, member: dict) -> TrainConfig:
 
 def measure_loader(settings: ZooSettings, name: str):
     """The training samples every member of data set ``name`` is measured over (the same fixed subset)."""
-    train_set = _dataset(settings, name).train
+    train_set = dataset_of(settings, name).train
     if settings.measure_samples is not None and settings.measure_samples < len(train_set):
         train_set = TensorDataset(*(t[:settings.measure_samples] for t in train_set.tensors))
     return make_loader(train_set, batch_size=min(settings.eval_batch, len(train_set)), shuffle=False)
@@ -65,7 +66,7 @@ def _label(member: dict) -> str:
 
 def _train_member(folder: RunFolder, settings: ZooSettings, member: dict) -> dict:
     """Train (or load) one member; its row: the member, the training outcome, and why it is excluded if so."""
-    data = _dataset(settings, member["dataset"])
+    data = dataset_of(settings, member["dataset"])
     networks.check_batch(member["batch_size"], len(data.train))
     trained = networks.train(folder, _config(settings, member), _label(member), data)
     row = dict(member, model=trained.tag, epochs=len(trained.history))
