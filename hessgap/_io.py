@@ -77,6 +77,18 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
+def remove(path: str | Path) -> None:
+    """Delete a file when it exists; in a distributed run rank 0 alone deletes it, between the same two
+    barriers as :func:`atomic_write` (a rank that checked for it must not race another rank's delete)."""
+    rank, world = _rank_and_world()
+    if world > 1:
+        sys.modules["torch.distributed"].barrier()
+    if rank == 0:
+        Path(path).unlink(missing_ok=True)
+    if world > 1:
+        sys.modules["torch.distributed"].barrier()
+
+
 def _write_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

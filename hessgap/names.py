@@ -32,6 +32,14 @@ INIT_NAMES = ("pytorch", "glorot")
 BATCHNORM_MODES = ("eval", "train")
 #: When training stops: after a fixed number of epochs, or once the training loss stopped improving.
 STOP_RULES = ("epochs", "plateau")
+#: The measures of ``hessgap.measures`` (each an entry of :mod:`hessgap.measures.registry`, in this order).
+MEASURE_NAMES = (
+    "keskar", "keskar_subspace", "adaptive_linf", "adaptive_l2", "m_sharpness", "gaussian", "gaussian_adaptive",
+    "pacbayes_flatness", "pacbayes_mag_flatness", "hessian_lmax", "hessian_trace", "scaled_lmax", "scaled_trace",
+    "scaled_lmax_over_trace", "relative_flatness", "fisher_rao",
+)
+#: The zoos of ``hessgap correlate``.
+ZOO_PRESETS = ("quick", "full")
 
 
 def model_name(name) -> str:
@@ -48,3 +56,12 @@ def dataset_name(name) -> str:
     if key not in DATASET_NAMES:
         raise HessgapError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     return key
+
+#: ``hessgap.landscape``: directions computed from the model (other choices: saved models, given tensors)
+LANDSCAPE_DIRECTIONS = ("random", "hessian", "hessian-min")
+#: Scaling of random landscape directions: per filter (Li et al.), per layer, or none.
+LANDSCAPE_NORMALIZATIONS = ("filter", "layer", "none")
+#: Engines of the landscape's pass: chosen per model, the layer-stack engine, or functional_call for any model.
+LANDSCAPE_ENGINES = ("auto", "stack", "functional")
+#: Paths between two models: the line, or the paper's curve sin(απ/2)·x_B + cos(απ/2)·x_A.
+INTERPOLATION_PATHS = ("linear", "curved")

@@ -80,6 +80,8 @@ def every_public_call(data, model):
         "trace": hessgap.trace(model, data, num_probes=6).value,
         "density": hessgap.density(model, data, num_probes=2, lanczos_steps=8).nodes,
         "blocks": hessgap.block_spectrum(model, data, k=1, num_probes=4, tol=1e-8).eigenvalues,
+        "landscape": hessgap.landscape(model, data, steps=3, seed=0).loss.tolist(),
+        "landscape_accuracy": hessgap.landscape(model, data, dims=1, steps=3, seed=0).accuracy.tolist(),
     }
     return out
 

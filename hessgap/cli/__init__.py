@@ -22,6 +22,8 @@ from ..errors import HessgapError
 from ..experiments.presets import DEMO_DATASET
 from ..experiments.registry import EXPERIMENTS
 from ..names import BATCHNORM_MODES, OPTIMIZER_NAMES, PRESET_NAMES, REMEDY_NAMES, SHARPNESS_SOLVERS
+from .landscape_options import add_parser as add_landscape_parser
+from .measures_options import add_parsers as add_measures_parsers
 from .options import (
     BATCHNORM_HELP,
     DEMO_DATASETS,
@@ -187,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             add_warmstart_options(p)
         add_run_options(p, f"{name}-<preset>-<model>-<dataset>")
+    add_measures_parsers(sub)
+    add_landscape_parser(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .._io import FolderLock
 from ..experiments import interpolate, model_sharpness, model_spectrum, model_train, networks, reproduce, run_experiment
 from ..experiments.demo import demo_settings, summary_lines
 from ..experiments.presets import ADDED_SETTINGS, PATHS, preset
@@ -26,6 +27,7 @@ from ..experiments.saved import SavedModel, load, settings_for
 from ..train.config import TrainConfig, resolve_device
 from ..train.data import load_dataset
 from ..train.loop import batch_plan
+from . import measures_commands
 from .options import DEFAULT_ROOT, settings_from
 
 
@@ -63,7 +65,7 @@ def _run(args) -> int:
     if dist.is_initialized() and dist.get_rank() != 0:
         args.quiet = True  # progress bars and messages from rank 0 only
     threads = getattr(args, "threads", None)
-    if threads is None and (args.command == "demo" or getattr(args, "preset", None) == "quick"):
+    if threads is None and (args.command in ("demo", "measures") or getattr(args, "preset", None) == "quick"):
         threads = 1  # small networks: more threads only add synchronization, badly so on a busy machine
     if threads:
         torch.set_num_threads(threads)
@@ -256,7 +258,33 @@ def _nearest(values, target) -> int:
     return min(range(len(values)), key=lambda i: abs(values[i] - target))
 
 
+def cmd_landscape(args) -> int:
+    from ..landscape import command as landscape_command  # its engines load only for this command
+
+    saved = _saved(args.model, args)
+    out = args.out if args.out is not None else DEFAULT_ROOT / f"landscape-{saved.label}-{saved.sha256[:8]}"
+
+    def network_and_data(path):
+        network = saved if path == args.model else _saved(path, args)
+        settings = settings_for(network.result, args.data_root, args.eval_batch, args.max_batches, device=args.device)
+        return network.result.model, networks.analysis_loader(settings), networks.test_loader(settings)
+
+    print(f"model: {saved.describe()}")
+    with FolderLock(out):  # the landscape's folder keeps its own config.json and rows; one process at a time
+        landscape_command.run(args, load=network_and_data, out_dir=out)
+    return 0
+
+
+def cmd_measures(args) -> int:
+    return measures_commands.cmd_measures(args, _folder, _saved, _finish)
+
+
+def cmd_correlate(args) -> int:
+    return measures_commands.cmd_correlate(args, _folder, _finish)
+
+
 HANDLERS = {
     "demo": cmd_demo, "reproduce": cmd_reproduce, "train": cmd_train, "sharpness": cmd_sharpness,
     "spectrum": cmd_spectrum, "interpolate": cmd_interpolate, "sweep": cmd_sweep, "warmstart": cmd_warmstart,
+    "measures": cmd_measures, "correlate": cmd_correlate, "landscape": cmd_landscape,
 }

@@ -73,10 +73,17 @@ def analysis_loader(settings: Settings):
     if settings.sharpness_batches is not None:
         count = min(len(train_set), settings.sharpness_batches * settings.eval_batch)
         train_set = TensorDataset(*(t[:count] for t in train_set.tensors))
+    return eval_loader(_rank_shard(train_set), settings)
+
+
+def test_loader(settings: Settings):
+    """The whole test set in fixed order; on several ranks, each rank's contiguous shard of it."""
+    return eval_loader(_rank_shard(dataset(settings).test), settings)
+
+
+def _rank_shard(tensor_dataset):
     replicas = Replicas.resolve()
-    if replicas is not None:
-        train_set = replicas.shard(train_set)
-    return eval_loader(train_set, settings)
+    return replicas.shard(tensor_dataset) if replicas is not None else tensor_dataset
 
 
 def train_config(

@@ -16,6 +16,7 @@ from ..errors import HessgapError
 from ..names import (
     BATCHNORM_MODES,
     INIT_NAMES,
+    INTERPOLATION_PATHS,
     PREPROCESS_NAMES,
     PRESET_NAMES,
     REMEDY_NAMES,
@@ -27,7 +28,7 @@ from .registry import EXPERIMENTS
 __all__ = ["ADDED_SETTINGS", "EXPERIMENTS", "PATHS", "PRESET_NAMES", "REMEDY_NAMES", "Settings", "preset"]
 
 #: The interpolation paths of Figures 3 and 7 (see :mod:`hessgap.experiments.parametric`).
-PATHS = ("linear", "curved")
+PATHS = INTERPOLATION_PATHS
 
 
 @dataclass

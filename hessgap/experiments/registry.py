@@ -60,6 +60,9 @@ REGISTRY: tuple[Experiment, ...] = (
     Experiment("model_sharpness", "model_sharpness", 2, reproducible=False),
     Experiment("interpolate", "interpolate", 3, reproducible=False),
     Experiment("model_spectrum", "model_spectrum", 8, reproducible=False),
+    # beyond the paper: which sharpness measure predicts the gap (`hessgap correlate`, `hessgap measures`)
+    Experiment("correlate", "correlate", 9, reproducible=False),
+    Experiment("model_measures", "model_measures", 9, reproducible=False),
 )
 
 #: The experiments `hessgap reproduce` runs, in its order (the presets' default selection).

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._io import FolderLock, append_text, dumps, jsonable, read_json, write_json
+from .._io import FolderLock, append_text, dumps, jsonable, read_json, remove, write_json
 from .._version import __version__
 from ..errors import HessgapError
 
@@ -164,9 +164,7 @@ class RunFolder:
     def save_result(self, name: str, result: dict) -> Path:
         path = self.result_path(name)
         write_json(path, result)
-        parts = self.results_dir / f"{name}.parts.json"
-        if parts.exists():
-            parts.unlink()
+        remove(self.results_dir / f"{name}.parts.json")
         return path
 
     def parts(self, name: str) -> Parts:

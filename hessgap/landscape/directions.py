@@ -11,10 +11,12 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import HessgapError
+from ..names import LANDSCAPE_DIRECTIONS, LANDSCAPE_NORMALIZATIONS
+from ..spectrum.lanczos import eigenvalues
 
-NORMALIZATIONS = ("filter", "layer", "none")
+NORMALIZATIONS = LANDSCAPE_NORMALIZATIONS
 IGNORE = ("biasbn", None)
-HESSIAN_KINDS = ("hessian", "hessian-min")
+HESSIAN_KINDS = LANDSCAPE_DIRECTIONS[1:]
 
 
 def random_directions(params: Sequence[torch.Tensor], dims: int, normalization: str, ignore: str | None,
@@ -59,10 +61,8 @@ def hessian_directions(model, data, kind: str, dims: int, *, loss_fn, max_batche
     directions of steepest curvature up and down. Signs are fixed so that each vector's largest-magnitude
     entry is positive, which makes the surface the same on every run.
     """
-    import hessgap  # the public name: the spectrum package is free to move behind it
-
     def solve(k: int, which: str):
-        found = hessgap.eigenvalues(model, data, k=k, which=which, tol=1e-4, criterion="residual", seed=seed,
+        found = eigenvalues(model, data, k=k, which=which, tol=1e-4, criterion="residual", seed=seed,
                                     loss_fn=loss_fn, max_batches=max_batches)
         return list(found.eigenvectors), [float(v) for v in found.eigenvalues]
 

@@ -13,15 +13,16 @@ import torch
 from torch import nn
 
 from .._checks import choice
+from ..curvature.batches import Batch
 from ..curvature.objective import LossOverData
 from ..errors import HessgapError
+from ..names import LANDSCAPE_ENGINES
 from .functional import FunctionalEngine
 from .layers import unsupported_reason
 from .plane import Plane
 from .stack import StackEngine
 
-ENGINES = ("auto", "stack", "functional")
-BATCHNORM_MODES = ("eval", "train")
+ENGINES = LANDSCAPE_ENGINES
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 
@@ -61,17 +62,18 @@ class Evaluator:
         self.engine = None
         self.fallback_reason: str | None = None
 
-    def _engine_for(self, inputs: torch.Tensor):
+    def _engine_for(self, batch: Batch):
         """The engine, chosen at the first batch (the layer-stack engine needs the samples' shape)."""
         if self.engine is None:
-            reason = unsupported_reason(self.model, tuple(inputs.shape[1:]))
+            reason = (unsupported_reason(self.model, tuple(batch.inputs.shape[1:])) if batch.is_pair else
+                      "the batches are not (inputs, targets) pairs")
             if self.requested == "stack" and reason is not None:
                 raise HessgapError(f"engine='stack' cannot run this model: {reason}; use engine='auto'")
             if self.requested == "functional" or reason is not None:
                 self.fallback_reason = reason if self.requested == "auto" else None
                 self.engine = FunctionalEngine(self.model, self.plane, self.batch_statistics)
             else:
-                self.engine = StackEngine(self.model, self.plane, self.batch_statistics, inputs.device)
+                self.engine = StackEngine(self.model, self.plane, self.batch_statistics, batch.inputs.device)
         return self.engine
 
     def run(self, coefficients: torch.Tensor, on_batch=None) -> PassResult:
@@ -95,33 +97,44 @@ class Evaluator:
     def _pass(self, coefficients: torch.Tensor, keep_weights: bool, on_batch) -> PassResult:
         points = coefficients.shape[0]
         loss_sums = torch.zeros(points, dtype=torch.float64, device=coefficients.device)
-        correct = torch.zeros(points, dtype=torch.int64, device=coefficients.device)
-        classification, samples = True, 0
-        chunk = None
-        with torch.no_grad():
-            for index, (inputs, targets) in enumerate(self.objective.batches()):
-                engine = self._engine_for(inputs)
-                prepared = engine.prepare(inputs)
-                if chunk is None:  # sized on the first batch: the weights kept for a chunk need it fixed
-                    engine.start_pass(keep_weights)
-                    kept = points * per_point_bytes(self.plane, coefficients) if keep_weights else 0
-                    chunk = engine.chunk_size(prepared, coefficients, self.memory_budget - kept)
-                size = inputs.shape[0]
-                classification = classification and targets.dim() == 1 and not targets.is_floating_point()
-                for start in range(0, points, chunk):
-                    outputs = engine.outputs(prepared, coefficients[start : start + chunk], start // chunk)
-                    losses = torch.stack([self.objective.batch_loss(out, targets, index) for out in outputs])
-                    # weighted by the batch's samples, as LossOverData.value weights unequal batches
-                    loss_sums[start : start + chunk] += losses.double() * size
-                    if classification and outputs.dim() == 3:
-                        correct[start : start + chunk] += (outputs.argmax(-1) == targets).sum(1)
-                    else:
-                        classification = False
-                samples += size
-                if on_batch is not None:
-                    on_batch(points)
-        accuracy = 100.0 * correct.double() / samples if classification else None
-        return PassResult(loss_sums / samples, accuracy, samples)
+        correct = torch.zeros(points, dtype=torch.float64, device=coefficients.device)
+        classification, samples, weight, error = 1.0, 0.0, 0.0, None
+        try:
+            with torch.no_grad():
+                chunk = None
+                for batch in self.objective.batches():
+                    engine = self._engine_for(batch)
+                    prepared = engine.prepare(batch.inputs if isinstance(engine, StackEngine) else batch)
+                    if chunk is None:  # sized on the first batch: the weights kept for a chunk need it fixed
+                        engine.start_pass(keep_weights)
+                        kept = points * per_point_bytes(self.plane, coefficients) if keep_weights else 0
+                        chunk = engine.chunk_size(prepared, coefficients, self.memory_budget - kept)
+                    targets = batch.targets
+                    labels = targets is not None and targets.dim() == 1 and not targets.is_floating_point()
+                    for start in range(0, points, chunk):
+                        outputs = engine.outputs(prepared, coefficients[start : start + chunk], start // chunk)
+                        losses = torch.stack([self.objective.loss_of_outputs(out, batch) for out in outputs])
+                        # weighted as LossOverData.value weights its batches (samples, or counted targets)
+                        loss_sums[start : start + chunk] += losses.double() * batch.weight
+                        if labels and isinstance(outputs, torch.Tensor) and outputs.dim() == 3:
+                            correct[start : start + chunk] += (outputs.argmax(-1) == targets).sum(1).double()
+                        else:
+                            classification = 0.0
+                    samples += batch.samples
+                    weight += batch.weight
+                    if on_batch is not None:
+                        on_batch(points)
+        except Exception as exc:  # every rank must reach the sums below, also the one that failed
+            error = exc
+        ranks = self.objective.ranks
+        ranks.settle(error)
+        ranks.sum_bucket_([loss_sums, correct])
+        samples, weight, labelled = ranks.sum_numbers([samples, weight, classification])
+        if weight <= 0:
+            raise HessgapError("the data holds no batch to evaluate the landscape on (an empty loader, or every "
+                               "target ignored)")
+        accuracy = 100.0 * correct / samples if labelled == ranks.world_size else None
+        return PassResult(loss_sums / weight, accuracy, int(samples))
 
 
 def per_point_bytes(plane: Plane, like: torch.Tensor) -> int:

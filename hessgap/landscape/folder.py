@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .._io import jsonable, read_json, save_torch, write_json
+from .._version import __version__
 from ..errors import HessgapError
 
 COMMAND = "landscape"
@@ -70,8 +71,6 @@ class LandscapeFolder:
                     raise HessgapError(
                         f"{self.path} holds a landscape of other {what} ({'; '.join(differences)}); rerun with the "
                         "same ones to resume, or choose another output folder")
-        from .. import __version__
-
         write_json(config_path, {
             "command": COMMAND, "settings": self.settings, "models": self.models, "hessgap": __version__,
             "torch": torch.__version__, "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",

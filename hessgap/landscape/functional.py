@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..curvature.batches import Batch
+from ..curvature.objective import output_tensor
 from .plane import Plane
 
 
@@ -34,16 +36,16 @@ class FunctionalEngine:
         """A new set of points: keep each point's weights between the batches of this pass when asked."""
         self._cache = {} if keep_weights else None
 
-    def prepare(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs
+    def prepare(self, batch: Batch) -> Batch:
+        return batch
 
-    def chunk_size(self, inputs: torch.Tensor, coefficients: torch.Tensor, budget: int) -> int:
+    def chunk_size(self, batch: Batch, coefficients: torch.Tensor, budget: int) -> int:
         """Points per chunk: as many as their outputs fit in ``budget`` bytes (points run one after another)."""
         if self._numel_per_sample is None:
             kept, self._cache = self._cache, None
-            self._numel_per_sample = self.outputs(inputs, coefficients[:1])[0].numel() // inputs.shape[0]
+            self._numel_per_sample = output_tensor(self.outputs(batch, coefficients[:1])[0]).numel() // batch.samples
             self._cache = kept
-        per_point = inputs.shape[0] * self._numel_per_sample * coefficients.element_size()
+        per_point = batch.samples * self._numel_per_sample * coefficients.element_size()
         return max(1, min(coefficients.shape[0], budget // per_point))
 
     def _state(self, coefficients: torch.Tensor, key) -> dict[str, torch.Tensor]:
@@ -54,12 +56,13 @@ class FunctionalEngine:
             self._cache[key] = state
         return state
 
-    def outputs(self, inputs: torch.Tensor, coefficients: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-        """(G, *output shape) for the G points whose coefficients are given (chunk ``chunk`` of the pass)."""
+    def outputs(self, batch: Batch, coefficients: torch.Tensor, chunk: int = 0):
+        """(G, *output shape) for the G points whose coefficients are given (chunk ``chunk`` of the pass); a
+        list of the G outputs when the model returns structures (a Hugging Face model's output)."""
         results = []
         for point in range(coefficients.shape[0]):
             state = self._state(coefficients[point : point + 1], (chunk, point))
             if self.copied_buffers:
                 state = state | {name: b.clone() for name, b in self.copied_buffers.items()}
-            results.append(functional_call(self.model, state, (inputs,)))
-        return torch.stack(results)
+            results.append(functional_call(self.model, state, batch.args, batch.kwargs))
+        return torch.stack(results) if all(isinstance(r, torch.Tensor) for r in results) else results

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import HessgapError
+from ..names import INTERPOLATION_PATHS
 from .plane import Plane
 
-PATHS = ("linear", "curved")
+PATHS = INTERPOLATION_PATHS
 
 
 def path_coefficients(alpha: np.ndarray, path: str) -> np.ndarray:

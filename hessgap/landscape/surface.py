@@ -20,8 +20,9 @@ from .._checks import seed as check_seed
 from .._state import preserved
 from ..curvature.objective import LossOverData
 from ..errors import HessgapError
+from ..names import BATCHNORM_MODES
 from . import directions as dirs
-from .evaluate import BATCHNORM_MODES, DEFAULT_MEMORY_BUDGET, Evaluator, set_batchnorm_mode
+from .evaluate import DEFAULT_MEMORY_BUDGET, Evaluator, set_batchnorm_mode
 from .export import write_all
 from .folder import LandscapeFolder, fingerprint
 from .grid import make_grid

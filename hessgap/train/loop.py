@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
-from .._io import FolderLock, read_json, write_json
+from .._io import FolderLock, read_json, remove, write_json
 from ..errors import HessgapError
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -384,4 +384,4 @@ def _prune(folder: Path, keep: int | None) -> None:
     # the starting point (epoch 0) always stays: distances from x0 and warm starts are checked against it
     available = list_checkpoints(folder)
     for epoch in [e for e in available if e != 0][:-keep]:
-        available[epoch].unlink(missing_ok=True)
+        remove(available[epoch])

@@ -77,6 +77,30 @@ def test_spectrum_and_interpolate_of_saved_models(trained_pair, tmp_path, capsys
     assert (tmp_path / "i" / "figures" / "parametric.png").is_file()
 
 
+def test_landscape_of_a_saved_model_then_towards_another(trained_pair, tmp_path, capsys):
+    from hessgap.experiments import networks
+    from hessgap.experiments.saved import settings_for
+
+    code, out, err = run_cli(capsys, "landscape", trained_pair / "sb", "--steps", 3, "--test", "--out", tmp_path / "l",
+                             "--quiet", "--threads", 1, "--device", "cpu")
+    assert code == 0, err
+    result = json.loads((tmp_path / "l" / "results" / "landscape.json").read_text())
+    # the plane's centre is the saved network itself: its loss over the training set, as LossOverData measures it
+    saved = load(trained_pair / "sb")
+    data = networks.analysis_loader(settings_for(saved.result))
+    centre = hessgap.LossOverData(saved.result.model.eval(), data).value()
+    assert result["loss"][1][1] == pytest.approx(centre, rel=1e-5)
+    assert "lowest training loss" in out and (tmp_path / "l" / "figures").is_dir()
+    code, out, err = run_cli(capsys, "landscape", trained_pair / "sb", "--steps", 3, "--test", "--out", tmp_path / "l",
+                             "--quiet", "--threads", 1, "--device", "cpu")
+    assert code == 0 and "3 row(s) resumed" in out
+    code, out, err = run_cli(capsys, "landscape", trained_pair / "sb", "--directions", trained_pair / "lb",
+                             "--steps", 4, "--out", tmp_path / "p", "--quiet", "--threads", 1, "--device", "cpu")
+    assert code == 0, err
+    line = json.loads((tmp_path / "p" / "results" / "landscape.json").read_text())
+    assert line["x"] == [-1.0, 0.0, 1.0, 2.0] and line["loss"][1] == pytest.approx(centre, rel=1e-5)
+
+
 def test_reproduce_then_resume_without_training(tmp_path, capsys, monkeypatch):
     argv = ["reproduce", "--experiments", "gap,sharpness,parametric", "--epochs", "2", "--lb-epochs", "2",
             "--seeds", "1", "--sb-batch", "64", "--lb-batch", "512", "--subspace-dim", "0", "--epsilons", "1e-3",
@@ -315,11 +339,11 @@ def test_a_command_that_fails_on_its_inputs_leaves_no_folder(trained_pair, tmp_p
 # -- one process per run folder ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["demo", "reproduce", "train", "sharpness", "spectrum", "interpolate", "sweep",
-                                     "warmstart"])
+                                     "warmstart", "landscape"])
 def test_a_folder_in_use_by_another_process_is_refused_at_once(command, trained_pair, tmp_path, capsys):
     from lock_holder import other_process_holding
 
-    inputs = {"sharpness": [trained_pair / "sb"], "spectrum": [trained_pair / "sb"],
+    inputs = {"sharpness": [trained_pair / "sb"], "spectrum": [trained_pair / "sb"], "landscape": [trained_pair / "sb"],
               "interpolate": [trained_pair / "sb", trained_pair / "lb"]}.get(command, [])
     with other_process_holding(tmp_path / "run") as holder:
         code, out, err = run_cli(capsys, command, *inputs, "--out", tmp_path / "run", "--quiet", "--device", "cpu")

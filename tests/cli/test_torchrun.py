@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
@@ -34,3 +35,13 @@ def test_train_then_sharpness_and_spectrum_on_two_ranks(tmp_path):
     spectrum = _torchrun("spectrum", "run", "--k", "2", "--out", "spec", cwd=tmp_path)
     assert spectrum.returncode == 0, spectrum.stderr[-3000:]
     assert len(json.loads((tmp_path / "spec" / "results" / "model_spectrum.json").read_text())["eigenvalues"]) == 2
+    landscape = _torchrun("landscape", "run", "--steps", "3", "--out", "land", cwd=tmp_path)
+    assert landscape.returncode == 0, landscape.stderr[-3000:]
+    assert landscape.stdout.count("lowest training loss") == 1
+    from hessgap.cli import main
+
+    assert main(["landscape", str(tmp_path / "run"), "--steps", "3", "--out", str(tmp_path / "land1"), "--quiet",
+                 "--threads", "1"]) == 0
+    two_ranks, one = (json.loads((tmp_path / name / "results" / "landscape.json").read_text())["loss"]
+                      for name in ("land", "land1"))
+    np.testing.assert_allclose(np.asarray(two_ranks, dtype=float), np.asarray(one, dtype=float), rtol=1e-6)

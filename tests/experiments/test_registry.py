@@ -28,7 +28,8 @@ def test_names_are_unique_and_the_report_order_follows_the_sections():
     assert sections == sorted(sections)
     # the order report.md has always had
     assert registry.REPORT_ORDER == ("train", "gap", "sharpness", "model_sharpness", "parametric", "interpolate",
-                                     "sweep", "warmstart", "along_training", "remedies", "spectrum", "model_spectrum")
+                                     "sweep", "warmstart", "along_training", "remedies", "spectrum", "model_spectrum",
+                                     "correlate", "model_measures")
     assert report.REPORT_ORDER is registry.REPORT_ORDER
 
 

@@ -1,22 +1,21 @@
 """The ``hessgap landscape`` command's options and run, with a stand-in for the command line's model loading."""
 
-import argparse
 import json
 
 import pytest
 
+from hessgap.cli import build_parser
 from hessgap.errors import HessgapError
 from hessgap.landscape import command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def parser():
-    parser = argparse.ArgumentParser(prog="hessgap landscape")
-    command.add_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0)  # the command line's shared run options
-    parser.add_argument("--quiet", action="store_true")
-    return parser
+class parser:
+    """The command line's ``landscape`` subcommand, parsed without the subcommand's name."""
+
+    def parse_args(self, argv):
+        return build_parser().parse_args(["landscape", *argv])
 
 
 @pytest.fixture

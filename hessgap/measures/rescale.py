@@ -1,0 +1,139 @@
+"""Rescalings of the weights that leave the network's function unchanged, built on a copy of the model and
+verified on the data: what the invariance check of :func:`hessgap.measures` measures each measure against
+(Dinh et al. 2017, "Sharp minima can generalize for deep nets": such rescalings make any Hessian-based or
+ε-box sharpness as large or small as one likes without changing the function).
+
+Two symmetries are found by walking the model's leaf modules in order (plain layer stacks, ``nn.Sequential``):
+
+- **ReLU** (positive homogeneity): a producer (Linear/Conv, or BatchNorm's affine output) followed by ReLU or
+  LeakyReLU, then only layers that commute with a positive scale (max or average pooling, Flatten, Unflatten,
+  Dropout, Identity), then a Linear/Conv consumer: the producer's weight and bias are multiplied by α > 0 and
+  the consumer's weight by 1/α.
+- **BatchNorm** (scale invariance of normalization): a Linear/Conv immediately followed by BatchNorm: its
+  weight and bias are multiplied by β > 0; BatchNorm's running mean by β, running variance and ε by β², so
+  the normalized output is the same in eval mode and in train mode alike (the ε term rescales too, so the
+  identity is exact, not only approximate).
+
+The copy's outputs are compared with the model's on every batch (eval mode); a rescaling whose outputs differ
+beyond float rounding (a model whose module order is not its data flow: residual connections, custom
+forwards) is refused with the reason. The user's model is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .._state import preserved
+from ..curvature.objective import LossOverData, output_tensor
+
+RELU_FACTOR = 3.0
+BATCHNORM_FACTOR = 0.25
+_AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+_PASS_THROUGH = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                 nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity)
+
+
+class NoSymmetry(Exception):
+    """The model has no function-preserving rescaling hessgap can build (``str(exc)`` says why)."""
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if not list(m.children())]
+
+
+def _scalable(module: nn.Module) -> bool:
+    """A producer whose output scales with its weight and bias: an affine layer, or an affine BatchNorm."""
+    if isinstance(module, _AFFINE):
+        return module.weight.requires_grad
+    return isinstance(module, _BATCHNORM) and module.affine and module.weight.requires_grad
+
+
+def find_symmetries(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
+    """The (producer, consumer) pairs of the ReLU symmetry and the (layer, BatchNorm) pairs of the BatchNorm
+    symmetry, by module name."""
+    leaves = _leaves(model)
+    relu, batchnorm = [], []
+    for i, (name, module) in enumerate(leaves):
+        following = leaves[i + 1] if i + 1 < len(leaves) else None
+        if following is None:
+            continue
+        if isinstance(module, _AFFINE) and isinstance(following[1], _BATCHNORM) and module.weight.requires_grad:
+            batchnorm.append((name, following[0]))
+        if _scalable(module) and isinstance(following[1], _ACTIVATIONS):
+            j = i + 2
+            while j < len(leaves) and isinstance(leaves[j][1], _PASS_THROUGH):
+                j += 1
+            if j < len(leaves) and isinstance(leaves[j][1], _AFFINE) and leaves[j][1].weight.requires_grad:
+                relu.append((name, leaves[j][0]))
+    return {"relu": relu, "batchnorm": batchnorm}
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, pairs: dict, relu_factor: float, batchnorm_factor: float) -> None:
+    modules = dict(model.named_modules())
+    for producer, consumer in pairs["relu"]:
+        modules[producer].weight.mul_(relu_factor)
+        if modules[producer].bias is not None:
+            modules[producer].bias.mul_(relu_factor)
+        modules[consumer].weight.div_(relu_factor)
+    for layer, norm in pairs["batchnorm"]:
+        modules[layer].weight.mul_(batchnorm_factor)
+        if modules[layer].bias is not None:
+            modules[layer].bias.mul_(batchnorm_factor)
+        bn = modules[norm]
+        if bn.running_mean is not None:
+            bn.running_mean.mul_(batchnorm_factor)
+            bn.running_var.mul_(batchnorm_factor**2)
+        bn.eps = bn.eps * batchnorm_factor**2
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, batches) -> list[torch.Tensor]:
+    objective = LossOverData(model, batches)
+    with preserved(model, train_mode=False, parameters=False):
+        return [output_tensor(model(*b.args, **b.kwargs)).detach() for b in objective.batches()]
+
+
+def describe(pairs: dict, relu_factor: float, batchnorm_factor: float) -> str:
+    parts = []
+    if pairs["relu"]:
+        parts.append(f"ReLU: {len(pairs['relu'])} producer/consumer pair(s) ×{relu_factor:g} / ÷{relu_factor:g} "
+                     f"({', '.join(f'{a}→{b}' for a, b in pairs['relu'])})")
+    if pairs["batchnorm"]:
+        parts.append(f"BatchNorm: {len(pairs['batchnorm'])} layer(s) before BatchNorm ×{batchnorm_factor:g} "
+                     f"({', '.join(a for a, _ in pairs['batchnorm'])})")
+    return "; ".join(parts)
+
+
+def rescaled_copy(model: nn.Module, batches, relu_factor: float = RELU_FACTOR,
+                  batchnorm_factor: float = BATCHNORM_FACTOR) -> tuple[nn.Module, str, float]:
+    """A deep copy of ``model`` with every ReLU and BatchNorm rescaling applied, its description, and the
+    largest change of the outputs over the data relative to their size (checked below float rounding).
+
+    Raises :class:`NoSymmetry` when the model has neither symmetry, or when the rescaled copy's outputs
+    differ from the model's."""
+    pairs = find_symmetries(model)
+    if not pairs["relu"] and not pairs["batchnorm"]:
+        raise NoSymmetry("the model has no ReLU between two layers and no layer before a BatchNorm, so no "
+                         "function-preserving rescaling to check against")
+    twin = copy.deepcopy(model)
+    _apply(twin, pairs, relu_factor, batchnorm_factor)
+    change, scale = 0.0, 0.0
+    for a, b in zip(_outputs(model, batches), _outputs(twin, batches)):
+        change = max(change, float((a - b).abs().max()))
+        scale = max(scale, float(a.abs().max()))
+    relative = change / max(scale, 1e-30)
+    dtype = next(model.parameters()).dtype
+    if relative > 1e3 * torch.finfo(dtype).eps:
+        raise NoSymmetry(
+            f"rescaling the layers in module order changed the outputs (by {relative:.2g} of their size): the "
+            "model's module order is not its data flow (residual connections or a custom forward), so hessgap "
+            "cannot build a function-preserving rescaling for it"
+        )
+    return twin, describe(pairs, relu_factor, batchnorm_factor), relative
