@@ -272,7 +272,7 @@ class Embedding(OpRule):
 
     def __init__(self, node):
         super().__init__(node)
-        args = list(node.args) + [-1, False, False]
+        args = list(node.args) + [-1, False, False][len(node.args) - 2:]
         self.padding_idx = args[2]
         if args[3]:
             raise GraphUnsupported(f"{self.describe()} with scale_grad_by_freq=True")
@@ -298,7 +298,11 @@ class Embedding(OpRule):
     def jvp(self, idx, tangents):
         t = tangents[0]
         k, dim = t.shape[0], t.shape[-1]
-        return t.index_select(1, idx.reshape(-1)).reshape((k,) + tuple(idx.shape) + (dim,)), None
+        out = t.index_select(1, idx.reshape(-1)).reshape((k,) + tuple(idx.shape) + (dim,))
+        if self.padding_idx is not None and self.padding_idx >= 0:
+            # autograd never trains the padding row: its gradient is 0, so the Hessian's row and column are too
+            out = out.masked_fill((idx == self.padding_idx).unsqueeze(-1), 0)
+        return out, None
 
     def rvjp(self, idx, rsaved, g, rg, need):
         return [None if rg is None else self._scatter(idx, rg, True)]
