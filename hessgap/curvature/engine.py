@@ -252,10 +252,14 @@ class HvpEngine:
                                                  state.largest_activation_numel, self.objective.device)
             start = 0
             for chunk in directions.chunks(stats.chunk_size):
-                part = self._plan.apply(state, chunk)
-                for acc, hv in zip(total, part):
-                    acc[start : start + hv.shape[0]].add_(hv)
-                start += chunk[0].shape[0]
+                k = chunk[0].shape[0]
+                if isinstance(self._plan, graph.GraphPlan):  # adds into the totals itself: no extra pass
+                    self._plan.apply(state, chunk, out=[acc[start : start + k] for acc in total])
+                else:
+                    part = self._plan.apply(state, chunk)
+                    for acc, hv in zip(total, part):
+                        acc[start : start + k].add_(hv)
+                start += k
         return loss
 
     def _generic_batch(self, batch: Batch, directions, total, stats) -> float:

@@ -118,8 +118,9 @@ class ConvNet(nn.Module):
         self.c1 = nn.Conv1d(2, 4, 3, padding=1)
         self.c2 = nn.Conv2d(1, 4, 3, stride=2, padding=1)
         self.c3 = nn.Conv2d(4, 4, 3, padding="same", groups=2, dilation=1)
+        self.c4 = nn.Conv2d(4, 3, 3, padding=1)  # on a 1×1 map: only the kernel's centre meets it
         self.bn, self.gn = nn.BatchNorm2d(4), nn.GroupNorm(2, 4)
-        self.fc = nn.Linear(4 + 4 + 4 + 2, 3)
+        self.fc = nn.Linear(4 + 4 + 4 + 2 + 3, 3)
 
     def forward(self, x):
         n = x.shape[0]
@@ -130,7 +131,8 @@ class ConvNet(nn.Module):
         m = F.max_pool2d(h, 2).flatten(1)
         s = F.adaptive_avg_pool2d(h, 1).flatten(1) + F.avg_pool2d(h, 2).flatten(1)
         t = F.adaptive_max_pool2d(img, (1, 2)).flatten(1)
-        return self.fc(torch.cat([m, s, a.mean(-1), t], 1))
+        c = torch.tanh(self.c4(F.adaptive_avg_pool2d(h, 1))).flatten(1)
+        return self.fc(torch.cat([m, s, a.mean(-1), t, c], 1))
 
 
 def test_convolutions_norms_pooling():

@@ -93,5 +93,6 @@ class GraphPlan:
         state.program = program
         return state
 
-    def apply(self, state: GraphState, directions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return state.program.apply(state, directions)
+    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], out=None):
+        """w·H·v for the chunk of directions, added into ``out`` when given (see :meth:`Program.apply`)."""
+        return state.program.apply(state, directions, out)

@@ -22,7 +22,7 @@ from torch import fx
 
 from .capture import Captured
 from .rules import GraphUnsupported, OpRule, rule_for
-from .rules.base import add, describe
+from .rules.base import Embedded, add, describe
 
 aten = torch.ops.aten
 
@@ -178,8 +178,9 @@ class Program:
 
     # ---- the R-passes for a chunk of directions --------------------------------------------------------
 
-    def apply(self, state: GraphState, directions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """w·H·v for the k directions (per-parameter ``(k, *shape)`` tensors)."""
+    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], out: Sequence[torch.Tensor] | None = None):
+        """w·H·v for the k directions (per-parameter ``(k, *shape)`` tensors), added into ``out`` (per-parameter
+        accumulators) when given, else returned."""
         tangents: dict[int, torch.Tensor] = {i: directions[slot] for i, slot in self.slot_of.items()}
         rsaved: dict[int, object] = {}
         reached: set[int] = set()
@@ -187,10 +188,10 @@ class Program:
             ts = [tangents.get(j) if j is not None else None for j in step.inputs]
             if all(t is None for t in ts):
                 continue
-            out, rsaved[step.index] = step.rule.jvp(state.saved[step.index], ts)
+            r_out, rsaved[step.index] = step.rule.jvp(state.saved[step.index], ts)
             reached.add(step.index)
-            if out is not None and step.index != self.loss_index:
-                tangents[step.index] = out
+            if r_out is not None and step.index != self.loss_index:
+                tangents[step.index] = r_out
             for j in step.inputs:
                 if j is not None and self.tangent_last_use.get(j) == step.index and j not in self.slot_of:
                     tangents.pop(j, None)
@@ -207,8 +208,13 @@ class Program:
             for j, slot, r in zip(step.inputs, step.param, outs):
                 if j is None or r is None:
                     continue
-                if slot is not None:
-                    results[slot] = r if results[slot] is None else results[slot] + r
-                else:
+                if slot is None:
                     rgrads[j] = add(rgrads.get(j), r)
+                elif out is not None:
+                    r.add_to(out[slot]) if isinstance(r, Embedded) else out[slot].add_(r)
+                else:
+                    r = r.dense(directions[slot].shape) if isinstance(r, Embedded) else r
+                    results[slot] = r if results[slot] is None else results[slot] + r
+        if out is not None:
+            return None
         return [r if r is not None else torch.zeros_like(d) for r, d in zip(results, directions)]

@@ -96,6 +96,22 @@ class LinearRule(OpRule):
         return self.adjoint(saved, rg, need, batched=True)
 
 
+class Embedded:
+    """A gradient nonzero only in a slice of its parameter (``index`` into ``(k, *shape)``): the engine adds it
+    there instead of building the mostly-zero full tensor."""
+
+    def __init__(self, index: tuple, values: torch.Tensor):
+        self.index, self.values = index, values
+
+    def add_to(self, out: torch.Tensor) -> None:
+        out[self.index].add_(self.values)
+
+    def dense(self, shape) -> torch.Tensor:
+        full = self.values.new_zeros(shape)
+        full[self.index] = self.values
+        return full
+
+
 def describe(node: fx.Node) -> str:
     """``aten.op (in module path)`` for messages: where in the user's model the node came from."""
     target = node.target
