@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import hessgap
 from hessgap import _extension
 
-from graph_oracles import check_fused_against, check_fused_against_generic, explicit_hessian_of
+from graph_oracles import check_fused_against, check_fused_against_generic, explicit_hessian_of, rel_err
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -115,3 +116,15 @@ def test_vit_matches_generic():
     model = transformers.ViTForImageClassification(config).eval()
     gen = torch.Generator().manual_seed(5)
     check_fused_against_generic(model, [(torch.randn(3, 3, 8, 8, generator=gen), torch.tensor([0, 2, 1]))])
+
+
+@pytest.mark.cuda
+def test_gpt2_on_cuda_matches_generic_on_cpu():
+    model = gpt2("sdpa")
+    batches = token_batches()
+    n = sum(p.numel() for p in model.parameters())
+    V = torch.randn(3, n, generator=torch.Generator().manual_seed(0))
+    want = hessgap.hvp(model, batches, V, path="generic")
+    cuda_batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
+    got = hessgap.hvp(model.cuda(), cuda_batches, V.cuda(), path="fused").cpu()
+    assert rel_err(got.double(), want.double()) <= 1e-5

@@ -150,3 +150,43 @@ def test_working_set_is_linear_in_the_sequence(seq):
     math = _peak_allocation_bytes(
         lambda: ops.attention_rbackward_reference(q, k, v, None, o, lse, g, *tangents, ro, rho, None, True, 0.25))
     assert math >= K * B * H * seq * seq * 4  # at least one (K, B, H, T, T) float32 matrix
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal,mask,tq,tk,d", [(False, None, 37, 37, 8), (True, None, 130, 130, 64),
+                                                 (False, "bool", 33, 130, 64), (True, "float", 65, 65, 128)])
+def test_cuda_kernels_match_twins(dtype, causal, mask, tq, tk, d):
+    if not _extension.cuda_kernels_built():
+        pytest.skip("hessgap._C was built without CUDA kernels")
+    q, k, v, bias, tangents = make(dtype, Tq=tq, Tk=tk, D=d, Dv=d, mask=mask, device="cuda")
+    got = run_all(q, k, v, bias, tangents, causal, 0.4, KERNELS)
+    args64 = [t.double().cpu() if t is not None else None for t in (q, k, v, bias)]
+    want = run_all(*args64, [t.double().cpu() for t in tangents], causal, 0.4, TWINS)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b.to(dtype), **TOL[dtype])
+    o, lse = ops.attention_forward(q, k, v, bias, causal, 0.4)
+    torch.library.opcheck(torch.ops.hessgap.attention_rforward.default, (q, k, v, bias, o, lse, *tangents, causal, 0.4))
+
+
+@pytest.mark.cuda
+def test_cuda_working_set_is_linear_in_the_sequence():
+    """Extra peak memory of the R-backward beyond its inputs and outputs grows linearly in T on CUDA."""
+    if not _extension.cuda_kernels_built():
+        pytest.skip("hessgap._C was built without CUDA kernels")
+    extra = {}
+    for seq in (1024, 4096):
+        K, B, H, D = 4, 1, 4, 64
+        q, k, v, bias, tangents = make(torch.float32, B=B, H=H, Tq=seq, Tk=seq, D=D, Dv=D, K=K, device="cuda")
+        o, lse = ops.attention_forward(q, k, v, None, True, 0.125)
+        g = torch.randn_like(o)
+        ro, rho = ops.attention_rforward(q, k, v, None, o, lse, *tangents, True, 0.125)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = ops.attention_rbackward(q, k, v, None, o, lse, g, *tangents, ro, rho, None, True, 0.125)
+        torch.cuda.synchronize()
+        outputs = sum(t.numel() * t.element_size() for t in out)
+        extra[seq] = torch.cuda.max_memory_allocated() - before - outputs
+        assert extra[seq] <= K * B * H * seq * D * 4  # nothing T×T: at most one more tangent's worth
+    assert extra[4096] <= 4 * extra[1024] + 1024 * 1024

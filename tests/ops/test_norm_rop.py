@@ -81,3 +81,25 @@ def test_bad_arguments_raise_clear_errors():
         ops.norm_rforward(xhat, rstd[:2], torch.randn(2, 4, 8), True)
     with pytest.raises(RuntimeError, match="dtype"):
         ops.norm_rforward(xhat, rstd, torch.randn(2, 4, 8, dtype=torch.float64), True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("center", [True, False])
+def test_cuda_kernels_match_twins(dtype, center):
+    if not _extension.cuda_kernels_built():
+        pytest.skip("hessgap._C was built without CUDA kernels")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(129, 768, dtype=torch.float64, generator=gen)
+    xhat, rstd = rows(x, center)
+    rx, ra = (torch.randn(4, 129, 768, dtype=torch.float64, generator=gen) for _ in range(2))
+    a = torch.randn(129, 768, dtype=torch.float64, generator=gen)
+    want_rxhat, want_m1 = ops.norm_rforward_reference(xhat, rstd, rx, center)
+    want = ops.norm_rbackward_reference(xhat, rstd, a, ra, want_rxhat, want_m1, center)
+    cuda = [t.to(dtype).cuda() for t in (xhat, rstd, rx, a, ra)]
+    got_rxhat, got_m1 = ops.norm_rforward(cuda[0], cuda[1], cuda[2], center)
+    torch.testing.assert_close(got_rxhat.cpu(), want_rxhat.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(got_m1.cpu(), want_m1.to(dtype), **TOL[dtype])
+    got = ops.norm_rbackward(cuda[0], cuda[1], cuda[3], cuda[4], got_rxhat, got_m1, center)
+    torch.testing.assert_close(got.cpu(), want.to(dtype), **TOL[dtype])
+    torch.library.opcheck(torch.ops.hessgap.norm_rforward.default, (cuda[0], cuda[1], cuda[2], center))

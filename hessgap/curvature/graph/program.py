@@ -120,6 +120,7 @@ class Program:
                         f"{describe(node)}: its argument {missing[0].name} depends on the parameters, which its "
                         "R-operator rule does not handle")
                 step.rule = rule
+                rule.is_output = node is loss
                 step.inputs = [self.position[a] if a is not None else None for a in wanted]
                 step.param = [slot_of.get(j) if j is not None else None for j in step.inputs]
             self.steps.append(step)

@@ -35,6 +35,8 @@ class OpRule:
 
     #: the rule's R-backward reads ∂L/∂y: the engine keeps it from the first-order pass
     needs_grad = False
+    #: the node is the loss itself: its own tangent R{L} is never read (set by the engine)
+    is_output = False
 
     def __init__(self, node: fx.Node):
         self.node = node

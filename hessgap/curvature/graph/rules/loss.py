@@ -140,6 +140,8 @@ class CrossEntropy(OpRule):
 
     def jvp(self, saved, tangents):
         rz = tangents[0]
+        if self.is_output:
+            return None, rz
         _, grad, _ = saved
         r_loss = (_rows(rz, True) * grad).sum((1, 2))
         return r_loss.to(self.out_meta.dtype), rz
@@ -234,6 +236,8 @@ class MeanSquaredError(OpRule):
     def jvp(self, saved, tangents):
         diff, scale = saved
         rd = self._rdiff(tangents)
+        if self.is_output:
+            return None, rd
         return (rd * diff).flatten(1).sum(1) * scale, rd
 
     def rvjp(self, saved, rd, g, rg, need):
