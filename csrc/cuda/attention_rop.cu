@@ -37,6 +37,11 @@ struct Args {
   bool causal = false;
 };
 
+__device__ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <typename T>
+__device__ inline T larger(T a, T b) { return a > b ? a : b; }
+
 template <typename T>
 __device__ T warp_sum(T v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -45,7 +50,7 @@ __device__ T warp_sum(T v) {
 
 template <typename T>
 __device__ T warp_max(T v) {
-  for (int offset = 16; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = 16; offset > 0; offset /= 2) v = larger(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
@@ -118,10 +123,10 @@ __global__ void forward_kernel(Args<T> a, Shared lay) {
   T acc[kMaxPerLane];
   for (int r = 0; r < kMaxPerLane; ++r) acc[r] = 0;
   T m = -INFINITY, l = 0;
-  const int64_t last_row = min(a.Tq, int64_t(blockIdx.x + 1) * kWarps) - 1;
+  const int64_t last_row = min64(a.Tq, int64_t(blockIdx.x + 1) * kWarps) - 1;
   for (int64_t j0 = 0; j0 < a.Tk; j0 += kBK) {
     if (a.causal && j0 > last_row) break;
-    const int bk = static_cast<int>(min<int64_t>(kBK, a.Tk - j0));
+    const int bk = static_cast<int>(min64(kBK, a.Tk - j0));
     __syncthreads();
     load_tile(sm + lay.kt, a.k + n * a.Tk * a.D, j0, bk, a.D);
     load_tile(sm + lay.vt, a.v + n * a.Tk * a.Dv, j0, bk, a.Dv);
@@ -130,7 +135,7 @@ __global__ void forward_kernel(Args<T> a, Shared lay) {
     const int64_t j = j0 + lane;
     T s = lane < bk ? a.scale * tile_dot(qs, sm + lay.kt, lane, a.D) : T(0);
     s = masked(a, s, n, i, j, lane < bk);
-    const T m_new = max(m, warp_max(s));
+    const T m_new = larger(m, warp_max(s));
     if (m_new == -INFINITY) continue;
     const T shrink = m == -INFINITY ? T(0) : exp(m - m_new);
     const T p = s == -INFINITY ? T(0) : exp(s - m_new);
@@ -196,11 +201,11 @@ __global__ void walk_kernel(Args<T> a, Shared lay) {
   T acc[kMaxPerLane];   // MODE 0: ∂Q row; MODE 1: R{O} row (before − ρ·O); MODE 2: R{∂Q} row
   for (int r = 0; r < kMaxPerLane; ++r) acc[r] = 0;
   T rho_sum = 0;
-  const int64_t last_row = min(a.Tq, int64_t(blockIdx.x + 1) * kWarps) - 1;
+  const int64_t last_row = min64(a.Tq, int64_t(blockIdx.x + 1) * kWarps) - 1;
   const int64_t width_q = MODE == 1 ? a.Dv : a.D;  // the acc row's width
   for (int64_t j0 = 0; j0 < a.Tk; j0 += kBK) {
     if (a.causal && j0 > last_row) break;
-    const int bk = static_cast<int>(min<int64_t>(kBK, a.Tk - j0));
+    const int bk = static_cast<int>(min64(kBK, a.Tk - j0));
     __syncthreads();
     load_tile(sm + lay.kt, a.k + n * a.Tk * a.D, j0, bk, a.D);
     load_tile(sm + lay.vt, a.v + n * a.Tk * a.Dv, j0, bk, a.Dv);

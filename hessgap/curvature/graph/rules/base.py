@@ -114,6 +114,19 @@ class Embedded:
         return full
 
 
+class IndexAdded(Embedded):
+    """A gradient that is ``values`` index-added along ``dim`` (embedding rows): added in place into the totals."""
+
+    def __init__(self, dim: int, index: torch.Tensor, values: torch.Tensor):
+        self.dim, self.index, self.values = dim, index, values
+
+    def add_to(self, out: torch.Tensor) -> None:
+        out.index_add_(self.dim, self.index, self.values)
+
+    def dense(self, shape) -> torch.Tensor:
+        return self.values.new_zeros(shape).index_add_(self.dim, self.index, self.values)
+
+
 def describe(node: fx.Node) -> str:
     """``aten.op (in module path)`` for messages: where in the user's model the node came from."""
     target = node.target

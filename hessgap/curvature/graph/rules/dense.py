@@ -13,7 +13,7 @@ import string
 import torch
 from torch import fx
 
-from .base import GraphUnsupported, OpRule, lift, sum_to
+from .base import GraphUnsupported, IndexAdded, OpRule, lift, sum_to
 
 aten = torch.ops.aten
 
@@ -118,17 +118,25 @@ class Linear(OpRule):
                 acc = torch.bmm(g_k, term_t) if acc is None else acc.baddbmm_(g_k, term_t)
             out[0] = None if acc is None else acc.reshape((k,) + tuple(x.shape))
         if need[1]:
-            # R{g_W'} = xᵀ R{g_y} + R{x}ᵀ g_y   (as (k, in, out))
+            # R{g_W} = R{g_y}ᵀ x + g_yᵀ R{x}, built in the weight's own layout ((k, out, in) for linear,
+            # (k, in, out) for addmm/mm) so that adding it into the totals reads it contiguously
             x_rows = x.reshape(rows, in_f)
             acc = None
-            if rg_rows is not None:
-                acc = torch.bmm(x_rows.t().expand(k, in_f, rows), rg_rows)
-            if rx is not None:
-                rx_t = rx.reshape(k, rows, in_f).transpose(1, 2)
-                g_k = g_rows.expand(k, rows, out_f)
-                acc = torch.bmm(rx_t, g_k) if acc is None else acc.baddbmm_(rx_t, g_k)
-            if acc is not None:
-                out[1] = acc if self.transposed else acc.transpose(1, 2)
+            if self.transposed:
+                if rg_rows is not None:
+                    acc = torch.bmm(x_rows.t().expand(k, in_f, rows), rg_rows)
+                if rx is not None:
+                    rx_t = rx.reshape(k, rows, in_f).transpose(1, 2)
+                    g_k = g_rows.expand(k, rows, out_f)
+                    acc = torch.bmm(rx_t, g_k) if acc is None else acc.baddbmm_(rx_t, g_k)
+            else:
+                if rg_rows is not None:
+                    acc = torch.bmm(rg_rows.transpose(1, 2), x_rows.expand(k, rows, in_f))
+                if rx is not None:
+                    g_t = g_rows.t().expand(k, out_f, rows)
+                    rx_k = rx.reshape(k, rows, in_f)
+                    acc = torch.bmm(g_t, rx_k) if acc is None else acc.baddbmm_(g_t, rx_k)
+            out[1] = acc
         if need[2] and rg_rows is not None:
             out[2] = rg_rows.sum(1)
         return out
@@ -305,7 +313,13 @@ class Embedding(OpRule):
         return out, None
 
     def rvjp(self, idx, rsaved, g, rg, need):
-        return [None if rg is None else self._scatter(idx, rg, True)]
+        if rg is None:
+            return [None]
+        rows = rg.reshape(rg.shape[0], -1, rg.shape[-1])
+        flat = idx.reshape(-1)
+        if self.padding_idx is not None and self.padding_idx >= 0:
+            rows = rows.masked_fill((flat == self.padding_idx).reshape(1, -1, 1), 0)
+        return [IndexAdded(1, flat, rows)]
 
 
 RULES = {
