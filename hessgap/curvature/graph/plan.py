@@ -23,7 +23,10 @@ from .rules import GraphUnsupported
 
 #: distinct batch signatures (shapes, structure) captured per plan before the plan gives up on the model
 MAX_SIGNATURES = 8
-_CAPTURES: dict = {}  # (id(model), fingerprint, signature, loss) -> Captured | GraphUnsupported
+#: captures kept between calls, over every model (the oldest go first)
+MAX_KEPT_CAPTURES = 32
+_CAPTURES: OrderedDict = OrderedDict()  # (id(model), fingerprint, signature, loss) -> Captured | GraphUnsupported
+_WATCHED: set[int] = set()  # models whose captures are dropped when they are collected
 
 
 def _fingerprint(model: nn.Module) -> tuple:
@@ -35,6 +38,7 @@ def _fingerprint(model: nn.Module) -> tuple:
 
 
 def _forget(model_id: int) -> None:
+    _WATCHED.discard(model_id)
     for key in [k for k in _CAPTURES if k[0] == model_id]:
         _CAPTURES.pop(key, None)
 
@@ -53,7 +57,9 @@ class GraphPlan:
         self.num_params = sum(p.numel() for p in params)
         self._programs: OrderedDict = OrderedDict()
         self.capture_seconds = 0.0
-        weakref.finalize(model, _forget, id(model))
+        if id(model) not in _WATCHED:
+            _WATCHED.add(id(model))
+            weakref.finalize(model, _forget, id(model))
 
     def _captured(self, batch: Batch, own_loss: bool, inputs) -> Captured:
         key = (id(self.model), _fingerprint(self.model), signature(inputs), id(self.loss_fn), own_loss)
@@ -65,6 +71,8 @@ class GraphPlan:
             except GraphUnsupported as exc:
                 found = exc
             _CAPTURES[key] = found
+            while len(_CAPTURES) > MAX_KEPT_CAPTURES:
+                _CAPTURES.popitem(last=False)
         if isinstance(found, GraphUnsupported):
             raise GraphUnsupported(str(found))
         return found
