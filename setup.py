@@ -142,7 +142,8 @@ setup(
     ],
     extras_require={
         "build": ["pybind11", "ninja"],
-        "test": ["pytest>=7", "pytest-benchmark", "ruff"],
+        # transformers: the graph engine's tests build Hugging Face models from small random configs
+        "test": ["pytest>=7", "pytest-benchmark", "ruff", "transformers"],
         "bench": ["pytest-benchmark"],
     },
     entry_points={"console_scripts": ["hessgap=hessgap.cli:main"]},

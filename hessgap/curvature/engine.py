@@ -3,7 +3,9 @@
 :class:`HvpEngine` is shared by :func:`hessgap.curvature.hvp.hvp` and
 :class:`hessgap.curvature.operator.HessianOperator`. Per batch it takes one of two paths:
 
-- ``"fused"``: the R-operator engine of :mod:`hessgap.curvature.fused` (plain layer stacks with a known loss);
+- ``"fused"``: the R-operator engine, over a layer list for plain layer stacks (:mod:`hessgap.curvature.fused`)
+  and over the captured ATen graph of the batch loss for any other model (:mod:`hessgap.curvature.graph`:
+  residual networks, transformers, Hugging Face models);
 - ``"generic"``: any model, through autograd: the batch's gradient is built once with its graph kept
   (``create_graph``), so the forward and first backward are shared by all k directions; each chunk of
   directions is then one backward through that graph: a plain one for a chunk of one direction (the CPU
@@ -28,7 +30,7 @@ from torch import nn
 from .. import _checks
 from .._state import preserved
 from ..errors import HessgapError, NonFiniteError
-from . import fused
+from . import fused, graph
 from ._flat import Directions, all_finite, unflatten
 from .batches import Batch
 from .objective import LossOverData
@@ -100,7 +102,7 @@ class HvpEngine:
         self.memory_budget = int(memory_budget)
         self.fallback_reason: str | None = None
         self.rules = SecondOrderRules()
-        self._plan: fused.FusedPlan | None = None
+        self._plan: fused.FusedPlan | graph.GraphPlan | None = None
         self._primal_states: dict[int, fused.BatchState] = {}
         self._primal_snapshot: list[torch.Tensor] | None = None
         self._primal_bytes = 0
@@ -119,13 +121,18 @@ class HvpEngine:
         """What the pass did that the result should say (attention rerouted, ...)."""
         return self.rules.notes
 
-    def _fused_plan(self) -> fused.FusedPlan:
+    def _fused_plan(self) -> fused.FusedPlan | graph.GraphPlan:
+        """The layer-stack plan when the model is a plain nn.Sequential, else the graph plan (which captures
+        the model at its first batch and may still raise FusedUnsupported then)."""
         if self.train_mode:
             raise fused.FusedUnsupported("the Hessian is taken in train mode (train_mode=True)")
         if self.objective.compute_loss is not None:
             raise fused.FusedUnsupported("the loss is a compute_loss closure")
         loss_fn = self.objective.loss_fn if self.objective.loss_fn is not None else nn.CrossEntropyLoss()
-        return fused.plan(self.model, self.objective.params, loss_fn, self.train_mode)
+        try:
+            return fused.plan(self.model, self.objective.params, loss_fn, self.train_mode)
+        except fused.FusedUnsupported:
+            return graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn)
 
     def _unsupported(self, exc: fused.FusedUnsupported) -> None:
         if self.requested_path == "fused":
@@ -176,7 +183,7 @@ class HvpEngine:
         try:
             for batch in objective.batches():
                 if fused_path:
-                    if not batch.is_pair:
+                    if not batch.is_pair and not isinstance(self._plan, graph.GraphPlan):
                         raise fused.FusedUnsupported("the batches are not (inputs, targets) pairs")
                     loss = self._fused_batch(batch, directions, total, stats)
                 else:
@@ -285,9 +292,18 @@ class HvpEngine:
             return self.objective.loss_of_outputs(outputs, batch)
 
         with self.objective.naming_failures(batch):
-            state = self._plan.forward_backward(batch.inputs, batch.targets, batch.weight, loss_of)
+            if isinstance(self._plan, graph.GraphPlan):
+                try:
+                    state = self._plan.forward_backward(batch, batch.weight)
+                except fused.FusedUnsupported:
+                    raise
+                except Exception:
+                    self.objective.batch_loss(batch)  # the reference pass names bad targets or shapes, if that is it
+                    raise
+            else:
+                state = self._plan.forward_backward(batch.inputs, batch.targets, batch.weight, loss_of)
         # activations, output gradients and the layers' saved masks: about three activations' worth
-        state_bytes = 3 * state.activation_numel * batch.inputs.element_size()
+        state_bytes = 3 * state.activation_numel * self.objective.params[0].element_size()
         if self._primal_snapshot is not None and self._primal_bytes + state_bytes <= PRIMAL_CACHE_BYTES:
             self._primal_states[batch.index] = state
             self._primal_bytes += state_bytes
@@ -301,12 +317,20 @@ class HvpEngine:
                 itemsize = directions.parts[0].element_size()
                 per_direction = itemsize * (2 * state.activation_numel + 3 * self._plan.num_params)
                 stats.chunk_size = self._cpu_fit(self._chunk(per_direction, directions.k), CPU_CHUNK_BYTES, itemsize,
-                                                 state.largest_activation_numel, batch.inputs.device)
+                                                 state.largest_activation_numel, self.objective.device)
             start = 0
             for chunk in directions.chunks(stats.chunk_size):
-                part = self._plan.apply(state, chunk)  # already weighted by the batch's units
-                _accumulate(total, part, start, chunk[0].shape[0], 1.0, not stats.written)
-                start += chunk[0].shape[0]
+                k = chunk[0].shape[0]
+                if isinstance(self._plan, graph.GraphPlan):  # adds into the sums itself: no extra pass
+                    rows = [acc[start : start + k] for acc in total]
+                    if not stats.written:  # the sums are not zero-filled (see _accumulate)
+                        for row in rows:
+                            row.zero_()
+                    self._plan.apply(state, chunk, out=rows)
+                else:
+                    part = self._plan.apply(state, chunk)  # already weighted by the batch's units
+                    _accumulate(total, part, start, k, 1.0, not stats.written)
+                start += k
             stats.written = True
         return loss
 

@@ -7,9 +7,10 @@ serves all k directions.
 
 Two paths compute the same numbers:
 
-- ``"fused"``: the R-operator engine of :mod:`hessgap.curvature.fused` for plain layer stacks with
-  cross-entropy or MSE: one primal forward/backward per batch, then k directions stacked through BLAS
-  calls and the fused element-wise kernels of the extension.
+- ``"fused"``: the R-operator engine, over the layers of a plain layer stack (:mod:`hessgap.curvature.fused`)
+  or over the torch.export graph of the batch loss for any other model (:mod:`hessgap.curvature.graph`:
+  residual networks, transformers, Hugging Face models): one primal forward/backward per batch, then k
+  directions stacked through BLAS calls and the fused kernels of the extension (attention included).
 - ``"generic"``: any model and any scalar loss, through autograd: the batch's gradient graph is built once
   and each chunk of directions is one batched backward through it (``is_grads_batched``). Attention runs
   on PyTorch's math kernels, which have the double-backward rules its fused kernels lack.

@@ -6,8 +6,8 @@ For k directions at once (tensors named ``t``, ``rz``, ``rg`` have shape ``(k, *
     act_rbackward(z, g, rz, rg)   σ'(z) ⊙ rg[j] + σ''(z) ⊙ g ⊙ rz[j]       R{∂L/∂z}, g = ∂L/∂a
     softmax_ce_rgrad(p, rz, s)    s · p ⊙ (rz[j] − ⟨p, rz[j]⟩ per row)      R{∂L/∂logits} of softmax CE
 
-Activation kinds: ``relu``, ``leaky_relu`` (with ``slope``), ``tanh``, ``sigmoid``, ``gelu`` (erf form) and
-``gelu_tanh`` (GELU's tanh approximation). ReLU and LeakyReLU take PyTorch's left derivative at 0.
+Activation kinds: ``relu``, ``leaky_relu`` (with ``slope``), ``tanh``, ``sigmoid``, ``gelu`` (erf form),
+``gelu_tanh`` (GELU's tanh approximation) and ``silu`` (x·sigmoid(x)). ReLU and LeakyReLU take PyTorch's left derivative at 0.
 The ``*_reference`` functions compute the same with plain PyTorch ops (σ', σ'' by autograd), for tests.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from .. import _extension
 
-ACTIVATION_KINDS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh")
+ACTIVATION_KINDS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu")
 
 
 def _check_kind(kind: str) -> None:
@@ -67,6 +67,8 @@ def activation_reference(z: torch.Tensor, kind: str, slope: float = 0.01) -> tor
         return torch.sigmoid(z)
     if kind == "gelu":
         return f.gelu(z)
+    if kind == "silu":
+        return f.silu(z)
     return f.gelu(z, approximate="tanh")
 
 

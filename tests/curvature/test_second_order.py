@@ -85,24 +85,31 @@ def test_attention_runs_on_every_curvature_call_and_the_notes_say_so(causal, mas
     n = H.shape[0]
     V = torch.randn(3, n, dtype=torch.float64)
     before = snapshot(model)
+    # the generic path (autograd's double backward) reroutes attention to the math kernels and says so
+    generic = {"path": "generic"}
     with Ops() as ops:
-        result = hessgap.hvp(model, data, V, return_info=True)
+        result = hessgap.hvp(model, data, V, return_info=True, **generic)
     assert FLASH not in ops.seen and "aten._safe_softmax" in ops.seen  # the math kernel's softmax
     assert ATTENTION_NOTE in result.notes
     torch.testing.assert_close(result.value, V @ H, rtol=1e-10, atol=1e-12)
 
-    op = hessgap.HessianOperator(model, data)
+    op = hessgap.HessianOperator(model, data, **generic)
     torch.testing.assert_close(op.matmat(V), V @ H, rtol=1e-10, atol=1e-12)
     assert ATTENTION_NOTE in op.notes
     exact = torch.linalg.eigvalsh(H)
-    top = hessgap.eigenvalues(model, data, k=2, tol=1e-8)
+    top = hessgap.eigenvalues(model, data, k=2, tol=1e-8, **generic)
     assert top.eigenvalues == pytest.approx(exact.flip(0)[:2].tolist(), rel=1e-7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a short density's integral
-        results = [top, hessgap.trace(model, data, num_probes=8), hessgap.density(model, data, lanczos_steps=8),
-                   hessgap.block_spectrum(model, data, num_probes=2)]
+        results = [top, hessgap.trace(model, data, num_probes=8, **generic),
+                   hessgap.density(model, data, lanczos_steps=8, **generic),
+                   hessgap.block_spectrum(model, data, num_probes=2, **generic)]
     for r in results:
         assert ATTENTION_NOTE in r.notes and ATTENTION_NOTE in r.to_dict()["notes"]
+    # the default path takes the graph engine, whose attention R-op needs no reroute
+    fused = hessgap.hvp(model, data, V, return_info=True)
+    assert fused.path == "fused" and ATTENTION_NOTE not in fused.notes
+    torch.testing.assert_close(fused.value, V @ H, rtol=1e-10, atol=1e-12)
     assert_unchanged(model, before)
     # the caller's own kernel choice is back in force after the call
     with Ops() as ops:
@@ -206,15 +213,34 @@ class OnceDifferentiable(nn.Module):
         return self.second(Square.apply(self.first(x)))
 
 
+class PlainSquare(nn.Module):
+    """The same layers with x·x in place of Square: what autograd differentiates twice."""
+
+    def __init__(self, model: OnceDifferentiable):
+        super().__init__()
+        self.first, self.second = model.first, model.second
+
+    def forward(self, x):
+        return self.second(self.first(x) ** 2)
+
+
 def test_a_once_differentiable_function_is_named_not_silently_dropped():
     """Its Hessian terms came back as zeros: PyTorch raises nothing, the graph just ends."""
     model = OnceDifferentiable()
     data = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
     for call in (lambda: hessgap.hvp(model, data, torch.randn(2, 35), path="generic"),
-                 lambda: hessgap.hvp(model, data, torch.randn(2, 20), params="first"),
-                 lambda: hessgap.eigenvalues(model, data)):
+                 lambda: hessgap.hvp(model, data, torch.randn(2, 20), params="first", path="generic"),
+                 lambda: hessgap.eigenvalues(model, data, path="generic")):
         with pytest.raises(HessgapError, match="uses Square, whose backward is marked @once_differentiable"):
             call()
+    # the graph engine differentiates the forward torch.export captured (x·x), not the custom backward: exact
+    model64 = OnceDifferentiable().double()
+    x64 = torch.randn(6, 4, dtype=torch.float64)
+    V = torch.randn(2, 35, dtype=torch.float64)
+    result = hessgap.hvp(model64, (x64, data[1]), V, return_info=True)
+    assert result.path == "fused"
+    H = explicit_hessian(PlainSquare(model64), [(x64, data[1])])
+    torch.testing.assert_close(result.value, V @ H, rtol=1e-10, atol=1e-12)
     # the parameters after it never differentiate through it: the block of the second layer is exact
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(4, 4)).double()

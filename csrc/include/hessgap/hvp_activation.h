@@ -10,7 +10,7 @@
 
 namespace hessgap {
 
-enum class HvpActivation : int { ReLU = 0, LeakyReLU = 1, Tanh = 2, Sigmoid = 3, GELU = 4, GELUTanh = 5 };
+enum class HvpActivation : int { ReLU = 0, LeakyReLU = 1, Tanh = 2, Sigmoid = 3, GELU = 4, GELUTanh = 5, SiLU = 6 };
 
 // The kind names of the op schemas ("relu", "leaky_relu", ...) -> enum; a clear error for anything else.
 inline HvpActivation hvp_activation_from_name(const std::string& name) {
@@ -20,8 +20,9 @@ inline HvpActivation hvp_activation_from_name(const std::string& name) {
   if (name == "sigmoid") return HvpActivation::Sigmoid;
   if (name == "gelu") return HvpActivation::GELU;
   if (name == "gelu_tanh") return HvpActivation::GELUTanh;
+  if (name == "silu") return HvpActivation::SiLU;
   TORCH_CHECK(false, "hessgap: unknown activation kind '", name,
-              "'; expected one of relu, leaky_relu, tanh, sigmoid, gelu, gelu_tanh");
+              "'; expected one of relu, leaky_relu, tanh, sigmoid, gelu, gelu_tanh, silu");
   return HvpActivation::ReLU;
 }
 
@@ -76,6 +77,13 @@ C10_HOST_DEVICE inline void hvp_activation_derivatives(HvpActivation kind, T slo
       const T ddt = T(-2) * t * dt * du + sech2 * ddu;
       d1 = T(0.5) * (T(1) + t) + T(0.5) * z * dt;
       d2 = dt + T(0.5) * z * ddt;
+      return;
+    }
+    case HvpActivation::SiLU: {
+      // σ = z s(z), s the logistic function: σ' = s (1 + z (1 − s)), σ'' = s (1 − s) (2 + z (1 − 2 s))
+      const T s = T(1) / (T(1) + exp(-z));
+      d1 = s * (T(1) + z * (T(1) - s));
+      d2 = s * (T(1) - s) * (T(2) + z * (T(1) - T(2) * s));
       return;
     }
   }
