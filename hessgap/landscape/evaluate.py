@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .._checks import choice
 from ..curvature.batches import Batch
@@ -73,6 +74,10 @@ class Evaluator:
                 self.fallback_reason = reason if self.requested == "auto" else None
                 self.engine = FunctionalEngine(self.model, self.plane, self.batch_statistics)
             else:
+                # the engine runs its own algebra on the layers' weights: a batch that does not fit the model
+                # fails first in the model's own layers, whose errors name the shapes (buffers copied: untouched)
+                buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+                functional_call(self.model, buffers, (batch.inputs[:2],))
                 self.engine = StackEngine(self.model, self.plane, self.batch_statistics, batch.inputs.device)
         return self.engine
 
@@ -103,23 +108,24 @@ class Evaluator:
             with torch.no_grad():
                 chunk = None
                 for batch in self.objective.batches():
-                    engine = self._engine_for(batch)
-                    prepared = engine.prepare(batch.inputs if isinstance(engine, StackEngine) else batch)
-                    if chunk is None:  # sized on the first batch: the weights kept for a chunk need it fixed
-                        engine.start_pass(keep_weights)
-                        kept = points * per_point_bytes(self.plane, coefficients) if keep_weights else 0
-                        chunk = engine.chunk_size(prepared, coefficients, self.memory_budget - kept)
-                    targets = batch.targets
-                    labels = targets is not None and targets.dim() == 1 and not targets.is_floating_point()
-                    for start in range(0, points, chunk):
-                        outputs = engine.outputs(prepared, coefficients[start : start + chunk], start // chunk)
-                        losses = torch.stack([self.objective.loss_of_outputs(out, batch) for out in outputs])
-                        # weighted as LossOverData.value weights its batches (samples, or counted targets)
-                        loss_sums[start : start + chunk] += losses.double() * batch.weight
-                        if labels and isinstance(outputs, torch.Tensor) and outputs.dim() == 3:
-                            correct[start : start + chunk] += (outputs.argmax(-1) == targets).sum(1).double()
-                        else:
-                            classification = 0.0
+                    with self.objective.naming_failures(batch):  # a batch that does not fit is named
+                        engine = self._engine_for(batch)
+                        prepared = engine.prepare(batch.inputs if isinstance(engine, StackEngine) else batch)
+                        if chunk is None:  # sized on the first batch: the weights kept for a chunk need it fixed
+                            engine.start_pass(keep_weights)
+                            kept = points * per_point_bytes(self.plane, coefficients) if keep_weights else 0
+                            chunk = engine.chunk_size(prepared, coefficients, self.memory_budget - kept)
+                        targets = batch.targets
+                        labels = targets is not None and targets.dim() == 1 and not targets.is_floating_point()
+                        for start in range(0, points, chunk):
+                            outputs = engine.outputs(prepared, coefficients[start : start + chunk], start // chunk)
+                            losses = torch.stack([self.objective.loss_of_outputs(out, batch) for out in outputs])
+                            # weighted as LossOverData.value weights its batches (samples, or counted targets)
+                            loss_sums[start : start + chunk] += losses.double() * batch.weight
+                            if labels and isinstance(outputs, torch.Tensor) and outputs.dim() == 3:
+                                correct[start : start + chunk] += (outputs.argmax(-1) == targets).sum(1).double()
+                            else:
+                                classification = 0.0
                     samples += batch.samples
                     weight += batch.weight
                     if on_batch is not None:

@@ -102,3 +102,14 @@ def test_data_and_engine(setup):
     custom = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Softmax(dim=1)).double()
     with pytest.raises(HessgapError, match="engine='stack' cannot run this model: layer 2 is a Softmax"):
         landscape(custom, data, engine="stack")
+
+
+@pytest.mark.parametrize("engine", ["stack", "functional"])
+def test_batches_that_do_not_fit_the_model_are_named(setup, engine):
+    model, _ = setup
+    wrong = [(torch.randn(4, 3, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long))]  # 15 features, not 12
+    with pytest.raises(HessgapError, match=r"failed on batch 0 \(input \(4, 3, 5\) float64"):
+        landscape(model, wrong, steps=3, engine="functional" if engine == "functional" else "auto")
+    labels = [(torch.randn(4, 3, 4, dtype=torch.float64), torch.full((4,), 7))]  # 3 classes
+    with pytest.raises(HessgapError, match="batch 0"):
+        landscape(model, labels, steps=3, engine=engine)
