@@ -85,3 +85,30 @@ def test_plane_through_three_models(ref):
             assert result.loss[j, i] == pytest.approx(ref.state(models[0], state, data)[0], rel=1e-10)
     assert result.loss[0, 2] == pytest.approx(ref.state(models[1], {}, data)[0], rel=1e-10)  # (1, 0): x_B
     assert result.loss[2, 0] == pytest.approx(ref.state(models[2], {}, data)[0], rel=1e-10)  # (0, 1): x_C
+
+
+def test_a_hugging_face_model_on_dict_batches():
+    """Token batches with unequal padding: every point is the token-weighted mean loss, as LossOverData has it."""
+    pytest.importorskip("transformers")
+    from torch.func import functional_call
+
+    from hessgap.curvature.objective import LossOverData
+
+    from oracles import tiny_hf, token_batches
+
+    model, data = tiny_hf("gpt2"), token_batches(causal=True)
+    result = landscape(model, data, dims=1, steps=3, span=0.5, seed=0)
+    assert result.engine == "functional" and result.accuracy is None
+    params = dict(model.named_parameters())
+    sizes = [p.numel() for p in params.values()]
+    for x, value in zip(result.x, result.loss):
+        moved = {n: p.detach() + x * d.view_as(p) for (n, p), d in
+                 zip(params.items(), result.directions[0].to(torch.float64).split(sizes))}
+        with torch.no_grad():
+            probe = LossOverData(model, data)
+            total = weight = 0.0
+            for batch in probe.batches():
+                out = functional_call(model, moved, batch.args, batch.kwargs)
+                total += float(probe.loss_of_outputs(out, batch)) * batch.weight
+                weight += batch.weight
+        assert value == pytest.approx(total / weight, rel=1e-10)
