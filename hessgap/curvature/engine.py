@@ -321,12 +321,9 @@ class HvpEngine:
             start = 0
             for chunk in directions.chunks(stats.chunk_size):
                 k = chunk[0].shape[0]
-                if isinstance(self._plan, graph.GraphPlan):  # adds into the sums itself: no extra pass
+                if isinstance(self._plan, graph.GraphPlan):  # writes or adds into the sums itself: no extra pass
                     rows = [acc[start : start + k] for acc in total]
-                    if not stats.written:  # the sums are not zero-filled (see _accumulate)
-                        for row in rows:
-                            row.zero_()
-                    self._plan.apply(state, chunk, out=rows)
+                    self._plan.apply(state, chunk, out=rows, write=not stats.written)
                 else:
                     part = self._plan.apply(state, chunk)  # already weighted by the batch's units
                     _accumulate(total, part, start, k, 1.0, not stats.written)

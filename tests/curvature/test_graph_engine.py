@@ -47,6 +47,27 @@ def test_residual_network_and_label_smoothing_take_the_fused_path():
         assert rel_err(result.value, V @ hess) <= 1e-10
 
 
+class WithUnused(Residual):
+    """A residual network with a layer its forward never uses: that layer's Hessian rows are zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_products_written_into_unfilled_sums_over_one_or_several_batches(batches):
+    """The first batch writes its products into the (not zero-filled) sums, later ones add; parameters no
+    product reaches come out as zeros, whatever the sums held before."""
+    model = WithUnused().double()
+    parts = [data(n, seed) for n, seed in zip((5, 3, 7), range(batches))]
+    H = explicit_hessian(model, parts)
+    V = vectors(model, k=3)
+    result = hessgap.hvp(model, parts, V, return_info=True)
+    assert result.path == "fused" and rel_err(result.value, V @ H) < 1e-10
+    assert result.value[:, -10:].abs().max() == 0  # the unused layer's 2×4 weight and 2 biases
+
+
 def test_sequential_with_a_layer_the_layer_engine_lacks_takes_the_graph_engine():
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.SiLU(), nn.Linear(5, 3)).double()
     batch = data()

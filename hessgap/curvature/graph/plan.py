@@ -101,6 +101,7 @@ class GraphPlan:
         state.program = program
         return state
 
-    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], out=None):
-        """w·H·v for the chunk of directions, added into ``out`` when given (see :meth:`Program.apply`)."""
-        return state.program.apply(state, directions, out)
+    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], out=None, write: bool = False):
+        """w·H·v for the chunk of directions, added into (or with ``write``, written into) ``out`` when given
+        (see :meth:`Program.apply`)."""
+        return state.program.apply(state, directions, out, write)

@@ -179,9 +179,12 @@ class Program:
 
     # ---- the R-passes for a chunk of directions --------------------------------------------------------
 
-    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], out: Sequence[torch.Tensor] | None = None):
+    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], out: Sequence[torch.Tensor] | None = None,
+              write: bool = False):
         """w·H·v for the k directions (per-parameter ``(k, *shape)`` tensors), added into ``out`` (per-parameter
-        accumulators) when given, else returned."""
+        accumulators) when given, else returned. ``write=True``: ``out`` holds no sums yet (it is not zero-filled);
+        each slot's first product is written into it and a slot no product reaches is zeroed."""
+        written: set[int] = set()
         tangents: dict[int, torch.Tensor] = {i: directions[slot] for i, slot in self.slot_of.items()}
         rsaved: dict[int, object] = {}
         reached: set[int] = set()
@@ -211,11 +214,21 @@ class Program:
                     continue
                 if slot is None:
                     rgrads[j] = add(rgrads.get(j), r)
+                elif out is not None and write and slot not in written:
+                    written.add(slot)
+                    if isinstance(r, Embedded):
+                        out[slot].zero_()
+                        r.add_to(out[slot])
+                    else:
+                        out[slot].copy_(r)
                 elif out is not None:
                     r.add_to(out[slot]) if isinstance(r, Embedded) else out[slot].add_(r)
                 else:
                     r = r.dense(directions[slot].shape) if isinstance(r, Embedded) else r
                     results[slot] = r if results[slot] is None else results[slot] + r
         if out is not None:
+            if write:
+                for slot in set(range(len(out))) - written:
+                    out[slot].zero_()
             return None
         return [r if r is not None else torch.zeros_like(d) for r, d in zip(results, directions)]
