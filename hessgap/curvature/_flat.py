@@ -115,6 +115,13 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def check_finite_products(products: torch.Tensor) -> None:
+    """Raise NonFiniteError when an HVP's summed products hold NaN or inf (the loss itself was finite)."""
+    if not all_finite(products):
+        raise NonFiniteError("the Hessian-vector product is not finite; check the parameters and inputs for huge or "
+                             "NaN values (the loss itself was finite)")
+
+
 def _check_k(k: int) -> None:
     if k == 0:
         raise HessgapError("vectors holds k = 0 directions; pass at least one direction")

@@ -31,11 +31,11 @@ from .. import _checks
 from .._state import preserved
 from ..errors import HessgapError, NonFiniteError
 from . import fused, graph
-from ._flat import Directions, all_finite, unflatten
+from ._flat import Directions, check_finite_products, unflatten
 from .batches import Batch
 from .objective import LossOverData
 from .second_order import SecondOrderRules, check_differentiable
-from .sharded import without_forward_hooks as sharded_hooks_off
+from .sharded import sharded_pass
 
 PATHS = ("auto", "fused", "generic")  # what users ask for; an FSDP2-sharded model runs the "sharded" pass
 
@@ -178,7 +178,7 @@ class HvpEngine:
                                  device=objective.device)
         total = unflatten(flat_total, objective.vector_params)
         if objective.sharded is not None:
-            return self._sharded_pass(directions, flat_total.zero_(), total, stats)
+            return sharded_pass(objective, self.rules, directions, flat_total.zero_(), total, stats)
         error = None
         try:
             for batch in objective.batches():
@@ -206,63 +206,8 @@ class HvpEngine:
         factor = stats.unit / stats.weight
         if factor != 1.0:  # one batch: the products are already the mean's
             flat_total.mul_(factor)
-        if not all_finite(flat_total):
-            raise NonFiniteError(
-                "the Hessian-vector product is not finite; check the parameters and inputs for huge or "
-                "NaN values (the loss itself was finite)"
-            )
+        check_finite_products(flat_total)
         return total, flat_total, stats
-
-    def _sharded_pass(self, directions: Directions, flat_total, total, stats: PassStats):
-        """The pass for FSDP2 shards (see :mod:`hessgap.curvature.sharded`): every rank walks as many batches
-        as the rank with the most (collectives run inside each batch's passes), one direction at a time
-        (the directions' shards cannot be vmapped through the collectives). The products come out summed over
-        the ranks' data already; only the weights and losses are added up here."""
-        objective, ranks, sharded = self.objective, self.objective.ranks, self.objective.sharded
-        error, batches = None, []
-        try:
-            batches = list(objective.batches())
-        except Exception as exc:  # reading a shard may fail on one rank only
-            error = exc
-        ranks.settle(error)
-        counts = ranks.sum_numbers([len(batches) if r == ranks.rank else 0 for r in range(ranks.world_size)])
-        for index in range(int(max(counts))):
-            batch, weight = (batches[index], batches[index].weight) if index < len(batches) else (batches[0], 0.0)
-            leaves = sharded.leaves()
-            with torch.enable_grad(), self.rules.watch(), sharded_hooks_off(self.model):
-                loss = objective.batch_loss(batch, parameters=sharded.gathered(leaves))
-                grads = torch.autograd.grad(loss * weight, leaves, create_graph=True, allow_unused=True)
-            value = float(loss.detach())
-            if not math.isfinite(value) and error is None:  # raised after the loop: the others are in collectives
-                error = NonFiniteError(f"the loss of batch {batch.index} is {value}; check the model's parameters and "
-                                       "inputs for NaN/inf")
-            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            for j in range(directions.k):
-                products = torch.autograd.grad([grads[i] for i in live], leaves, retain_graph=True, allow_unused=True,
-                                               grad_outputs=[directions.parts[i][j].to(leaves[i].dtype) for i in live])
-                for acc, h in zip(total, products):
-                    if h is not None:
-                        acc[j].add_(h)
-            if weight:
-                stats.batches += 1
-                stats.samples += batch.samples
-                stats.weight += weight
-                stats.loss_sum += value * weight
-        stats.chunk_size = 1
-        ranks.settle(error)
-        stats.samples, stats.weight, stats.loss_sum = ranks.sum_numbers([stats.samples, stats.weight, stats.loss_sum])
-        stats.samples = int(stats.samples)
-        flat_total.div_(stats.weight)
-        ranks.together(self._check_finite_products, flat_total)
-        return total, flat_total, stats
-
-    @staticmethod
-    def _check_finite_products(flat_total: torch.Tensor) -> None:
-        if not all_finite(flat_total):
-            raise NonFiniteError(
-                "the Hessian-vector product is not finite; check the parameters and inputs for huge or "
-                "NaN values (the loss itself was finite)"
-            )
 
     def _chunk(self, per_direction_bytes: int, k: int) -> int:
         if self.chunk_size is not None:

@@ -24,12 +24,14 @@ batches (a rank with fewer runs empty ones of weight 0), because each batch's pa
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from ..errors import HessgapError
+from ..errors import HessgapError, NonFiniteError
+from ._flat import check_finite_products
 
 
 def is_sharded(params) -> bool:
@@ -103,3 +105,48 @@ def without_forward_hooks(model: nn.Module) -> Iterator[None]:
         for module, pre, post in saved:
             module._forward_pre_hooks.update(pre)
             module._forward_hooks.update(post)
+
+
+def sharded_pass(objective, rules, directions, flat_total: torch.Tensor, total: list[torch.Tensor], stats):
+    """The HVP engine's pass for FSDP2 shards (``stats``: its PassStats, ``rules``: its SecondOrderRules): every
+    rank walks as many batches as the rank with the most (collectives run inside each batch's passes), one
+    direction at a time (the directions' shards cannot be vmapped through the collectives). The products come out summed over
+    the ranks' data already; only the weights and losses are added up here."""
+    ranks, sharded = objective.ranks, objective.sharded
+    error, batches = None, []
+    try:
+        batches = list(objective.batches())
+    except Exception as exc:  # reading a shard may fail on one rank only
+        error = exc
+    ranks.settle(error)
+    counts = ranks.sum_numbers([len(batches) if r == ranks.rank else 0 for r in range(ranks.world_size)])
+    for index in range(int(max(counts))):
+        batch, weight = (batches[index], batches[index].weight) if index < len(batches) else (batches[0], 0.0)
+        leaves = sharded.leaves()
+        with torch.enable_grad(), rules.watch(), without_forward_hooks(objective.model):
+            loss = objective.batch_loss(batch, parameters=sharded.gathered(leaves))
+            grads = torch.autograd.grad(loss * weight, leaves, create_graph=True, allow_unused=True)
+        value = float(loss.detach())
+        if not math.isfinite(value) and error is None:  # raised after the loop: the others are in collectives
+            error = NonFiniteError(f"the loss of batch {batch.index} is {value}; check the model's parameters and "
+                                   "inputs for NaN/inf")
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        for j in range(directions.k):
+            products = torch.autograd.grad([grads[i] for i in live], leaves, retain_graph=True, allow_unused=True,
+                                           grad_outputs=[directions.parts[i][j].to(leaves[i].dtype) for i in live])
+            for acc, h in zip(total, products):
+                if h is not None:
+                    acc[j].add_(h)
+        if weight:
+            stats.batches += 1
+            stats.samples += batch.samples
+            stats.weight += weight
+            stats.loss_sum += value * weight
+    stats.chunk_size = 1
+    ranks.settle(error)
+    stats.samples, stats.weight, stats.loss_sum = ranks.sum_numbers([stats.samples, stats.weight, stats.loss_sum])
+    stats.samples = int(stats.samples)
+    flat_total.div_(stats.weight)
+    ranks.together(check_finite_products, flat_total)
+    return total, flat_total, stats
+
