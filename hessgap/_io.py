@@ -67,24 +67,23 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     read before the file changes (a rank that looked for a checkpoint after rank 0 wrote it would take
     another branch), the second makes every rank read what rank 0 wrote."""
     path = Path(path)
-    rank, world = _rank_and_world()
-    if world > 1:
-        sys.modules["torch.distributed"].barrier()
-    if rank == 0:
-        _write_file(path, write)
-    if world > 1:
-        sys.modules["torch.distributed"].barrier()
+    _on_rank_zero(lambda: _write_file(path, write))
     return path
 
 
 def remove(path: str | Path) -> None:
     """Delete a file when it exists; in a distributed run rank 0 alone deletes it, between the same two
     barriers as :func:`atomic_write` (a rank that checked for it must not race another rank's delete)."""
+    _on_rank_zero(lambda: Path(path).unlink(missing_ok=True))
+
+
+def _on_rank_zero(change: Callable[[], None]) -> None:
+    """Make a change to the file system: in a distributed run on rank 0 only, between two barriers."""
     rank, world = _rank_and_world()
     if world > 1:
         sys.modules["torch.distributed"].barrier()
     if rank == 0:
-        Path(path).unlink(missing_ok=True)
+        change()
     if world > 1:
         sys.modules["torch.distributed"].barrier()
 

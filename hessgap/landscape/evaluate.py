@@ -110,7 +110,7 @@ class Evaluator:
                 for batch in self.objective.batches():
                     with self.objective.naming_failures(batch):  # a batch that does not fit is named
                         engine = self._engine_for(batch)
-                        prepared = engine.prepare(batch.inputs if isinstance(engine, StackEngine) else batch)
+                        prepared = engine.prepare(batch)
                         if chunk is None:  # sized on the first batch: the weights kept for a chunk need it fixed
                             engine.start_pass(keep_weights)
                             kept = points * per_point_bytes(self.plane, coefficients) if keep_weights else 0

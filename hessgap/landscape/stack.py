@@ -31,6 +31,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..curvature.batches import Batch
 from .layers import LayerOp, compile_ops, moves
 from .plane import Plane
 
@@ -156,14 +157,15 @@ class StackEngine:
         self._cache = {}
         self._keep_weights = keep_weights
 
-    def prepare(self, inputs: torch.Tensor) -> Prepared:
-        batch = inputs.shape[0]
-        act = _Act(inputs, None, False)
+    def prepare(self, batch: Batch) -> Prepared:
+        """The layers before the first moving one, run once on the (inputs, targets) batch's inputs."""
+        size = batch.inputs.shape[0]
+        act = _Act(batch.inputs, None, False)
         for index, op in enumerate(self.ops):
             if op.moves:
-                return self._prepare_moving(op, act, index, batch) if op.kind == "layer" else Prepared(act, index, batch)
-            act = self._run(op, act, None, batch, None)
-        return Prepared(act, len(self.ops), batch)
+                return self._prepare_moving(op, act, index, size) if op.kind == "layer" else Prepared(act, index, size)
+            act = self._run(op, act, None, size, None)
+        return Prepared(act, len(self.ops), size)
 
     def _prepare_moving(self, op: LayerOp, act: _Act, index: int, batch: int) -> Prepared:
         """The first moving layer's outputs for each basis state, on the batch shared by every point."""
