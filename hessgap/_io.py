@@ -1,6 +1,7 @@
 """The one way hessgap writes files: atomically (temporary file in the same folder, then a rename), and
-one JSON convention for every result, run file and checkpoint summary; and the lock that keeps a second
-process out of a run folder (:class:`FolderLock`).
+one JSON convention for every result, run file and checkpoint summary; the one way it reads ``torch.save``
+files (:func:`read_torch`, tensors and plain data only); and the lock that keeps a second process out of a
+run folder (:class:`FolderLock`).
 
 An interrupted write never leaves a half-written file under the real name: the old file (or none) stays
 until the new one is complete and flushed to disk.
@@ -13,6 +14,8 @@ import io
 import json
 import math
 import os
+import pickle
+import re
 import socket
 import sys
 import tempfile
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import HessgapError
+from .errors import HessgapError, one_line
 
 
 def jsonable(value: Any) -> Any:
@@ -147,10 +150,75 @@ def read_json(path: str | Path) -> Any:
 
 
 def save_torch(path: str | Path, payload: Any) -> Path:
-    """``torch.save`` the payload atomically."""
+    """``torch.save`` the payload atomically, numpy scalars in it as Python numbers: what is written is
+    tensors and plain data only, so :func:`read_torch` reads it back."""
     import torch
 
+    payload = _plain_numbers(payload)
     return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def _plain_numbers(value: Any) -> Any:
+    """``value`` with the numpy scalars in its dicts, lists and tuples replaced by Python numbers (a numpy
+    scalar pickles through numpy's own functions, which :func:`read_torch` does not admit)."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(item) for item in value]
+    if type(value) is tuple:  # torch.Size and named tuples pickle as themselves
+        return tuple(_plain_numbers(item) for item in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_torch(path: str | Path, map_location: Any = "cpu", remedy: str = "") -> Any:
+    """What a ``torch.save`` file holds, read with ``weights_only=True``: tensors and plain data (dicts, lists,
+    tuples, numbers, strings) only.
+
+    Unpickling any other object can run code the file names, so a file holding one is refused, never
+    loaded: a :class:`HessgapError` names the file and the objects refused. A damaged file raises one too.
+    ``remedy`` says what to do about the file (its writer's way to regenerate it)."""
+    import torch
+
+    path = Path(path)
+    try:
+        # weights_only given explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = _refused_objects(path, str(exc))
+        if refused:
+            raise HessgapError(
+                f"{path} holds objects other than tensors and plain data ({', '.join(refused)}); hessgap will not "
+                "load it, because unpickling such objects can run code. A file hessgap wrote never holds any: this "
+                f"one was written by another program or altered; {remedy}"
+            ) from None
+        raise HessgapError(f"{path} is corrupt or unreadable (UnpicklingError: {_weights_only_reason(str(exc))}); "
+                           f"{remedy}") from None
+    except Exception as exc:  # torch raises many kinds on truncated or foreign files
+        raise HessgapError(f"{path} is corrupt or unreadable ({one_line(exc)}); {remedy}") from exc
+
+
+def _refused_objects(path: Path, message: str) -> list[str]:
+    """The classes and functions a file names that ``weights_only`` does not admit: torch's static listing
+    of a zip-format file, else the one its error message names."""
+    import torch
+
+    try:
+        refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # the legacy (non-zip) format, or no readable pickle in the archive
+        refused = []
+    return sorted(refused) or re.findall(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", message)[:1]
+
+
+def _weights_only_reason(message: str) -> str:
+    """The unpickler's own reason in torch's weights-only message, without torch's advice to load the file
+    with ``weights_only=False`` (which would run any code in it)."""
+    reason = message.rpartition("WeightsUnpickler error:")[2]
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[0] if lines else " ".join(message.split())
 
 
 def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:

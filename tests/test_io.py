@@ -47,7 +47,44 @@ def test_read_json_names_a_damaged_or_missing_file(tmp_path):
 def test_save_torch_round_trips(tmp_path):
     payload = {"w": torch.arange(4.0)}
     path = _io.save_torch(tmp_path / "c.pt", payload)
-    assert torch.equal(torch.load(path)["w"], payload["w"])
+    assert torch.equal(torch.load(path, weights_only=True)["w"], payload["w"])
+    assert torch.equal(_io.read_torch(path)["w"], payload["w"])
+
+
+def test_save_torch_writes_numpy_numbers_as_python_numbers(tmp_path):
+    import numpy as np
+
+    payload = {"lr": np.float64(0.5), "steps": [np.int64(3), (np.float32(0.25), "x")], "size": torch.Size([2, 3]),
+               "w": torch.ones(2)}
+    read = _io.read_torch(_io.save_torch(tmp_path / "c.pt", payload))  # numpy's scalars would be refused
+    assert read["lr"] == 0.5 and type(read["lr"]) is float and type(read["steps"][0]) is int
+    assert read["steps"][1] == (0.25, "x") and read["size"] == torch.Size([2, 3]) and torch.equal(read["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_read_torch_refuses_objects_other_than_tensors_and_plain_data(tmp_path, zip_format):
+    from crafted import RunsCode
+
+    marker = tmp_path / "code-ran"
+    torch.save({"w": torch.ones(2), "notes": [RunsCode(marker)]}, tmp_path / "c.pt",
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(HessgapError, match=r"c\.pt holds objects other than tensors and plain data \((builtins\.)?exec\)"
+                                           r"; hessgap will not load it.*can run code.*; regenerate it"):
+        _io.read_torch(tmp_path / "c.pt", remedy="regenerate it")
+    assert not marker.exists()
+
+
+def test_read_torch_names_a_damaged_file_without_advising_to_run_it(tmp_path):
+    path = _io.save_torch(tmp_path / "c.pt", {"w": torch.ones(3)})
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(HessgapError, match=r"c\.pt is corrupt or unreadable \(RuntimeError: .*\); write it again"):
+        _io.read_torch(path, remedy="write it again")
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(HessgapError, match=r"c\.pt is corrupt or unreadable \(UnpicklingError: .*\); write it again") as info:
+        _io.read_torch(path, remedy="write it again")
+    assert "weights_only" not in str(info.value)  # torch's advice to load it with weights_only=False is left out
+    with pytest.raises(HessgapError, match="missing.pt is corrupt or unreadable"):
+        _io.read_torch(tmp_path / "missing.pt")
 
 
 def test_save_figure_writes_a_png(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import jsonable, read_json, save_torch, write_json
+from .._io import jsonable, read_json, read_torch, save_torch, write_json
 from .._version import __version__
 from ..errors import HessgapError
 
@@ -82,11 +82,8 @@ class LandscapeFolder:
         """{"directions": (dims, n) tensor, "eigenvalues": list or None} saved by an earlier run, or None."""
         if not self.directions_path.exists():
             return None
-        try:
-            return torch.load(self.directions_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many kinds on truncated files
-            raise HessgapError(f"{self.directions_path} is damaged ({exc}); delete it to draw the directions "
-                               "again, or the folder to start over") from exc
+        return read_torch(self.directions_path, "cpu",
+                          remedy="delete it to draw the directions again, or the folder to start over")
 
     def save_directions(self, directions: torch.Tensor, eigenvalues: list[float] | None) -> None:
         save_torch(self.directions_path, {"directions": directions.detach().cpu(), "eigenvalues": eigenvalues})

@@ -42,7 +42,7 @@ from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from .._io import FolderLock, read_json, remove, write_json
-from ..errors import HessgapError
+from ..errors import HessgapError, one_line
 from .checkpoint import (
     CHECKPOINT_DIR,
     HISTORY_FILE,
@@ -50,7 +50,6 @@ from .checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
-    one_line,
     repair_hint,
     save_checkpoint,
 )

@@ -228,7 +228,7 @@ def test_incomplete_checkpoint_is_named_with_its_fix(tmp_path, capsys):
     argv = ["train", "--batch-size", 512, "--epochs", 1, "--out", tmp_path / "run", *TINY]
     assert run_cli(capsys, *argv)[0] == 0
     checkpoint = tmp_path / "run" / "checkpoints" / "epoch_0001.pt"
-    payload = torch.load(checkpoint, weights_only=False)
+    payload = torch.load(checkpoint, weights_only=True)
     del payload["optimizer"], payload["x0"]
     torch.save(payload, checkpoint)
     code, out, err = run_cli(capsys, "sharpness", checkpoint, "--out", tmp_path / "s", "--quiet")

@@ -69,6 +69,21 @@ def test_a_folder_of_other_settings_or_models_is_refused(tmp_path, ref):
         landscape(model, data, steps=3, out=tmp_path / "other")
 
 
+def test_a_crafted_directions_file_is_refused_without_running_its_code(tmp_path, ref):
+    from crafted import RunsCode
+
+    model, data = ref.mlp(), ref.batches((3, 4))
+    landscape(model, data, steps=3, out=tmp_path)
+    marker, stored = tmp_path / "code-ran", tmp_path / "results" / "directions.pt"
+    payload = torch.load(stored, weights_only=True)
+    torch.save({**payload, "eigenvalues": RunsCode(marker)}, stored)
+    (tmp_path / "results" / "landscape.json").unlink()  # unfinished: a rerun reads the directions back
+    with pytest.raises(HessgapError, match=r"directions\.pt holds objects other than tensors.*delete it to draw the "
+                                           "directions again"):
+        landscape(model, data, steps=3, out=tmp_path)
+    assert not marker.exists()
+
+
 def test_files_of_a_plane(tmp_path, ref):
     model, data = ref.cnn(), ref.batches((2, 8, 8))
     test = ref.batches((2, 8, 8), samples=10, sizes=(10,), seed=4)
