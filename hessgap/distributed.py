@@ -143,12 +143,19 @@ class Ranks:
         self.settle(error)
         return value
 
+    def gather_object(self, value) -> list:
+        """Every rank's ``value`` (a small picklable object), in rank order."""
+        if not self.active:
+            return [value]
+        values: list = [None] * self.world_size
+        _dist().all_gather_object(values, value, group=self.group)
+        return values
+
     def agree(self, what: str, value) -> None:
         """Raise on every rank unless all ranks pass an equal ``value`` (a small picklable description)."""
         if not self.active:
             return
-        values: list = [None] * self.world_size
-        _dist().all_gather_object(values, value, group=self.group)
+        values = self.gather_object(value)
         if any(v != values[0] for v in values[1:]):
             listing = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
             raise HessgapError(

@@ -171,3 +171,82 @@ def ddp_training(rank, world_size, out_dir, epochs):
     result = train(config, out_dir=out_dir, progress=False)
     return {"weights": [p.detach().clone() for p in result.model.parameters()], "history": result.history,
             "resumed_from": result.resumed_from}
+
+
+#: Small settings for every measure of hessgap.measures on the tiny problem (61 samples: m-sharpness's
+#: batches of 8 straddle the shards' boundaries).
+MEASURE_OPTIONS = {"m_sharpness": {"m": 8, "batches": 5, "max_iter": 3}, "keskar": {"max_iter": 3},
+                   "keskar_subspace": {"subspace_dim": 5, "max_iter": 3}, "adaptive_linf": {"max_iter": 3},
+                   "adaptive_l2": {"max_iter": 3}, "gaussian": {"samples": 4}, "gaussian_adaptive": {"samples": 4},
+                   "pacbayes_flatness": {"samples": 3}, "pacbayes_mag_flatness": {"samples": 3},
+                   "hessian_trace": {"probes": 8}, "scaled_trace": {"probes": 8},
+                   "scaled_lmax_over_trace": {"probes": 8}, "relative_flatness": {"probes": 4}}
+
+
+def trained_problem():
+    """The tiny problem's model after a few full-batch ADAM steps on all its data (deterministic), so that
+    accuracy-based measures have an accuracy to lose."""
+    model, x, y = tiny_problem()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(60):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval(), x, y
+
+
+def every_measure(data, model):
+    """hessgap.measures with every measure and the invariance check, without its timings."""
+    import hessgap
+
+    result = hessgap.measures(model, data, options=MEASURE_OPTIONS).to_dict()
+    for key in ("seconds", "check_seconds", "total_seconds"):
+        result.pop(key)
+    return result
+
+
+def measures_on_shards(rank, world_size):
+    model, x, y = trained_problem()
+    xs, ys = shard(rank, world_size, x, y)
+    return every_measure(batches_of(xs, ys), model)
+
+
+def measures_with_bad_arguments(rank, world_size):
+    """hessgap.measures with arguments that are wrong or differ on some ranks: what each rank raised."""
+    import hessgap
+    from hessgap.errors import HessgapError
+
+    model, x, y = tiny_problem()
+    data = batches_of(*shard(rank, world_size, x, y))
+    last = rank == world_size - 1
+    calls = {
+        "names": dict(names=["sharpest"] if last else ["fisher_rao"]),
+        "steps": dict(names=["keskar"], options={"keskar": {"max_iter": 3 + rank}}),
+        "seed": dict(names=["gaussian"], seed=rank),
+        "factor": dict(names=["fisher_rao"], relu_factor=4.0 if last else 3.0),
+        "type": dict(names=5),
+        "vacuous": dict(names=["fisher_rao"], relu_factor=1.0),
+    }
+    raised = {}
+    for what, kwargs in calls.items():
+        try:
+            hessgap.measures(model, data, **kwargs)
+            raised[what] = None
+        except HessgapError as exc:
+            raised[what] = str(exc)
+    # a measure's decision on one rank's shard is every rank's: NotApplicable everywhere, with that reason
+    from hessgap.measures.context import Context, NotApplicable
+
+    def step():
+        if last:
+            raise NotApplicable(f"rank {rank}'s batches are not pairs")
+        return rank
+
+    try:
+        raised["agreed"] = Context(model, data).agreed(step)
+    except NotApplicable as exc:
+        raised["agreed"] = f"NotApplicable: {exc}"
+    # and the ranks are still in step: a good call after the bad ones
+    raised["after"] = hessgap.measures(model, data, ["fisher_rao"], check_invariance=False).values["fisher_rao"]
+    return raised

@@ -128,3 +128,60 @@ def test_ddp_training_follows_one_process_and_resumes_on_any_world_size(tmp_path
     assert one.resumed_from == 1
     for ours, theirs in zip(one.model.parameters(), straight[0]["weights"]):
         torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-6)
+
+
+def _same_result(got: dict, expected: dict, rtol: float = 1e-6) -> None:
+    """Two hessgap.measures results (as dicts, timings left out) agree: every number within ``rtol``, the rest
+    exactly."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            _same_result(got[key], value, rtol)
+        elif isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=rtol, abs=1e-12), key
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            np.testing.assert_allclose(got[key], value, rtol=rtol, atol=1e-12, err_msg=key)
+        else:
+            assert got[key] == value, key
+
+
+def test_every_measure_on_shards_equals_one_process_on_all_data():
+    """Every measure of the registry over three unequal shards equals one process's on all the data, with the
+    invariance check, and every rank returns the same result (fisher_rao and PAC-Bayes were taken per shard,
+    m-sharpness over per-rank batches: 50 % off, or the ranks hung when their shards held unequal numbers of
+    batches of m)."""
+    world_size = 3
+    from hessgap.measures import NAMES
+
+    from rank_workers import batches_of, every_measure, measures_on_shards, trained_problem
+
+    results = run_ranks(measures_on_shards, world_size)
+    model, x, y = trained_problem()
+    single = every_measure(batches_of(x, y), model)
+    assert list(single["values"]) == list(NAMES) and not single["not_applicable"]
+    assert single["num_samples"] == 61
+    for rank_result in results[1:]:
+        _same_result(rank_result, results[0], rtol=1e-12)  # every rank returns the same numbers
+    _same_result(results[0], single)
+
+
+def test_measures_arguments_wrong_or_different_on_some_ranks_raise_the_same_error_on_every_rank():
+    """A rank whose measure names, settings, seed or factors differ (or are wrong) made the others wait in a
+    collective (gloo aborted) or raised a raw error on one rank only; now every rank raises the same error."""
+    import hessgap
+    from hessgap.measures import NAMES
+
+    from rank_workers import batches_of, measures_with_bad_arguments, tiny_problem
+
+    results = run_ranks(measures_with_bad_arguments, 2)
+    assert results[0] == results[1]
+    raised = results[0]
+    for what in ("names", "steps", "seed", "factor"):
+        assert raised[what].startswith("the ranks disagree on the arguments of hessgap.measures"), what
+    assert "HessgapError: unknown measure 'sharpest'" in raised["names"]
+    assert raised["type"].startswith("names must be None") and ", ".join(NAMES) in raised["type"]
+    assert "relu_factor=1.0 is too close to 1" in raised["vacuous"]
+    assert raised["agreed"] == "NotApplicable: rank 1's batches are not pairs"
+    model, x, y = tiny_problem()
+    single = hessgap.measures(model, batches_of(x, y), ["fisher_rao"], check_invariance=False)
+    assert raised["after"] == pytest.approx(single.values["fisher_rao"], rel=1e-9)

@@ -152,7 +152,11 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 def ignore_index_of(loss_fn) -> int | None:
     """The ignored target value of a cross-entropy loss (None for other losses): ``nn.CrossEntropyLoss``,
-    ``F.cross_entropy``, or a ``functools.partial`` of it that may set ``ignore_index``."""
+    ``F.cross_entropy``, or a ``functools.partial`` of it that may set ``ignore_index``; a wrapper that names
+    the loss it wraps as ``__wrapped__`` (``functools.wraps`` does) has that loss's."""
+    wrapped = getattr(loss_fn, "__wrapped__", None)
+    if wrapped is not None:
+        return ignore_index_of(wrapped)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         return loss_fn.ignore_index
     if loss_fn is F.cross_entropy:

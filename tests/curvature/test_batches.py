@@ -146,6 +146,15 @@ def test_cross_entropy_counts_the_targets_it_does_not_ignore():
     for loss_fn in (nn.CrossEntropyLoss(ignore_index=7), functools.partial(F.cross_entropy, ignore_index=7)):
         result = hessgap.hvp(model, list(zip(x, y2)), V, loss_fn=loss_fn, return_info=True)
         assert result.units == 8 and rel(result.value, V @ H) < 1e-10
+    # a wrapper that names the loss it wraps (functools.wraps sets __wrapped__) counts as that loss
+    inner = nn.CrossEntropyLoss(ignore_index=7)
+
+    @functools.wraps(inner)
+    def wrapped(outputs, targets):
+        return inner(outputs, targets)
+
+    result = hessgap.hvp(model, list(zip(x, y2)), V, loss_fn=wrapped, return_info=True)
+    assert result.units == 8 and rel(result.value, V @ H) < 1e-10
 
 
 # ---- Hugging Face token batches: the mean over every counted token of the loader ---------------------
