@@ -238,6 +238,7 @@ class HvpEngine:
 
         with self.objective.naming_failures(batch):
             if isinstance(self._plan, graph.GraphPlan):
+                self.objective.check_own_loss(batch)  # the captured graph's outputs never reach the objective
                 try:
                     state = self._plan.forward_backward(batch, batch.weight)
                 except fused.FusedUnsupported:
