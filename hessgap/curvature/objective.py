@@ -128,6 +128,30 @@ class LossOverData:
         text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in zip(self.names, self.params))
         return f"{len(self.params)} tensors, n = {self.total_parameters}, {hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
+    def reselect_parameters(self) -> bool:
+        """Select the parameters again, by name, when the model now holds other Parameter objects under those
+        names (``load_state_dict(..., assign=True)``, ``module.weight = nn.Parameter(...)``); True when it does.
+        Whatever was built on the old objects (an HVP engine's plan, captured graphs) must then be rebuilt. The
+        new parameters must match the old ones in shape, dtype and device: the length of a direction is fixed."""
+        current = dict(self.model.named_parameters(remove_duplicate=False))
+        if all(current.get(name) is p for name, p in zip(self.names, self.params)):
+            return False
+        try:
+            names, params = select_parameters(self.model, self.names)
+        except HessgapError as exc:
+            raise HessgapError(f"the model's parameters were replaced since this operator was built: {exc}") from None
+        changed = [name for name, old, new in zip(names, self.params, params)
+                   if (old.shape, old.dtype, old.device) != (new.shape, new.dtype, new.device)]
+        if names != self.names or changed:
+            raise HessgapError(
+                f"the model's parameters were replaced by ones of another shape, dtype or device "
+                f"({', '.join(changed[:3]) or 'other names'}); an operator's size is fixed when it is built: build a "
+                "new HessianOperator for the changed model"
+            )
+        self.params = params
+        self.sharded = ShardedParameters(self.names, self.params) if is_sharded(self.params) else None
+        return True
+
     @property
     def batches_cached(self) -> bool:
         """Whether every pass sees the very same batch tensors (kept after the first pass)."""

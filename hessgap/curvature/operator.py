@@ -83,9 +83,8 @@ class HessianOperator:
         if cache_batches:
             self.objective.cache_batches()
         self.model = model
-        self._engine = HvpEngine(
-            self.objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
-        )
+        self._engine_options = dict(path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget)
+        self._engine = HvpEngine(self.objective, **self._engine_options)
         self.n: int = self.objective.num_parameters  # this rank's shards only, for an FSDP2-sharded model
         self.total_parameters: int = self.objective.total_parameters
         self.sharded: bool = self.objective.sharded is not None
@@ -122,12 +121,27 @@ class HessianOperator:
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """H Vᵀ for the k rows of ``V`` (shape (k, n)), returned as a (k, n) tensor: rows are H v_i."""
+        self._follow_replaced_parameters()
         directions = as_directions(V, self.objective.vector_params, self.objective.names)
         _, flat, stats = self._engine.run(directions)
         self.hvps += directions.k
         self.passes += 1
         self.last_loss = stats.loss
         return flat
+
+    def _follow_replaced_parameters(self) -> None:
+        """A new engine when the model's Parameter objects were replaced since the last product: the old one's
+        plan, captured graphs and kept primal passes belong to the old objects (the products would be the old
+        Hessian's, or zero). Decided on every rank alike, so that all of them run the same collectives."""
+        replaced = self.ranks.together(self.objective.reselect_parameters)
+        if self.ranks.active:
+            replaced = self.ranks.sum_numbers([float(replaced)])[0] > 0
+        if not replaced:
+            return
+        self.objective.check_finite_parameters()
+        notes = self._engine.rules.notes
+        self._engine = HvpEngine(self.objective, **self._engine_options)
+        self._engine.rules.notes = notes  # one list of notes over the operator's life (results hold it)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v for one vector of shape (n,)."""
