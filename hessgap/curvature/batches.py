@@ -64,6 +64,18 @@ class Batch:
     def is_pair(self) -> bool:
         return len(self.args) == 1 and not self.kwargs and self.targets is not None
 
+    def describe(self) -> str:
+        """The batch's tensors with their shapes and dtypes, for messages about a batch that does not fit."""
+        def shape(t):
+            return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+
+        if self.kwargs:
+            return "keys " + ", ".join(f"{k}: {shape(v)}" for k, v in self.kwargs.items() if isinstance(v, torch.Tensor))
+        parts = [f"input {shape(a)}" for a in self.args]
+        if self.targets is not None:
+            parts.append(f"targets {shape(self.targets)}")
+        return ", ".join(parts) or type(self.raw).__name__
+
 
 
 def tensors_in(value) -> list[torch.Tensor]:

@@ -34,7 +34,7 @@ from .batches import (
     structure,
     units,
 )
-from .params import select_parameters
+from .params import reselect, select_parameters
 from .sharded import ShardedParameters, is_sharded
 from .source import DataSource
 
@@ -128,26 +128,18 @@ class LossOverData:
         text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in zip(self.names, self.params))
         return f"{len(self.params)} tensors, n = {self.total_parameters}, {hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
+    def agree_across_ranks(self, what: str, *arguments) -> None:
+        """Raise on every rank unless all ranks pass the same ``arguments`` (``what`` names them) for the same
+        parameters of the same model, holding the same values (see :meth:`Ranks.agree_on_model`)."""
+        self.ranks.agree_on_model(what, self.model, (self.parameter_digest(), *arguments))
+
     def reselect_parameters(self) -> bool:
-        """Select the parameters again, by name, when the model now holds other Parameter objects under those
-        names (``load_state_dict(..., assign=True)``, ``module.weight = nn.Parameter(...)``); True when it does.
-        Whatever was built on the old objects (an HVP engine's plan, captured graphs) must then be rebuilt. The
-        new parameters must match the old ones in shape, dtype and device: the length of a direction is fixed."""
-        current = dict(self.model.named_parameters(remove_duplicate=False))
-        if all(current.get(name) is p for name, p in zip(self.names, self.params)):
+        """Select the parameters again when the model now holds other Parameter objects under their names
+        (see :func:`~hessgap.curvature.params.reselect`); True when it does: whatever was built on the old
+        objects (an HVP engine's plan, captured graphs) must then be rebuilt."""
+        params = reselect(self.model, self.names, self.params)
+        if params is None:
             return False
-        try:
-            names, params = select_parameters(self.model, self.names)
-        except HessgapError as exc:
-            raise HessgapError(f"the model's parameters were replaced since this operator was built: {exc}") from None
-        changed = [name for name, old, new in zip(names, self.params, params)
-                   if (old.shape, old.dtype, old.device) != (new.shape, new.dtype, new.device)]
-        if names != self.names or changed:
-            raise HessgapError(
-                f"the model's parameters were replaced by ones of another shape, dtype or device "
-                f"({', '.join(changed[:3]) or 'other names'}); an operator's size is fixed when it is built: build a "
-                "new HessianOperator for the changed model"
-            )
         self.params = params
         self.sharded = ShardedParameters(self.names, self.params) if is_sharded(self.params) else None
         return True
@@ -210,7 +202,7 @@ class LossOverData:
             if _missing_rule(exc) or not _raised_inside_torch(exc):
                 raise  # an error of the user's own code keeps its type; the engine names missing rules
             raise HessgapError(
-                f"the model or its loss failed on batch {batch.index} ({_describe(batch)}): {type(exc).__name__}: "
+                f"the model or its loss failed on batch {batch.index} ({batch.describe()}): {type(exc).__name__}: "
                 f"{exc}. Check that the batches fit the model (shapes, dtypes) and the loss (targets)"
             ) from exc
 
@@ -402,15 +394,3 @@ def _missing_rule(exc: Exception) -> bool:
     """An autograd error about an op without a (higher-order) derivative: the HVP engine names it itself."""
     text = str(exc)
     return "forward AD" in text or "derivative for" in text
-
-
-def _describe(batch: Batch) -> str:
-    def shape(t):
-        return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-
-    if batch.kwargs:
-        return "keys " + ", ".join(f"{k}: {shape(v)}" for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor))
-    parts = [f"input {shape(a)}" for a in batch.args]
-    if batch.targets is not None:
-        parts.append(f"targets {shape(batch.targets)}")
-    return ", ".join(parts) or type(batch.raw).__name__

@@ -79,7 +79,7 @@ class HessianOperator:
                                       max_batches=max_batches, params=params, group=group)
         self.objective.check_finite_parameters()
         self.ranks = self.objective.ranks
-        self.ranks.agree("the parameters the Hessian is taken over", self.objective.parameter_digest())
+        self.objective.agree_across_ranks("the parameters the Hessian is taken over")
         if cache_batches:
             self.objective.cache_batches()
         self.model = model
@@ -139,6 +139,7 @@ class HessianOperator:
         if not replaced:
             return
         self.objective.check_finite_parameters()
+        self.objective.agree_across_ranks("the replaced parameters the Hessian is taken over")
         notes = self._engine.rules.notes
         self._engine = HvpEngine(self.objective, **self._engine_options)
         self._engine.rules.notes = notes  # one list of notes over the operator's life (results hold it)
