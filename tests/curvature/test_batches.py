@@ -253,6 +253,25 @@ def test_a_model_loss_the_units_do_not_reproduce_is_refused_and_weight_fn_takes_
     assert LossOverData(model, batches, weight_fn=lambda batch: len(batch["input_ids"])).totals() == (5, 5)
 
 
+def test_the_graph_engine_checks_the_model_loss_too():
+    """The graph engine runs the captured loss and never sees the outputs: the check runs its own forward."""
+    transformers = pytest.importorskip("transformers")
+
+    class Renamed(transformers.GPT2LMHeadModel):
+        """GPT-2 under a class name transformers does not map to causal LMs: its labels are counted unshifted."""
+
+    gpt2 = tiny_hf("gpt2")
+    model = Renamed(gpt2.config).double().eval()
+    model.load_state_dict(gpt2.state_dict())
+    batches = token_batches(causal=True)
+    n = sum(p.numel() for p in model.parameters())
+    shifted = lambda batch: batch["labels"][:, 1:].ne(-100).sum()  # noqa: E731
+    result = hessgap.hvp(model, batches, torch.randn(1, n, dtype=torch.float64), weight_fn=shifted, return_info=True)
+    assert result.path == "fused" and result.units == counted_tokens(batches, causal=True)
+    with pytest.raises(HessgapError, match=r"19 label tokens .*not shifted.*weight_fn="):
+        hessgap.hvp(model, batches, torch.randn(1, n, dtype=torch.float64))
+
+
 # ---- structures that do not fit ------------------------------------------------------------------------
 
 def linear_model():
