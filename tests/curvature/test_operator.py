@@ -10,7 +10,7 @@ from hessgap import _extension
 from hessgap.curvature.operator import CheckedOperator, HessianOperator, MatrixOperator, resolve_operator
 from hessgap.errors import HessgapError
 
-from oracles import assert_unchanged, explicit_hessian, snapshot
+from oracles import assert_unchanged, explicit_hessian, randomize_batchnorm, snapshot
 
 
 def _setup():
@@ -103,18 +103,19 @@ def test_kept_primal_passes_follow_changes_to_the_model():
 
 
 class Residual(nn.Module):
-    """Not a layer stack: the graph engine captures it (its parameters are inputs of the captured graph)."""
+    """Not a layer stack: the graph engine captures it (its parameters and buffers are inputs of the graph)."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.a, self.norm, self.b = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.b(torch.tanh(self.a(x)) + x)
+        return self.b(torch.tanh(self.norm(self.a(x))) + x)
 
 
 def _replace(model, edit):
     first = model.a if isinstance(model, Residual) else model[0]
+    norm = model.norm if isinstance(model, Residual) else model[1]
     if edit == "load_state_dict(assign=True)":
         state = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
         model.load_state_dict(state, assign=True)
@@ -126,19 +127,22 @@ def _replace(model, edit):
             model.a = replacement
         else:
             model[0] = replacement
+    elif edit == "buffers":
+        norm.running_mean = torch.randn_like(norm.running_mean)
+        norm.running_var = torch.rand_like(norm.running_var) + 0.5
     else:  # the same Parameter object on new storage
         first.weight.data = torch.randn_like(first.weight)
 
 
-@pytest.mark.parametrize("edit", ["load_state_dict(assign=True)", "attribute", "module", ".data"])
+@pytest.mark.parametrize("edit", ["load_state_dict(assign=True)", "attribute", "module", "buffers", ".data"])
 @pytest.mark.parametrize("kind", ["layer stack", "graph", "generic"])
 def test_replaced_parameters_are_followed(kind, edit):
     """Was: the old Hessian (fused and graph engines) or zero (generic path) after the model's Parameter
-    objects were replaced."""
+    objects were replaced; the graph engine's after its buffers were."""
     model, loader = _setup()
     if kind == "graph":
         torch.manual_seed(6)
-        model = Residual().double()
+        model = randomize_batchnorm(Residual().double()).eval()
     op = HessianOperator(model, loader, path="generic" if kind == "generic" else "auto", cache_batches=True)
     assert op.path == ("generic" if kind == "generic" or not _extension.available() else "fused")
     V = torch.randn(3, op.n, dtype=torch.float64)
