@@ -250,14 +250,15 @@ def check_own_loss(model: nn.Module, outputs, loss: torch.Tensor, batch: Batch) 
     is no per-label cross-entropy of the logits (other shapes, floating labels) is taken as it is.
     """
     logits, labels = getattr(outputs, "logits", None), batch.targets
-    if not isinstance(logits, torch.Tensor) or batch.weight <= 0 or labels is None or labels.is_floating_point() or labels.dim() == 0:
+    if (not isinstance(logits, torch.Tensor) or batch.weight <= 0 or labels is None or labels.dim() == 0
+            or labels.is_floating_point()):
         return
     causal = labels.dim() >= 2 and is_causal_lm(model)
     if causal:
         logits, labels = logits[:, :-1], labels[:, 1:]
     counted = labels[labels != IGNORE_INDEX]
-    if logits.shape[:-1] != labels.shape or (counted.numel() and not 0 <= int(counted.min()) <= int(counted.max())
-                                               < logits.shape[-1]):
+    in_range = not counted.numel() or 0 <= int(counted.min()) <= int(counted.max()) < logits.shape[-1]
+    if logits.shape[:-1] != labels.shape or not in_range:
         return
     with torch.no_grad():
         total = F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1]).double(), labels.reshape(-1),

@@ -75,7 +75,8 @@ def reselect(model: nn.Module, names: list[str], params: list[nn.Parameter]) -> 
         new_names, new = select_parameters(model, names)
     except HessgapError as exc:
         raise HessgapError(f"the model's parameters were replaced since this operator was built: {exc}") from None
-    changed = [name for name, a, b in zip(new_names, params, new) if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device)]
+    changed = [name for name, a, b in zip(new_names, params, new)
+               if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device)]
     if new_names != names or changed:
         raise HessgapError(
             f"the model's parameters were replaced by ones of another shape, dtype or device "

@@ -132,7 +132,7 @@ class SecondOrderRules:
 
 
 def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is or holds a ``torch.compile``'d module (``torch.compile(module)`` or ``module.compile()``)."""
+    """Whether ``model`` is or holds a ``torch.compile``'d module (``torch.compile(m)`` or ``m.compile()``)."""
     return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
                for m in model.modules())
 
@@ -215,6 +215,7 @@ def modules_calling(model: nn.Module, forward: Callable[[], object], op: str) ->
     """The modules of ``model`` that call the ATen op ``op`` while ``forward()`` runs (the innermost module running
     at each call), as ``"module qualified.name (Type)"``."""
     names = {id(m): f"module {name}" if name else "the model itself" for name, m in model.named_modules()}
+
     def stem(name: str) -> str:  # cdist's backward is _cdist_backward, its forward _cdist_forward
         return op_name(name).removesuffix("_forward")
 

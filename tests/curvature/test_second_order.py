@@ -254,7 +254,8 @@ def bag_pairs():
 
 MISSING_RULES = {
     "hardsigmoid": (gated_model, image_pairs, r"the model uses hardsigmoid in module se\.2 \(Hardsigmoid\), whose "
-                    r"backward \(aten::hardsigmoid_backward\) has no derivative", r"torch\.clamp\(x / 6 \+ 0\.5, 0, 1\)"),
+                    r"backward \(aten::hardsigmoid_backward\) has no derivative",
+                    r"torch\.clamp\(x / 6 \+ 0\.5, 0, 1\)"),
     "embedding_bag": (bag_model, bag_pairs, r"the model uses embedding_bag in module bag \(EmbeddingBag\), whose "
                       r"backward \(_embedding_bag_backward\) has no derivative", r"nn\.Embedding followed by"),
 }
