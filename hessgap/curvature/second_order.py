@@ -109,6 +109,12 @@ class SecondOrderRules:
             try:
                 yield
             except (RuntimeError, NotImplementedError) as exc:
+                if "does not currently support double backward" in str(exc):  # a torch without set_stance
+                    raise HessgapError(
+                        "the model holds torch.compile'd code, which torch cannot differentiate twice, and this torch "
+                        f"({torch.__version__}) cannot run it eagerly for hessgap (torch >= 2.6 can): pass the "
+                        "original module (model._orig_mod for torch.compile(model)) to the curvature calls"
+                    ) from exc
                 op = missing_rule(exc)
                 if op is None:
                     raise

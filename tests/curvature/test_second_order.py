@@ -338,6 +338,15 @@ def test_a_compiled_model_runs_eagerly_with_the_same_numbers():
     assert COMPILED_NOTE not in hessgap.hvp(eager, data, V, return_info=True).notes
 
 
+def test_a_compiled_model_on_a_torch_that_cannot_run_it_eagerly_is_a_clear_error(monkeypatch):
+    monkeypatch.delattr(torch.compiler, "set_stance")  # torch < 2.6
+    torch.manual_seed(0)
+    compiled = torch.compile(nn.Sequential(nn.Linear(4, 3)).double(), backend="aot_eager")
+    data = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    with pytest.raises(HessgapError, match=r"cannot differentiate twice.*model\._orig_mod"):
+        hessgap.hvp(compiled, data, torch.randn(1, 15, dtype=torch.float64), path="generic")
+
+
 class Square(torch.autograd.Function):
     """x², with a backward PyTorch cannot differentiate (marked once-differentiable)."""
 
