@@ -250,3 +250,56 @@ def measures_with_bad_arguments(rank, world_size):
     # and the ranks are still in step: a good call after the bad ones
     raised["after"] = hessgap.measures(model, data, ["fisher_rao"], check_invariance=False).values["fisher_rao"]
     return raised
+
+
+def different_weights(rank, world_size):
+    """Models that differ on the last rank in one weight (one ulp, or two elements swapped) or a BatchNorm
+    statistic: every public call must raise on every rank, naming the tensor. Also an operator whose
+    parameters the last rank replaces by other values after it was built."""
+    import hessgap
+    from hessgap.errors import HessgapError
+
+    def perturbed(model):
+        weight = model[3].weight
+        weight[1, 2] = torch.nextafter(weight[1, 2], torch.tensor(10.0, dtype=weight.dtype))
+
+    def swapped(model):
+        weight = model[0].weight
+        weight[0, 1], weight[0, 2] = weight[0, 2].clone(), weight[0, 1].clone()
+
+    def statistic(model):
+        model[1].running_mean[4] += 1e-3
+
+    edits = {"perturbed": perturbed, "swapped": swapped, "statistic": statistic}
+    calls = {
+        "hvp": lambda model, data, n: hessgap.hvp(model, data, torch.ones(1, n, dtype=torch.float64)),
+        "HessianOperator": lambda model, data, n: hessgap.HessianOperator(model, data),
+        "eigenvalues": lambda model, data, n: hessgap.eigenvalues(model, data, k=1),
+        "trace": lambda model, data, n: hessgap.trace(model, data, num_probes=2),
+        "sharpness": lambda model, data, n: hessgap.sharpness(model, data, max_iter=1),
+        "landscape": lambda model, data, n: hessgap.landscape(model, data, steps=3),
+    }
+    outcome = {}
+    for edit_name, edit in edits.items():
+        for call_name, call in calls.items():
+            model, x, y = tiny_problem()
+            data = batches_of(*shard(rank, world_size, x, y))
+            if rank == world_size - 1:
+                with torch.no_grad():
+                    edit(model)
+            try:
+                call(model, data, sum(p.numel() for p in model.parameters()))
+                outcome[f"{edit_name} {call_name}"] = None
+            except HessgapError as exc:
+                outcome[f"{edit_name} {call_name}"] = str(exc)
+    model, x, y = tiny_problem()
+    data = batches_of(*shard(rank, world_size, x, y))
+    operator = hessgap.HessianOperator(model, data)
+    if rank == world_size - 1:
+        model[3].bias = torch.nn.Parameter(model[3].bias.detach() + 1.0)
+    try:
+        operator.matvec(torch.ones(operator.n, dtype=torch.float64))
+        outcome["replaced"] = None
+    except HessgapError as exc:
+        outcome["replaced"] = str(exc)
+    return outcome

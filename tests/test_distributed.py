@@ -70,6 +70,48 @@ def test_an_empty_shard_or_disagreeing_ranks_raise_on_every_rank():
         assert "ranks disagree on the arguments of hessgap.sharpness" in outcome["disagree"]
 
 
+def test_ranks_holding_different_weights_raise_on_every_rank():
+    """Was: only the parameters' shapes were compared, and each rank measured its own model."""
+    from rank_workers import different_weights
+
+    results = run_ranks(different_weights, 2)
+    differing = {"perturbed": "parameter 3.weight", "swapped": "parameter 0.weight", "statistic": "buffer 1.running_mean",
+                 "replaced": "parameter 3.bias"}
+    assert results[0] == results[1]  # every rank raises the same error
+    assert len(results[0]) == 3 * 6 + 1
+    for case, message in results[0].items():
+        assert message is not None, case
+        assert f"the ranks hold different values in {differing[case.split()[0]]} (rank 1 differs from rank 0)" in message
+        assert "Load the same checkpoint on every rank" in message
+
+
+def test_fingerprints_are_exact_and_see_every_change():
+    """The fingerprint against its definition in Python integers, over chunk boundaries and every kind of dtype;
+    one ulp, a swap and a moved zero change it, a copy and a non-contiguous view with the same values do not."""
+    from hessgap.distributed import FINGERPRINT_PRIME, fingerprints
+
+    def exact(t):
+        flat = t.contiguous().reshape(-1)
+        flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat
+        words = flat.view(torch.int8 if flat.element_size() == 1 else torch.int16).tolist()
+        return sum(u * (i % 2**29 + 1) for i, u in enumerate(words)) % FINGERPRINT_PRIME
+
+    torch.manual_seed(0)
+    x = torch.randn(300_001)
+    tensors = [x, torch.randn(7, 3, dtype=torch.float64), torch.randn(5).half(), torch.randn(9).bfloat16(),
+               torch.rand(9) > 0.5, torch.zeros(0)]
+    assert fingerprints(tensors).tolist() == [exact(t) for t in tensors]
+    one_ulp, swapped, moved = x.clone(), x.clone(), torch.zeros(10)
+    one_ulp[123_456] = torch.nextafter(x[123_456], torch.tensor(10.0))
+    swapped[3], swapped[299_999] = x[299_999], x[3]
+    moved[2] = -0.0  # the same value as 0.0, other bits
+    matrix = torch.randn(40, 30)
+    prints = fingerprints([x, x.clone(), one_ulp, swapped, torch.zeros(10), moved, matrix.t().contiguous(),
+                           matrix.t()]).tolist()
+    assert prints[0] == prints[1] and len({prints[0], prints[2], prints[3]}) == 3
+    assert prints[4] != prints[5] and prints[6] == prints[7]
+
+
 def test_fsdp2_sharded_products_and_spectrum_equal_one_process_on_all_data():
     """FSDP2 shards: H·V comes back sharded like the parameters and equals the full product's rows; the
     eigenvalues (Lanczos on sharded vectors) equal one process's; the trace agrees within its error."""

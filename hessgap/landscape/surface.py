@@ -161,6 +161,7 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
         settings.update(normalization=normalization, ignore=ignore)
     if kind in ("model", "models"):
         settings["path"] = path
+    objective.agree_across_ranks("the arguments of hessgap.landscape", settings)
     folder = _folder(out, settings, model, others, given) if out is not None else None
 
     with preserved(model):

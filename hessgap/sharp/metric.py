@@ -231,8 +231,8 @@ def sharpness(
     _check_buffers(model, objective)
     objective.check_finite_parameters()
     n = objective.num_parameters
-    objective.ranks.agree("the arguments of hessgap.sharpness",
-                          (objective.parameter_digest(), epsilon, subspace_dim, ran, max_iter, seed, kind, norm))
+    objective.agree_across_ranks("the arguments of hessgap.sharpness", epsilon, subspace_dim, ran, max_iter, seed, kind,
+                                 norm)
     subspace = None
     if subspace_dim is not None:
         subspace = RandomSubspace(
