@@ -23,7 +23,7 @@ from torch import nn
 
 from ..distributed import Ranks
 from ..errors import HessgapError, NonFiniteError
-from .batches import Batch, ComputeLoss, LossFn, WeightFn, ignore_index_of, structure, units
+from .batches import Batch, ComputeLoss, LossFn, WeightFn, ignore_index_of, structure, units, widen_class_targets
 from .params import select_parameters
 from .sharded import ShardedParameters, is_sharded
 from .source import DataSource
@@ -131,6 +131,7 @@ class LossOverData:
         whose every target is ignored, are skipped: they hold nothing to average)."""
         for index, raw in enumerate(self.source):
             batch = structure(index, raw, closure=self.compute_loss is not None)
+            widen_class_targets(batch, self.loss_fn)
             batch.weight = units(batch, self.model, self.loss_fn, self.weight_fn)
             if batch.weight > 0:
                 yield batch

@@ -119,6 +119,8 @@ def train(
             f"the configuration names data set {config.dataset!r} but the Dataset passed is {dataset.name!r}; "
             f"set TrainConfig.dataset={dataset.name!r} so that the run records what it trained on"
         )
+    else:
+        dataset = dataset.with_class_labels()  # a caller's own labels may be int32, or not class indices
     batch_size, schedule = batch_plan(config, dataset)
     data = dataset.to(device) if device.type != "cpu" else dataset
 
