@@ -207,3 +207,11 @@ def test_a_callers_labels_that_are_not_class_indices_are_refused(digits):
     with pytest.raises(HessgapError, match="the test split's labels run from 0 to 10, outside 0..9"):
         train(tiny(dataset="mine"), dataset=wrong, progress=False)
 
+
+def test_a_network_too_large_to_train_is_refused_before_the_folder_is_made(digits, tmp_path):
+    """Was: a RuntimeError from torch's allocator, after the run folder and its lock were made."""
+    with pytest.raises(HessgapError, match=r"F1 \(width 1e\+09, depth 0.4\) on digits has .* parameters, .* training "
+                                           r"with adam \(the weights, their gradients and ADAM's two moments\) holds "
+                                           r"4 copies of them"):
+        train(tiny(width=1e9), out_dir=tmp_path / "run", dataset=digits, progress=False)
+    assert not (tmp_path / "run").exists()
