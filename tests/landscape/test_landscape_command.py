@@ -59,5 +59,14 @@ def test_options_and_their_errors(load, tmp_path):
         parser().parse_args(["a", "--steps", "3,4,5"])
     with pytest.raises(SystemExit):
         parser().parse_args(["a", "--span", "1,2,3"])
-    with pytest.raises(HessgapError, match="steps must be an integer ≥ 2"):
-        command.run(parser().parse_args(["a", "--steps", "1", "--quiet"]), load=load, out_dir=tmp_path)
+    with pytest.raises(SystemExit):  # a number of steps or a span that is no grid at all: the parser's error
+        parser().parse_args(["a", "--steps", "1"])
+    no_grid = ((["--steps", "3,4", "--dims", "1"], "steps must be one integer ≥ 2"),
+               (["--span", "0"], "must be finite and > 0, got 0.0"),
+               (["--directions", "b,c", "--span", "2,1"], r"span must be \(low, high\) with low < high"))
+    for case, (argv, match) in enumerate(no_grid):
+        args = parser().parse_args(["a", *argv, "--quiet"])
+        with pytest.raises(HessgapError, match=match):  # before anything is loaded or written
+            command.check_grid(args)
+        with pytest.raises(HessgapError, match=match):
+            command.run(args, load=load, out_dir=tmp_path / str(case))
