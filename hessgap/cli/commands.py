@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..errors import HessgapError
+from ..errors import HessgapError, one_line
 from ..experiments import interpolate, model_sharpness, model_spectrum, model_train, networks, reproduce, run_experiment
 from ..experiments.demo import demo_settings, summary_lines
 from ..experiments.presets import ADDED_SETTINGS, PATHS, preset
@@ -25,7 +25,6 @@ from ..experiments.report import write_report
 from ..experiments.runs import RunFolder, claimed
 from ..experiments.saved import SavedModel, load, settings_for
 from ..sharp.epsilon import check_box
-from ..train.checkpoint import one_line
 from ..train.config import TrainConfig, check_fits, resolve_device
 from ..train.data import load_dataset
 from ..train.loop import batch_plan
