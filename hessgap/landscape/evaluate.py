@@ -41,7 +41,8 @@ def set_batchnorm_mode(model: nn.Module, batchnorm: str) -> None:
 
 @dataclasses.dataclass
 class PassResult:
-    """Mean loss and accuracy (percent; None when the targets are not class labels) at each point."""
+    """Mean loss and accuracy (percent; None when the targets are not class labels) at each point; both NaN
+    where the loss is not finite."""
 
     loss: torch.Tensor
     accuracy: torch.Tensor | None
@@ -139,8 +140,15 @@ class Evaluator:
         if weight <= 0:
             raise HessgapError("the data holds no batch to evaluate the landscape on (an empty loader, or every "
                                "target ignored)")
+        loss = loss_sums / weight
         accuracy = 100.0 * correct / samples if labelled == ranks.world_size else None
-        return PassResult(loss_sums / weight, accuracy, int(samples))
+        # a point whose loss is not finite has no meaningful outputs either (argmax of NaN logits picks class 0,
+        # which would report the share of class-0 targets as its accuracy): both are NaN there
+        diverged = ~torch.isfinite(loss)
+        loss[diverged] = float("nan")
+        if accuracy is not None:
+            accuracy[diverged] = float("nan")
+        return PassResult(loss, accuracy, int(samples))
 
 
 def per_point_bytes(plane: Plane, like: torch.Tensor) -> int:

@@ -126,11 +126,41 @@ def test_files_of_a_line_between_models_with_a_diverging_point(tmp_path, ref):
     model_a, model_b = ref.mlp(0), ref.mlp(1)
     with torch.no_grad():
         model_b[8].weight.mul_(1e305)  # far out on the path the logits overflow
-    result = landscape(model_a, ref.batches((3, 4)), directions=model_b, steps=5, out=tmp_path)
-    assert not np.isfinite(result.loss[-1])
+    data = ref.batches((3, 4))
+    result = landscape(model_a, data, directions=model_b, steps=5, test_data=data[:1], out=tmp_path)
+    # the logits there are NaN, whose argmax is class 0: the accuracy is NaN too, not the share of class-0 targets
+    assert np.isnan(result.loss[-1]) and np.isnan(result.accuracy[-1]) and np.isnan(result.test_accuracy[-1])
+    assert np.isfinite(result.loss[:-1]).all() and np.isfinite(result.accuracy[:-1]).all()
     stored = json.loads((tmp_path / "results" / "landscape.json").read_text())
-    assert stored["loss"][-1] is None  # strict JSON: no NaN
+    assert stored["loss"][-1] is None and stored["accuracy"][-1] is None  # strict JSON: no NaN
+    assert stored["test_accuracy"][-1] is None
+    rows = json.loads((tmp_path / "results" / "landscape.rows.json").read_text())["rows"]["0"]
+    assert rows["loss"][-1] is None and rows["accuracy"][-1] is None
+    again = landscape(model_a, data, directions=model_b, steps=5, test_data=data[:1], out=tmp_path)  # from the rows
+    assert again.rows_resumed == 1 and np.isnan(again.accuracy[-1])
+    np.testing.assert_array_equal(again.loss, result.loss)
     assert (tmp_path / "figures" / "landscape_line.png").read_bytes()[:8] == PNG
     assert not (tmp_path / "results" / "landscape.vtp").exists()
     with np.load(tmp_path / "results" / "landscape.npz") as arrays:
         assert "y" not in arrays.files and arrays["clamped_variances"].shape == (5,)
+
+
+def test_files_of_a_plane_with_diverging_points(tmp_path, ref):
+    """VTK's ascii format has no NaN: points where the loss is not finite get each surface's worst value."""
+    model_a, model_b, model_c = ref.mlp(0), ref.mlp(1), ref.mlp(2)
+    with torch.no_grad():
+        model_c[8].weight.mul_(1e305)
+    result = landscape(model_a, ref.batches((3, 4)), directions=[model_b, model_c], steps=3, out=tmp_path)
+    diverged = np.isnan(result.loss)
+    assert diverged.any() and (~diverged).any()
+    np.testing.assert_array_equal(np.isnan(result.accuracy), diverged)
+    stored = json.loads((tmp_path / "results" / "landscape.json").read_text())
+    assert [[v is None for v in row] for row in stored["accuracy"]] == diverged.tolist()
+    vtp = (tmp_path / "results" / "landscape.vtp").read_text()
+    assert "nan" not in vtp.lower() and "inf" not in vtp.lower()
+    block = vtp.split('Name="train_accuracy" NumberOfComponents="1" format="ascii">')[1].split("</DataArray>")[0]
+    written = np.array(block.split(), dtype=float).reshape(result.accuracy.shape)
+    np.testing.assert_allclose(written[diverged], np.nanmin(result.accuracy), rtol=1e-8)
+    np.testing.assert_allclose(written[~diverged], result.accuracy[~diverged], rtol=1e-8)
+    for style in ("contour", "filled", "surface"):
+        assert (tmp_path / "figures" / f"train_loss_{style}.png").read_bytes()[:8] == PNG
