@@ -303,3 +303,31 @@ def different_weights(rank, world_size):
     except HessgapError as exc:
         outcome["replaced"] = str(exc)
     return outcome
+
+
+def landscape_on_ranks(rank, world_size, out_dir):
+    """hessgap.landscape on unequal shards: ranks that disagree on an argument, a rank without data, then a run
+    folder written, resumed, and refused when one rank's shard changed. Every outcome is recorded per rank."""
+    import hessgap
+    from hessgap.errors import HessgapError
+
+    model, x, y = tiny_problem()
+    data = batches_of(*shard(rank, world_size, x, y))
+    outcome = {}
+
+    def attempt(name, **options):
+        try:
+            outcome[name] = hessgap.landscape(model, options.pop("data", data), **options)
+        except HessgapError as exc:
+            outcome[name] = f"HessgapError: {exc}"
+
+    attempt("steps", steps=3 + rank)  # rank 1's grid is larger: its sums would not match
+    attempt("directions", steps=3, directions="random" if rank == 0 else "hessian")
+    attempt("no data", steps=3, data=None if rank == world_size - 1 else data)
+    attempt("written", steps=3, out=out_dir)
+    attempt("resumed", steps=3, out=out_dir)
+    if rank == world_size - 1:
+        data = data[:-1]  # one batch fewer on the last rank
+    attempt("other shard", steps=3, out=out_dir)
+    return {name: value if isinstance(value, str) else {"loss": value.loss.tolist(), "resumed": value.rows_resumed}
+            for name, value in outcome.items()}

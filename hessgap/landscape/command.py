@@ -4,6 +4,8 @@ as the call's arguments, the call into the run folder (resumed when it exists) a
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +64,8 @@ def options(args: argparse.Namespace, load: Loader) -> dict:
         "normalization": args.normalization, "ignore": None if args.ignore == "none" else args.ignore,
         "path": args.path, "batchnorm": args.batchnorm, "seed": args.seed, "max_batches": args.max_batches,
         "engine": args.engine, "memory_budget": int(args.memory_budget * 2**30),
+        # the batch size makes the batches (and their statistics): a rerun with another one is named as such
+        "data_settings": {"eval_batch": args.eval_batch},
     }
 
 
@@ -79,10 +83,17 @@ def summary(result: LandscapeResult) -> list[str]:
     return lines
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"hessgap: warning: {message}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace, *, load: Loader, out_dir: str | Path) -> LandscapeResult:
-    """The landscape of ``args.model`` into ``out_dir`` (resumed when it holds finished rows); prints a summary."""
+    """The landscape of ``args.model`` into ``out_dir`` (resumed when it holds finished rows); prints a summary.
+    Warnings (a large grid's size and time) are printed as they come, as one ``hessgap: warning:`` line each."""
     model, train_data, test_data = load(args.model)
-    result = run_landscape(out_dir, model, train_data, test_data=test_data if args.test else None,
-                           progress=not args.quiet, **options(args, load))
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        result = run_landscape(out_dir, model, train_data, test_data=test_data if args.test else None,
+                               progress=not args.quiet, **options(args, load))
     print("\n".join(summary(result)))
     return result

@@ -70,3 +70,24 @@ def test_options_and_their_errors(load, tmp_path):
             command.check_grid(args)
         with pytest.raises(HessgapError, match=match):
             command.run(args, load=load, out_dir=tmp_path / str(case))
+
+
+def test_a_large_grid_prints_a_warning_line_and_a_huge_one_is_refused(tmp_path, load, capsys, monkeypatch):
+    from hessgap.landscape import surface
+
+    monkeypatch.setattr(surface, "WARN_POINTS", 11)
+    command.run(parser().parse_args(["a", "--steps", "3,4", "--quiet"]), load=load, out_dir=tmp_path / "warned")
+    err = capsys.readouterr().err
+    assert err.startswith("hessgap: warning: a landscape grid of 3 × 4 = 12 points, each one evaluation of the loss "
+                          "over the data: about ") and err.count("\n") == 1
+    with pytest.raises(HessgapError, match="100000 × 100000 = 1e\\+10 points needs about .* fewer steps"):
+        command.run(parser().parse_args(["a", "--steps", "100000", "--quiet"]), load=load, out_dir=tmp_path / "huge")
+    assert not (tmp_path / "huge").exists()  # refused before the folder was made
+
+
+def test_another_batch_size_is_named_on_resume(tmp_path, load):
+    command.run(parser().parse_args(["a", "--steps", "3", "--quiet"]), load=load, out_dir=tmp_path)
+    with pytest.raises(HessgapError, match=r"changed: data_settings \(\{'eval_batch': 1024\} in the folder, "
+                                           r"\{'eval_batch': 32\} now\)"):
+        command.run(parser().parse_args(["a", "--steps", "3", "--eval-batch", "32", "--quiet"]), load=load,
+                    out_dir=tmp_path)
