@@ -183,11 +183,11 @@ def measure(name: str, args, log) -> dict:
     if operator is not None:
         methods["hessgap"] = lambda: operator.matmat(V)
     if "retained_graph" not in args.skip:
-        products = _stage(record, "retained_graph_setup", lambda: retained_graph(case, batch), log)
+        products = _stage(record, "retained_graph_setup", lambda: _warm(retained_graph(case, batch), V[:1]), log)
         if products is not None:
             methods["retained_graph"] = lambda: products(V[: args.baseline_vectors])
     if "curvlinops" not in args.skip:
-        curvlinops = _stage(record, "curvlinops_setup", lambda: curvlinops_operator(case, batch), log)
+        curvlinops = _stage(record, "curvlinops_setup", lambda: _warm(curvlinops_operator(case, batch), V[:1], 1), log)
         if curvlinops is not None:
             methods["curvlinops"] = lambda: curvlinops(V, args.curvlinops_block)
 
@@ -196,7 +196,7 @@ def measure(name: str, args, log) -> dict:
             + ", ".join(f"{key} {value:.4g}" for key, value in rounds.last().items()))
 
     rounds = _timing.interleaved(methods, args.rounds, clock=_timing.Clock(args.clock, args.device), per=per,
-                                 keep_going=True, on_round=progress)
+                                 warmup=0, keep_going=True, on_round=progress)  # each was warmed on one vector
     record["timing"] = rounds.to_dict()
     if "gradient" in rounds.seconds:
         record["in_gradients"] = rounds.in_gradients("gradient", "median")
@@ -212,6 +212,12 @@ def measure(name: str, args, log) -> dict:
                 record["memory"][method] = _memory(name, method, args)
         log(f"[{name}] peak memory: {record['memory']}")
     return record
+
+
+def _warm(products, *args):
+    """Run a method once on one vector (lazy initializations, allocator) and return it."""
+    products(*args)
+    return products
 
 
 def _stage(record: dict, stage: str, fn, log):
