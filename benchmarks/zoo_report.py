@@ -8,7 +8,7 @@ import statistics
 
 import _timing
 
-BEGIN, END = "<!-- zoo begin: benchmarks/zoo.py writes this section -->", "<!-- zoo end -->"
+HEADING = "## Model zoo"
 #: per vector at k = 16 against the retained graph: never slower, median ≤ 0.85; token transformers ≤ 1.0;
 #: against curvlinops ≤ 0.6 where it runs
 TARGETS = {"max_retained": 1.0, "median_retained": 0.85, "max_curvlinops": 0.6, "max_token": 1.0}
@@ -148,14 +148,22 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: str, table: str) -> None:
-    """Put ``table`` into RESULTS.md's "Model zoo" section (between its markers), appending it when absent."""
+def markers(size: str) -> tuple[str, str]:
+    return (f"<!-- zoo {size} begin: benchmarks/zoo.py --size {size} --results writes this block -->",
+            f"<!-- zoo {size} end -->")
+
+
+def write_results(path: str, table: str, size: str) -> None:
+    """Put ``table`` into RESULTS.md's "Model zoo" section, in the block of its size (between the block's markers),
+    adding the section or the block at the end of the file when absent."""
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    section = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    begin, end = markers(size)
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n## Model zoo\n\n" + section + "\n"
+        heading = "" if HEADING in text else f"\n{HEADING}\n"
+        text = text.rstrip("\n") + f"\n{heading}\n### `--size {size}`\n\n{block}\n"
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
