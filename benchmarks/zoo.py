@@ -179,6 +179,7 @@ def measure(name: str, args, log) -> dict:
     operator = _stage(record, "capture", capture, log)
     log(f"[{name}] path {record.get('path')} {record.get('fallback_reason') or ''}; check "
         f"{ {key: record.get('check', {}).get(key) for key in ('exact', 'error_reference', 'error_generic')} }")
+    gradient(case, batch)  # warm (and, for the compiled model, compile) before the rounds
     methods = {"gradient": lambda: gradient(case, batch)}
     per = {"gradient": 1, "hessgap": args.k, "retained_graph": args.baseline_vectors, "curvlinops": args.k}
     if operator is not None:

@@ -16,9 +16,10 @@ import pytest
 
 from hessgap import _extension
 
+import zoo_check
+import zoo_models
+
 pytest.importorskip("transformers")
-zoo_models = pytest.importorskip("zoo_models")
-zoo_check = pytest.importorskip("zoo_check")
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not _extension.available(), reason="hessgap._C is not built")]
