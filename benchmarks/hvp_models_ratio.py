@@ -196,8 +196,8 @@ def measure(case: Case, k: int, rounds: int, chunks: list[int], peers: bool) -> 
     print(f"[{case.name}] n = {case.n}, path {info.path}, auto chunk {auto_chunk}, notes: {info.notes}; relative "
           "difference from hessgap.hvp: " + ", ".join(f"{key} {v:.1e}" for key, v in differences.items()), flush=True)
 
-    rounds = _timing.Rounds(clock=CLOCK["clock"].kind)
-    rows, add = rounds.seconds, rounds.add
+    timing = _timing.Rounds(clock=CLOCK["clock"].kind)
+    rows, add = timing.seconds, timing.add
 
     for index in range(rounds):
         add("gradient", timed(lambda: gradient(case)))
@@ -215,8 +215,8 @@ def measure(case: Case, k: int, rounds: int, chunks: list[int], peers: bool) -> 
             add(f"chunk {c}", timed(lambda c=c: hessgap.hvp(case.model, case.batch, V, path="generic", chunk_size=c)) / k)
         print(f"[{case.name}] round {index + 1} (s per vector): "
               + ", ".join(f"{key} {v[-1]:.3g}" for key, v in rows.items()), flush=True)
-    best = rounds.minima()  # the fastest round of each: other jobs only ever add time
-    ratios = rounds.in_gradients("gradient", how="min")
+    best = timing.minima()  # the fastest round of each: other jobs only ever add time
+    ratios = timing.in_gradients("gradient", how="min")
     peer_keys = [key for key in ("retained graph (amortized)", "curvlinops") if key in ratios]
     summary = {"n": case.n, "auto_chunk": auto_chunk, "notes": info.notes, "best_seconds": best,
                "per_vector_over_gradient": ratios, "differences": differences, "seconds_per_round": rows}
