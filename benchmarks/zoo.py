@@ -297,13 +297,15 @@ def main(argv=None) -> dict:
     report = load(args.json, args)
     command = "python benchmarks/zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if not args.table_only:
-        report["meta"] = {"command": command, "machine": _timing.machine(args.device), "commit": commit(),
-                          "date": datetime.date.today().isoformat(), "size": args.size, "k": args.k,
-                          "rounds": args.rounds, "clock": args.clock, "baseline_vectors": args.baseline_vectors,
-                          "curvlinops_block": args.curvlinops_block,
-                          "versions": {p: _timing.version(p) for p in
-                                       ("transformers", "timm", "curvlinops-for-pytorch", "torchvision")}}
-        print(_timing.describe_machine(report["meta"]["machine"]), flush=True)
+        run = {"command": command, "machine": _timing.machine(args.device), "commit": commit(),
+               "date": datetime.date.today().isoformat()}
+        # the first run's settings head the table; a resumed or partial rerun is listed after it
+        report.setdefault("meta", {**run, "size": args.size, "k": args.k, "rounds": args.rounds, "clock": args.clock,
+                                   "baseline_vectors": args.baseline_vectors, "curvlinops_block": args.curvlinops_block,
+                                   "versions": {p: _timing.version(p) for p in
+                                                ("transformers", "timm", "curvlinops-for-pytorch", "torchvision")}})
+        report.setdefault("runs", []).append(run)
+        print(_timing.describe_machine(run["machine"]), flush=True)
         for name in args.models:
             previous = report["configs"].get(name, {})
             if previous.get("status") == "done" and not previous.get("retry"):

@@ -135,7 +135,12 @@ def render(report: dict) -> str:
                   f"{_timing.describe_machine(meta['machine'])}; {versions}. Size `{meta.get('size')}`, k = {k}, "
                   f"{meta.get('rounds')} interleaved rounds (medians), {meta.get('clock')} clock; retained graph timed on "
                   f"{meta.get('baseline_vectors')} vectors, curvlinops in blocks of {meta.get('curvlinops_block')} "
-                  "columns.", ""]
+                  "columns."]
+        later = [r for r in report.get("runs", [])[1:]]
+        if later:
+            lines[-1] += " Rows measured again or added by later runs: " + "; ".join(
+                f"`{r['command']}` ({r['date']}, commit {r['commit']})" for r in later) + "."
+        lines.append("")
     lines += ["| config | timing batch | n | path | computes in | rel. error vs float64 reference | capture s | "
               "hessgap | retained graph | curvlinops | hessgap / retained | hessgap / curvlinops | "
               "peak MiB: hessgap / retained / curvlinops |",
