@@ -155,7 +155,9 @@ def memory_setup(name: str, size: str, method: str, k: int, block: int, device: 
 
 # ---- one configuration ---------------------------------------------------------------------------------------------
 
-def measure(name: str, args, log) -> dict:
+def measure(name: str, args, log, keep=lambda record: None) -> dict:
+    """Every figure of one configuration; ``keep(record)`` is called after each stage and round with what is
+    measured so far (a long run on a busy machine keeps what it measured when it is stopped)."""
     record = {"config": name, "size": args.size}
     try:
         case = zoo_models.build(name, args.size)
@@ -165,6 +167,7 @@ def measure(name: str, args, log) -> dict:
     record.update(family=case.family, shape=case.shape, n=case.n)
     log(f"[{name}] n = {case.n:,}, timing batch {case.shape}")
     record["check"] = _stage(record, "check", lambda: zoo_check.check(case, k=args.check_vectors), log) or {}
+    keep(record)
     case.to(args.device)
     batch, V = case.timing_batch, vectors(case, args.k)
 
@@ -177,6 +180,7 @@ def measure(name: str, args, log) -> dict:
         return operator
 
     operator = _stage(record, "capture", capture, log)
+    keep(record)
     log(f"[{name}] path {record.get('path')} {record.get('fallback_reason') or ''}; check "
         f"{ {key: record.get('check', {}).get(key) for key in ('exact', 'error_reference', 'error_generic')} }")
     gradient(case, batch)  # warm (and, for the compiled model, compile) before the rounds
@@ -196,13 +200,13 @@ def measure(name: str, args, log) -> dict:
     def progress(index, rounds):
         log(f"[{name}] round {index + 1} (s per unit): "
             + ", ".join(f"{key} {value:.4g}" for key, value in rounds.last().items()))
+        _costs(record, rounds)
+        keep(record)
 
     rounds = _timing.interleaved(methods, args.rounds, clock=_timing.Clock(args.clock, args.device), per=per,
                                  warmup=0, keep_going=True, on_round=progress)  # each was warmed on one vector
-    record["timing"] = rounds.to_dict()
+    _costs(record, rounds)
     if "gradient" in rounds.seconds:
-        record["in_gradients"] = rounds.in_gradients("gradient", "median")
-        record["in_gradients_min"] = rounds.in_gradients("gradient", "min")
         log(f"[{name}] per vector in gradients (medians): "
             + ", ".join(f"{key} {value:.3g}" for key, value in record["in_gradients"].items()))
     methods.clear()  # frees the retained graph and the operator's buffers before the memory children
@@ -212,8 +216,16 @@ def measure(name: str, args, log) -> dict:
         for method in METHODS:
             if method in rounds.seconds:
                 record["memory"][method] = _memory(name, method, args)
+                keep(record)
         log(f"[{name}] peak memory: {record['memory']}")
     return record
+
+
+def _costs(record: dict, rounds: _timing.Rounds) -> None:
+    record["timing"] = rounds.to_dict()
+    if "gradient" in rounds.seconds:
+        record["in_gradients"] = rounds.in_gradients("gradient", "median")
+        record["in_gradients_min"] = rounds.in_gradients("gradient", "min")
 
 
 def _warm(products, *args):
@@ -256,9 +268,11 @@ def load(path: str | None, args) -> dict:
     with open(path) as handle:
         report = json.load(handle)
     for name, record in report["configs"].items():
-        if record.get("status") == "running":  # the process died inside it: do not run into it again
-            record.update(status="done", error="the process died while measuring it (a crash, or killed for memory); "
-                                               "delete its entry to measure it again")
+        if record.get("status") == "running" and record.get("interrupted"):  # twice: do not run into it again
+            record.update(status="done", error="the run stopped twice while measuring it (a crash, killed for memory, "
+                                               "or stopped by hand); delete its entry to measure it again")
+        elif record.get("status") == "running":  # stopped inside it once: measured again
+            record["interrupted"] = True
         elif record.get("size") not in (None, args.size):
             raise SystemExit(f"{path} holds {name} at size {record['size']}, not {args.size}: use another --json")
     return report
@@ -305,15 +319,21 @@ def main(argv=None) -> dict:
                                    "versions": {p: _timing.version(p) for p in
                                                 ("transformers", "timm", "curvlinops-for-pytorch", "torchvision")}})
         report.setdefault("runs", []).append(run)
+        save(args.json, report)  # with the runs and what load() found of interrupted configurations
         print(_timing.describe_machine(run["machine"]), flush=True)
         for name in args.models:
             previous = report["configs"].get(name, {})
             if previous.get("status") == "done" and not previous.get("retry"):
                 print(f"[{name}] measured already in {args.json}: skipped", flush=True)
                 continue
-            report["configs"][name] = {"config": name, "size": args.size, "status": "running"}
-            save(args.json, report)
-            record = measure(name, args, lambda line: print(line, flush=True))
+            interrupted = {"interrupted": True} if previous.get("interrupted") else {}
+
+            def keep(record, name=name, interrupted=interrupted):
+                report["configs"][name] = {**record, **interrupted, "status": "running"}
+                save(args.json, report)
+
+            keep({"config": name, "size": args.size})
+            record = measure(name, args, lambda line: print(line, flush=True), keep)
             report["configs"][name] = {**record, "status": "done"}
             save(args.json, report)
     table = render(report)

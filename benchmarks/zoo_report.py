@@ -65,6 +65,9 @@ def _row(record: dict, notes: list[str]) -> str:
     if "error" in record and "n" not in record:
         return f"| {name} | | | fails [{_note(notes, f'{name}: ' + record['error'])}] |" + " |" * 9
     path = record.get("path") or "–"
+    if record.get("status") == "running":
+        rounds = len(record.get("timing", {}).get("seconds_per_round", {}).get("gradient", []))
+        path += f" [{_note(notes, f'{name}: the run stopped while measuring it; what it had measured is shown ({rounds} timing round(s))')}]"
     if record.get("fallback_reason"):
         path += f" [{_note(notes, f'{name} falls back: ' + record['fallback_reason'])}]"
     for stage, error in record.get("errors", {}).items():

@@ -117,3 +117,31 @@ def test_zoo_run_survives_a_raising_config_and_resumes_from_its_json(tmp_path, m
     printed = capsys.readouterr().out
     assert "[mlp] measured already" in printed and "[broken] measured already" not in printed
     assert results.read_text().count("## Model zoo") == 1
+
+
+def test_zoo_keeps_partial_figures_and_measures_an_interrupted_config_again(tmp_path, capsys):
+    import zoo
+
+    out = tmp_path / "zoo.json"
+    argv = ["--models", "mlp", "--size", "tiny", "--rounds", "2", "--no-memory", "--skip", "curvlinops",
+            "--json", str(out)]
+    kept = []
+    args = zoo.argparse.Namespace(size="tiny", check_vectors=2, device="cpu", k=4, baseline_vectors=2, skip=["curvlinops"],
+                                  curvlinops_block=4, rounds=2, clock="process", no_memory=True, threads=None)
+    zoo.measure("mlp", args, lambda line: None, keep=lambda record: kept.append(json.loads(json.dumps(record))))
+    stages = [("check" in r, "path" in r, len(r.get("timing", {}).get("seconds_per_round", {}).get("gradient", [])))
+              for r in kept]
+    assert stages == [(True, False, 0), (True, True, 0), (True, True, 1), (True, True, 2)]
+    # a run stopped inside mlp left it "running": the next run measures it again, a second stop gives up on it
+    out.write_text(json.dumps({"configs": {"mlp": {"config": "mlp", "size": "tiny", "status": "running"}}}))
+    with _timing.threads(torch.get_num_threads()):
+        zoo.main(argv)
+    assert json.loads(out.read_text())["configs"]["mlp"]["status"] == "done"
+    assert "error" not in json.loads(out.read_text())["configs"]["mlp"]
+    out.write_text(json.dumps({"configs": {"mlp": {"config": "mlp", "size": "tiny", "status": "running",
+                                                   "interrupted": True}}}))
+    capsys.readouterr()
+    with _timing.threads(torch.get_num_threads()):
+        zoo.main(argv)
+    assert "[mlp] measured already" in capsys.readouterr().out
+    assert "stopped twice" in json.loads(out.read_text())["configs"]["mlp"]["error"]
