@@ -204,7 +204,7 @@ def measure(name: str, args, log, keep=lambda record: None) -> dict:
         keep(record)
 
     rounds = _timing.interleaved(methods, args.rounds, clock=_timing.Clock(args.clock, args.device), per=per,
-                                 warmup=0, keep_going=True, on_round=progress)  # each was warmed on one vector
+                                 warmup=1, keep_going=True, on_round=progress)
     _costs(record, rounds)
     if "gradient" in rounds.seconds:
         log(f"[{name}] per vector in gradients (medians): "
@@ -229,7 +229,9 @@ def _costs(record: dict, rounds: _timing.Rounds) -> None:
 
 
 def _warm(products, *args):
-    """Run a method once on one vector (lazy initializations, allocator) and return it."""
+    """Run a method once on one vector (what fails, fails here) and return it. The rounds still start with an
+    untimed call of every method on all k vectors: the first call of k (its buffers, the pages they touch) cost
+    3.5x the second for hessgap on GPT-2 at 4 × 256 tokens on a busy machine."""
     products(*args)
     return products
 
