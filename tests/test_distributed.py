@@ -151,14 +151,14 @@ def test_every_measure_on_shards_equals_one_process_on_all_data():
     m-sharpness over per-rank batches: 50 % off, or the ranks hung when their shards held unequal numbers of
     batches of m)."""
     world_size = 3
-    from hessgap.measures import NAMES
+    from hessgap.measures import DEFAULT_NAMES
 
     from rank_workers import batches_of, every_measure, measures_on_shards, trained_problem
 
     results = run_ranks(measures_on_shards, world_size)
     model, x, y = trained_problem()
     single = every_measure(batches_of(x, y), model)
-    assert list(single["values"]) == list(NAMES) and not single["not_applicable"]
+    assert list(single["values"]) == list(DEFAULT_NAMES) and not single["not_applicable"]
     assert single["num_samples"] == 61
     for rank_result in results[1:]:
         _same_result(rank_result, results[0], rtol=1e-12)  # every rank returns the same numbers
