@@ -64,8 +64,9 @@ class LLCResult(JsonResult):
     """The LLC estimate (``value`` ± ``stderr``, the standard error over chains), each chain's estimate, the
     settings it ran with, the traces and the diagnostics.
 
-    ``traces[c][t]`` is nβ·(L_m(w_t) − L_m(w*)) of chain c at step t (its mean after ``burn_in`` is the
-    chain's estimate), ``loss_traces`` the minibatch losses L_m(w_t) themselves; ``diagnostics`` lists
+    ``traces[c][t]`` is nβ·(L_m(w_t) − L_m(w*)) of chain c at step t (its mean after ``burn_in``, weighted
+    by ``step_units``, the units of each step's minibatch, is the chain's estimate), ``loss_traces`` the
+    minibatch losses L_m(w_t) themselves; ``diagnostics`` lists
     every check (``ok``, ``message``), ``trustworthy`` is whether all passed and ``suggested`` the settings
     to try instead. ``plot(path)`` draws the traces as a PNG.
     """
@@ -84,6 +85,7 @@ class LLCResult(JsonResult):
     lmax: float | None
     traces: list
     loss_traces: list
+    step_units: list
     diverged: list
     diagnostics: list
     trustworthy: bool
@@ -128,7 +130,10 @@ def _scales(ctx: Context, n_beta, step_size, localization, need_lmax: bool) -> t
         n_beta = units / math.log(units)
     lmax = hessian.hessian_lmax(ctx).value if need_lmax else None
     if step_size == "auto" or localization == "auto":
-        if not (lmax is not None and math.isfinite(lmax) and lmax > 0):
+        # a curvature within 1000 roundings of the loss is no curvature: the Hessian vanishes at w*
+        with preserved(ctx.model, train_mode=False, parameters=False):
+            floor = 1e3 * torch.finfo(ctx.dtype).eps * max(abs(ctx.objective().value()), 1e-30)
+        if not (lmax is not None and math.isfinite(lmax) and lmax > floor):
             raise NotApplicable(
                 f"the Hessian's top eigenvalue at w* is {lmax:.3g}: no curvature sets the scale of the automatic "
                 "step size and localization (a singular point, or not a minimum); pass step_size= and localization="
@@ -202,7 +207,8 @@ def llc_measure(ctx: Context, step_size="auto", localization="auto", n_beta="aut
         localization=localization, chains=chains, draws=draws, burn_in=burn_in, loss=loss0,
         units=units, lmax=lmax,
         traces=[[round(v, 6) for v in row] for row in excess.tolist()],
-        loss_traces=[[round(v, 8) for v in row] for row in run.losses.tolist()], diverged=run.diverged,
+        loss_traces=[[round(v, 8) for v in row] for row in run.losses.tolist()], step_units=run.weights.tolist(),
+        diverged=run.diverged,
         diagnostics=[], trustworthy=True, suggested={}, devinterp_style=_mean_and_stderr(plain)[0],
         path=run.path, notes=notes + run.notes)
     if diagnose:
