@@ -14,13 +14,13 @@ def cmd_measures(args, folder_for, saved_for, finish) -> int:
     saved = saved_for(args.model_path, args)
     settings = {"model": str(Path(args.model_path).resolve()), "model_sha256": saved.sha256,
                 "names": list(args.names) if args.names else None, "invariance": not args.no_invariance,
-                "options": options_from(args.sets),
+                "options": options_from(args.sets, args),
                 "seed": args.seed, "max_batches": args.max_batches, "eval_batch": args.eval_batch,
                 "data_root": args.data_root, "device": args.device}
     with folder_for(args, "measures", settings, f"measures-{saved.label}-{saved.sha256[:8]}") as folder:
         result = model_measures.run(folder, saved, list(args.names) if args.names else None, args.seed, args.data_root,
                                     args.eval_batch, args.max_batches, args.device, not args.no_invariance,
-                                    options_from(args.sets))
+                                    options_from(args.sets, args))
         print(f"model: {saved.describe()}")
         print("\n".join(model_measures.lines(result)))
         finish(folder)

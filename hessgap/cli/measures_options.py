@@ -14,6 +14,7 @@ from .options import (
     csv,
     dataset_name,
     model_name,
+    nonnegative_float,
     nonnegative_int,
     one_of,
     positive_float,
@@ -41,11 +42,21 @@ def measure_setting(text: str) -> tuple[str, str, object]:
     return measure, setting.strip(), parsed
 
 
-def options_from(sets) -> dict:
-    """``--set`` items as the ``options`` of :func:`hessgap.measures`."""
+#: ``hessgap measures`` option (argparse dest) -> the LLC setting it gives
+LLC_OPTIONS = {"llc_chains": "chains", "llc_draws": "draws", "llc_burn_in": "burn_in", "llc_step_size": "step_size",
+               "llc_localization": "localization", "llc_n_beta": "n_beta"}
+
+
+def options_from(sets, args=None) -> dict:
+    """``--set`` items (and, from ``args``, the ``--llc-*`` options) as the ``options`` of
+    :func:`hessgap.measures`."""
     options: dict = {}
     for measure, setting, value in sets or ():
         options.setdefault(measure, {})[setting] = value
+    for dest, setting in LLC_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            options.setdefault("llc", {})[setting] = value
     return options
 
 
@@ -62,6 +73,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-invariance", action="store_true", help="skip the invariance check (about half the time)")
     p.add_argument("--set", dest="sets", type=measure_setting, action="append", metavar="MEASURE.SETTING=VALUE",
                    help=SET_HELP)
+    g = p.add_argument_group("local learning coefficient (with --names llc; defaults: set from λmax and n/log n)")
+    g.add_argument("--llc-chains", type=positive_int, help="SGLD chains (default: 4)")
+    g.add_argument("--llc-draws", type=positive_int, help="steps averaged per chain after burn-in (default: 200)")
+    g.add_argument("--llc-burn-in", type=nonnegative_int, help="steps left out at each chain's start (default: 100)")
+    g.add_argument("--llc-step-size", type=positive_float, help="SGLD step ε (default: 0.08/(nβλmax + γ))")
+    g.add_argument("--llc-localization", type=nonnegative_float,
+                   help="pull γ towards the weights (default: 1e-3·nβλmax)")
+    g.add_argument("--llc-n-beta", type=positive_float, help="nβ, the inverse temperature times n (default: n/log n)")
     add_data_override(p)
     add_run_options(p, "measures-<model>-<sha256 prefix>")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .. import _checks
 from ..errors import HessgapError
 from ..names import DEFAULT_MEASURE_NAMES, MEASURE_NAMES
-from . import average_case, fisher_rao, hessian, llc, pacbayes, relative_flatness, worst_case
+from . import average_case, fisher_rao, geodesic, hessian, llc, pacbayes, relative_flatness, worst_case
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,10 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
     Measure("llc", llc.llc_measure, "singular learning theory",
             "Lau et al. 2023, Quantifying degeneracy in singular models via the learning coefficient", True,
             "local learning coefficient nβ(E_w L_n(w) − L_n(w*)), SGLD around w*, β = 1/log n", 6, by_default=False),
+    Measure("geodesic", geodesic.geodesic_sharpness, "worst-case",
+            "da Silva, Dangel & Oore 2025, Hide & Seek: transformer symmetries obscure sharpness", True,
+            "max loss rise over a geodesic ball of the quotient by attention's GL(h) and the scale symmetries", 3,
+            by_default=False),
 )}
 
 NAMES: tuple[str, ...] = tuple(MEASURES)
