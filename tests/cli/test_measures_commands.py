@@ -68,6 +68,9 @@ def test_correlate_on_a_tiny_zoo(tmp_path, capsys):
     code, out, err = run_cli(capsys, "correlate", *ZOO, "--min-train-acc", "30", "--out", tmp_path / "c")
     assert code == 0, err
     assert "4 of 4 networks included" in out and "fisher_rao" in out
+    assert "sign-error" in out and "(robust" in out
+    result = json.loads((tmp_path / "c" / "results" / "correlate.json").read_text())
+    assert "robust_sign_error" in result["correlations"]["digits"]["fisher_rao"]
     report = (tmp_path / "c" / "report.md").read_text()
     assert "## Which sharpness predicts the generalization gap?" in report
     assert (tmp_path / "c" / "figures" / "correlate_digits.png").is_file()
