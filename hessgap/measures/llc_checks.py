@@ -13,7 +13,7 @@ instead. Every check returns ``{"check", "ok", "value", "message"}``; the failed
   flagged above q = 0.1 (variance 11 % too large), suggesting the step with q = 0.02.
 - ``minibatch_noise``: the minibatch gradient's own noise adds variance the posterior does not have; for
   a quadratic loss with γ ≪ nβλ it raises λ̂ by at most ε·(nβ)²·tr(C)/8, C the covariance of a minibatch's
-  gradient at w* (from the batches' gradients). Flagged above 10 % of the estimate, suggesting the step
+  gradient at w* (from the batches' gradients; 0 when every step takes all the data). Flagged above 10 % of the estimate, suggesting the step
   size that makes it 5 % (or larger batches).
 """
 
@@ -86,23 +86,35 @@ def _lmax_at(ctx, final: dict, chain: int) -> float | None:
 
 
 def _gradient_spread(ctx) -> float:
-    """tr(C): the variance of one minibatch's gradient around the full gradient at w*, Σ_b w_b‖g_b − ḡ‖²/W
-    over the batches (on several ranks a step averages one batch of each rank: divided by their number)."""
-    objective = ctx.objective()
+    """tr(C): the variance of one step's minibatch gradient around the full gradient at w*, Σ_j w_j‖g_j − ḡ‖²/W
+    over the steps' minibatches j. On several ranks with as many batches each, minibatch j is the union of
+    every rank's batch j, as in the chains (one all-reduce per batch); with unequal counts, each rank's
+    batches are taken alone and the variance divided by the number of ranks (a step averages one batch of
+    each)."""
+    objective, ranks = ctx.objective(), ctx.ranks
+    batches = list(objective.batches())
+    unions = len(set(ranks.gather_object(len(batches)))) == 1
     total, squares, weight = None, 0.0, 0.0
     with preserved(ctx.model, train_mode=False, parameters=False):
-        for batch in objective.batches():
+        for batch in batches:
             grads = torch.autograd.grad(objective.batch_loss(batch), objective.params, allow_unused=True)
             flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
                               for g, p in zip(grads, objective.params)])
-            total = flat * batch.weight if total is None else total.add_(flat, alpha=batch.weight)
-            squares += float(flat.square().sum()) * batch.weight
-            weight += batch.weight
-    summed = [total, torch.tensor([squares, weight], dtype=torch.float64, device=total.device)]
-    ctx.ranks.sum_bucket_(summed)
-    total, (squares, weight) = summed[0], summed[1].tolist()
-    spread = squares / weight - float((total / weight).square().sum())
-    return max(spread, 0.0) / ctx.ranks.world_size
+            w = float(batch.weight)
+            if unions and ranks.active:
+                bucket = [flat * w, torch.tensor([w], dtype=torch.float64, device=flat.device)]
+                ranks.sum_bucket_(bucket)
+                w = float(bucket[1])
+                flat = bucket[0] / w
+            total = flat * w if total is None else total.add_(flat, alpha=w)
+            squares += float(flat.square().sum()) * w
+            weight += w
+    if not unions:
+        summed = [total, torch.tensor([squares, weight], dtype=torch.float64, device=total.device)]
+        ranks.sum_bucket_(summed)
+        total, (squares, weight) = summed[0], summed[1].tolist()
+    spread = max(squares / weight - float((total / weight).square().sum()), 0.0)
+    return spread if unions else spread / ranks.world_size
 
 
 def diagnose(ctx, result, run) -> tuple[list[dict], dict]:
