@@ -65,11 +65,13 @@ def add_parsers(sub) -> None:
                        description="Sharpness, flatness and norm measures of a network saved by `hessgap train`, "
                                    "over its training set: Keskar's Metric 2.1 (full, subspace), adaptive ℓ∞/ℓ2, "
                                    "m-sharpness, Gaussian (plain, adaptive), PAC-Bayes 1/σ² and 1/σ′², λmax and "
-                                   "trace of H and of D·H·D, relative flatness, the Fisher–Rao norm; each checked "
-                                   "for invariance on a function-preserving ReLU/BatchNorm rescaling of the network.")
+                                   "trace of H and of D·H·D, relative flatness, the Fisher–Rao norm; when named, "
+                                   "the local learning coefficient (llc: SGLD chains, traces in figures/, "
+                                   "diagnostics) and geodesic sharpness (geodesic); each checked for invariance on "
+                                   "a function-preserving ReLU/BatchNorm/attention transform of the network.")
     p.add_argument("model_path", help="model.pt written by `hessgap train`, or its --out folder")
     p.add_argument("--names", type=csv(measure_name), default=None,
-                   help=f"comma-separated measures (default: all): {', '.join(names.MEASURE_NAMES)}")
+                   help=f"comma-separated measures (default: all but llc and geodesic): {', '.join(names.MEASURE_NAMES)}")
     p.add_argument("--no-invariance", action="store_true", help="skip the invariance check (about half the time)")
     p.add_argument("--set", dest="sets", type=measure_setting, action="append", metavar="MEASURE.SETTING=VALUE",
                    help=SET_HELP)
@@ -88,7 +90,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("correlate", formatter_class=Formatter, help="which measure predicts the generalization gap",
                        description="Train a zoo of networks (batch sizes × learning rates × widths × seeds on each "
                                    "data set), measure each with every measure of `hessgap measures`, and report "
-                                   "Kendall's τ and Jiang et al.'s granulated τ of each measure against the "
+                                   "Kendall's τ, Jiang et al.'s granulated τ and Dziugaite et al.'s sign-error "
+                                   "(robust: the worst hyperparameter's) of each measure against the "
                                    "generalization gap, with scatter plots and report.md. Presets: quick (48 small "
                                    "F1 networks on MNIST-1D and digits, under 30 minutes on a 2-core CPU), full.")
     p.add_argument("--preset", choices=names.ZOO_PRESETS, default="quick", help="the zoo to start from (default: quick)")
