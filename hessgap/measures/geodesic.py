@@ -10,8 +10,9 @@ with γ_ξ the geodesic from θ with velocity ξ, approximated to second order, 
 
 - on each head's pair (G, H) (query/key or value/output blocks, :mod:`.attention`): the GL(h)-invariant
   metric of fixed-rank factorizations (Mishra, Meyer, Bonnabel & Sepulchre 2014)
-  g(ξ, η) = tr(HᵀH·ξ_Gᵀη_G) + tr(GᵀG·ξ_Hᵀη_H), divided by the invariant c = ‖GHᵀ‖²_F / h so that the ball is
-  in units relative to the weights like the adaptive part. Its horizontal space (orthogonal to the orbit
+  g(ξ, η) = tr(HᵀH·ξ_Gᵀη_G) + tr(GᵀG·ξ_Hᵀη_H), divided by the invariant c = ‖GHᵀ‖²_F / (h·√(k_G·k_H)) (k the
+  blocks' rows) so that the ball is in about the units of the adaptive part: entries' moves relative to
+  their size. Its horizontal space (orthogonal to the orbit
   directions (GΩ, −HΩᵀ)) has a closed-form projection, Ω = ½(ξ_GᵀG(GᵀG)⁻¹ − (HᵀH)⁻¹Hᵀξ_H)ᵀ; its geodesic
   equation (Euler–Lagrange) G̈ = [G·ḢᵀḢ − Ġ(ḢᵀH + HᵀḢ)](HᵀH)⁻¹ and the same with G and H exchanged gives
   the second-order term;
@@ -52,7 +53,9 @@ class _Pair:
         sg = sg + _RIDGE * float(sg.trace()) / width * eye
         sh = sh + _RIDGE * float(sh.trace()) / width * eye
         self.sg_inv, self.sh_inv = torch.linalg.inv(sg), torch.linalg.inv(sh)
-        self.c = float((self.g @ self.h.T).square().sum()) / width
+        # ‖GHᵀ‖²_F ≈ ‖G‖²‖H‖²/h for generic blocks: this c makes ‖u‖ about the root-sum-square of the
+        # entries' relative moves, the units of the element-wise (adaptive) part
+        self.c = float((self.g @ self.h.T).square().sum()) / (width * (self.g.shape[0] * self.h.shape[0]) ** 0.5)
         self.sg_half, self.sg_half_inv = _sqrt_pair(sg)
         self.sh_half, self.sh_half_inv = _sqrt_pair(sh)
 

@@ -243,7 +243,3 @@ def llc(model, data, *, loss_fn=None, seed: int = 0, max_batches: int | None = N
         raise HessgapError(result.not_applicable["llc"].replace("llc does not apply: ", "the LLC cannot be taken: "))
     return LLCResult(**result.details["llc"])
 
-
-def traces_tensor(result: LLCResult) -> torch.Tensor:
-    """The traces as a (chains, steps) float64 tensor (NaN after a chain diverged)."""
-    return torch.tensor(result.traces, dtype=torch.float64)
