@@ -279,3 +279,18 @@ def llc_result(model, data):
 def llc_on_shards(rank, world_size):
     model, per_rank, _ = llc_problem()
     return llc_result(model, per_rank[rank])
+
+
+def llc_with_a_bad_batch(rank, world_size):
+    """The last rank's second batch has a target out of the classes' range: what each rank raised."""
+    import hessgap
+
+    model, per_rank, _ = llc_problem()
+    data = list(per_rank[rank])
+    if rank == world_size - 1:
+        data[1] = (data[1][0], data[1][1].clone().fill_(7))
+    try:
+        hessgap.llc(model, data, **LLC_SETTINGS)
+    except hessgap.HessgapError as exc:
+        return str(exc)
+    return None

@@ -203,3 +203,11 @@ def test_llc_on_two_ranks_equals_one_process_on_the_union_batches():
         assert ours["check"] == theirs["check"] and ours["ok"] == theirs["ok"]
         if ours["value"] is not None:
             assert ours["value"] == pytest.approx(theirs["value"], rel=1e-5, abs=1e-9), ours["check"]
+
+
+def test_llc_with_a_bad_batch_on_one_rank_raises_on_every_rank():
+    from rank_workers import llc_with_a_bad_batch
+
+    raised = run_ranks(llc_with_a_bad_batch, 2)
+    assert "batch 1" in raised[1] and "the model has 3 classes" in raised[1]
+    assert raised[0].startswith("rank 1 of 2 failed")

@@ -127,11 +127,13 @@ class _Geometry:
     def start(self, generator: torch.Generator) -> dict:
         """A random direction drawn equivariantly: ξ_i = θ_i z_i element-wise (u_i = sign(θ_i) z_i), and
         ξ_G = Z·G, ξ_H = Z′·H on each head (Z, Z′ square Gaussian)."""
-        u = {n: torch.sign(t) * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) * self.elementwise[n]
-             for n, t in self.theta.items()}
+        device = generator.device
+        u = {n: torch.sign(t) * torch.randn(t.shape, generator=generator, dtype=t.dtype, device=device).to(t.device)
+             * self.elementwise[n] for n, t in self.theta.items()}
         for p in self.pairs:
-            zg = torch.randn(p.g.shape[0], p.g.shape[0], generator=generator, dtype=torch.float64).to(p.g.device)
-            zh = torch.randn(p.h.shape[0], p.h.shape[0], generator=generator, dtype=torch.float64).to(p.h.device)
+            rows_g, rows_h = p.g.shape[0], p.h.shape[0]
+            zg = torch.randn(rows_g, rows_g, generator=generator, dtype=torch.float64, device=device).to(p.g.device)
+            zh = torch.randn(rows_h, rows_h, generator=generator, dtype=torch.float64, device=device).to(p.h.device)
             ug, uh = p.u(zg @ p.g, zh @ p.h)
             write_block(u, p.pair.g, ug)
             write_block(u, p.pair.h, uh)

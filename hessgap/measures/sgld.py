@@ -104,7 +104,7 @@ def run_chains(objective: LossOverData, *, step_size: float, n_beta: float, loca
     dtype = next(iter(centre.values())).dtype
     device = objective.device
     with torch.no_grad():  # each batch's loss at w*: the control variate of its losses along the chains
-        at_centre = [float(objective.batch_loss(batch)) for batch in batches]
+        at_centre = ranks.together(lambda: [float(objective.batch_loss(batch)) for batch in batches])
     order = _batch_order(len(batches), steps, seed * 7919 + 1)
     noise = torch.Generator(device=device).manual_seed(seed)
     stacked = {name: x.unsqueeze(0).repeat(chains, *([1] * x.dim())).contiguous() for name, x in centre.items()}
@@ -118,13 +118,23 @@ def run_chains(objective: LossOverData, *, step_size: float, n_beta: float, loca
     steps_range = range(steps) if progress is None else progress(range(steps))
     for t in steps_range:
         batch = batches[order[t]]
-        chain_losses, grads = gradients(batch, stacked)
-        # one all-reduce per step: every rank's weighted sums (losses, w* loss, weight, gradients)
+        error = None
+        try:
+            chain_losses, grads = gradients(batch, stacked)
+        except Exception as exc:  # every rank must reach the all-reduce below, also the one that failed
+            error = exc
+            chain_losses, grads = torch.zeros(chains, dtype=dtype, device=device), {n: torch.zeros_like(x)
+                                                                                   for n, x in stacked.items()}
+        # one all-reduce per step: every rank's weighted sums (losses, w* loss, weight, gradients) and whether
+        # its step failed, so that every rank raises together instead of waiting for the failed one
         weight = float(batch.weight)
         head = torch.cat([chain_losses.detach().to(dtype) * weight,
-                          torch.tensor([at_centre[order[t]] * weight, weight], dtype=dtype, device=device)])
+                          torch.tensor([at_centre[order[t]] * weight, float(error is not None), weight], dtype=dtype,
+                                       device=device)])
         summed = [head] + [grads[name].detach().to(dtype).mul_(weight) for name in names]
         ranks.sum_bucket_(summed)
+        if float(summed[0][-2]) > 0:
+            ranks.settle(error)
         total = float(summed[0][-1])
         step_losses = summed[0][:chains] / total
         finite = torch.isfinite(step_losses) & torch.stack(
