@@ -8,7 +8,10 @@ Known coefficients (Watanabe 2009; Aoyagi & Watanabe 2005 for reduced-rank regre
 - y = w²·x at w = 0 (the Hessian vanishes): λ = 1/4; the tempered posterior needs no localization and its
   estimator target is exactly 1/4 at every n;
 - y = a·b·x at a = b = 0: λ = 1/2 with multiplicity 2; at finite n and localization γ the target is a
-  one-dimensional integral (printed beside), which tends to 1/2 like 1/2 − O(1/log nβ).
+  one-dimensional integral (printed beside), which tends to 1/2 like 1/2 − O(1/log nβ);
+- reduced-rank regression y = B·A·x, 3 inputs, 3 outputs, rank 2 (12 weights), true B·A = 0: Aoyagi &
+  Watanabe's formula gives λ = [2(H + r)(M + N) − (M − N)² − (H + r)²]/8 = 5/2 (M + N + H + r even:
+  multiplicity 1); its finite-n, γ target is not computed here (only the limit).
 
 The singular models' data make L_n(w) = L_n(0) + K(w) exactly (inputs of mean square 1, noise orthogonal to
 them) and their chains run on the full batch with the step and localization given (their Hessian at w* is 0).
@@ -43,6 +46,25 @@ def orthogonal_data(n, seed=0):
     x = x / x.square().mean().sqrt()
     y = torch.randn(n, 1, generator=generator, dtype=torch.float64)
     return [(x, y - x * (x * y).sum() / (x * x).sum())]
+
+
+def whitened_data(n, inputs, outputs, seed=0):
+    """Inputs with XᵀX/n = I exactly and outputs orthogonal to every input column: L_n(B·A) = L_n(0) + ‖BA‖²/N."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, inputs, generator=generator, dtype=torch.float64)
+    x = x @ torch.linalg.inv(torch.linalg.cholesky(x.T @ x / n)).T
+    y = torch.randn(n, outputs, generator=generator, dtype=torch.float64)
+    return [(x, y - x @ torch.linalg.lstsq(x, y).solution)]
+
+
+class ReducedRank(nn.Module):
+    def __init__(self, inputs=3, outputs=3, rank=2):
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(rank, inputs, dtype=torch.float64))
+        self.b = nn.Parameter(torch.zeros(outputs, rank, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.a.T @ self.b.T
 
 
 class Scalars(nn.Module):
@@ -100,6 +122,10 @@ def main() -> None:
                                 localization=gamma, chains=8, draws=4000, burn_in=500)
         row(f"y = abx at a = b = 0, n = 5000, γ = {gamma:g}", "1/2 (m = 2)", ab_target(n / math.log(n), gamma),
             result, seconds)
+    for step, note in ((1.5e-4, ""), (5e-4, ", step flagged")):
+        result, seconds = timed(ReducedRank(), whitened_data(n, 3, 3), loss_fn=F.mse_loss, step_size=step,
+                                localization=1.0, chains=8, draws=6000 if not note else 3000, burn_in=1500)
+        row(f"reduced-rank regression 3→2→3 at BA = 0, n = 5000, γ = 1{note}", "5/2", 2.5, result, seconds)
     t = n / math.log(n)
     print("\nThe product model's target against γ at n = 5000 (1/2 only as γ/√nβ → 0, slowly: multiplicity 2): "
           + ", ".join(f"γ = {g:g}: {ab_target(t, g):.3f}" for g in (10, 1, 0.1, 1e-2, 1e-4, 1e-8)))
