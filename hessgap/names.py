@@ -36,8 +36,11 @@ STOP_RULES = ("epochs", "plateau")
 MEASURE_NAMES = (
     "keskar", "keskar_subspace", "adaptive_linf", "adaptive_l2", "m_sharpness", "gaussian", "gaussian_adaptive",
     "pacbayes_flatness", "pacbayes_mag_flatness", "hessian_lmax", "hessian_trace", "scaled_lmax", "scaled_trace",
-    "scaled_lmax_over_trace", "relative_flatness", "fisher_rao",
+    "scaled_lmax_over_trace", "relative_flatness", "fisher_rao", "llc", "geodesic",
 )
+#: The measures taken when none are named: every one but those run on request only (``llc``: SGLD chains,
+#: tens of times a Hessian measure's cost; ``geodesic``: the symmetry-aware sharpness, for transformers).
+DEFAULT_MEASURE_NAMES = MEASURE_NAMES[:-2]
 #: The zoos of ``hessgap correlate``.
 ZOO_PRESETS = ("quick", "full")
 
