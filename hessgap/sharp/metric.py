@@ -141,8 +141,9 @@ def sharpness(
         epsilon: the box size ε (ρ for ``kind="adaptive"``).
         subspace_dim: None for the full space (A = I); p for a random n × p matrix A; True for the
             paper's p = 100. A has i.i.d. N(0, 1) entries (``subspace_scale``) drawn from ``seed`` and is
-            regenerated block by block when it does not fit ``subspace_memory_bytes``, so the extra
-            memory stays a small multiple of the parameters' size for any p.
+            held when it fits ``subspace_memory_bytes`` (default: a quarter of the free memory), else
+            regenerated block by block at every product, so the extra memory stays a small multiple of
+            the parameters' size for any p (about 5× slower).
         loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
         solver: ``"auto"`` (default), ``"box-ascent"``, ``"lbfgsb"`` or ``"lbfgsb-scipy"``. ``"box-ascent"``
             is projected sign ascent from the box corner sign(∇f)·r, with Auto-PGD's step halving and the
