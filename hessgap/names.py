@@ -38,6 +38,10 @@ MEASURE_NAMES = (
     "pacbayes_flatness", "pacbayes_mag_flatness", "hessian_lmax", "hessian_trace", "scaled_lmax", "scaled_trace",
     "scaled_lmax_over_trace", "relative_flatness", "fisher_rao",
 )
+#: What :class:`hessgap.Tracker` measures along training (``hessgap train --track``): the top Hessian eigenvalue
+#: (warm-started Lanczos), the Hutchinson trace, Metric 2.1, critical sharpness along the optimizer's update (and
+#: along it on other data), and SGD's edge-of-stability ratio λmax·η over its stability limit.
+TRACK_MEASURES = ("lambda_max", "trace", "sharpness", "critical_sharpness", "relative_critical_sharpness", "eos_ratio")
 #: The zoos of ``hessgap correlate``.
 ZOO_PRESETS = ("quick", "full")
 
