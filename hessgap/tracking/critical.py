@@ -121,14 +121,16 @@ def critical_sharpness(
     if optimizer is not None and lr is not None:
         raise HessgapError("lr= goes with direction=; with an optimizer the learning rate is the optimizer's own")
     lr = learning_rate(optimizer) if optimizer is not None else (1.0 if lr is None else lr)
-    lr = _checks.positive_number(lr, "lr", "the learning rate of the real step")
-    initial = lr if initial is None else _checks.positive_number(initial, "initial", "the first learning rate tried")
+    lr = _checks.nonnegative_number(lr, "lr", "the learning rate of the real step")
+    if initial is None:
+        initial = lr if lr > 0 else 1.0  # a learning rate decayed to 0 still has a critical one
+    initial = _checks.positive_number(initial, "initial", "the first learning rate tried")
 
     with preserved(model, train_mode=train_mode) as snapshot:
         x = [snapshot[name] for name in objective.names]
         loss, grads = objective.value_and_grad()
         if optimizer is not None:
-            delta = [-u / lr for u in next_update(optimizer, objective.params, grads)]
+            delta = [-u for u in next_update(optimizer, objective.params, grads, unit_lr=True)]
         else:
             delta = _given_direction(direction, objective)
         base = line.value() if line is not objective else loss

@@ -80,8 +80,8 @@ def relative_critical(tracker, record: dict) -> tuple[float | None, dict]:
 
 def eos_ratio(tracker, record: dict) -> tuple[float, dict]:
     """λmax·η over SGD's stability limit (2 for plain gradient descent): 1 is the edge of stability."""
-    factor = gd_stability_factor(tracker.optimizer)
-    return record["lambda_max"] * record["lr"] / factor, {"limit": factor / record["lr"]}
+    factor, lr = gd_stability_factor(tracker.optimizer), record["lr"]
+    return record["lambda_max"] * lr / factor, {"limit": factor / lr if lr > 0 else None}
 
 
 #: name -> its function, in the order a record runs them (eos_ratio reads lambda_max's value)

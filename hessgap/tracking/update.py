@@ -37,12 +37,18 @@ def learning_rate(optimizer) -> float:
     """The learning rate of the optimizer's first parameter group (the one its next step uses)."""
     lr = unwrap_optimizer(optimizer).param_groups[0].get("lr")
     if lr is None:
-        raise HessgapError("the optimizer's first parameter group has no 'lr'; pass the learning rate as lr=")
+        raise HessgapError("the optimizer's first parameter group has no 'lr'; pass the update as direction=")
     return float(lr)
 
 
-def next_update(optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def next_update(optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *,
+                unit_lr: bool = False) -> list[torch.Tensor]:
     """θ_next − θ for each of ``params`` if the optimizer stepped now with gradients ``grads``.
+
+    ``unit_lr=True``: the step per unit of the first group's learning rate instead, taken with every group's
+    learning rate divided by the first one's (all set to 1 when the first is 0, where the real step vanishes,
+    e.g. at the end of a linear decay). The optimizers' steps are linear in the learning rate (decoupled weight
+    decay included), so this is the real step divided by the learning rate, also when that is 0.
 
     The step runs on a deep copy of the optimizer whose parameters are detached clones (its state maps to
     the clones too), with the class's own ``step``: an instance-level wrapper (an LR scheduler's step counter)
@@ -68,6 +74,10 @@ def next_update(optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch
             f"({type(exc).__name__}: {exc}); pass the update direction yourself (direction=)"
         ) from exc
     shadow.__dict__.pop("step", None)  # an instance-level wrapper would call the real optimizer
+    if unit_lr:
+        first = float(shadow.param_groups[0]["lr"])
+        for group in shadow.param_groups:
+            group["lr"] = float(group["lr"]) / first if first > 0 else 1.0
     for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
         if isinstance(getattr(shadow, hooks, None), dict):
             getattr(shadow, hooks).clear()

@@ -231,3 +231,13 @@ def test_lr_goes_with_a_direction_only():
     with pytest.raises(HessgapError, match="lr= goes with direction="):
         critical_sharpness(model, [(A, b)], torch.optim.SGD(model.parameters(), lr=0.1), lr=0.2,
                            compute_loss=quadratic_loss)
+
+
+def test_a_learning_rate_decayed_to_zero_still_has_a_critical_one():
+    A, _, b, theta = problem(seed=10)
+    model = Quadratic(theta).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    result = measure(model, A, b, optimizer)
+    g = A @ theta - b
+    assert result.value == pytest.approx(float(g @ A @ g / (g @ g)), rel=1e-6)
+    assert result.lr == 0.0 and result.step_fraction == 0.0

@@ -108,3 +108,24 @@ def test_the_stability_factor_is_for_sgd_only():
     with pytest.raises(HessgapError, match="critical_sharpness"):
         gd_stability_factor(torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
     assert gd_stability_factor(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)) == 2.0
+
+
+@pytest.mark.parametrize("name", ["adamw-amsgrad", "two-groups", "nesterov"])
+def test_the_update_per_unit_learning_rate_is_the_real_one_divided_by_it(name):
+    model = network()
+    params = list(model.parameters())
+    optimizer = OPTIMIZERS[name](params)
+    for p, g in zip(params, gradients(model, 0)):
+        p.grad = g
+    optimizer.step()
+    grads = gradients(model, 1)
+    lr = optimizer.param_groups[0]["lr"]
+    real = next_update(optimizer, params, grads)
+    unit = next_update(optimizer, params, grads, unit_lr=True)
+    for r, u in zip(real, unit):
+        torch.testing.assert_close(u, r / lr, rtol=1e-5, atol=1e-7)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    assert all(float(u.abs().sum()) == 0 for u in next_update(optimizer, params, grads))
+    decayed = next_update(optimizer, params, grads, unit_lr=True)
+    assert all(float(u.abs().sum()) > 0 for u in decayed)
