@@ -77,27 +77,12 @@ class TrackerFolder:
         return history, warm
 
     def _read_history(self) -> list[dict]:
-        path = self.path / HISTORY_FILE
-        if not path.exists():
-            return []
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "step" not in record:
-                    raise ValueError("not a record")
-                records.append(record)
-            except ValueError as exc:
-                if number == len(lines):  # the last line of an interrupted append
-                    warnings.warn(f"{path}: the last line is incomplete ({exc}); dropped, its step is measured again",
-                                  stacklevel=4)
-                    self.rewrite(records)
-                    break
-                raise HessgapError(f"{path} line {number} is damaged ({exc}); delete the folder to start over") from exc
-        return sorted(records, key=lambda r: r["step"])
+        records, cut = _parse(self.path / HISTORY_FILE)
+        if cut:
+            warnings.warn(f"{self.path / HISTORY_FILE}: the last line is incomplete ({cut}); dropped, its step is "
+                          "measured again", stacklevel=4)
+            self.rewrite(records)
+        return records
 
     def append(self, record: dict) -> None:
         append_text(self.path / HISTORY_FILE, dumps(record, indent=None) + "\n")
@@ -121,3 +106,30 @@ class TrackerFolder:
                 self.save_warm(warm)
         finally:
             self.lock.release()
+
+
+def read_records(folder) -> list[dict]:
+    """The records in a tracker's folder, in step order (none when it holds none); a cut last line is left out."""
+    return _parse(Path(folder) / HISTORY_FILE)[0]
+
+
+def _parse(path: Path) -> tuple[list[dict], str]:
+    """(the records of a history file in step order, why its last line was left out or "")."""
+    if not path.exists():
+        return [], ""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records, cut = [], ""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record")
+        except ValueError as exc:
+            if number < len(lines):
+                raise HessgapError(f"{path} line {number} is damaged ({exc}); delete the folder to start over") from exc
+            cut = str(exc)  # the last line of an interrupted append
+            break
+        records.append(record)
+    return sorted(records, key=lambda r: r["step"]), cut
