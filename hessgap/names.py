@@ -42,6 +42,9 @@ MEASURE_NAMES = (
 #: (warm-started Lanczos), the Hutchinson trace, Metric 2.1, critical sharpness along the optimizer's update (and
 #: along it on other data), and SGD's edge-of-stability ratio λmax·η over its stability limit.
 TRACK_MEASURES = ("lambda_max", "trace", "sharpness", "critical_sharpness", "relative_critical_sharpness", "eos_ratio")
+#: What a training run may track (``TrainConfig.track``, ``hessgap train --track``): all but the relative critical
+#: sharpness, which needs a second data set.
+TRAIN_TRACK_MEASURES = tuple(name for name in TRACK_MEASURES if name != "relative_critical_sharpness")
 #: The zoos of ``hessgap correlate``.
 ZOO_PRESETS = ("quick", "full")
 

@@ -21,7 +21,7 @@ from ..names import (
     PREPROCESS_NAMES,
     REMEDY_NAMES,
     SHARPNESS_SOLVERS,
-    TRACK_MEASURES,
+    TRAIN_TRACK_MEASURES,
     dataset_name,
     model_name,
 )
@@ -41,8 +41,6 @@ ADDED_DEFAULTS = {
     "preprocess": "standardize", "init": "pytorch", "conv_dropout": False, "sharpness_solver": "auto",
     "sharpness_batchnorm": "eval", "track": [], "track_every": 0, "track_batches": 1,
 }
-#: what ``track`` may name: the tracker's measures but the relative one, which needs a second data set
-TRAIN_TRACK_MEASURES = tuple(name for name in TRACK_MEASURES if name != "relative_critical_sharpness")
 
 
 @dataclass
