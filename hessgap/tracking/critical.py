@@ -12,10 +12,13 @@ On a quadratic L = ½θᵀAθ − bᵀθ with gradient g, L(θ − ηΔθ) − L
     λc = ΔθᵀAΔθ / gᵀΔθ,
 
 which for gradient descent (Δθ = g) is the Rayleigh quotient gᵀAg / gᵀg: at most λmax, and equal to it
-exactly when the gradient lies in the top eigenspace (Kalra et al.: during training the gradient aligns
-with the top eigenvectors, and λc follows λmax through progressive sharpening and the edge of stability,
-where η·λc/2 ≈ 1). For an adaptive optimizer Δθ = P⁻¹g and λc measures the curvature the optimizer's real
-step meets (its preconditioned sharpness), not λmax of H.
+exactly when the gradient lies in the top eigenspace. So on a quadratic λc = λmax holds for gradient descent
+whose gradient is an eigenvector of λmax, and λc < λmax for any other gradient. Along training (Kalra et
+al.), the gradient turns towards the top eigenvectors once the run reaches the edge of stability, where λc
+follows λmax and η·λc/2 ≈ 1; before that λc can be far below λmax (benchmarks/RESULTS.md shows both). With
+momentum or an adaptive optimizer Δθ is not the gradient (heavy ball: β·b + g; Adam: P⁻¹·m̂) and
+ΔθᵀAΔθ / gᵀΔθ is bounded by no eigenvalue of A: λc is then the curvature the optimizer's real step meets,
+not a bound on λmax.
 
 *Relative* critical sharpness λc^{1→2} takes Δθ from one loss (``data``) and searches along it on another
 (``line_data``): the curvature of the second landscape along the steps that optimize the first.

@@ -85,7 +85,7 @@ class Tracker:
         self.measures = _measure_names(measures)
         self.optimizer = optimizer
         self._check_needs(optimizer, line_data)
-        if not 0 < tol < 1:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
             raise HessgapError(f"tol is Lanczos's relative tolerance and must lie in (0, 1), got {tol!r}")
         self.tol, self.critical_tol = float(tol), _checks.positive_number(critical_tol, "critical_tol")
         self.trace_probes = _checks.positive_int(trace_probes, "trace_probes")
