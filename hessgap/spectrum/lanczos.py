@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .._checks import positive_int
+from .._checks import nonnegative_int, positive_int
 from ..curvature.operator import CheckedOperator, resolve_operator
 from ..errors import HessgapError
 from ._results import EigenResult
@@ -36,8 +36,10 @@ def eigenvalues(
     block_size: int | None = None,
     max_basis: int | None = None,
     max_iter: int = 300,
+    min_iter: int = 1,
     seed: int = 0,
     start: torch.Tensor | None = None,
+    ritz_vectors: int = 0,
     progress: bool = False,
     **operator_options,
 ) -> EigenResult:
@@ -75,8 +77,15 @@ def eigenvalues(
     ``start`` warm-starts the run: up to ``block_size`` vectors (an (r, n) tensor, or one (n,) vector) that
     make the first block, the rest of it random (from ``seed``). Eigenvectors of a nearby Hessian (the
     previous measurement of a training run) make a start from which the wanted pairs converge in a few
-    steps; any start gives the same eigenvalues to the tolerance, only the number of products changes. For
-    an FSDP2-sharded model the rows are this rank's shards, as every vector of the run.
+    steps. For an FSDP2-sharded model the rows are this rank's shards, as every vector of the run. A start
+    close to *one* eigenvector makes a Ritz pair converge at once, also when a larger eigenvalue it has
+    little of exists (the Kato–Temple gap is measured to Ritz values that have not resolved the others yet):
+    start from a combination of several previous Ritz vectors (``ritz_vectors``) and take ``min_iter`` steps
+    at least, so that the basis spans them before any pair is accepted.
+
+    ``min_iter``: no Ritz pair is accepted before this many steps (unless the basis fills the space).
+    ``ritz_vectors``: also return that many of the final basis's most wanted Ritz vectors (``result.ritz``,
+    unit rows, converged or not; no extra products): the warm start of a next call on a nearby operator.
     """
     started = time.perf_counter()
     if which not in _WHICH:
@@ -87,16 +96,24 @@ def eigenvalues(
         raise HessgapError(f"tol is a relative tolerance and must lie in (0, 1), got {tol!r}")
     positive_int(k, "k", "the number of eigenvalues wanted")
     positive_int(max_iter, "max_iter")
+    positive_int(min_iter, "min_iter")
+    if min_iter > max_iter:
+        raise HessgapError(f"min_iter = {min_iter} exceeds max_iter = {max_iter}; the run could never accept a pair")
+    nonnegative_int(ritz_vectors, "ritz_vectors", "Ritz vectors to return besides the eigenvectors")
     operator = CheckedOperator(
         resolve_operator(model, data, caller="eigenvalues", **operator_options)
     )
     block_size, max_basis = basis_sizes(operator.total_n, k, block_size, max_basis)
     start = operator.ranks.together(start_block, start, operator, block_size)
     operator.ranks.agree("the arguments of hessgap.eigenvalues", (k, which, tol, criterion, block_size, max_basis,
-                                                                  max_iter, seed, start is None))
-    solver = BlockLanczos(operator, k, which, float(tol), criterion, block_size, max_basis, seed, start=start)
+                                                                  max_iter, min_iter, seed, start is None))
+    solver = BlockLanczos(operator, k, which, float(tol), criterion, block_size, max_basis, seed, start=start,
+                          min_iter=min_iter)
     solver.run(max_iter, progress)
-    return solver.result(time.perf_counter() - started)
+    result = solver.result(time.perf_counter() - started)
+    if ritz_vectors:
+        result.ritz = solver.ritz_vectors(ritz_vectors)
+    return result
 
 
 def basis_sizes(n: int, k: int, block_size: int | None, max_basis: int | None) -> tuple[int, int]:
@@ -185,7 +202,8 @@ class BlockLanczos:
     generator that yields each block to multiply and takes its product back, so that several runs can
     share one pass over the data (see :mod:`hessgap.spectrum.blocks`)."""
 
-    def __init__(self, operator: CheckedOperator, k, which, tol, criterion, block_size, max_basis, seed, start=None):
+    def __init__(self, operator: CheckedOperator, k, which, tol, criterion, block_size, max_basis, seed, start=None,
+                 min_iter: int = 1):
         self.op = operator
         self.k, self.which, self.tol, self.criterion = k, which, tol, criterion
         self.block_size, self.max_basis = block_size, max_basis
@@ -201,6 +219,7 @@ class BlockLanczos:
         self.drop_tol = 100 * self.eps
         self.generator = operator.generator(seed)
         self.start = start  # the first rows of the first block (see :func:`start_block`), or None
+        self.min_iter = min_iter  # no pair is accepted before this many steps
         self.V = torch.empty(max_basis, self.n, dtype=self.dtype, device=self.device)
         self.HV = torch.empty_like(self.V)
         self.m = 0
@@ -335,12 +354,14 @@ class BlockLanczos:
                                                     self.product_eps)
                 bar.set_postfix(worst=f"{float((bound / threshold).max()):.2g}")
                 out_of_steps = self.iterations >= max_iter
+                ok = ok & (self.iterations >= self.min_iter)
                 if bool(ok.all()) or exhausted or out_of_steps:
                     X, residual = self._explicit(S, theta, wanted)
                     checked = estimates.clone()
                     checked[wanted] = residual
                     bound, ok, _ = _error_estimates(theta, checked, wanted, self.tol, self.criterion, self.eps,
                                                       self.product_eps)
+                    ok = ok & (self.iterations >= self.min_iter)
                     if bool(ok.all()) or exhausted or out_of_steps:
                         self.converged = bool(ok.all()) or exhausted
                         self._final = (theta[wanted], X, residual, bound)
@@ -350,6 +371,14 @@ class BlockLanczos:
                 block = next_block
         finally:
             bar.close()
+
+    def ritz_vectors(self, count: int) -> torch.Tensor:
+        """The ``count`` most wanted Ritz vectors of the final basis as unit rows (fewer when the basis is
+        smaller), converged or not: computed from the basis, without products."""
+        theta, S = torch.linalg.eigh(self.T)
+        chosen = _wanted_order(theta, self.which)[: min(count, self.m)]
+        X = S[:, chosen].to(self.dtype).to(self.device).T @ self.V[: self.m]
+        return X / self.op.norms(X)[:, None]
 
     def result(self, seconds: float) -> EigenResult:
         values, X, residual, bound = self._final

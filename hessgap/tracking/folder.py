@@ -5,7 +5,7 @@ resume.
   would measure differently (``every`` may change: it only says when).
 - ``history.jsonl``: one record per line, appended as it is measured. A line cut short by an interruption is
   dropped on resume (with a warning); any other damage raises.
-- ``warm.pt``: the warm-start state (the last eigenvector and critical learning rates), so a resumed run
+- ``warm.pt``: the warm-start state (the last top Ritz vectors and critical learning rates), so a resumed run
   starts warm; written after each record for models up to :data:`WARM_EVERY_RECORD` parameters, else when the
   tracker closes (a lost warm start costs one cold record, nothing else).
 - ``tracking.png``: every measure against the step, redrawn after each record.

@@ -55,7 +55,7 @@ class Tracker:
             (its first ``max_batches`` batches); on several ranks, this rank's shard.
         every: measure at the steps that are multiples of it.
         measures: any of ``lambda_max`` (top Hessian eigenvalue, Lanczos warm-started from the previous
-            record's eigenvector), ``trace`` (Hutchinson, ``trace_probes`` probes), ``sharpness`` (Metric 2.1
+            record's top Ritz vectors), ``trace`` (Hutchinson, ``trace_probes`` probes), ``sharpness`` (Metric 2.1
             at ``epsilon``), ``critical_sharpness`` (λc = 2/ηc along the optimizer's next update, see
             :mod:`hessgap.tracking.critical`), ``relative_critical_sharpness`` (along that update, the loss
             over ``line_data``), ``eos_ratio`` (SGD only: λmax·η over its stability limit, 2 for plain SGD).

@@ -254,3 +254,38 @@ def test_start_fills_the_first_block_and_a_zero_row_becomes_random():
 def test_bad_start(start, message):
     with pytest.raises(HessgapError, match=message):
         eigenvalues(torch.eye(30, dtype=torch.float64), start=start)
+
+
+def test_a_start_on_a_lower_eigenvector_needs_min_iter_to_find_the_top():
+    """Started exactly on the eigenvector of 25, the run accepts 25 at once; taking min_iter steps lets the
+    basis grow past that invariant direction and find 40."""
+    A = matrix_with_spectrum(HESSIAN_LIKE, seed=12)
+    w, U = np.linalg.eigh(A.numpy())
+    second = torch.from_numpy(U[:, np.argsort(-w)[1]].copy())
+    fooled = eigenvalues(A, k=1, tol=1e-6, start=second)
+    assert fooled.eigenvalues[0] == pytest.approx(25.0, rel=1e-9) and fooled.hvps == 1
+    patient = eigenvalues(A, k=1, tol=1e-6, start=second, min_iter=12)
+    assert patient.eigenvalues[0] == pytest.approx(40.0, rel=1e-6) and patient.iterations >= 12
+
+
+def test_ritz_vectors_come_with_the_result_and_warm_start_the_next_call():
+    A = matrix_with_spectrum(HESSIAN_LIKE, seed=13)
+    w, U = np.linalg.eigh(A.numpy())
+    top = U[:, np.argsort(-w)[:4]].T
+    result = eigenvalues(A, k=1, tol=1e-10, ritz_vectors=4, max_iter=200, min_iter=60)
+    assert result.ritz.shape == (4, A.shape[0])
+    torch.testing.assert_close(result.ritz.norm(dim=1), torch.ones(4, dtype=torch.float64))
+    overlaps = np.abs(np.sum(top * result.ritz.numpy(), axis=1))  # converged far enough: the top 4 eigenvectors
+    np.testing.assert_allclose(overlaps, 1.0, atol=1e-6)
+    assert "ritz" not in result.to_dict() and eigenvalues(A, k=1).ritz is None
+    combined = result.ritz[0] + 0.5 * result.ritz[1:].sum(0)
+    warm = eigenvalues(A, k=1, tol=1e-6, start=combined, min_iter=5)
+    assert warm.eigenvalues[0] == pytest.approx(40.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"min_iter": 0}, "min_iter must be a positive integer"),
+                                             ({"min_iter": 5, "max_iter": 4}, "min_iter = 5 exceeds max_iter = 4"),
+                                             ({"ritz_vectors": -1}, "ritz_vectors must be an integer ≥ 0")])
+def test_bad_min_iter_and_ritz_vectors(kwargs, message):
+    with pytest.raises(HessgapError, match=message):
+        eigenvalues(torch.eye(30, dtype=torch.float64), **kwargs)

@@ -72,7 +72,7 @@ def test_warm_records_agree_with_cold_calls_and_need_few_products():
     assert not tracker.history[0]["details"]["lambda_max"]["warm"]
     assert all(r["details"]["lambda_max"]["warm"] for r in tracker.history[1:])
     assert statistics.median(warm[1:]) <= 10
-    assert statistics.median(warm[1:]) < statistics.median(cold)
+    assert statistics.median(warm[1:]) <= statistics.median(cold)
 
 
 def test_a_record_holds_every_measure_and_steps_off_the_grid_give_none():
@@ -243,3 +243,43 @@ def test_bad_steps():
         tracker.step(-1)
     with pytest.raises(HessgapError, match="step must be an integer ≥ 0"):
         tracker.step(2.0)
+
+
+class Quadratic(nn.Module):
+    """f(θ) = ½ θᵀAθ: its Hessian is A wherever θ is."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.theta = nn.Parameter(torch.ones(n, dtype=torch.float64))
+
+    def forward(self, A):
+        return 0.5 * self.theta @ A @ self.theta
+
+
+def test_a_warm_start_in_a_turned_cluster_still_finds_lambda_max():
+    """At the edge of stability the top eigenvalues cluster and their eigenvectors turn between records: the
+    previous top Ritz vector is now mostly the eigenvector of the fourth eigenvalue (overlaps as measured on
+    an MLP at the edge of stability). Started on it alone, Lanczos accepts 1.909, 5.4 % low; the record
+    starts from the previous four Ritz vectors together and finds 2.0181."""
+    n, top = 400, [2.0181, 1.9517, 1.9204, 1.9132, 1.8751, 1.7882]
+    generator = torch.Generator().manual_seed(0)
+    values = torch.tensor(top + list(np.linspace(0.0, 1.2, n - len(top))), dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    A = (Q * values) @ Q.T
+    A = (A + A.T) / 2
+
+    def mixed(weights):  # a previous Ritz vector: these eigenvectors' mixture, and a little of everything
+        v = Q[:, : len(weights)] @ torch.tensor(weights, dtype=torch.float64)
+        v = v + 0.02 * torch.randn(n, generator=generator, dtype=torch.float64)
+        return v / v.norm()
+
+    previous = torch.stack([mixed([0.016, 0.062, 0.181, 0.935, 0.203, 0.168]), mixed([0.5, 0.6, 0.3, 0.2, 0.4, 0.1]),
+                            mixed([0.3, 0.2, 0.8, 0.1, 0.3, 0.3]), mixed([0.6, 0.2, 0.1, 0.1, 0.5, 0.5])])
+    alone = hessgap.eigenvalues(A, k=1, tol=1e-3, start=previous[0])
+    assert alone.eigenvalues[0] == pytest.approx(1.909, abs=2e-3)  # the failure this guards against
+    tracker = Tracker(Quadratic(n), [(A,)], every=1, compute_loss=lambda m, batch: m(*batch))
+    tracker.warm["ritz"] = previous
+    record = tracker.step(1)
+    assert record["details"]["lambda_max"]["warm"]
+    assert record["lambda_max"] == pytest.approx(2.0181, rel=1e-3)
+    assert tracker.warm["ritz"].shape == (4, n)
