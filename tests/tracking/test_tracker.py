@@ -53,12 +53,14 @@ def train(model, optimizer, steps, x, y, tracker=None, batch=32):
 
 
 def test_warm_records_agree_with_cold_calls_and_need_few_products():
+    """Along a smooth run: every record within 1e-2 of a cold eigenvalues call at the same weights, a median of at
+    most 10 products per record after the first."""
     x, y = classification()
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     data = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
     tracker = Tracker(model, data, every=10, optimizer=optimizer, measures=("lambda_max", "eos_ratio"))
-    warm, cold = [], []
+    warm = []
     for index in range(8):
         train(model, optimizer, 10, x, y)
         record = tracker.step(10 * (index + 1))
@@ -66,13 +68,13 @@ def test_warm_records_agree_with_cold_calls_and_need_few_products():
         assert record["lambda_max"] == pytest.approx(reference.eigenvalues[0], rel=1e-2)
         assert record["eos_ratio"] == pytest.approx(record["lambda_max"] * 0.1 / 2, rel=1e-12)
         warm.append(record["details"]["lambda_max"]["hvps"])
-        cold.append(reference.hvps)
         assert record["hvps"] == warm[-1]
     assert [r["step"] for r in tracker.history] == list(range(10, 90, 10))
     assert not tracker.history[0]["details"]["lambda_max"]["warm"]
     assert all(r["details"]["lambda_max"]["warm"] for r in tracker.history[1:])
     assert statistics.median(warm[1:]) <= 10
-    assert statistics.median(warm[1:]) <= statistics.median(cold)
+    # a warm record is accepted by its residual, a bound: within tol of an eigenvalue
+    assert all(r["details"]["lambda_max"]["residual"] <= 1e-3 * r["lambda_max"] for r in tracker.history[1:])
 
 
 def test_a_record_holds_every_measure_and_steps_off_the_grid_give_none():
@@ -283,3 +285,31 @@ def test_a_warm_start_in_a_turned_cluster_still_finds_lambda_max():
     assert record["details"]["lambda_max"]["warm"]
     assert record["lambda_max"] == pytest.approx(2.0181, rel=1e-3)
     assert tracker.warm["ritz"].shape == (4, n)
+
+
+def test_a_warm_record_accepts_by_residual_where_the_gap_estimate_would_stop_at_the_second():
+    """A GPT-2 at the edge of stability: the previous Ritz vectors hold little of the new top eigenvector. From
+    their combination the default criterion accepts the second eigenvalue (109.9) after 6 products; the record
+    accepts by residual and finds the top one (113.94)."""
+    n, top = 400, [113.94, 109.89, 97.27, 93.79, 90.1, 85.3]
+    generator = torch.Generator().manual_seed(0)
+    values = torch.tensor(top + list(np.linspace(-2.0, 40.0, n - len(top))), dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    A = (Q * values) @ Q.T
+    A = (A + A.T) / 2
+
+    def mixed(weights):
+        v = Q[:, : len(weights)] @ torch.tensor(weights, dtype=torch.float64)
+        v = v + 0.01 * torch.randn(n, generator=generator, dtype=torch.float64)
+        return v / v.norm()
+
+    previous = torch.stack([mixed([0.03, 0.99, 0.1]), mixed([0.02, 0.1, 0.95, 0.2]), mixed([0.0, 0.05, 0.2, 0.95]),
+                            mixed([0.01, 0, 0, 0.2, 0.95])])
+    combined = (torch.tensor([1.0, 0.5, 0.5, 0.5], dtype=torch.float64)[:, None] * previous).sum(0)
+    by_estimate = hessgap.eigenvalues(A, k=1, tol=1e-3, start=combined, min_iter=5)
+    assert by_estimate.eigenvalues[0] == pytest.approx(109.9, abs=0.1)  # the failure this guards against
+    tracker = Tracker(Quadratic(n), [(A,)], every=1, compute_loss=lambda m, batch: m(*batch))
+    tracker.warm["ritz"] = previous
+    record = tracker.step(1)
+    assert record["lambda_max"] == pytest.approx(113.94, rel=1e-3)
+    assert record["details"]["lambda_max"]["residual"] <= 1e-3 * record["lambda_max"]
