@@ -89,7 +89,7 @@ def trained_model(name, batch_size, inputs, targets, args):
     torch.manual_seed(args.seed)
     model = f1_network()
     if os.path.exists(path):
-        saved = torch.load(path)
+        saved = torch.load(path, weights_only=True)  # a file in the shared temporary folder: tensors and numbers only
         model.load_state_dict(saved["state"])
         return model, saved["epochs"], saved["loss"], 0.0
     started = time.perf_counter()

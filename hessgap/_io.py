@@ -1,6 +1,7 @@
 """The one way hessgap writes files: atomically (temporary file in the same folder, then a rename), and
-one JSON convention for every result, run file and checkpoint summary; and the lock that keeps a second
-process out of a run folder (:class:`FolderLock`).
+one JSON convention for every result, run file and checkpoint summary; the one way it reads ``torch.save``
+files (:func:`read_torch`, tensors and plain data only); and the lock that keeps a second process out of a
+run folder (:class:`FolderLock`).
 
 An interrupted write never leaves a half-written file under the real name: the old file (or none) stays
 until the new one is complete and flushed to disk.
@@ -8,11 +9,14 @@ until the new one is complete and flushed to disk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import math
 import os
+import pickle
+import re
 import socket
 import sys
 import tempfile
@@ -22,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import HessgapError
+from .errors import HessgapError, one_line
 
 
 def jsonable(value: Any) -> Any:
@@ -147,10 +151,75 @@ def read_json(path: str | Path) -> Any:
 
 
 def save_torch(path: str | Path, payload: Any) -> Path:
-    """``torch.save`` the payload atomically."""
+    """``torch.save`` the payload atomically, numpy scalars in it as Python numbers: what is written is
+    tensors and plain data only, so :func:`read_torch` reads it back."""
     import torch
 
+    payload = _plain_numbers(payload)
     return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def _plain_numbers(value: Any) -> Any:
+    """``value`` with the numpy scalars in its dicts, lists and tuples replaced by Python numbers (a numpy
+    scalar pickles through numpy's own functions, which :func:`read_torch` does not admit)."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(item) for item in value]
+    if type(value) is tuple:  # torch.Size and named tuples pickle as themselves
+        return tuple(_plain_numbers(item) for item in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_torch(path: str | Path, map_location: Any = "cpu", remedy: str = "") -> Any:
+    """What a ``torch.save`` file holds, read with ``weights_only=True``: tensors and plain data (dicts, lists,
+    tuples, numbers, strings) only.
+
+    Unpickling any other object can run code the file names, so a file holding one is refused, never
+    loaded: a :class:`HessgapError` names the file and the objects refused. A damaged file raises one too.
+    ``remedy`` says what to do about the file (its writer's way to regenerate it)."""
+    import torch
+
+    path = Path(path)
+    try:
+        # weights_only given explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = _refused_objects(path, str(exc))
+        if refused:
+            raise HessgapError(
+                f"{path} holds objects other than tensors and plain data ({', '.join(refused)}); hessgap will not "
+                "load it, because unpickling such objects can run code. A file hessgap wrote never holds any: this "
+                f"one was written by another program or altered; {remedy}"
+            ) from None
+        raise HessgapError(f"{path} is corrupt or unreadable (UnpicklingError: {_weights_only_reason(str(exc))}); "
+                           f"{remedy}") from None
+    except Exception as exc:  # torch raises many kinds on truncated or foreign files
+        raise HessgapError(f"{path} is corrupt or unreadable ({one_line(exc)}); {remedy}") from exc
+
+
+def _refused_objects(path: Path, message: str) -> list[str]:
+    """The classes and functions a file names that ``weights_only`` does not admit: torch's static listing
+    of a zip-format file, else the one its error message names."""
+    import torch
+
+    try:
+        refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # the legacy (non-zip) format, or no readable pickle in the archive
+        refused = []
+    return sorted(refused) or re.findall(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", message)[:1]
+
+
+def _weights_only_reason(message: str) -> str:
+    """The unpickler's own reason in torch's weights-only message, without torch's advice to load the file
+    with ``weights_only=False`` (which would run any code in it)."""
+    reason = message.rpartition("WeightsUnpickler error:")[2]
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[0] if lines else " ".join(message.split())
 
 
 def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:
@@ -236,25 +305,38 @@ def _lock(folder: Path) -> int | None:
         import fcntl
     except ImportError:  # no flock on this platform (Windows)
         return None
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: it names the holder
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise HessgapError(
-            f"run folder {folder} is in use by another hessgap process ({holder}); wait for it to finish or "
-            "choose another --out folder (out_dir in Python)"
-        ) from None
-    except OSError as exc:  # a file system without locks (some network mounts): run, but say so
-        os.close(fd)
-        warnings.warn(f"cannot lock run folder {folder} ({exc}); make sure no other hessgap process writes to it",
-                      stacklevel=3)
-        return None
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: it names the holder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise HessgapError(
+                f"run folder {folder} is in use by another hessgap process ({holder}); wait for it to finish or "
+                "choose another --out folder (out_dir in Python)"
+            ) from None
+        except OSError as exc:  # a file system without locks (some network mounts): run, but say so
+            os.close(fd)
+            warnings.warn(f"cannot lock run folder {folder} ({exc}); make sure no other hessgap process writes to "
+                          "it", stacklevel=3)
+            return None
+        if _still_there(fd, folder / LOCK_FILE):
+            break
+        os.close(fd)  # a run that failed removed its lock file (and folder) after we opened it: lock anew
     # written in place, not through atomic_write: renaming a new file over it would drop the lock
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
     return fd
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (not deleted or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _holder(fd: int) -> str:
@@ -264,3 +346,63 @@ def _holder(fd: int) -> str:
         return "pid unknown: it has just started"
     host = words[1] if len(words) > 1 else ""
     return f"pid {words[0]}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+class FolderAdditions:
+    """What is added to a run folder from :meth:`mark` on, so that a command that fails before it finished
+    anything can take exactly that away again: a config.json of settings that never ran would make the
+    corrected rerun look like a change of settings, and be refused.
+
+    Create it before the folder is locked (it notes which of the folder, its parents and its lock file do
+    not exist yet) and :meth:`mark` it once locked: from then on no other process writes there. Only rank 0
+    of a distributed run changes anything (it holds the lock and writes the files).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._absent = [p for p in (self.folder, *self.folder.parents) if not p.exists()]  # deepest first
+        self._lock_absent = not (self.folder / LOCK_FILE).exists()
+        self._before: set[str] | None = None
+
+    def mark(self) -> None:
+        self._before = _entries(self.folder)
+        if self._lock_absent:
+            self._before.discard(LOCK_FILE)
+
+    def added(self) -> list[str]:
+        """Paths relative to the folder (files and folders) added since :meth:`mark`, deepest first."""
+        if self._before is None:
+            return []
+        return sorted(_entries(self.folder) - self._before, key=lambda rel: (-rel.count("/"), rel))
+
+    def remove(self) -> None:
+        """Delete what was added, the lock file included: call it while the folder is still locked, and
+        :meth:`remove_folders` once the lock is released."""
+        if _rank_and_world()[0] != 0:
+            return
+        for rel in self.added():
+            path = self.folder / rel
+            if path.is_dir() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+
+    def remove_folders(self) -> None:
+        """Remove the run folder and its parents where this run made them and they are empty now."""
+        if _rank_and_world()[0] != 0:
+            return
+        for path in self._absent:
+            try:
+                path.rmdir()
+            except OSError:  # not empty (or gone): everything above it stays too
+                return
+
+
+def _entries(folder: Path) -> set[str]:
+    """Every file and folder below ``folder``, as paths relative to it."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        found.update((base / name).as_posix() for name in (*dirs, *files))
+    return found

@@ -18,7 +18,8 @@
 - :func:`trained_mlp`: small BatchNorm MLPs trained with ADAM, cached per configuration (:data:`SB`,
   :data:`LB`, :data:`TINY_LOSS`).
 - :func:`tiny_hf`, :func:`token_batches`, :func:`image_batches`, :func:`counted_tokens`: Hugging Face
-  models (GPT-2, BERT, ViT, ResNet) from small random configs and their batches, with unequal padding.
+  models (GPT-2, BERT, ViT, ResNet, and the encoder-decoders T5 and BART) from small random configs and their
+  batches, with unequal padding.
 
 Test files import these with ``from oracles import ...`` (pytest puts ``tests/`` on the path).
 """
@@ -248,7 +249,7 @@ def _train(batch_size, steps, seed, dtype, samples, lr):
 # ---- tiny models of the kinds people train --------------------------------------------------------------
 
 #: Hugging Face models built from small random configs (nothing is downloaded).
-HF_KINDS = ("gpt2", "bert", "vit", "resnet")
+HF_KINDS = ("gpt2", "bert", "vit", "resnet", "t5", "bart")
 
 
 def tiny_hf(kind: str, dtype=torch.float64, seed: int = 0, **config) -> nn.Module:
@@ -274,6 +275,16 @@ def tiny_hf(kind: str, dtype=torch.float64, seed: int = 0, **config) -> nn.Modul
                                         layer_type="basic", num_labels=3, **config)
         model = transformers.ResNetForImageClassification(cfg)
         randomize_batchnorm(model)
+    elif kind == "t5":
+        cfg = transformers.T5Config(vocab_size=23, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1,
+                                    num_heads=2, pad_token_id=0, decoder_start_token_id=0, **config)
+        model = transformers.T5ForConditionalGeneration(cfg)
+    elif kind == "bart":
+        cfg = transformers.BartConfig(vocab_size=23, d_model=16, encoder_layers=1, decoder_layers=1,
+                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                                      decoder_ffn_dim=16, max_position_embeddings=32, pad_token_id=1, bos_token_id=0,
+                                      eos_token_id=2, decoder_start_token_id=2, **config)
+        model = transformers.BartForConditionalGeneration(cfg)
     else:
         raise ValueError(kind)
     return model.to(dtype).eval()

@@ -173,6 +173,166 @@ def ddp_training(rank, world_size, out_dir, epochs):
             "resumed_from": result.resumed_from}
 
 
+#: Small settings for every measure of hessgap.measures on the tiny problem (61 samples: m-sharpness's
+#: batches of 8 straddle the shards' boundaries).
+MEASURE_OPTIONS = {"m_sharpness": {"m": 8, "batches": 5, "max_iter": 3}, "keskar": {"max_iter": 3},
+                   "keskar_subspace": {"subspace_dim": 5, "max_iter": 3}, "adaptive_linf": {"max_iter": 3},
+                   "adaptive_l2": {"max_iter": 3}, "gaussian": {"samples": 4}, "gaussian_adaptive": {"samples": 4},
+                   "pacbayes_flatness": {"samples": 3}, "pacbayes_mag_flatness": {"samples": 3},
+                   "hessian_trace": {"probes": 8}, "scaled_trace": {"probes": 8},
+                   "scaled_lmax_over_trace": {"probes": 8}, "relative_flatness": {"probes": 4}}
+
+
+def trained_problem():
+    """The tiny problem's model after a few full-batch ADAM steps on all its data (deterministic), so that
+    accuracy-based measures have an accuracy to lose."""
+    model, x, y = tiny_problem()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(60):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval(), x, y
+
+
+def every_measure(data, model):
+    """hessgap.measures with every measure and the invariance check, without its timings."""
+    import hessgap
+
+    result = hessgap.measures(model, data, options=MEASURE_OPTIONS).to_dict()
+    for key in ("seconds", "check_seconds", "total_seconds"):
+        result.pop(key)
+    return result
+
+
+def measures_on_shards(rank, world_size):
+    model, x, y = trained_problem()
+    xs, ys = shard(rank, world_size, x, y)
+    return every_measure(batches_of(xs, ys), model)
+
+
+def measures_with_bad_arguments(rank, world_size):
+    """hessgap.measures with arguments that are wrong or differ on some ranks: what each rank raised."""
+    import hessgap
+    from hessgap.errors import HessgapError
+
+    model, x, y = tiny_problem()
+    data = batches_of(*shard(rank, world_size, x, y))
+    last = rank == world_size - 1
+    calls = {
+        "names": dict(names=["sharpest"] if last else ["fisher_rao"]),
+        "steps": dict(names=["keskar"], options={"keskar": {"max_iter": 3 + rank}}),
+        "seed": dict(names=["gaussian"], seed=rank),
+        "factor": dict(names=["fisher_rao"], relu_factor=4.0 if last else 3.0),
+        "type": dict(names=5),
+        "vacuous": dict(names=["fisher_rao"], relu_factor=1.0),
+    }
+    raised = {}
+    for what, kwargs in calls.items():
+        try:
+            hessgap.measures(model, data, **kwargs)
+            raised[what] = None
+        except HessgapError as exc:
+            raised[what] = str(exc)
+    # a measure's decision on one rank's shard is every rank's: NotApplicable everywhere, with that reason
+    from hessgap.measures.context import Context, NotApplicable
+
+    def step():
+        if last:
+            raise NotApplicable(f"rank {rank}'s batches are not pairs")
+        return rank
+
+    try:
+        raised["agreed"] = Context(model, data).agreed(step)
+    except NotApplicable as exc:
+        raised["agreed"] = f"NotApplicable: {exc}"
+    # and the ranks are still in step: a good call after the bad ones
+    raised["after"] = hessgap.measures(model, data, ["fisher_rao"], check_invariance=False).values["fisher_rao"]
+    return raised
+
+
+def different_weights(rank, world_size):
+    """Models that differ on the last rank in one weight (one ulp, or two elements swapped) or a BatchNorm
+    statistic: every public call must raise on every rank, naming the tensor. Also an operator whose
+    parameters the last rank replaces by other values after it was built."""
+    import hessgap
+    from hessgap.errors import HessgapError
+
+    def perturbed(model):
+        weight = model[3].weight
+        weight[1, 2] = torch.nextafter(weight[1, 2], torch.tensor(10.0, dtype=weight.dtype))
+
+    def swapped(model):
+        weight = model[0].weight
+        weight[0, 1], weight[0, 2] = weight[0, 2].clone(), weight[0, 1].clone()
+
+    def statistic(model):
+        model[1].running_mean[4] += 1e-3
+
+    edits = {"perturbed": perturbed, "swapped": swapped, "statistic": statistic}
+    calls = {
+        "hvp": lambda model, data, n: hessgap.hvp(model, data, torch.ones(1, n, dtype=torch.float64)),
+        "HessianOperator": lambda model, data, n: hessgap.HessianOperator(model, data),
+        "eigenvalues": lambda model, data, n: hessgap.eigenvalues(model, data, k=1),
+        "trace": lambda model, data, n: hessgap.trace(model, data, num_probes=2),
+        "sharpness": lambda model, data, n: hessgap.sharpness(model, data, max_iter=1),
+        "landscape": lambda model, data, n: hessgap.landscape(model, data, steps=3),
+    }
+    outcome = {}
+    for edit_name, edit in edits.items():
+        for call_name, call in calls.items():
+            model, x, y = tiny_problem()
+            data = batches_of(*shard(rank, world_size, x, y))
+            if rank == world_size - 1:
+                with torch.no_grad():
+                    edit(model)
+            try:
+                call(model, data, sum(p.numel() for p in model.parameters()))
+                outcome[f"{edit_name} {call_name}"] = None
+            except HessgapError as exc:
+                outcome[f"{edit_name} {call_name}"] = str(exc)
+    model, x, y = tiny_problem()
+    data = batches_of(*shard(rank, world_size, x, y))
+    operator = hessgap.HessianOperator(model, data)
+    if rank == world_size - 1:
+        model[3].bias = torch.nn.Parameter(model[3].bias.detach() + 1.0)
+    try:
+        operator.matvec(torch.ones(operator.n, dtype=torch.float64))
+        outcome["replaced"] = None
+    except HessgapError as exc:
+        outcome["replaced"] = str(exc)
+    return outcome
+
+
+def landscape_on_ranks(rank, world_size, out_dir):
+    """hessgap.landscape on unequal shards: ranks that disagree on an argument, a rank without data, then a run
+    folder written, resumed, and refused when one rank's shard changed. Every outcome is recorded per rank."""
+    import hessgap
+    from hessgap.errors import HessgapError
+
+    model, x, y = tiny_problem()
+    data = batches_of(*shard(rank, world_size, x, y))
+    outcome = {}
+
+    def attempt(name, **options):
+        try:
+            outcome[name] = hessgap.landscape(model, options.pop("data", data), **options)
+        except HessgapError as exc:
+            outcome[name] = f"HessgapError: {exc}"
+
+    attempt("steps", steps=3 + rank)  # rank 1's grid is larger: its sums would not match
+    attempt("directions", steps=3, directions="random" if rank == 0 else "hessian")
+    attempt("no data", steps=3, data=None if rank == world_size - 1 else data)
+    attempt("written", steps=3, out=out_dir)
+    attempt("resumed", steps=3, out=out_dir)
+    if rank == world_size - 1:
+        data = data[:-1]  # one batch fewer on the last rank
+    attempt("other shard", steps=3, out=out_dir)
+    return {name: value if isinstance(value, str) else {"loss": value.loss.tolist(), "resumed": value.rows_resumed}
+            for name, value in outcome.items()}
+
+
 def track_tiny(data, out_dir=None):
     """Two records of a Tracker on ``data`` (a shard, or all the data), the weights moved between them by an
     SGD step on the whole data's gradient (the same on every rank); returns the records."""

@@ -38,7 +38,8 @@ def test_collectives_on_gloo_ranks(world_size):
         assert out["bucket"][1] == [ranks_sum + world_size * i for i in range(3)]
         assert out["bucket"][2] == [ranks_sum]
         assert out["numbers"] == [world_size, ranks_sum]
-        assert "ranks disagree on the model's shapes" in out["disagree"] and "rank 1: {'weight': (3, 1)}" in out["disagree"]
+        # a dict's differing entries are named, each with every rank's value
+        assert "ranks disagree on the model's shapes (weight: rank 0: (3, 0), rank 1: (3, 1)" in out["disagree"]
         if rank == world_size - 1:
             assert out["settle"] == "ValueError: bad batch on the last rank"
         else:
@@ -68,6 +69,48 @@ def test_an_empty_shard_or_disagreeing_ranks_raise_on_every_rank():
     assert results[0]["empty"].startswith("rank 1 of 2 failed")
     for outcome in results:
         assert "ranks disagree on the arguments of hessgap.sharpness" in outcome["disagree"]
+
+
+def test_ranks_holding_different_weights_raise_on_every_rank():
+    """Was: only the parameters' shapes were compared, and each rank measured its own model."""
+    from rank_workers import different_weights
+
+    results = run_ranks(different_weights, 2)
+    differing = {"perturbed": "parameter 3.weight", "swapped": "parameter 0.weight", "statistic": "buffer 1.running_mean",
+                 "replaced": "parameter 3.bias"}
+    assert results[0] == results[1]  # every rank raises the same error
+    assert len(results[0]) == 3 * 6 + 1
+    for case, message in results[0].items():
+        assert message is not None, case
+        assert f"the ranks hold different values in {differing[case.split()[0]]} (rank 1 differs from rank 0)" in message
+        assert "Load the same checkpoint on every rank" in message
+
+
+def test_fingerprints_are_exact_and_see_every_change():
+    """The fingerprint against its definition in Python integers, over chunk boundaries and every kind of dtype;
+    one ulp, a swap and a moved zero change it, a copy and a non-contiguous view with the same values do not."""
+    from hessgap.distributed import FINGERPRINT_PRIME, fingerprints
+
+    def exact(t):
+        flat = t.contiguous().reshape(-1)
+        flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat
+        words = flat.view(torch.int8 if flat.element_size() == 1 else torch.int16).tolist()
+        return sum(u * (i % 2**29 + 1) for i, u in enumerate(words)) % FINGERPRINT_PRIME
+
+    torch.manual_seed(0)
+    x = torch.randn(300_001)
+    tensors = [x, torch.randn(7, 3, dtype=torch.float64), torch.randn(5).half(), torch.randn(9).bfloat16(),
+               torch.rand(9) > 0.5, torch.zeros(0)]
+    assert fingerprints(tensors).tolist() == [exact(t) for t in tensors]
+    one_ulp, swapped, moved = x.clone(), x.clone(), torch.zeros(10)
+    one_ulp[123_456] = torch.nextafter(x[123_456], torch.tensor(10.0))
+    swapped[3], swapped[299_999] = x[299_999], x[3]
+    moved[2] = -0.0  # the same value as 0.0, other bits
+    matrix = torch.randn(40, 30)
+    prints = fingerprints([x, x.clone(), one_ulp, swapped, torch.zeros(10), moved, matrix.t().contiguous(),
+                           matrix.t()]).tolist()
+    assert prints[0] == prints[1] and len({prints[0], prints[2], prints[3]}) == 3
+    assert prints[4] != prints[5] and prints[6] == prints[7]
 
 
 def test_fsdp2_sharded_products_and_spectrum_equal_one_process_on_all_data():
@@ -128,3 +171,60 @@ def test_ddp_training_follows_one_process_and_resumes_on_any_world_size(tmp_path
     assert one.resumed_from == 1
     for ours, theirs in zip(one.model.parameters(), straight[0]["weights"]):
         torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-6)
+
+
+def _same_result(got: dict, expected: dict, rtol: float = 1e-6) -> None:
+    """Two hessgap.measures results (as dicts, timings left out) agree: every number within ``rtol``, the rest
+    exactly."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            _same_result(got[key], value, rtol)
+        elif isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=rtol, abs=1e-12), key
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            np.testing.assert_allclose(got[key], value, rtol=rtol, atol=1e-12, err_msg=key)
+        else:
+            assert got[key] == value, key
+
+
+def test_every_measure_on_shards_equals_one_process_on_all_data():
+    """Every measure of the registry over three unequal shards equals one process's on all the data, with the
+    invariance check, and every rank returns the same result (fisher_rao and PAC-Bayes were taken per shard,
+    m-sharpness over per-rank batches: 50 % off, or the ranks hung when their shards held unequal numbers of
+    batches of m)."""
+    world_size = 3
+    from hessgap.measures import NAMES
+
+    from rank_workers import batches_of, every_measure, measures_on_shards, trained_problem
+
+    results = run_ranks(measures_on_shards, world_size)
+    model, x, y = trained_problem()
+    single = every_measure(batches_of(x, y), model)
+    assert list(single["values"]) == list(NAMES) and not single["not_applicable"]
+    assert single["num_samples"] == 61
+    for rank_result in results[1:]:
+        _same_result(rank_result, results[0], rtol=1e-12)  # every rank returns the same numbers
+    _same_result(results[0], single)
+
+
+def test_measures_arguments_wrong_or_different_on_some_ranks_raise_the_same_error_on_every_rank():
+    """A rank whose measure names, settings, seed or factors differ (or are wrong) made the others wait in a
+    collective (gloo aborted) or raised a raw error on one rank only; now every rank raises the same error."""
+    import hessgap
+    from hessgap.measures import NAMES
+
+    from rank_workers import batches_of, measures_with_bad_arguments, tiny_problem
+
+    results = run_ranks(measures_with_bad_arguments, 2)
+    assert results[0] == results[1]
+    raised = results[0]
+    for what in ("names", "steps", "seed", "factor"):
+        assert raised[what].startswith("the ranks disagree on the arguments of hessgap.measures"), what
+    assert "HessgapError: unknown measure 'sharpest'" in raised["names"]
+    assert raised["type"].startswith("names must be None") and ", ".join(NAMES) in raised["type"]
+    assert "relu_factor=1.0 is too close to 1" in raised["vacuous"]
+    assert raised["agreed"] == "NotApplicable: rank 1's batches are not pairs"
+    model, x, y = tiny_problem()
+    single = hessgap.measures(model, batches_of(x, y), ["fisher_rao"], check_invariance=False)
+    assert raised["after"] == pytest.approx(single.values["fisher_rao"], rel=1e-9)

@@ -1,7 +1,10 @@
-"""hessgap._io: atomic writes leave the old file on failure, and one strict JSON convention."""
+"""hessgap._io: atomic writes leave the old file on failure, one strict JSON convention, the run-folder lock
+and what a failed command added to a folder."""
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -47,7 +50,44 @@ def test_read_json_names_a_damaged_or_missing_file(tmp_path):
 def test_save_torch_round_trips(tmp_path):
     payload = {"w": torch.arange(4.0)}
     path = _io.save_torch(tmp_path / "c.pt", payload)
-    assert torch.equal(torch.load(path)["w"], payload["w"])
+    assert torch.equal(torch.load(path, weights_only=True)["w"], payload["w"])
+    assert torch.equal(_io.read_torch(path)["w"], payload["w"])
+
+
+def test_save_torch_writes_numpy_numbers_as_python_numbers(tmp_path):
+    import numpy as np
+
+    payload = {"lr": np.float64(0.5), "steps": [np.int64(3), (np.float32(0.25), "x")], "size": torch.Size([2, 3]),
+               "w": torch.ones(2)}
+    read = _io.read_torch(_io.save_torch(tmp_path / "c.pt", payload))  # numpy's scalars would be refused
+    assert read["lr"] == 0.5 and type(read["lr"]) is float and type(read["steps"][0]) is int
+    assert read["steps"][1] == (0.25, "x") and read["size"] == torch.Size([2, 3]) and torch.equal(read["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_read_torch_refuses_objects_other_than_tensors_and_plain_data(tmp_path, zip_format):
+    from crafted import RunsCode
+
+    marker = tmp_path / "code-ran"
+    torch.save({"w": torch.ones(2), "notes": [RunsCode(marker)]}, tmp_path / "c.pt",
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(HessgapError, match=r"c\.pt holds objects other than tensors and plain data \((builtins\.)?exec\)"
+                                           r"; hessgap will not load it.*can run code.*; regenerate it"):
+        _io.read_torch(tmp_path / "c.pt", remedy="regenerate it")
+    assert not marker.exists()
+
+
+def test_read_torch_names_a_damaged_file_without_advising_to_run_it(tmp_path):
+    path = _io.save_torch(tmp_path / "c.pt", {"w": torch.ones(3)})
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(HessgapError, match=r"c\.pt is corrupt or unreadable \(RuntimeError: .*\); write it again"):
+        _io.read_torch(path, remedy="write it again")
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(HessgapError, match=r"c\.pt is corrupt or unreadable \(UnpicklingError: .*\); write it again") as info:
+        _io.read_torch(path, remedy="write it again")
+    assert "weights_only" not in str(info.value)  # torch's advice to load it with weights_only=False is left out
+    with pytest.raises(HessgapError, match="missing.pt is corrupt or unreadable"):
+        _io.read_torch(tmp_path / "missing.pt")
 
 
 def test_save_figure_writes_a_png(tmp_path):
@@ -98,3 +138,41 @@ def test_the_lock_is_shared_within_a_process_until_its_last_holder_releases(tmp_
     outer.release()
     outer.release()  # releasing twice is harmless
     assert other_process_can_lock()
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_not_taken(tmp_path, monkeypatch):
+    """A failed run removes the lock file it made while still holding it; a process that opened the file just
+    before must not lock the deleted file (two processes would then both hold "the" lock): it locks anew."""
+    import fcntl
+
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_a_removal(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:  # the other run removes the file (and its folder) after our open
+            (tmp_path / "run" / _io.LOCK_FILE).unlink()
+            (tmp_path / "run").rmdir()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_removal)
+    (tmp_path / "run").mkdir()
+    with _io.FolderLock(tmp_path / "run") as lock:
+        assert lock.held and len(calls) == 2
+        held = os.fstat(_io._held[os.path.realpath(tmp_path / "run")][0])
+        assert os.path.samestat(held, os.stat(tmp_path / "run" / _io.LOCK_FILE))  # the file that is there now
+
+
+def test_folder_additions_are_what_came_after_the_mark(tmp_path):
+    (tmp_path / "a" / "old").mkdir(parents=True)
+    additions = _io.FolderAdditions(tmp_path / "a" / "b" / "c")
+    (tmp_path / "a" / "b" / "c" / "d").mkdir(parents=True)
+    additions.mark()
+    (tmp_path / "a" / "b" / "c" / "d" / "new.json").write_text("{}")
+    (tmp_path / "a" / "b" / "c" / "e").mkdir()
+    assert additions.added() == ["d/new.json", "e"]  # deepest first
+    additions.remove()
+    additions.remove_folders()
+    assert (tmp_path / "a" / "b" / "c" / "d").is_dir()  # there at the mark: stays, and so do the folders above it
+    shutil.rmtree(tmp_path / "a" / "b" / "c" / "d")
+    additions.remove_folders()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["old"]  # b and c were made after the start

@@ -13,8 +13,9 @@ else (the batch then reaches it as the loader gave it, moved to the model's devi
 
 f is the mean over every *unit* of the loader (:func:`units`): samples by default; the counted targets
 for cross-entropy with ignored entries; the label tokens that count for token-level Hugging Face losses
-(``labels != -100``, shifted by one for causal language models, whose loss predicts the next token). A
-``weight_fn(batch) -> number`` overrides the count.
+(``labels != -100``, shifted by one for causal language models, whose loss predicts the next token: decided
+from the model's config and class, :func:`is_causal_lm`). The model's own loss of the first batch is checked
+to be the mean over those units (:func:`check_own_loss`). A ``weight_fn(batch) -> number`` overrides the count.
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ class Batch:
     @property
     def is_pair(self) -> bool:
         return len(self.args) == 1 and not self.kwargs and self.targets is not None
+
+    def describe(self) -> str:
+        """The batch's tensors with their shapes and dtypes, for messages about a batch that does not fit."""
+        def shape(t):
+            return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+
+        if self.kwargs:
+            return "keys " + ", ".join(f"{k}: {shape(v)}" for k, v in self.kwargs.items() if isinstance(v, torch.Tensor))
+        parts = [f"input {shape(a)}" for a in self.args]
+        if self.targets is not None:
+            parts.append(f"targets {shape(self.targets)}")
+        return ", ".join(parts) or type(self.raw).__name__
 
 
 
@@ -145,14 +158,37 @@ def structure(index: int, raw, *, closure: bool) -> Batch:
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """A Hugging Face causal language model: its loss predicts token t+1 from tokens ≤ t (labels shift by one)."""
-    loss_function = getattr(model, "loss_function", None)
-    return getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
+    """A Hugging Face causal language model: its own loss predicts token t+1 from tokens ≤ t, so it shifts the
+    labels by one and averages over the label tokens from the second on.
+
+    Decided from the model itself: a decoder-only config (``config.is_encoder_decoder`` false) and a class that
+    transformers' ``AutoModelForCausalLM`` maps to (or a ``*ForCausalLM`` of remote code). Encoder-decoders (T5,
+    BART: ``*ForConditionalGeneration``) shift the decoder's inputs instead and average over every label token;
+    their ``loss_function`` is nonetheless transformers' causal-LM fallback, so its name decides nothing.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name in _causal_lm_classes()
+
+
+@functools.cache
+def _causal_lm_classes() -> frozenset[str]:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # no transformers: no Hugging Face model either
+        return frozenset()
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def ignore_index_of(loss_fn) -> int | None:
     """The ignored target value of a cross-entropy loss (None for other losses): ``nn.CrossEntropyLoss``,
-    ``F.cross_entropy``, or a ``functools.partial`` of it that may set ``ignore_index``."""
+    ``F.cross_entropy``, or a ``functools.partial`` of it that may set ``ignore_index``; a wrapper that names
+    the loss it wraps as ``__wrapped__`` (``functools.wraps`` does) has that loss's."""
+    wrapped = getattr(loss_fn, "__wrapped__", None)
+    if wrapped is not None:
+        return ignore_index_of(wrapped)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         return loss_fn.ignore_index
     if loss_fn is F.cross_entropy:
@@ -160,6 +196,20 @@ def ignore_index_of(loss_fn) -> int | None:
     if isinstance(loss_fn, functools.partial) and loss_fn.func is F.cross_entropy and not loss_fn.args:
         return loss_fn.keywords.get("ignore_index", IGNORE_INDEX)
     return None
+
+
+def widen_class_targets(batch: Batch, loss_fn) -> None:
+    """Integer class indices for hessgap's cross-entropy (``loss_fn`` one, or None: the default) as int64, in
+    place: torch's cross_entropy takes int64 (and uint8) only, while labels often come as int32 (numpy's
+    default on Windows, label encoders) or smaller. A Hugging Face batch whose model computes its own loss
+    keeps its labels as they are."""
+    targets = batch.targets
+    if (targets is None or targets.is_floating_point() or targets.is_complex()
+            or targets.dtype in (torch.int64, torch.bool)):
+        return
+    if (batch.kwargs and loss_fn is None) or ignore_index_of(loss_fn if loss_fn is not None else F.cross_entropy) is None:
+        return
+    batch.targets = targets.long()
 
 
 def units(batch: Batch, model: nn.Module, loss_fn, weight_fn: WeightFn | None) -> float:
@@ -178,3 +228,68 @@ def units(batch: Batch, model: nn.Module, loss_fn, weight_fn: WeightFn | None) -
     if ignore is not None and targets is not None and not targets.is_floating_point():
         return float((targets != ignore).sum())
     return float(batch.samples)
+
+
+def check_class_targets(logits: torch.Tensor, targets: torch.Tensor, ignore: int, index: int) -> None:
+    """Cross-entropy's targets: class indices of the output's shape without the class dimension, in range
+    (or the ignore index), or class probabilities of the output's own shape."""
+    if targets.is_floating_point():
+        if targets.shape != logits.shape:
+            raise HessgapError(
+                f"batch {index}: cross-entropy got floating targets of shape {tuple(targets.shape)} for outputs of "
+                f"shape {tuple(logits.shape)}; class indices must be integers (targets.long()), class probabilities "
+                "must have the outputs' shape"
+            )
+        return
+    if targets.dtype == torch.bool or targets.is_complex():
+        raise HessgapError(f"batch {index}: cross-entropy targets of dtype {targets.dtype}; use class indices (torch.long)")
+    expected = logits.shape[:1] + logits.shape[2:] if logits.dim() >= 2 else logits.shape[:0]
+    if targets.shape != expected:
+        raise HessgapError(
+            f"batch {index}: cross-entropy targets of shape {tuple(targets.shape)} for outputs of shape "
+            f"{tuple(logits.shape)}; expected class indices of shape {tuple(expected)}"
+        )
+    classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
+    counted = targets[targets != ignore]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= classes):
+        raise HessgapError(
+            f"batch {index}: cross-entropy targets range over [{int(counted.min())}, {int(counted.max())}] but the "
+            f"model has {classes} classes (0..{classes - 1}; {ignore} is ignored); check the labels and the model's "
+            "number of outputs"
+        )
+
+
+def check_own_loss(model: nn.Module, outputs, loss: torch.Tensor, batch: Batch) -> None:
+    """Raise unless the model's own ``.loss`` of ``batch`` is the mean cross-entropy over the units the batch
+    is weighted with (:func:`units`): otherwise the batches of the loader would be weighted wrongly (by label
+    tokens the loss does not average over) and f, its gradient and Hessian would be silently off.
+
+    Recomputed from the output's ``.logits`` and the labels (shifted as :func:`units` shifts them); a loss that
+    is no per-label cross-entropy of the logits (other shapes, floating labels) is taken as it is.
+    """
+    logits, labels = getattr(outputs, "logits", None), batch.targets
+    if (not isinstance(logits, torch.Tensor) or batch.weight <= 0 or labels is None or labels.dim() == 0
+            or labels.is_floating_point()):
+        return
+    causal = labels.dim() >= 2 and is_causal_lm(model)
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    counted = labels[labels != IGNORE_INDEX]
+    in_range = not counted.numel() or 0 <= int(counted.min()) <= int(counted.max()) < logits.shape[-1]
+    if logits.shape[:-1] != labels.shape or not in_range:
+        return
+    with torch.no_grad():
+        total = F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1]).double(), labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+    mean, own = float(total) / batch.weight, float(loss.detach())
+    # the model may compute its loss in float32 (Hugging Face's logits.float()) or in a half dtype
+    if abs(mean - own) <= 64 * torch.finfo(loss.dtype).eps * max(1.0, abs(own)):
+        return
+    shift = "shifted by one, as for a causal language model" if causal else "not shifted"
+    raise HessgapError(
+        f"batch {batch.index}: the model's own loss is {own:.8g}, but the mean cross-entropy of its logits over the "
+        f"{batch.weight:g} label tokens hessgap weights the batch with (labels != {IGNORE_INDEX}, {shift}) is "
+        f"{mean:.8g}: these per-batch units do not reproduce the model's loss, so the batches would be weighted "
+        "wrongly. Pass weight_fn=lambda batch: <the number of units the model's loss averages over>, or "
+        "compute_loss=lambda model, batch: ... (with weight_fn=) that computes the loss yourself"
+    )

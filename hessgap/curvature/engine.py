@@ -34,7 +34,7 @@ from . import fused, graph
 from ._flat import Directions, check_finite_products, unflatten
 from .batches import Batch
 from .objective import LossOverData
-from .second_order import SecondOrderRules, check_differentiable
+from .second_order import SecondOrderRules, check_differentiable, modules_calling
 from .sharded import sharded_pass
 
 PATHS = ("auto", "fused", "generic")  # what users ask for; an FSDP2-sharded model runs the "sharded" pass
@@ -106,6 +106,7 @@ class HvpEngine:
         self._primal_states: dict[int, fused.BatchState] = {}
         self._primal_snapshot: list[torch.Tensor] | None = None
         self._primal_bytes = 0
+        self._batch: Batch | None = None  # the batch a pass is on, to name the modules of an op without a rule
         self.path = "generic"
         if objective.sharded is not None:
             self.path = "sharded"  # FSDP2 shards: their own pass (see :mod:`hessgap.curvature.sharded`)
@@ -144,7 +145,9 @@ class HvpEngine:
     def run(self, directions: Directions) -> tuple[list[torch.Tensor], torch.Tensor, PassStats]:
         """Σ_b w_b·H_b·V / Σ_b w_b for the per-parameter directions: per-parameter views of one (k, n) tensor
         (in the accumulation dtype), that tensor, and what the pass saw."""
-        with preserved(self.model, train_mode=self.train_mode, parameters=False), self.rules.active():
+        self._batch = None
+        with preserved(self.model, train_mode=self.train_mode, parameters=False), \
+                self.rules.active(self.model, locate=self._modules_calling):
             self._forget_stale_primal_states()
             if self._plan is not None:
                 try:
@@ -182,6 +185,7 @@ class HvpEngine:
         error = None
         try:
             for batch in objective.batches():
+                self._batch = batch
                 if fused_path:
                     if not batch.is_pair and not isinstance(self._plan, graph.GraphPlan):
                         raise fused.FusedUnsupported("the batches are not (inputs, targets) pairs")
@@ -208,6 +212,17 @@ class HvpEngine:
             flat_total.mul_(factor)
         check_finite_products(flat_total)
         return total, flat_total, stats
+
+    def _modules_calling(self, op: str) -> list[str]:
+        """The modules that call ``op`` on the batch a pass failed on (none for FSDP2 shards, whose forward is
+        a collective that the other ranks do not rerun)."""
+        if self._batch is None or self.objective.sharded is not None:
+            return []
+        try:
+            with torch.enable_grad():  # the ops of a differentiated forward (embedding_bag's, not its no-grad twin)
+                return modules_calling(self.model, lambda: self.objective.batch_loss(self._batch), op)
+        except Exception:  # noqa: BLE001 - naming the module is a courtesy: the error itself is raised anyway
+            return []
 
     def _chunk(self, per_direction_bytes: int, k: int) -> int:
         if self.chunk_size is not None:
@@ -238,6 +253,7 @@ class HvpEngine:
 
         with self.objective.naming_failures(batch):
             if isinstance(self._plan, graph.GraphPlan):
+                self.objective.check_own_loss(batch)  # the captured graph's outputs never reach the objective
                 try:
                     state = self._plan.forward_backward(batch, batch.weight)
                 except fused.FusedUnsupported:

@@ -112,7 +112,7 @@ def hvp(
                              max_batches=max_batches, params=params, group=group)
     objective.check_finite_parameters()
     directions = as_directions(vectors, objective.vector_params, objective.names)
-    objective.ranks.agree("the arguments of hessgap.hvp", (objective.parameter_digest(), directions.k, path))
+    objective.agree_across_ranks("the arguments of hessgap.hvp", directions.k, path)
     engine = HvpEngine(
         objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
     )

@@ -23,8 +23,19 @@ from torch import nn
 
 from ..distributed import Ranks
 from ..errors import HessgapError, NonFiniteError
-from .batches import Batch, ComputeLoss, LossFn, WeightFn, ignore_index_of, structure, units
-from .params import select_parameters
+from .batches import (
+    Batch,
+    ComputeLoss,
+    LossFn,
+    WeightFn,
+    check_class_targets,
+    check_own_loss,
+    ignore_index_of,
+    structure,
+    units,
+    widen_class_targets,
+)
+from .params import reselect, select_parameters
 from .sharded import ShardedParameters, is_sharded
 from .source import DataSource
 
@@ -88,6 +99,8 @@ class LossOverData:
                 raise HessgapError(f"{name} must be callable, got {type(fn).__name__}")
         _check_reduction(loss_fn)
         self.loss_fn, self.compute_loss, self.weight_fn = loss_fn, compute_loss, weight_fn
+        # a model's own loss is checked against the units of its first batch (see check_own_loss), once
+        self.own_loss_checked = loss_fn is not None or compute_loss is not None or weight_fn is not None
         self.max_batches = max_batches
         self.ranks = Ranks.resolve(group)
         self.source = DataSource(data, device=self.device, dtype=self.dtype, max_batches=max_batches,
@@ -116,6 +129,22 @@ class LossOverData:
         text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in zip(self.names, self.params))
         return f"{len(self.params)} tensors, n = {self.total_parameters}, {hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
+    def agree_across_ranks(self, what: str, *arguments) -> None:
+        """Raise on every rank unless all ranks pass the same ``arguments`` (``what`` names them) for the same
+        parameters of the same model, holding the same values (see :meth:`Ranks.agree_on_model`)."""
+        self.ranks.agree_on_model(what, self.model, (self.parameter_digest(), *arguments))
+
+    def reselect_parameters(self) -> bool:
+        """Select the parameters again when the model now holds other Parameter objects under their names
+        (see :func:`~hessgap.curvature.params.reselect`); True when it does: whatever was built on the old
+        objects (an HVP engine's plan, captured graphs) must then be rebuilt."""
+        params = reselect(self.model, self.names, self.params)
+        if params is None:
+            return False
+        self.params = params
+        self.sharded = ShardedParameters(self.names, self.params) if is_sharded(self.params) else None
+        return True
+
     @property
     def batches_cached(self) -> bool:
         """Whether every pass sees the very same batch tensors (kept after the first pass)."""
@@ -131,6 +160,7 @@ class LossOverData:
         whose every target is ignored, are skipped: they hold nothing to average)."""
         for index, raw in enumerate(self.source):
             batch = structure(index, raw, closure=self.compute_loss is not None)
+            widen_class_targets(batch, self.loss_fn)
             batch.weight = units(batch, self.model, self.loss_fn, self.weight_fn)
             if batch.weight > 0:
                 yield batch
@@ -174,15 +204,27 @@ class LossOverData:
             if _missing_rule(exc) or not _raised_inside_torch(exc):
                 raise  # an error of the user's own code keeps its type; the engine names missing rules
             raise HessgapError(
-                f"the model or its loss failed on batch {batch.index} ({_describe(batch)}): {type(exc).__name__}: "
+                f"the model or its loss failed on batch {batch.index} ({batch.describe()}): {type(exc).__name__}: "
                 f"{exc}. Check that the batches fit the model (shapes, dtypes) and the loss (targets)"
             ) from exc
 
+    def check_own_loss(self, batch: Batch) -> None:
+        """Check the model's own loss against the batch's units (see :func:`loss_of_outputs`) with a forward
+        without gradients, unless done already: for passes that never see the model's outputs (the graph engine)."""
+        if not self.own_loss_checked and batch.kwargs:
+            with torch.no_grad():
+                self.batch_loss(batch)
+
     def loss_of_outputs(self, outputs, batch: Batch) -> torch.Tensor:
-        """The batch's mean loss from the model's outputs on it (``loss_fn``, or the output's ``.loss``)."""
+        """The batch's mean loss from the model's outputs on it (``loss_fn``, or the output's ``.loss``: on the
+        first batch, checked to be the mean over the units the batch is weighted with, see
+        :func:`~hessgap.curvature.batches.check_own_loss`)."""
         if self.loss_fn is None and batch.kwargs:
             loss = getattr(outputs, "loss", None)
             if isinstance(loss, torch.Tensor):
+                if not self.own_loss_checked:
+                    check_own_loss(self.model, outputs, loss, batch)
+                    self.own_loss_checked = True
                 return loss
             if batch.targets is None:
                 raise HessgapError(
@@ -195,7 +237,7 @@ class LossOverData:
         loss_fn = self.loss_fn if self.loss_fn is not None else F.cross_entropy
         ignore = ignore_index_of(loss_fn)
         if ignore is not None:
-            _check_class_targets(logits, batch.targets, ignore, batch.index)
+            check_class_targets(logits, batch.targets, ignore, batch.index)
         return loss_fn(logits, batch.targets)
 
     # -- over the whole data ----------------------------------------------------------------------
@@ -325,35 +367,6 @@ def _check_reduction(loss_fn) -> None:
         )
 
 
-def _check_class_targets(logits: torch.Tensor, targets: torch.Tensor, ignore: int, index: int) -> None:
-    """Cross-entropy's targets: class indices of the output's shape without the class dimension, in range
-    (or the ignore index), or class probabilities of the output's own shape."""
-    if targets.is_floating_point():
-        if targets.shape != logits.shape:
-            raise HessgapError(
-                f"batch {index}: cross-entropy got floating targets of shape {tuple(targets.shape)} for outputs of "
-                f"shape {tuple(logits.shape)}; class indices must be integers (targets.long()), class probabilities "
-                "must have the outputs' shape"
-            )
-        return
-    if targets.dtype == torch.bool or targets.is_complex():
-        raise HessgapError(f"batch {index}: cross-entropy targets of dtype {targets.dtype}; use class indices (torch.long)")
-    expected = logits.shape[:1] + logits.shape[2:] if logits.dim() >= 2 else logits.shape[:0]
-    if targets.shape != expected:
-        raise HessgapError(
-            f"batch {index}: cross-entropy targets of shape {tuple(targets.shape)} for outputs of shape "
-            f"{tuple(logits.shape)}; expected class indices of shape {tuple(expected)}"
-        )
-    classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
-    counted = targets[targets != ignore]
-    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= classes):
-        raise HessgapError(
-            f"batch {index}: cross-entropy targets range over [{int(counted.min())}, {int(counted.max())}] but the "
-            f"model has {classes} classes (0..{classes - 1}; {ignore} is ignored); check the labels and the model's "
-            "number of outputs"
-        )
-
-
 def _raised_inside_torch(exc: BaseException) -> bool:
     """Whether the innermost Python frame of the error is torch's own code (a shape or dtype the batch gave
     a layer), rather than the user's model or loss raising on purpose.
@@ -383,15 +396,3 @@ def _missing_rule(exc: Exception) -> bool:
     """An autograd error about an op without a (higher-order) derivative: the HVP engine names it itself."""
     text = str(exc)
     return "forward AD" in text or "derivative for" in text
-
-
-def _describe(batch: Batch) -> str:
-    def shape(t):
-        return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-
-    if batch.kwargs:
-        return "keys " + ", ".join(f"{k}: {shape(v)}" for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor))
-    parts = [f"input {shape(a)}" for a in batch.args]
-    if batch.targets is not None:
-        parts.append(f"targets {shape(batch.targets)}")
-    return ", ".join(parts) or type(batch.raw).__name__

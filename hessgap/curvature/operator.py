@@ -79,13 +79,14 @@ class HessianOperator:
                                       max_batches=max_batches, params=params, group=group)
         self.objective.check_finite_parameters()
         self.ranks = self.objective.ranks
-        self.ranks.agree("the parameters the Hessian is taken over", self.objective.parameter_digest())
+        self.objective.agree_across_ranks("the parameters the Hessian is taken over")
         if cache_batches:
             self.objective.cache_batches()
         self.model = model
-        self._engine = HvpEngine(
-            self.objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
-        )
+        self._engine_options = dict(path=path, train_mode=train_mode, chunk_size=chunk_size,
+                                    memory_budget=memory_budget)
+        self._engine = HvpEngine(self.objective, **self._engine_options)
+        self._buffers = list(model.buffers())
         self.n: int = self.objective.num_parameters  # this rank's shards only, for an FSDP2-sharded model
         self.total_parameters: int = self.objective.total_parameters
         self.sharded: bool = self.objective.sharded is not None
@@ -122,12 +123,35 @@ class HessianOperator:
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """H Vᵀ for the k rows of ``V`` (shape (k, n)), returned as a (k, n) tensor: rows are H v_i."""
+        self._follow_replaced_tensors()
         directions = as_directions(V, self.objective.vector_params, self.objective.names)
         _, flat, stats = self._engine.run(directions)
         self.hvps += directions.k
         self.passes += 1
         self.last_loss = stats.loss
         return flat
+
+    def _follow_replaced_tensors(self) -> None:
+        """A new engine when the model's Parameter or buffer objects were replaced since the last product: the
+        old one's plan, captured graphs and kept primal passes belong to the old objects (the products would be
+        the old Hessian's, or zero). Decided on every rank alike, so that all of them run the same collectives."""
+        replaced = self.ranks.together(self._replaced)
+        if self.ranks.active:
+            replaced = self.ranks.sum_numbers([float(replaced)])[0] > 0
+        if not replaced:
+            return
+        self.objective.check_finite_parameters()
+        self.objective.agree_across_ranks("the replaced parameters the Hessian is taken over")
+        notes = self._engine.rules.notes
+        self._engine = HvpEngine(self.objective, **self._engine_options)
+        self._engine.rules.notes = notes  # one list of notes over the operator's life (results hold it)
+
+    def _replaced(self) -> bool:
+        parameters = self.objective.reselect_parameters()
+        buffers = list(self.model.buffers())  # a captured graph takes BatchNorm's statistics as inputs too
+        moved = len(buffers) != len(self._buffers) or any(a is not b for a, b in zip(buffers, self._buffers))
+        self._buffers = buffers
+        return parameters or moved
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v for one vector of shape (n,)."""

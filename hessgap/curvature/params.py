@@ -63,6 +63,29 @@ def select_parameters(model: nn.Module, params=None) -> tuple[list[str], list[nn
     return [n for n, _ in named], [p for _, p in named]
 
 
+def reselect(model: nn.Module, names: list[str], params: list[nn.Parameter]) -> list[nn.Parameter] | None:
+    """The parameters under ``names`` again when the model now holds other Parameter objects there than
+    ``params`` (``load_state_dict(..., assign=True)``, ``module.weight = nn.Parameter(...)``, a new module),
+    else None. The new ones must match the old ones in shape, dtype and device: a call that selected them (a
+    HessianOperator) has fixed the length of its vectors."""
+    current = dict(model.named_parameters(remove_duplicate=False))
+    if all(current.get(name) is p for name, p in zip(names, params)):
+        return None
+    try:
+        new_names, new = select_parameters(model, names)
+    except HessgapError as exc:
+        raise HessgapError(f"the model's parameters were replaced since this operator was built: {exc}") from None
+    changed = [name for name, a, b in zip(new_names, params, new)
+               if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device)]
+    if new_names != names or changed:
+        raise HessgapError(
+            f"the model's parameters were replaced by ones of another shape, dtype or device "
+            f"({', '.join(changed[:3]) or 'other names'}); an operator's size is fixed when it is built: build a new "
+            "HessianOperator for the changed model"
+        )
+    return new
+
+
 def _resolve(model: nn.Module, every: list[tuple[str, nn.Parameter]], params) -> set[int]:
     """ids of the parameters ``params`` names (see the module docstring).
 

@@ -8,6 +8,11 @@ their inverses (1/α, 1/β), which moves every layer the other way. Each copy is
 settings and seeds (the same random draws), and a measure is called invariant when neither value moved by
 more than ``invariance_rtol`` of its size (a ratio of two non-invariant quantities can move little under one
 rescaling and much under the other). The model itself is never modified.
+
+On several ranks (a default process group), each rank passes its shard of the data and every measure is
+taken over all of it: the ranks first agree on the model and every argument (a rank with a wrong or different
+argument makes every rank raise the same error before any work), then each sum over the data runs across
+the ranks, and every rank returns the same result as one process on all the data.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from torch import nn
 from .. import _checks
 from .._results import JsonResult
 from ..curvature.objective import LossOverData
+from ..distributed import Ranks
 from ..errors import HessgapError
 from . import registry
 from .context import Context, NotApplicable
-from .rescale import BATCHNORM_FACTOR, RELU_FACTOR, NoSymmetry, rescaled_copy
+from .rescale import BATCHNORM_FACTOR, RELU_FACTOR, NoSymmetry, check_factor, check_rtol, rescaled_copy
 
 DEFAULT_RTOL = 0.05
 
@@ -79,12 +85,39 @@ class MeasuresResult(JsonResult):
         return "\n".join(lines)
 
 
-def _read_batches(model: nn.Module, data, loss_fn, max_batches) -> tuple[list, int]:
-    """The data's batches, moved to the model's device and kept, and the number of samples."""
-    objective = LossOverData(model, data, loss_fn=loss_fn, max_batches=max_batches, cache_batches=True)
+def _read_batches(objective: LossOverData) -> tuple[list, int]:
+    """The data's batches, moved to the model's device and kept, and the number of samples (of every rank)."""
     objective.cache_batches()
     batches = [batch.raw for batch in objective.batches()]
-    return batches, sum(b.samples for b in objective.batches())
+    return batches, objective.num_samples()
+
+
+def _arguments(model, data, names, loss_fn, options, seed, max_batches, check_invariance, invariance_rtol,
+               relu_factor, batchnorm_factor, progress) -> tuple[list, dict, LossOverData, tuple]:
+    """The measures chosen, their settings and the objective over the data, each argument checked; and what
+    the ranks must agree on."""
+    chosen = registry.resolve(names)
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise HessgapError(f"options must map measure names to settings dicts, got {type(options).__name__}")
+    for key, value in options.items():
+        _checks.choice(key, registry.NAMES, "measure in options")
+        if not isinstance(value, dict):
+            raise HessgapError(f"options[{key!r}] must be a dict of settings, got {type(value).__name__}")
+    settings = {m.name: m.settings(options.get(m.name)) for m in chosen}
+    if not isinstance(model, nn.Module):
+        raise HessgapError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise HessgapError("the model has no trainable parameters to measure")
+    _checks.seed(seed)
+    _checks.flag(check_invariance, "check_invariance")
+    _checks.flag(progress, "progress")
+    factors = (check_factor(relu_factor, "relu_factor"), check_factor(batchnorm_factor, "batchnorm_factor"))
+    check_rtol(invariance_rtol, factors)
+    objective = LossOverData(model, data, loss_fn=loss_fn, max_batches=max_batches, cache_batches=True)
+    agreed = (objective.parameter_digest(), [m.name for m in chosen], sorted(settings.items()), seed, max_batches,
+              check_invariance, invariance_rtol, relu_factor, batchnorm_factor)
+    return chosen, settings, objective, agreed
 
 
 def _changed(a: float, b: float) -> float:
@@ -121,25 +154,21 @@ def measures(model: nn.Module, data, names=None, *, loss_fn=None, options: dict 
         linear layer, enough samples for m-sharpness) gets ``None`` and its reason in ``not_applicable``.
     """
     started = time.perf_counter()
-    chosen = registry.resolve(names)
-    options = {} if options is None else options
-    if not isinstance(options, dict):
-        raise HessgapError(f"options must map measure names to settings dicts, got {type(options).__name__}")
-    for key, value in options.items():
-        _checks.choice(key, registry.NAMES, "measure in options")
-        if not isinstance(value, dict):
-            raise HessgapError(f"options[{key!r}] must be a dict of settings, got {type(value).__name__}")
-    settings = {m.name: m.settings(options.get(m.name)) for m in chosen}
-    if not isinstance(model, nn.Module):
-        raise HessgapError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise HessgapError("the model has no trainable parameters to measure")
-    _checks.seed(seed)
-    _checks.positive_number(invariance_rtol, "invariance_rtol")
-    _checks.positive_number(relu_factor, "relu_factor")
-    _checks.positive_number(batchnorm_factor, "batchnorm_factor")
+    # every rank checks its arguments, then all compare them in one collective before any work: a rank whose
+    # argument is wrong or differs makes every rank raise the same error, instead of leaving the others waiting
+    error, chosen, settings, objective, agreed = None, [], {}, None, None
+    try:
+        chosen, settings, objective, agreed = _arguments(
+            model, data, names, loss_fn, options, seed, max_batches, check_invariance, invariance_rtol, relu_factor,
+            batchnorm_factor, progress)
+    except Exception as exc:  # every rank must reach the comparison, also one whose arguments are wrong
+        error = exc
+    Ranks.resolve().agree("the arguments of hessgap.measures",
+                          agreed if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
 
-    batches, samples = _read_batches(model, data, loss_fn, max_batches)
+    batches, samples = _read_batches(objective)
     ctx = Context(model, batches, loss_fn=loss_fn, seed=seed, progress=progress)
     twins, rescaling, unchecked = [], "", None
     if check_invariance:
@@ -180,11 +209,17 @@ def measures(model: nn.Module, data, names=None, *, loss_fn=None, options: dict 
             entry["reason"] = unchecked or "the value is not finite"
         else:
             t1 = time.perf_counter()
-            others = [measure.fn(twin, **kwargs).value for twin in twins]
+            try:
+                others = [measure.fn(twin, **kwargs).value for twin in twins]
+            except NotApplicable as exc:  # a measure that depends on the weights' sizes may refuse a copy
+                others = None
+                result.invariant[name] = None
+                entry["reason"] = f"the measure does not apply to a rescaled copy: {exc}"
             result.check_seconds[name] = time.perf_counter() - t1
-            change = max(_changed(outcome.value, other) for other in others)
-            result.invariant[name] = bool(change <= invariance_rtol)
-            entry.update(values_rescaled=others, change=change, rtol=invariance_rtol)
+            if others is not None:
+                change = max(_changed(outcome.value, other) for other in others)
+                result.invariant[name] = bool(change <= invariance_rtol)
+                entry.update(values_rescaled=others, change=change, rtol=invariance_rtol)
         result.invariance[name] = entry
     result.total_seconds = time.perf_counter() - started
     return result

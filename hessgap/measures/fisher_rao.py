@@ -14,7 +14,9 @@ parameters included: ⟨θ, ∇_θ ℓ_i⟩ is the derivative of sample i's loss
 forward-mode product (``torch.func.jvp`` with tangent θ) per batch, then ⟨∂ℓ_i/∂f_i, ḟ_i⟩. With biases
 the homogeneity identity no longer holds, but the definition does, and it stays invariant under every
 rescaling of the weights that leaves the function unchanged (the gradient rescales inversely). The
-model is in eval mode; the value is the mean over the samples, with the standard error of that mean.
+model is in eval mode; the value is the mean over the samples, with the standard error of that mean. On
+several ranks both are taken over every rank's samples (sums across the ranks). For a half-precision model
+∂ℓ_i/∂f_i is taken in float32 (near a minimum the softmax's 1 − p is below bfloat16's resolution of p).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .context import Context, NotApplicable, Outcome, trainable
 
 
 def directional_terms(ctx: Context) -> torch.Tensor:
-    """⟨θ, ∇_θ ℓ_i⟩ for every sample i of the data (float64), the model in eval mode."""
+    """⟨θ, ∇_θ ℓ_i⟩ for every sample i of this rank's data (float64), the model in eval mode."""
     objective = ctx.objective()
     named = trainable(ctx.model)
     params = {name: p.detach() for name, p in named}
@@ -48,18 +50,21 @@ def directional_terms(ctx: Context) -> torch.Tensor:
                 out, tangent = jvp(outputs, (params,), (params,))
             if out.dim() == 0:
                 raise NotApplicable("it needs per-sample outputs (a leading sample dimension)")
-            leaf = out.detach().requires_grad_(True)
+            leaf = out.detach().to(objective.accumulation_dtype).requires_grad_(True)
             with torch.enable_grad():
                 loss = objective.loss_of_outputs(leaf, batch) * batch.weight  # Σ_i ℓ_i for a mean loss
                 (grad,) = torch.autograd.grad(loss, leaf)
             terms.append((grad.double() * tangent.double()).reshape(out.shape[0], -1).sum(1))
-    return torch.cat(terms)
+    return torch.cat(terms) if terms else torch.zeros(0, dtype=torch.float64)
 
 
 def fisher_rao(ctx: Context) -> Outcome:
-    """‖θ‖²_fr = mean over the samples of ⟨θ, ∇_θ ℓ_i⟩², with its standard error."""
-    s = directional_terms(ctx)
-    squares = s.pow(2)
-    value = float(squares.mean())
-    stderr = float(squares.std(unbiased=True)) / math.sqrt(len(squares)) if len(squares) > 1 else None
-    return Outcome(value, stderr, details={"samples": len(squares)})
+    """‖θ‖²_fr = mean over the samples (of every rank) of ⟨θ, ∇_θ ℓ_i⟩², with its standard error."""
+    squares = ctx.agreed(lambda: directional_terms(ctx)).pow(2)
+    total, count = ctx.ranks.sum_numbers([float(squares.sum()), len(squares)])
+    value = total / count
+    # the spread about the mean of all ranks' samples, summed across the ranks in a second reduction
+    (spread,) = ctx.ranks.sum_numbers([float((squares - value).pow(2).sum())])
+    count = int(count)
+    stderr = math.sqrt(spread / (count - 1) / count) if count > 1 else None
+    return Outcome(value, stderr, details={"samples": count})

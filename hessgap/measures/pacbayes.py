@@ -63,7 +63,7 @@ def _flatness(ctx: Context, magnitude_aware: bool, samples: int, target: float, 
     _checks.positive_int(samples, "samples", "the Monte Carlo draws per σ")
     _checks.positive_number(target, "target", "the deviation searched for (Jiang et al.: 0.1)")
     objective = ctx.objective()
-    statistic = (lambda: accuracy(objective)) if deviation == "accuracy" else objective.value
+    statistic = (lambda: accuracy(ctx, objective)) if deviation == "accuracy" else objective.value
     with preserved(ctx.model, train_mode=False, parameters=False):
         base = statistic()
     draws = noise(ctx, salt=4 if magnitude_aware else 3, samples=samples)

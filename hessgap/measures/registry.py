@@ -84,7 +84,7 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
             "λmax(DHD) / tr(DHD)", 1),
     Measure("relative_flatness", relative_flatness.relative_flatness, "Hessian",
             "Petzka et al. 2021, Relative flatness and generalization, Def. 3", True,
-            "Σ_ss' ⟨w_s, w_s'⟩ Tr(H_ss') over the last linear layer", 1),
+            "Σ_ss' ⟨w_s, w_s'⟩ Tr(H_ss') over the last linear layer (or layer=)", 1),
     Measure("fisher_rao", fisher_rao.fisher_rao, "norm", "Liang et al. 2019, Def. 2.1", True,
             "‖θ‖²_fr = E⟨θ, ∇_θ ℓ⟩²", 1),
 )}
@@ -94,13 +94,15 @@ assert NAMES == MEASURE_NAMES, "hessgap.names.MEASURE_NAMES must list the regist
 
 
 def resolve(names) -> list[Measure]:
-    """The entries of ``names`` (None: all, in registry order; a string: one, or comma-separated); unknown
-    names raise, listing the known ones."""
+    """The entries of ``names`` (None: all, in registry order; a string: one, or comma-separated; or a list or
+    tuple of names); anything else, and unknown names, raise, listing the known ones."""
     if names is None:
         return list(MEASURES.values())
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    names = list(names)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise HessgapError(f"names must be None (every measure), a measure name, a comma-separated string or a list "
+                           f"of names, got {names!r}; the measures are {', '.join(NAMES)}")
     if not names:
         raise HessgapError(f"no measure named; choose from {', '.join(NAMES)} (or names=None for all)")
     for name in names:

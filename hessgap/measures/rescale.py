@@ -14,23 +14,34 @@ Two symmetries are found by walking the model's leaf modules in order (plain lay
   the normalized output is the same in eval mode and in train mode alike (the ε term rescales too, so the
   identity is exact, not only approximate).
 
-The copy's outputs are compared with the model's on every batch (eval mode); a rescaling whose outputs differ
-beyond float rounding (a model whose module order is not its data flow: residual connections, custom
-forwards) is refused with the reason. The user's model is never touched.
+The copy's outputs are compared with the model's on every batch (eval mode; on several ranks, on every rank's
+shard); a rescaling whose outputs differ beyond float rounding (a model whose module order is not its data
+flow: residual connections, custom forwards) is refused with the reason. So is a copy whose weights did not
+move: measured against an identical copy every measure would look invariant. For the same reason factors
+closer to 1 than 2 (or 1/2) are refused (:func:`check_factor`): a quantity that scales with the factor would
+move by less than half and a small change could pass for invariance. The user's model is never touched.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 
+from .. import _checks
 from .._state import preserved
 from ..curvature.objective import LossOverData, output_tensor
+from ..distributed import Ranks
+from ..errors import HessgapError
 
 RELU_FACTOR = 3.0
 BATCHNORM_FACTOR = 0.25
+#: The least max(factor, 1/factor) the check takes (see the module docstring).
+MIN_FACTOR = 2.0
+#: The least relative change of some rescaled parameter for a copy to count as rescaled at all.
+MIN_MOVE = 1e-2
 _AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -41,6 +52,32 @@ _PASS_THROUGH = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgP
 
 class NoSymmetry(Exception):
     """The model has no function-preserving rescaling hessgap can build (``str(exc)`` says why)."""
+
+
+def check_factor(value, name: str) -> float:
+    """A rescaling factor the invariance check can use: finite, > 0, and at least 2 (or at most 1/2)."""
+    value = _checks.positive_number(value, name, "the scale of the invariance check's rescaling")
+    if max(value, 1 / value) < MIN_FACTOR:
+        raise HessgapError(
+            f"{name}={value!r} is too close to 1 for the invariance check: the rescaled copy would be (nearly) the "
+            f"model itself and every measure would look invariant; use a factor ≥ {MIN_FACTOR:g} or ≤ "
+            f"1/{MIN_FACTOR:g} (default {RELU_FACTOR:g} for ReLU, {BATCHNORM_FACTOR:g} for BatchNorm)"
+        )
+    return value
+
+
+def check_rtol(rtol, factors: tuple[float, ...]) -> float:
+    """``invariance_rtol``: > 0 and below 1 − 1/f for the factors f, the change of a quantity that scales with
+    the factor (a larger tolerance would call such a quantity invariant)."""
+    rtol = _checks.positive_number(rtol, "invariance_rtol", "the relative change below which a measure is invariant")
+    weakest = min(max(f, 1 / f) for f in factors)
+    if rtol >= 1 - 1 / weakest:
+        raise HessgapError(
+            f"invariance_rtol={rtol!r} is too large for the factors {', '.join(f'{f:g}' for f in factors)}: a "
+            f"measure proportional to a factor of {weakest:g} would move by {1 - 1 / weakest:.3g} and still count "
+            f"as invariant; use a tolerance below {1 - 1 / weakest:.3g} (default 0.05)"
+        )
+    return rtol
 
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -111,26 +148,59 @@ def describe(pairs: dict, relu_factor: float, batchnorm_factor: float) -> str:
     return "; ".join(parts)
 
 
+def output_tolerance(dtype: torch.dtype) -> float:
+    """The largest relative change of the outputs a function-preserving rescaling may show in ``dtype``:
+    1000 roundings, but at most 5 % (1000 roundings of bfloat16 are 8 times the outputs; a rescaled bfloat16
+    network's outputs move by about 0.5 %, a rescaling that breaks a residual connection's by far more)."""
+    return min(1e3 * torch.finfo(dtype).eps, 0.05)
+
+
+def _output_change(model: nn.Module, twin: nn.Module, batches) -> torch.Tensor:
+    """The largest |output difference| between the model and its copy over the batches, and the largest
+    |output| (float64)."""
+    change, scale = 0.0, 0.0
+    for a, b in zip(_outputs(model, batches), _outputs(twin, batches)):
+        change = max(change, float((a - b).abs().max()))
+        scale = max(scale, float(a.abs().max()))
+    return torch.tensor([change, scale], dtype=torch.float64)
+
+
+def _moved(model: nn.Module, twin: nn.Module) -> float:
+    """The largest relative change ‖p′ − p‖ / ‖p‖ of a trainable parameter between the model and its copy."""
+    moved = 0.0
+    for p, q in zip(model.parameters(), twin.parameters()):
+        norm = float(p.detach().double().norm())
+        if p.requires_grad and norm > 0:
+            moved = max(moved, float((q.detach().double() - p.detach().double()).norm()) / norm)
+    return moved
+
+
 def rescaled_copy(model: nn.Module, batches, relu_factor: float = RELU_FACTOR,
                   batchnorm_factor: float = BATCHNORM_FACTOR) -> tuple[nn.Module, str, float]:
     """A deep copy of ``model`` with every ReLU and BatchNorm rescaling applied, its description, and the
     largest change of the outputs over the data relative to their size (checked below float rounding).
 
-    Raises :class:`NoSymmetry` when the model has neither symmetry, or when the rescaled copy's outputs
-    differ from the model's."""
+    Raises :class:`NoSymmetry` when the model has neither symmetry, when the copy's weights did not move, or
+    when the rescaled copy's outputs differ from the model's (on any rank: every rank decides alike)."""
+    check_factor(relu_factor, "relu_factor")
+    check_factor(batchnorm_factor, "batchnorm_factor")
     pairs = find_symmetries(model)
     if not pairs["relu"] and not pairs["batchnorm"]:
         raise NoSymmetry("the model has no ReLU between two layers and no layer before a BatchNorm, so no "
                          "function-preserving rescaling to check against")
     twin = copy.deepcopy(model)
     _apply(twin, pairs, relu_factor, batchnorm_factor)
-    change, scale = 0.0, 0.0
-    for a, b in zip(_outputs(model, batches), _outputs(twin, batches)):
-        change = max(change, float((a - b).abs().max()))
-        scale = max(scale, float(a.abs().max()))
+    moved = _moved(model, twin)
+    if moved < MIN_MOVE:
+        raise NoSymmetry(
+            f"the rescaled copy's weights differ from the model's by {moved:.2g} of their size at most (the layers "
+            f"it rescales are zero): measured against the model itself every measure would look invariant"
+        )
+    ranks = Ranks.resolve()
+    local = ranks.together(_output_change, model, twin, batches)  # every rank raises if one's batch fails
+    change, scale = (max(float(t[i]) for t in ranks.gather(local)) for i in (0, 1))
     relative = change / max(scale, 1e-30)
-    dtype = next(model.parameters()).dtype
-    if relative > 1e3 * torch.finfo(dtype).eps:
+    if not math.isfinite(relative) or relative > output_tolerance(next(model.parameters()).dtype):
         raise NoSymmetry(
             f"rescaling the layers in module order changed the outputs (by {relative:.2g} of their size): the "
             "model's module order is not its data flow (residual connections or a custom forward), so hessgap "

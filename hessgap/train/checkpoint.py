@@ -4,6 +4,9 @@ A run folder holds ``checkpoints/epoch_0001.pt`` … (model, optimizer, RNG stat
 configuration: everything to resume bit-exactly) and ``history.json`` (the per-epoch metrics, readable
 without torch). Both are written through :mod:`hessgap._io` (a temporary file in the same folder, renamed
 into place), so an interrupted write never leaves a half-written checkpoint under the real name.
+A checkpoint holds tensors and plain data only (dicts, lists, numbers, strings: the configuration as its
+dict, the RNG states as tensors) and is read back as such (:func:`hessgap._io.read_torch`): a file holding
+any other object is refused, since unpickling it could run code.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .._io import save_torch
+from .._io import read_torch, save_torch
 from ..errors import HessgapError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -40,7 +43,7 @@ def list_checkpoints(out_dir: str | Path) -> dict[int, Path]:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` the payload atomically (temporary file + rename)."""
+    """``torch.save`` the payload atomically (temporary file + rename), as tensors and plain data."""
     save_torch(path, payload)
 
 
@@ -58,10 +61,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     path = Path(path)
     if not path.is_file():
         raise HessgapError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # torch raises many kinds on truncated or foreign files
-        raise HessgapError(f"{path} is corrupt or unreadable ({one_line(exc)}); {repair_hint(path)}") from exc
+    payload = read_torch(path, map_location, remedy=repair_hint(path))
     if not isinstance(payload, dict) or "model" not in payload:
         raise HessgapError(f"checkpoint {path} is not a hessgap training checkpoint (no model state in it)")
     missing = [key for key in needs if key not in payload]
@@ -71,11 +71,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
         raise HessgapError(f"{path} lacks {', '.join(missing)}: it is incomplete (written by another program or "
                            f"version of hessgap, or edited); {repair_hint(path)}")
     return payload
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (torch's load_state_dict errors span several; the command line prints one)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def repair_hint(path: str | Path) -> str:

@@ -1,5 +1,6 @@
 """The configuration of a training run (:class:`TrainConfig`): its options, their checks, and which of them
-may change when a run is resumed; and how its device and batch size are resolved.
+may change when a run is resumed; how its device and batch size are resolved, and whether its network can be
+trained in the device's memory.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ..names import (
     dataset_name,
     model_name,
 )
-from .data import SMALL_BATCH, large_batch_size
+from .data import SMALL_BATCH, Dataset, large_batch_size
+from .models import check_fits_memory, parameter_count
 from .remedies import BatchSchedule
 
 # fields that may change between a run and its resumption (they do not change the trajectory)
@@ -200,6 +202,25 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise HessgapError(f"device {device!r} asked for, but this torch build or machine has no CUDA device; use 'cpu'")
     return resolved
+
+
+def _training_state(config: TrainConfig) -> tuple[int, str]:
+    """How many numbers training holds per parameter, and which."""
+    if config.optimizer == "adam":
+        return 4, "training with adam (the weights, their gradients and ADAM's two moments)"
+    if config.momentum > 0:
+        return 3, "training with sgd (the weights, their gradients and the momentum)"
+    return 2, "training with sgd (the weights and their gradients)"
+
+
+def check_fits(config: TrainConfig, dataset: Dataset, device: torch.device | None = None) -> int:
+    """Refuse ``config``'s network when training it cannot fit the memory of ``device`` (the configuration's
+    device by default): counted, not built, so an absurd width is refused at once. Returns its parameter count."""
+    count = parameter_count(config.model, dataset.input_shape, dataset.num_classes, config.width, config.depth)
+    copies, held = _training_state(config)
+    check_fits_memory(f"{config.model} (width {config.width:g}, depth {config.depth:g}) on {dataset.name}", count,
+                      resolve_device(config.device) if device is None else device, copies, held)
+    return count
 
 
 def resolve_batch_size(batch_size, num_train: int) -> int:

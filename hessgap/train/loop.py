@@ -46,7 +46,7 @@ from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from .._io import FolderLock, read_json, remove, write_json
-from ..errors import HessgapError
+from ..errors import HessgapError, one_line
 from .checkpoint import (
     CHECKPOINT_DIR,
     HISTORY_FILE,
@@ -54,11 +54,10 @@ from .checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
-    one_line,
     repair_hint,
     save_checkpoint,
 )
-from .config import TrainConfig, check_same_run, resolve_batch_size, resolve_device
+from .config import TrainConfig, check_fits, check_same_run, resolve_batch_size, resolve_device
 from .data import Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
 from .evaluation import evaluation_sums
 from .models import build_model
@@ -124,7 +123,10 @@ def train(
             f"the configuration names data set {config.dataset!r} but the Dataset passed is {dataset.name!r}; "
             f"set TrainConfig.dataset={dataset.name!r} so that the run records what it trained on"
         )
+    else:
+        dataset = dataset.with_class_labels()  # a caller's own labels may be int32, or not class indices
     batch_size, schedule = batch_plan(config, dataset)
+    check_fits(config, dataset, device)  # before the folder is locked (made) and the network built
     data = dataset.to(device) if device.type != "cpu" else dataset
 
     measurements = [SharpnessLog.from_config(config, data.train, device, replicas)]

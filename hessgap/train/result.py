@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from .._io import jsonable, read_json
-from ..errors import HessgapError
+from ..errors import HessgapError, one_line
 from .checkpoint import (
     HISTORY_FILE,
     RESULT_ENTRIES,
     list_checkpoints,
     load_checkpoint,
-    one_line,
     repair_hint,
     save_checkpoint,
 )

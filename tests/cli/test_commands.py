@@ -120,6 +120,12 @@ def test_landscape_of_a_saved_model_then_towards_another(trained_pair, tmp_path,
     code, out, err = run_cli(capsys, "landscape", trained_pair / "sb", "--steps", 3, "--test", "--out", tmp_path / "l",
                              "--quiet", "--threads", 1, "--device", "cpu")
     assert code == 0 and "3 row(s) resumed" in out
+    # other batches (32 samples each, the first one only) are other data: named, not mixed with the finished rows
+    code, out, err = run_cli(capsys, "landscape", trained_pair / "sb", "--steps", 3, "--test", "--out", tmp_path / "l",
+                             "--eval-batch", 32, "--max-batches", 1, "--quiet", "--threads", 1, "--device", "cpu")
+    assert code == 1 and "Traceback" not in err
+    assert ("changed: data_settings ({'eval_batch': 1024} in the folder, {'eval_batch': 32} now); max_batches (None "
+            "in the folder, 1 now); the data (the batches'") in err and "the test data" in err
     code, out, err = run_cli(capsys, "landscape", trained_pair / "sb", "--directions", trained_pair / "lb",
                              "--steps", 4, "--out", tmp_path / "p", "--quiet", "--threads", 1, "--device", "cpu")
     assert code == 0, err
@@ -254,7 +260,7 @@ def test_incomplete_checkpoint_is_named_with_its_fix(tmp_path, capsys):
     argv = ["train", "--batch-size", 512, "--epochs", 1, "--out", tmp_path / "run", *TINY]
     assert run_cli(capsys, *argv)[0] == 0
     checkpoint = tmp_path / "run" / "checkpoints" / "epoch_0001.pt"
-    payload = torch.load(checkpoint, weights_only=False)
+    payload = torch.load(checkpoint, weights_only=True)
     del payload["optimizer"], payload["x0"]
     torch.save(payload, checkpoint)
     code, out, err = run_cli(capsys, "sharpness", checkpoint, "--out", tmp_path / "s", "--quiet")

@@ -146,6 +146,15 @@ def test_cross_entropy_counts_the_targets_it_does_not_ignore():
     for loss_fn in (nn.CrossEntropyLoss(ignore_index=7), functools.partial(F.cross_entropy, ignore_index=7)):
         result = hessgap.hvp(model, list(zip(x, y2)), V, loss_fn=loss_fn, return_info=True)
         assert result.units == 8 and rel(result.value, V @ H) < 1e-10
+    # a wrapper that names the loss it wraps (functools.wraps sets __wrapped__) counts as that loss
+    inner = nn.CrossEntropyLoss(ignore_index=7)
+
+    @functools.wraps(inner)
+    def wrapped(outputs, targets):
+        return inner(outputs, targets)
+
+    result = hessgap.hvp(model, list(zip(x, y2)), V, loss_fn=wrapped, return_info=True)
+    assert result.units == 8 and rel(result.value, V @ H) < 1e-10
 
 
 # ---- Hugging Face token batches: the mean over every counted token of the loader ---------------------
@@ -177,13 +186,99 @@ def test_unequal_padding_gives_the_token_weighted_mean_over_the_loader(kind, cau
     assert rel(result.value, expected) < 1e-6
 
 
-def test_causal_shift_comes_from_the_models_loss_function():
+def test_the_causal_shift_comes_from_the_model_not_from_its_loss_function():
     pytest.importorskip("transformers")
     from hessgap.curvature.batches import is_causal_lm
 
     assert is_causal_lm(tiny_hf("gpt2", torch.float32))
     assert not is_causal_lm(tiny_hf("bert", torch.float32))
     assert not is_causal_lm(nn.Linear(2, 2))
+    for kind in ("t5", "bart"):  # transformers gives encoder-decoders its causal-LM loss function as a fallback
+        model = tiny_hf(kind, torch.float32)
+        assert model.loss_function.__name__ == "ForCausalLMLoss" and not is_causal_lm(model), kind
+
+
+def seq2seq_batches():
+    """Encoder inputs and decoder labels with unequal padding (-100): 19 and 5 counted label tokens, of which a
+    causal shift would count 16 and 3, so a wrong shift weights the batches wrongly."""
+    return token_batches(causal=True)
+
+
+def seq2seq_objective(batches):
+    """The mean token cross-entropy over every label token of the loader, written from the logits by hand (the
+    model takes the labels only to build its decoder inputs)."""
+    def objective(forward):
+        total = sum(F.cross_entropy(forward(**b).logits.reshape(-1, 23), b["labels"].reshape(-1), reduction="sum")
+                    for b in batches)
+        return total / sum(int(b["labels"].ne(-100).sum()) for b in batches)
+    return objective
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoders_average_over_every_label_token(kind):
+    pytest.importorskip("transformers")
+    model, batches = tiny_hf(kind), seq2seq_batches()
+    counts = [int(b["labels"].ne(-100).sum()) for b in batches]
+    assert counts == [19, 5]
+    n = sum(p.numel() for p in model.parameters())
+    V = torch.randn(3, n, dtype=torch.float64)
+    expected = reference_hvp(model, seq2seq_objective(batches), V)
+    for path in ("auto", "generic"):
+        result = hessgap.hvp(model, batches, V, path=path, return_info=True)
+        assert result.units == sum(counts), path
+        # T5's layer norm takes its variance in float32 even in a float64 model
+        assert rel(result.value, expected) < (1e-6 if kind == "t5" else 1e-8), path
+    with torch.no_grad():
+        assert LossOverData(model, batches).value() == pytest.approx(float(seq2seq_objective(batches)(model)), rel=1e-12)
+
+
+class AveragesRows(nn.Module):
+    """A model whose own loss is the mean over its rows of each row's mean token loss: not the mean over the
+    batch's label tokens that hessgap weights the batch with."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(23, 5)
+        self.head = nn.Linear(5, 23)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.head(torch.tanh(self.embed(input_ids)))
+        rows = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(1) / labels.ne(-100).sum(1)
+        return types.SimpleNamespace(logits=logits, loss=rows.mean())
+
+
+def test_a_model_loss_the_units_do_not_reproduce_is_refused_and_weight_fn_takes_over():
+    torch.manual_seed(0)
+    model, batches = AveragesRows().double(), token_batches(causal=True)
+    n = sum(p.numel() for p in model.parameters())
+    for call in (lambda: hessgap.hvp(model, batches, torch.randn(1, n, dtype=torch.float64)),
+                 lambda: hessgap.hvp(model, batches, torch.randn(1, n, dtype=torch.float64), path="generic"),
+                 lambda: LossOverData(model, batches).value(),
+                 lambda: hessgap.sharpness(model, batches, max_iter=1)):
+        with pytest.raises(HessgapError, match=r"batch 0: the model's own loss is .* 19 label tokens.*not shifted.*"
+                                               r"do not reproduce the model's loss.*weight_fn="):
+            call()
+    # with the count the loss averages over (one unit per row), the user's weights are taken as they are
+    assert LossOverData(model, batches, weight_fn=lambda batch: len(batch["input_ids"])).totals() == (5, 5)
+
+
+def test_the_graph_engine_checks_the_model_loss_too():
+    """The graph engine runs the captured loss and never sees the outputs: the check runs its own forward."""
+    transformers = pytest.importorskip("transformers")
+
+    class Renamed(transformers.GPT2LMHeadModel):
+        """GPT-2 under a class name transformers does not map to causal LMs: its labels are counted unshifted."""
+
+    gpt2 = tiny_hf("gpt2")
+    model = Renamed(gpt2.config).double().eval()
+    model.load_state_dict(gpt2.state_dict())
+    batches = token_batches(causal=True)
+    n = sum(p.numel() for p in model.parameters())
+    shifted = lambda batch: batch["labels"][:, 1:].ne(-100).sum()  # noqa: E731
+    result = hessgap.hvp(model, batches, torch.randn(1, n, dtype=torch.float64), weight_fn=shifted, return_info=True)
+    assert result.path == "fused" and result.units == counted_tokens(batches, causal=True)
+    with pytest.raises(HessgapError, match=r"19 label tokens .*not shifted.*weight_fn="):
+        hessgap.hvp(model, batches, torch.randn(1, n, dtype=torch.float64))
 
 
 # ---- structures that do not fit ------------------------------------------------------------------------

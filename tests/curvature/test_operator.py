@@ -10,7 +10,7 @@ from hessgap import _extension
 from hessgap.curvature.operator import CheckedOperator, HessianOperator, MatrixOperator, resolve_operator
 from hessgap.errors import HessgapError
 
-from oracles import assert_unchanged, explicit_hessian, snapshot
+from oracles import assert_unchanged, explicit_hessian, randomize_batchnorm, snapshot
 
 
 def _setup():
@@ -100,6 +100,74 @@ def test_kept_primal_passes_follow_changes_to_the_model():
                           strict=False)
     hess = explicit_hessian(model, loader, nn.CrossEntropyLoss())
     torch.testing.assert_close(op.matmat(V), V @ hess, rtol=1e-10, atol=1e-12)
+
+
+class Residual(nn.Module):
+    """Not a layer stack: the graph engine captures it (its parameters and buffers are inputs of the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.norm(self.a(x))) + x)
+
+
+def _replace(model, edit):
+    first = model.a if isinstance(model, Residual) else model[0]
+    norm = model.norm if isinstance(model, Residual) else model[1]
+    if edit == "load_state_dict(assign=True)":
+        state = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)
+    elif edit == "attribute":
+        first.weight = nn.Parameter(torch.randn_like(first.weight))
+    elif edit == "module":
+        replacement = nn.Linear(4, first.out_features).double()
+        if isinstance(model, Residual):
+            model.a = replacement
+        else:
+            model[0] = replacement
+    elif edit == "buffers":
+        norm.running_mean = torch.randn_like(norm.running_mean)
+        norm.running_var = torch.rand_like(norm.running_var) + 0.5
+    else:  # the same Parameter object on new storage
+        first.weight.data = torch.randn_like(first.weight)
+
+
+@pytest.mark.parametrize("edit", ["load_state_dict(assign=True)", "attribute", "module", "buffers", ".data"])
+@pytest.mark.parametrize("kind", ["layer stack", "graph", "generic"])
+def test_replaced_parameters_are_followed(kind, edit):
+    """Was: the old Hessian (fused and graph engines) or zero (generic path) after the model's Parameter
+    objects were replaced; the graph engine's after its buffers were."""
+    model, loader = _setup()
+    if kind == "graph":
+        torch.manual_seed(6)
+        model = randomize_batchnorm(Residual().double()).eval()
+    op = HessianOperator(model, loader, path="generic" if kind == "generic" else "auto", cache_batches=True)
+    assert op.path == ("generic" if kind == "generic" or not _extension.available() else "fused")
+    V = torch.randn(3, op.n, dtype=torch.float64)
+    op.matmat(V)  # builds the plan, captures the graph, keeps the primal passes
+    _replace(model, edit)
+    hess = explicit_hessian(model, loader, nn.CrossEntropyLoss())
+    torch.testing.assert_close(op.matmat(V), V @ hess, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.matmat(V), HessianOperator(model, loader, path=op.path).matmat(V), rtol=1e-12,
+                               atol=1e-14)
+    torch.testing.assert_close(op.flat_parameters(), torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+
+def test_replaced_parameters_keep_a_selection_and_must_keep_their_shapes():
+    model, loader = _setup()
+    op = HessianOperator(model, loader, params=[model[3].weight])  # a tensor: followed by its name
+    V = torch.randn(2, op.n, dtype=torch.float64)
+    model[3].weight = nn.Parameter(torch.randn_like(model[3].weight))
+    hess = explicit_hessian(model, loader, nn.CrossEntropyLoss(), params=["3.weight"])
+    torch.testing.assert_close(op.matmat(V), V @ hess, rtol=1e-10, atol=1e-12)
+    model[3] = nn.Linear(5, 4).double()
+    with pytest.raises(HessgapError, match=r"replaced by ones of another shape.*\(3\.weight\).*new HessianOperator"):
+        op.matmat(V)
+    model[3].weight = nn.Parameter(torch.randn(3, 5, dtype=torch.float64), requires_grad=False)
+    with pytest.raises(HessgapError, match="replaced since this operator was built.*frozen"):
+        op.matmat(V)
 
 
 # ---- the other operators: MatrixOperator, CheckedOperator, resolve_operator ---------------------------

@@ -1,5 +1,6 @@
 """Second-order autograd through attention and other ops: rerouted where PyTorch has the rules, named where not."""
 
+import copy
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hessgap
-from hessgap.curvature.second_order import ATTENTION_NOTE, NORMALIZATION_NOTE
+from hessgap.curvature.second_order import ATTENTION_NOTE, COMPILED_NOTE, NORMALIZATION_NOTE
 from hessgap.errors import HessgapError
 
 from oracles import assert_unchanged, explicit_hessian, snapshot
@@ -166,9 +167,10 @@ class PairwiseDistance(nn.Module):
 
 
 @pytest.mark.parametrize("model, op", [
-    (DirectFlash, r"_scaled_dot_product_flash_attention_for_cpu, whose backward \(aten::_scaled_dot_product_flash_"
-                  r"attention_for_cpu_backward\) has no derivative"),
-    (PairwiseDistance, r"_cdist, whose backward \(_cdist_backward\) has no derivative"),
+    (DirectFlash, r"scaled_dot_product_flash_attention_for_cpu in the model itself \(DirectFlash\), whose backward "
+                  r"\(aten::_scaled_dot_product_flash_attention_for_cpu_backward\) has no derivative"),
+    (PairwiseDistance, r"cdist in the model itself \(PairwiseDistance\), whose backward \(_cdist_backward\) has no "
+                       r"derivative"),
 ])
 def test_an_op_without_a_second_order_rule_is_named(model, op):
     model = model()
@@ -187,6 +189,162 @@ def test_an_op_without_a_second_order_rule_is_named(model, op):
     assert_unchanged(model, before)
     # first order is fine: sharpness runs
     assert hessgap.sharpness(model, data, max_iter=1).value >= 0
+
+
+class HardGate(nn.Module):
+    """MobileNetV3's pattern: a hard-swish convolution and a squeeze-and-excitation gate through nn.Hardsigmoid."""
+
+    def __init__(self, gate: nn.Module | None = None):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.Hardswish()
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1), gate or nn.Hardsigmoid())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        return self.fc((h * self.se(h)).mean((2, 3)))
+
+
+class ClampedHardsigmoid(nn.Module):
+    """nn.Hardsigmoid's formula written with clamp, as the error message suggests."""
+
+    def forward(self, x):
+        return torch.clamp(x / 6 + 0.5, 0, 1)
+
+
+class Bags(nn.Module):
+    """Mean embedding bags of token ids, then a linear head."""
+
+    def __init__(self, bag: nn.Module | None = None):
+        super().__init__()
+        self.bag = bag or nn.EmbeddingBag(20, 6, mode="mean")
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.bag(ids)))
+
+
+class MeanEmbedding(nn.Embedding):
+    """nn.EmbeddingBag(mode='mean') on fixed-length bags written as an embedding and a mean, as suggested."""
+
+    def forward(self, ids):
+        return super().forward(ids).mean(1)
+
+
+def gated_model(gate=None):
+    torch.manual_seed(0)
+    return HardGate(gate).double()
+
+
+def bag_model(bag=None):
+    torch.manual_seed(0)
+    return Bags(bag).double()
+
+
+def image_pairs():
+    gen = torch.Generator().manual_seed(4)
+    return [(torch.randn(n, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen))
+            for n in (4, 3)]
+
+
+def bag_pairs():
+    gen = torch.Generator().manual_seed(4)
+    return [(torch.randint(0, 20, (n, 5), generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (4, 3)]
+
+
+MISSING_RULES = {
+    "hardsigmoid": (gated_model, image_pairs, r"the model uses hardsigmoid in module se\.2 \(Hardsigmoid\), whose "
+                    r"backward \(aten::hardsigmoid_backward\) has no derivative",
+                    r"torch\.clamp\(x / 6 \+ 0\.5, 0, 1\)"),
+    "embedding_bag": (bag_model, bag_pairs, r"the model uses embedding_bag in module bag \(EmbeddingBag\), whose "
+                      r"backward \(_embedding_bag_backward\) has no derivative", r"nn\.Embedding followed by"),
+}
+
+
+@pytest.mark.parametrize("name", list(MISSING_RULES))
+def test_every_curvature_call_names_the_op_its_module_and_what_to_do(name):
+    """Was: the raw ATen names, no module, and advice about attention, from every call on MobileNetV3-like and
+    EmbeddingBag models."""
+    build, data_of, message, remedy = MISSING_RULES[name]
+    model, data = build(), data_of()
+    n = sum(p.numel() for p in model.parameters())
+    calls = {
+        "hvp": lambda: hessgap.hvp(model, data, torch.randn(2, n, dtype=torch.float64)),
+        "hvp generic": lambda: hessgap.hvp(model, data, torch.randn(2, n, dtype=torch.float64), path="generic"),
+        "HessianOperator": lambda: hessgap.HessianOperator(model, data).matvec(torch.ones(n, dtype=torch.float64)),
+        "eigenvalues": lambda: hessgap.eigenvalues(model, data, k=1),
+        "trace": lambda: hessgap.trace(model, data, num_probes=2),
+        "density": lambda: hessgap.density(model, data, num_probes=1, lanczos_steps=4),
+        "block_spectrum": lambda: hessgap.block_spectrum(model, data, k=1, num_probes=1),
+    }
+    before = snapshot(model)
+    for call_name, call in calls.items():
+        with pytest.raises(HessgapError, match=message) as info:
+            call()
+        assert info.match(remedy), call_name
+    assert_unchanged(model, before)
+    assert hessgap.sharpness(model, data, max_iter=1).value >= 0  # first order needs no second derivative
+
+
+def test_what_the_message_suggests_gives_the_hessian():
+    images, bags = image_pairs(), bag_pairs()
+    # the gate written with clamp is the same function, and autograd differentiates it twice
+    gated, clamped = gated_model(), gated_model(ClampedHardsigmoid())
+    with torch.no_grad():
+        assert torch.equal(gated(images[0][0]), clamped(images[0][0]))
+    V = torch.randn(2, sum(p.numel() for p in clamped.parameters()), dtype=torch.float64)
+    torch.testing.assert_close(hessgap.hvp(clamped, images, V), V @ explicit_hessian(clamped, images), rtol=1e-10,
+                               atol=1e-12)
+    # the parameters after the gate: their Hessian needs no derivative through it
+    block = explicit_hessian(gated, images, params=["fc.weight", "fc.bias"])
+    V = torch.randn(2, block.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(hessgap.hvp(gated, images, V, params="fc"), V @ block, rtol=1e-10, atol=1e-12)
+    # embedding and mean is the mean bag; and the head's block needs no derivative through the bag
+    bagged = bag_model()
+    unrolled = bag_model(MeanEmbedding(20, 6))
+    unrolled.load_state_dict(bagged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(bagged(bags[0][0]), unrolled(bags[0][0]), rtol=1e-14, atol=0)
+    V = torch.randn(2, sum(p.numel() for p in unrolled.parameters()), dtype=torch.float64)
+    torch.testing.assert_close(hessgap.hvp(unrolled, bags, V), V @ explicit_hessian(unrolled, bags), rtol=1e-10,
+                               atol=1e-12)
+    block = explicit_hessian(bagged, bags, params=["head.weight", "head.bias"])
+    V = torch.randn(2, block.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(hessgap.hvp(bagged, bags, V, params="head"), V @ block, rtol=1e-10, atol=1e-12)
+
+
+def test_a_compiled_model_runs_eagerly_with_the_same_numbers():
+    """Was: path="generic" raised torch's own "torch.compile with aot_autograd does not currently support double
+    backward"."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    in_place = copy.deepcopy(eager)
+    in_place.compile(backend="aot_eager")
+    data = [(torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (6, 3)]
+    n = sum(p.numel() for p in eager.parameters())
+    V = torch.randn(3, n, dtype=torch.float64)
+    hess = explicit_hessian(eager, data)
+    for compiled in (torch.compile(eager, backend="aot_eager"), in_place):
+        for path in ("generic", "auto"):
+            result = hessgap.hvp(compiled, data, V, path=path, return_info=True)
+            assert COMPILED_NOTE in result.notes, path
+            if path == "generic":  # the original module's products, bit for bit
+                assert torch.equal(result.value, hessgap.hvp(eager, data, V, path="generic"))
+            torch.testing.assert_close(result.value, V @ hess, rtol=1e-10, atol=1e-12)
+        top = hessgap.eigenvalues(compiled, data, k=2, path="generic", tol=1e-10)
+        assert COMPILED_NOTE in top.notes
+        torch.testing.assert_close(torch.tensor(top.eigenvalues, dtype=torch.float64),
+                                   torch.linalg.eigvalsh(hess).flip(0)[:2], rtol=1e-8, atol=1e-12)
+    assert COMPILED_NOTE not in hessgap.hvp(eager, data, V, return_info=True).notes
+
+
+def test_a_compiled_model_on_a_torch_that_cannot_run_it_eagerly_is_a_clear_error(monkeypatch):
+    monkeypatch.delattr(torch.compiler, "set_stance")  # torch < 2.6
+    torch.manual_seed(0)
+    compiled = torch.compile(nn.Sequential(nn.Linear(4, 3)).double(), backend="aot_eager")
+    data = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    with pytest.raises(HessgapError, match=r"cannot differentiate twice.*model\._orig_mod"):
+        hessgap.hvp(compiled, data, torch.randn(1, 15, dtype=torch.float64), path="generic")
 
 
 class Square(torch.autograd.Function):

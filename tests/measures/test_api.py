@@ -51,6 +51,48 @@ def test_unknown_names_and_settings_are_refused(trained):
         hessgap.measures("model", data)
 
 
+@pytest.mark.parametrize("names", [5, ["keskar", 5], {"keskar"}, b"keskar", 2.5])
+def test_names_of_the_wrong_type_are_refused_listing_the_measures(trained, names):
+    """names=5 raised a raw TypeError from deep inside."""
+    model, data = trained
+    with pytest.raises(HessgapError, match="names must be None.*the measures are keskar, keskar_subspace"):
+        hessgap.measures(model, data, names)
+
+
+def test_names_as_a_tuple_or_a_comma_separated_string(trained):
+    model, data = trained
+    for names in (("fisher_rao", "gaussian"), "fisher_rao, gaussian"):
+        result = hessgap.measures(model, data, names, check_invariance=False)
+        assert list(result.values) == ["fisher_rao", "gaussian"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"relu_factor": 1.0}, "relu_factor=1.0 is too close to 1"),
+    ({"batchnorm_factor": 1.2}, "batchnorm_factor=1.2 is too close to 1"),
+    ({"relu_factor": 0}, "relu_factor must be a finite number > 0"),
+    ({"batchnorm_factor": float("nan")}, "batchnorm_factor must be a finite number > 0"),
+    ({"invariance_rtol": 1.0}, "invariance_rtol=1.0 is too large"),
+    ({"check_invariance": "yes"}, "check_invariance must be True or False"),
+])
+def test_settings_that_make_the_invariance_check_vacuous_are_refused(trained, kwargs, message):
+    """relu_factor=1.0 made the rescaled copies the model itself: every measure, Keskar's included, came out
+    invariant."""
+    model, data = trained
+    with pytest.raises(HessgapError, match=message):
+        hessgap.measures(model, data, ["keskar"], **kwargs)
+
+
+def test_a_rescaled_copy_equal_to_the_model_leaves_invariance_unchecked():
+    model, data = relu_net(), classification_data()
+    with torch.no_grad():
+        for layer in (model[0], model[2], model[4]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    result = hessgap.measures(model, data, ["hessian_trace", "gaussian"])
+    assert result.invariant == {"hessian_trace": None, "gaussian": None}
+    assert "measured against the model itself" in result.invariance["gaussian"]["reason"]
+
+
 def test_all_measures_leave_the_model_as_it_was_and_give_json(trained):
     model, data = trained
     model = batchnorm_net()

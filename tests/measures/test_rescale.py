@@ -50,3 +50,41 @@ def test_a_model_whose_module_order_is_not_its_data_flow_is_refused():
 
     with pytest.raises(NoSymmetry, match="not its data flow"):
         rescaled_copy(Residual().double(), classification_data())
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5, 0.6, 0.0, -3.0, float("nan"), float("inf"), True, "3"])
+def test_factors_that_make_the_check_vacuous_or_meaningless_are_refused(factor):
+    """relu_factor=1.0 rescaled nothing, so every measure (Keskar's included) was reported invariant."""
+    from hessgap.errors import HessgapError
+
+    with pytest.raises(HessgapError, match="relu_factor"):
+        rescaled_copy(relu_net(), classification_data(), relu_factor=factor)
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.5, 3.0, 0.25, 100.0])
+def test_factors_at_least_two_from_one_are_taken(factor):
+    twin, _, change = rescaled_copy(relu_net(), classification_data(), relu_factor=factor, batchnorm_factor=factor)
+    assert change < 1e-12
+
+
+def test_a_copy_that_equals_the_model_is_no_check():
+    """A model whose rescaled layers are all zero: the copy is the model itself, against which every measure
+    would look invariant."""
+    model = relu_net()
+    with torch.no_grad():
+        for layer in (model[0], model[2], model[4]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    with pytest.raises(NoSymmetry, match="differ from the model's by 0 of their size"):
+        rescaled_copy(model, classification_data())
+
+
+def test_the_rtol_must_be_below_what_the_factors_move():
+    from hessgap.errors import HessgapError
+    from hessgap.measures.rescale import check_rtol
+
+    assert check_rtol(0.05, (3.0, 0.25)) == 0.05
+    with pytest.raises(HessgapError, match="invariance_rtol=0.5 is too large"):
+        check_rtol(0.5, (2.0, 0.25))  # a quantity ∝ the factor 2 moves by exactly 0.5
+    with pytest.raises(HessgapError, match="invariance_rtol"):
+        check_rtol(0.0, (3.0, 0.25))

@@ -3,7 +3,7 @@
 import pytest
 
 import hessgap
-from hessgap.measures.worst_case import split_samples
+from hessgap.measures.worst_case import pair_samples, split_samples
 
 from measure_models import classification_data, fit, relu_net
 
@@ -27,7 +27,7 @@ def test_m_sharpness_is_the_mean_over_disjoint_batches(trained):
     model, data = trained
     result = hessgap.measures(model, data, ["m_sharpness"], check_invariance=False,
                               options={"m_sharpness": {"m": 12, "batches": 3}})
-    pairs = split_samples(data, 12, 3, seed=0)
+    pairs = split_samples(pair_samples(data), 12, 3, seed=0)
     assert len(pairs) == 3 and all(x.shape[0] == 12 for x, _ in pairs)
     indices = [tuple(x[:, 0].tolist()) for x, _ in pairs]
     assert len(set(sum(indices, ()))) == 36  # disjoint

@@ -147,7 +147,7 @@ def test_result_serializes_without_eigenvectors(tmp_path):
     assert payload["path"] == "matrix" and payload["n"] == A.shape[0]
     assert json.loads((tmp_path / "eig.json").read_text()) == payload
     result.save_eigenvectors(str(tmp_path / "vectors.pt"))
-    assert torch.equal(torch.load(tmp_path / "vectors.pt"), result.eigenvectors)
+    assert torch.equal(torch.load(tmp_path / "vectors.pt", weights_only=True), result.eigenvectors)
     assert result.seconds > 0 and math.isfinite(result.seconds)
 
 

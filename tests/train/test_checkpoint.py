@@ -41,7 +41,7 @@ def test_keep_checkpoints_prunes_the_oldest_but_keeps_the_start(digits, tmp_path
 
 
 def _drop(path, *keys):
-    payload = torch.load(path, weights_only=False)
+    payload = torch.load(path, weights_only=True)
     for key in keys:
         del payload[key]
     torch.save(payload, path)
@@ -61,7 +61,7 @@ def test_checkpoint_missing_entries_names_them_and_the_fix(digits, tmp_path):
 def test_checkpoint_whose_model_does_not_fit_is_refused_clearly(digits, tmp_path):
     train(tiny(epochs=1), out_dir=tmp_path, dataset=digits, progress=False)
     latest = checkpoint_path(tmp_path, 1)
-    payload = torch.load(latest, weights_only=False)
+    payload = torch.load(latest, weights_only=True)
     payload["model"].pop(next(iter(payload["model"])))
     torch.save(payload, latest)
     with pytest.raises(HessgapError, match=r"epoch_0001\.pt does not fit .*Missing key.*delete this file"):

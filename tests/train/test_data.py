@@ -39,7 +39,7 @@ def write_mnist(folder, n_train=12, n_test=6, side=28, compress=False, seed=0):
     return {k: v.astype(np.uint8) for k, v in arrays.items()}
 
 
-def write_cifar(folder, name="cifar10", per_file=4, seed=0):
+def write_cifar(folder, name="cifar10", per_file=4, seed=0, protocol=2):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     if name == "cifar10":
@@ -53,7 +53,7 @@ def write_cifar(folder, name="cifar10", per_file=4, seed=0):
         if name == "cifar100":
             entry[b"coarse_labels"] = rng.integers(0, 20, per_file).tolist()
         with open(folder / f, "wb") as fh:
-            pickle.dump(entry, fh, protocol=2)
+            pickle.dump(entry, fh, protocol=protocol)
         written[f] = entry
     return written
 
@@ -190,6 +190,76 @@ def test_cifar_missing_and_damaged_files(tmp_path):
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as fh:
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, fh)  # no labels
     with pytest.raises(HessgapError, match="not a CIFAR batch"):
+        load_dataset("cifar10", root=tmp_path)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
+def test_cifar_pickles_of_every_protocol_are_read(tmp_path, protocol):
+    written = write_cifar(tmp_path, "cifar100", per_file=3, protocol=protocol)
+    data = load_dataset("cifar100", root=tmp_path, preprocess="none")
+    np.testing.assert_array_equal(np.rint(data.train.tensors[0].numpy() * 255), written["train"][b"data"].reshape(-1, 3, 32, 32))
+    assert data.test.tensors[1].tolist() == written["test"][b"fine_labels"]
+
+
+def _as_written_by_python2_and_numpy1(entry) -> bytes:
+    """``entry`` pickled as the official archives were: protocol 2, bytes as Python 2 strings, numpy 1's
+    ``numpy.core.multiarray`` module."""
+
+    class Python2Pickler(pickle._Pickler):
+        def save_bytes(self, obj):  # Python 2's str opcode instead of a call of _codecs.encode
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+            self.memoize(obj)
+
+        dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+    buffer = __import__("io").BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(entry)
+    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def test_cifar_pickles_as_the_official_archives_hold_them_are_read(tmp_path):
+    written = write_cifar(tmp_path, "cifar100", per_file=3)
+    for f, entry in written.items():
+        official = _as_written_by_python2_and_numpy1(entry)
+        assert b"numpy.core.multiarray\n_reconstruct" in official and b"_codecs" not in official
+        (tmp_path / f).write_bytes(official)
+    data = load_dataset("cifar100", root=tmp_path, preprocess="none")
+    np.testing.assert_array_equal(np.rint(data.train.tensors[0].numpy() * 255), written["train"][b"data"].reshape(-1, 3, 32, 32))
+    assert data.train.tensors[1].tolist() == written["train"][b"fine_labels"]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"import pathlib; pathlib.Path({str(self.marker)!r}).touch()",)
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+@pytest.mark.parametrize("where", ["entry", "labels"])
+def test_a_crafted_cifar_pickle_is_refused_without_running_its_code(tmp_path, protocol, where):
+    write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "code-ran"
+    entry = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    if where == "entry":
+        entry[b"notes"] = _RunsCode(marker)
+    else:
+        entry[b"labels"] = np.array([0, _RunsCode(marker)], dtype=object)  # inside an object array
+    with open(tmp_path / "data_batch_2", "wb") as fh:
+        pickle.dump(entry, fh, protocol=protocol)
+    with pytest.raises(HessgapError, match=r"CIFAR file .*data_batch_2 names (__builtin__|builtins)\.exec, which a CIFAR batch does "
+                                           r"not hold.*will not unpickle it.*official 'python version' archive"):
+        load_dataset("cifar10", root=tmp_path)
+    assert not marker.exists()
+
+
+def test_a_cifar_pickle_may_not_call_other_codecs(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    # _codecs.encode is admitted for Python 3's protocol-2 bytes only, i.e. with "latin1"
+    crafted = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R."
+    (tmp_path / "test_batch").write_bytes(crafted)
+    with pytest.raises(HessgapError, match=r"cannot read CIFAR file .*test_batch: UnpicklingError: _codecs\.encode"):
         load_dataset("cifar10", root=tmp_path)
 
 

@@ -4,6 +4,10 @@ CIFAR-10: ``data_batch_1`` … ``data_batch_5`` and ``test_batch``, each a dict 
 uint8, channel-major 3×32×32) and ``b"labels"``. CIFAR-100: ``train`` and ``test`` with ``b"data"`` and
 ``b"fine_labels"`` (100 classes). The files may sit in the named directory or in the archive's folder
 (``cifar-10-batches-py`` / ``cifar-100-python``) inside it.
+
+A pickle may name any function for the unpickler to call, so a file is read by :class:`_CifarUnpickler`,
+which admits only what a CIFAR batch is made of: dicts, lists, bytes and numbers (no function needed) and
+numpy arrays (numpy's array and dtype constructors). A file naming anything else is refused.
 """
 
 from __future__ import annotations
@@ -33,10 +37,67 @@ CIFAR_LAYOUT = {
 }
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as pickles of protocol < 3 call it to rebuild bytes (``(text, "latin1")``); no other codec."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode called with {type(text).__name__} and {encoding!r}, not as "
+                                     "a pickle of bytes calls it")
+    return text.encode("latin1")
+
+
+def _empty_bytes() -> bytes:
+    """``bytes()``, as pickles of protocol < 3 rebuild empty bytes (an empty array's data)."""
+    return b""
+
+
+def _array_globals() -> dict[tuple[str, str], object]:
+    """(module, name) → object of what pickled numpy arrays call: ``_reconstruct`` (protocols 0-4) and
+    ``_frombuffer`` (protocol 5), under numpy 1's module names (the official archives) and numpy 2's; and
+    what Python 3's pickles of protocol < 3 call to rebuild bytes."""
+    sample = np.zeros(1, np.uint8)
+    reconstruct, frombuffer = sample.__reduce_ex__(2)[0], sample.__reduce_ex__(5)[0]
+    admitted = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_bytes,
+                ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
+    for package in ("numpy.core", "numpy._core"):
+        admitted[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        admitted[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    return admitted
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a class or function that a CIFAR batch does not hold."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, bytes, numbers and numpy arrays (``encoding="bytes"``, as
+    the official files were written by Python 2)."""
+
+    _admitted = _array_globals()
+
+    def __init__(self, file):
+        super().__init__(file, encoding="bytes")
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._admitted[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
 def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            entry = _CifarUnpickler(f).load()
+    except _RefusedGlobal as exc:
+        raise HessgapError(
+            f"CIFAR file {path} names {exc.name}, which a CIFAR batch does not hold (only numpy arrays, lists, bytes "
+            "and numbers): hessgap will not unpickle it, since that could run code. Replace it with the file of the "
+            "official 'python version' archive"
+        ) from None
     except Exception as exc:  # unpickling raises many types on a damaged file
         raise HessgapError(f"cannot read CIFAR file {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(entry, dict) or b"data" not in entry or label_key not in entry:
