@@ -22,7 +22,17 @@ from pathlib import Path
 
 import torch
 
-from .._io import FolderLock, append_text, dumps, read_json, save_torch, write_bytes, write_json, write_text
+from .._io import (
+    FolderLock,
+    append_text,
+    dumps,
+    read_json,
+    read_torch,
+    save_torch,
+    write_bytes,
+    write_json,
+    write_text,
+)
 from ..errors import HessgapError
 from .plot import render
 
@@ -71,9 +81,9 @@ class TrackerFolder:
         warm = {}
         if (self.path / WARM_FILE).exists():
             try:
-                warm = torch.load(self.path / WARM_FILE, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - a damaged warm start only costs products
-                warnings.warn(f"{self.path / WARM_FILE} is damaged ({exc}); the next record starts cold", stacklevel=3)
+                warm = read_torch(self.path / WARM_FILE, remedy="delete it: the next record then starts cold")
+            except HessgapError as exc:  # a damaged or foreign warm start only costs products: start cold
+                warnings.warn(f"{exc}; the next record starts cold", stacklevel=3)
         return history, warm
 
     def _read_history(self) -> list[dict]:

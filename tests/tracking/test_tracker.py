@@ -313,3 +313,25 @@ def test_a_warm_record_accepts_by_residual_where_the_gap_estimate_would_stop_at_
     record = tracker.step(1)
     assert record["lambda_max"] == pytest.approx(113.94, rel=1e-3)
     assert record["details"]["lambda_max"]["residual"] <= 1e-3 * record["lambda_max"]
+
+
+def test_a_damaged_or_foreign_warm_start_is_not_loaded(tmp_path):
+    import pickle
+
+    x, y = classification(64)
+    model = mlp()
+    out = tmp_path / "t"
+    with Tracker(model, (x, y), every=1, out=out) as tracker:
+        tracker.step(1)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("never run",))
+
+    torch.save({"ritz": Payload()}, out / "warm.pt", pickle_module=pickle)
+    with pytest.warns(UserWarning, match="will not load it.*starts cold"):
+        resumed = Tracker(model, (x, y), every=1, out=out)
+    assert resumed.warm == {}
+    record = resumed.measure(2)
+    assert not record["details"]["lambda_max"]["warm"]
+    resumed.close()
