@@ -30,6 +30,8 @@ _API = {
     "block_spectrum": "hessgap.spectrum.blocks",
     "measures": "hessgap.measures",
     "MeasuresResult": "hessgap.measures",
+    "llc": "hessgap.measures.llc",
+    "LLCResult": "hessgap.measures.llc",
     "landscape": "hessgap.landscape",
     "LandscapeResult": "hessgap.landscape",
     "BlockSpectrumResult": "hessgap.spectrum.blocks",
