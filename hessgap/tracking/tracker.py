@@ -63,7 +63,11 @@ class Tracker:
             records' ``lr``); never changed.
         out: a folder for the records (JSONL), the figure and the warm-start state; a tracker made on the same
             folder resumes (see :mod:`hessgap.tracking.folder`).
-        tol: Lanczos's relative tolerance (the eigenvalue is then accurate to about ``tol``).
+        tol: Lanczos's relative tolerance. A warm record accepts its eigenvalue by the Ritz residual (a
+            bound on the distance to *an* eigenvalue); at 1e-3 that was the top one in every measured record,
+            at 1e-2 a warm start in a cluster sometimes settled on the second (3.5 % low on a GPT-2 at the edge
+            of stability) for a median of 7 products instead of 11 (benchmarks/RESULTS.md). A cold record uses
+            at most 1e-3.
         critical_tol: the line search's relative tolerance on ηc.
         warm_start: start each record from the previous one (False: every record cold, for comparison).
         seed: the random start vectors, probes and subspaces.

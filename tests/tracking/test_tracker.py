@@ -335,3 +335,26 @@ def test_a_damaged_or_foreign_warm_start_is_not_loaded(tmp_path):
     record = resumed.measure(2)
     assert not record["details"]["lambda_max"]["warm"]
     resumed.close()
+
+
+def test_a_cold_record_uses_at_most_the_cold_tolerance_and_warm_ones_the_trackers(monkeypatch):
+    # the eigenvalue criterion at tol 1e-2 accepted a lower eigenvalue (8 % low) on an MLP at the edge of
+    # stability: a cold record never runs looser than 1e-3, a warm one (residual criterion) runs at tol
+    from hessgap.tracking import measures as tracking_measures
+
+    calls = []
+    original = tracking_measures.eigenvalues
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["tol"], kwargs["criterion"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tracking_measures, "eigenvalues", spy)
+    x, y = classification()
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = Tracker(model, (x, y), every=5, optimizer=optimizer, measures=("lambda_max",), tol=1e-2)
+    for step in (5, 10):
+        train(model, optimizer, 5, x, y)
+        tracker.step(step)
+    assert calls == [(tracking_measures.COLD_TOL, "eigenvalue"), (1e-2, "residual")]
