@@ -47,6 +47,9 @@ _API = {
     "evaluate": "hessgap.train",
     "LossOverData": "hessgap.curvature.objective",
     "preserved": "hessgap._state",
+    "Tracker": "hessgap.tracking",
+    "critical_sharpness": "hessgap.tracking",
+    "CriticalResult": "hessgap.tracking",
     "HessgapError": "hessgap.errors",
     "NonFiniteError": "hessgap.errors",
 }

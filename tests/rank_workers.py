@@ -333,6 +333,31 @@ def landscape_on_ranks(rank, world_size, out_dir):
             for name, value in outcome.items()}
 
 
+def track_tiny(data, out_dir=None):
+    """Two records of a Tracker on ``data`` (a shard, or all the data), the weights moved between them by an
+    SGD step on the whole data's gradient (the same on every rank); returns the records."""
+    import hessgap
+
+    model, x, y = tiny_problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    tracker = hessgap.Tracker(model, data, every=5, optimizer=optimizer, out=out_dir, tol=1e-8, critical_tol=1e-6,
+                              measures=("lambda_max", "trace", "critical_sharpness", "eos_ratio"), trace_probes=4)
+    records = [tracker.step(0)]
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+        p.grad = g
+    optimizer.step()
+    records.append(tracker.step(5))
+    tracker.close()
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def tracker_on_shards(rank, world_size, out_dir):
+    _, x, y = tiny_problem()
+    xs, ys = shard(rank, world_size, x, y)
+    return track_tiny(batches_of(xs, ys), out_dir)
+
+
 #: The LLC's settings on the distributed tests' problem (float64, explicit so no Lanczos sets them).
 LLC_SETTINGS = dict(step_size=1e-3, localization=1.0, chains=3, draws=12, burn_in=3)
 

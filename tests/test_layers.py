@@ -20,8 +20,8 @@ RANK = {
     "ops": 3, "info": 3,
     "curvature": 4,
     "sharp": 5, "spectrum": 5,
-    "landscape": 6, "measures": 6,
-    "train": 7,
+    "landscape": 6, "measures": 6, "tracking": 6,
+    "train": 7, "integrations": 7,
     "experiments": 8,
     "cli": 9, "__main__": 10,
 }
