@@ -132,3 +132,21 @@ def test_bad_choices_are_refused():
         GGNOperator(model, data, compute_loss=lambda m, b: m(b[0]).sum())
     with pytest.raises(HessgapError, match="curvature"):
         hessgap.trace(torch.eye(3, dtype=torch.float64), curvature="ggn")
+
+
+def test_block_spectrum_landscape_and_measures_take_the_curvature():
+    model = _model()
+    X, Y, data = _data()
+    G, _ = _references(model, X, Y)
+    blocks = hessgap.block_spectrum(model, data, blocks="parameter", curvature="ggn", num_probes=0, tol=1e-8)
+    exact_first = float(torch.linalg.eigvalsh(G[:20, :20])[-1])  # the first Linear's weight: 5 × 4
+    assert blocks.sizes[0] == 20
+    assert blocks.eigenvalues[0][0] == pytest.approx(exact_first, rel=1e-6)
+    result = hessgap.measures(model, data, ["hessian_lmax"], curvature="ggn", check_invariance=False)
+    top = float(torch.linalg.eigvalsh(G)[-1])
+    assert result.values["hessian_lmax"] == pytest.approx(top, rel=5e-3)  # the measure's Lanczos tolerance
+    assert result.settings["hessian_lmax"]["curvature"] == "ggn"
+    hessian = hessgap.measures(model, data, ["hessian_lmax"], check_invariance=False).values["hessian_lmax"]
+    assert abs(hessian - top) > 0.05 * top  # the GGN's is another number: the test tells the two apart
+    surface = hessgap.landscape(model, data, directions="hessian", dims=1, steps=3, curvature="ggn")
+    assert surface.eigenvalues[0] == pytest.approx(top, rel=5e-3)
