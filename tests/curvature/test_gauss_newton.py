@@ -150,3 +150,4 @@ def test_block_spectrum_landscape_and_measures_take_the_curvature():
     assert abs(hessian - top) > 0.05 * top  # the GGN's is another number: the test tells the two apart
     surface = hessgap.landscape(model, data, directions="hessian", dims=1, steps=3, curvature="ggn")
     assert surface.eigenvalues[0] == pytest.approx(top, rel=5e-3)
+
