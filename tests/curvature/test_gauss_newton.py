@@ -151,3 +151,39 @@ def test_block_spectrum_landscape_and_measures_take_the_curvature():
     surface = hessgap.landscape(model, data, directions="hessian", dims=1, steps=3, curvature="ggn")
     assert surface.eigenvalues[0] == pytest.approx(top, rel=5e-3)
 
+
+
+def test_hugging_face_own_token_loss_ggn_product():
+    """GPT-2's own shifted token loss with padding (-100): G·v against Jᵀ·H_L·J·v by torch.func on the logits.
+    The fused path differentiates the captured own loss, which transformers computes in float32 (it casts the
+    logits), hence its looser bound; the generic path's loss of the logits stays in float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from oracles import tiny_hf, token_batches
+
+    model, batches = tiny_hf("gpt2"), token_batches(causal=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ps = [p.detach() for p in model.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in ps]
+    theta = torch.cat([p.reshape(-1) for p in ps])
+    count = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)
+
+    def logits(flat):
+        state = dict(zip(names, (a.view_as(p) for a, p in zip(flat.split(sizes), ps))))
+        return [functional_call(model, state, (), {k: v for k, v in b.items() if k != "labels"}).logits
+                for b in batches]
+
+    def mean_loss(zs):
+        return sum(F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), b["labels"][:, 1:].reshape(-1),
+                                   ignore_index=-100, reduction="sum") for z, b in zip(zs, batches)) / count
+
+    v = torch.randn(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel([SDPBackend.MATH]):  # forward-mode AD through attention
+        zs, jv = torch.func.jvp(logits, (theta,), (v,))
+        _, hjv = torch.func.jvp(torch.func.grad(mean_loss), (zs,), (jv,))
+        reference = torch.func.vjp(logits, theta)[1](hjv)[0]
+    for path, bound in (("generic", 1e-10), ("fused", 1e-6)):
+        operator = GGNOperator(model, batches, path=path)
+        got = operator.matmat(v[None])[0]
+        assert operator.path == path
+        assert float((got - reference).norm() / reference.norm()) <= bound
