@@ -187,3 +187,19 @@ def test_hugging_face_own_token_loss_ggn_product():
         got = operator.matmat(v[None])[0]
         assert operator.path == path
         assert float((got - reference).norm() / reference.norm()) <= bound
+
+
+def test_two_gloo_ranks_equal_one_process():
+    """Each rank holds a shard; the true Fisher numbers its samples across the ranks, so its draws are the same."""
+    import numpy as np
+
+    from rank_workers import batches_of, gauss_newton_matrices, gauss_newton_on_shards, tiny_problem
+    from ranks import run_ranks
+
+    results = run_ranks(gauss_newton_on_shards, 2)
+    model, x, y = tiny_problem()
+    single = gauss_newton_matrices(batches_of(x, y), model)
+    assert results[0] == results[1]
+    for name, expected in single.items():
+        np.testing.assert_allclose(np.asarray(results[0][name]), np.asarray(expected), rtol=0, atol=1e-10,
+                                   err_msg=name)
