@@ -28,6 +28,11 @@ class Reshape(LinearRule):
     """view, reshape, flatten, (un)squeeze, ...: the same elements in row-major order."""
 
     def forward(self, args, kwargs):
+        if self.node.target in (aten.view.default, aten._unsafe_view.default):
+            # a view of a rule's output: a rule may lay its output out otherwise than the op it replaces (the
+            # fused attention's O is (B, H, T, D) where PyTorch's is (B, T, H, D) transposed), so a view the
+            # capture recorded may need a copy here
+            return args[0].reshape(args[1]), None
         return self.node.target(*args, **kwargs), None
 
     def apply(self, saved, tangents):
@@ -39,7 +44,7 @@ class Reshape(LinearRule):
 
 
 class Identity(LinearRule):
-    """clone, contiguous, alias, dropout in eval mode, floating-point casts."""
+    """clone, contiguous, alias, dropout in eval mode, floating-point casts (to, type_as)."""
 
     def __init__(self, node):
         super().__init__(node)
@@ -49,6 +54,10 @@ class Identity(LinearRule):
         dtype = self.out_meta.dtype
         if not dtype.is_floating_point:
             raise GraphUnsupported(f"{self.describe()} casts to {dtype}")
+
+    def metadata_inputs(self):
+        # type_as(x, other) reads other's dtype only (Gemma's RMSNorm casts back to its input's dtype)
+        return list(self.node.args[1:2]) if self.node.target is aten.type_as.default else []
 
     def apply(self, saved, tangents):
         return tangents[0].to(self.out_meta.dtype)
