@@ -38,7 +38,7 @@ def expand_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 def sum_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
     """The adjoint of :func:`expand_heads`: gradients of the query heads summed per key/value head."""
-    return t if groups == 1 else t.unflatten(-3, (-1, groups)).sum(-2)
+    return t if groups == 1 else t.unflatten(-3, (-1, groups)).sum(-3)
 
 
 class BiasedAttention(OpRule):
