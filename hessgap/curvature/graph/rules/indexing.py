@@ -1,6 +1,7 @@
 """Rules of the ops that pick or place elements by index tensors that do not depend on θ: advanced indexing
 (``x[idx]``: Swin's relative position bias table, tokens sent to experts), ``index_select``, ``gather``,
-``scatter``/``scatter_add``, ``index_add``, ``index_put``, ``repeat_interleave`` and ``embedding_bag``.
+``scatter``/``scatter_add``, ``index_add``, ``index_put``, ``repeat``, ``repeat_interleave`` and
+``embedding_bag``.
 
 Each is linear in its floating inputs (the indices are integers, so nothing flows into them): the tangent
 goes through the same op with the k directions as an extra dimension, gradients through the transposed
@@ -234,6 +235,26 @@ class RepeatInterleave(LinearRule):
         return [g.unflatten(d, (shape[self.dim], self.repeats)).sum(d + 1)]
 
 
+class Repeat(LinearRule):
+    """y = x.repeat(r_0, …, r_m): the tiles are copies of x, so the adjoint sums them."""
+
+    def __init__(self, node):
+        super().__init__(node)
+        self.repeats = [int(r) for r in node.args[1]]
+        shape = _shape(self.arg_meta(0))
+        self.padded = (1,) * (len(self.repeats) - len(shape)) + shape  # repeat counts may add dimensions in front
+
+    def apply(self, saved, tangents):
+        t = tangents[0]
+        return t.reshape((t.shape[0],) + self.padded).repeat([1, *self.repeats])
+
+    def adjoint(self, saved, g, need, batched):
+        lead = tuple(g.shape[:1]) if batched else ()
+        tiles = [d for r, s in zip(self.repeats, self.padded) for d in (r, s)]
+        summed = g.reshape(lead + tuple(tiles)).sum([len(lead) + 2 * i for i in range(len(self.repeats))])
+        return [summed.reshape(lead + _shape(self.arg_meta(0)))]
+
+
 class EmbeddingBag(LinearRule):
     """Bags of weight rows (``nn.EmbeddingBag``), summed, averaged or maxed, with per-sample weights that do not
     depend on θ: linear in the weight (max: in the rows the maximum picked, which do not move a.e.)."""
@@ -314,7 +335,7 @@ RULES = {
     aten.index.Tensor: Index, aten.index_select.default: IndexSelect, aten.gather.default: Gather,
     aten.scatter.src: Scatter, aten.scatter.value: Scatter, aten.scatter_add.default: Scatter,
     aten.index_add.default: IndexAdd, aten.index_put.default: IndexPut,
-    aten.repeat_interleave.self_int: RepeatInterleave,
+    aten.repeat_interleave.self_int: RepeatInterleave, aten.repeat.default: Repeat,
     aten.embedding_bag.padding_idx: embedding_bag_rule, aten.embedding_bag.default: embedding_bag_rule,
     aten._embedding_bag.default: embedding_bag_rule,
 }
