@@ -1,9 +1,12 @@
 """The R-operator rule of each ATen op the graph engine handles (:func:`rule_for`).
 
 One module per family: :mod:`.views` (reshapes, slices, concatenation, casts), :mod:`.arith` (element-wise
-arithmetic and functions, sums), :mod:`.dense` (linear, matmul, einsum, embedding), :mod:`.conv`,
-:mod:`.norm` (LayerNorm, RMSNorm, GroupNorm, BatchNorm in eval mode), :mod:`.pool`, :mod:`.loss` (softmax,
-cross-entropy, NLL, MSE) and :mod:`.attention`; :mod:`.base` holds the interface they implement.
+arithmetic and functions, sums), :mod:`.piecewise` (hardswish, hardsigmoid, hardtanh, ReLU6), :mod:`.dense`
+(linear, matmul, einsum, embedding), :mod:`.conv`, :mod:`.norm` (LayerNorm, RMSNorm, GroupNorm, BatchNorm in
+eval mode, weight_norm), :mod:`.pool`, :mod:`.loss` (softmax, cross-entropy, NLL, MSE), :mod:`.attention` (and
+:mod:`.attention_bias` for a learned mask), :mod:`.indexing` (indexing, gathers, scatters, repeats,
+embedding_bag), :mod:`.routing` (mixture-of-experts selections and grouped products) and :mod:`.recurrent`
+(LSTM, GRU); :mod:`.base` holds the interface they implement.
 """
 
 from __future__ import annotations
