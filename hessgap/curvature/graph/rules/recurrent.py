@@ -140,6 +140,13 @@ def _rows(t):
     return t.reshape(t.shape[:-3] + (-1, t.shape[-1]))
 
 
+def _times_directions(t, w):
+    """t (T, B, F) times each direction's matrix w (k, F, G): (k, T, B, G) in one batched GEMM whose shared operand
+    is a stride-0 expand (a broadcasting matmul would copy w once per time step)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return torch.bmm(rows.expand(w.shape[0], -1, -1), w).view((w.shape[0],) + tuple(t.shape[:-1]) + (w.shape[-1],))
+
+
 def _linear(x, w, b):
     """x Wᵀ + b over the last dimension (x may carry a leading k)."""
     y = torch.matmul(x, w.t())
@@ -188,11 +195,11 @@ class Layer:
         x, hprev, caches = saved["x"], saved["hprev"], saved["caches"]
         rgi = rx @ wi.t() if rx is not None else x.new_zeros((k,) + tuple(x.shape[:2]) + (wi.shape[0],))
         if rwi is not None:
-            rgi = rgi + torch.matmul(x, rwi.transpose(1, 2).unsqueeze(1))
+            rgi = rgi + _times_directions(x, rwi.transpose(1, 2))
         if rbi is not None:
             rgi = rgi + rbi[:, None, None]
         # the R{W_h} part of R{gh}, every step at once (h_{t−1} is known)
-        rgh_w = torch.matmul(hprev, rwh.transpose(1, 2).unsqueeze(1)) if rwh is not None else None
+        rgh_w = _times_directions(hprev, rwh.transpose(1, 2)) if rwh is not None else None
         r_state = tuple(_or_zeros(r, hprev[0], k) for r in r_state0)
         rcaches, rhprev, rys = [None] * len(caches), [None] * len(caches), [None] * len(caches)
         for t in self.steps(len(caches)):
@@ -212,7 +219,7 @@ class Layer:
         rwi, rwh, rbi, rbh = rsaved["rp"]
         caches, x, hprev = saved["caches"], saved["x"], saved["hprev"]
         g_news, ggi, ggh = saved["first"]
-        ggh_rwh = torch.matmul(ggh, rwh.unsqueeze(1)) if rwh is not None else None  # g_gh R{W_h}, every step
+        ggh_rwh = _times_directions(ggh, rwh) if rwh is not None else None  # g_gh R{W_h}, every step
         rg_state = tuple(_or_zeros(r, hprev[0], k) for r in rg_final)
         rggi, rggh = [None] * len(caches), [None] * len(caches)
         for t in reversed(list(self.steps(len(caches)))):
@@ -226,7 +233,7 @@ class Layer:
         rx = rsaved["rx"]
         r_x = rggi @ wi
         if rwi is not None:
-            r_x = r_x + torch.matmul(ggi, rwi.unsqueeze(1))
+            r_x = r_x + _times_directions(ggi, rwi)
         r_wi = torch.matmul(_rows(rggi).transpose(1, 2), _rows(x))
         if rx is not None:
             r_wi = r_wi + torch.matmul(_rows(ggi).t(), _rows(rx))
