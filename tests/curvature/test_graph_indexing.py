@@ -58,7 +58,8 @@ def test_advanced_indexing_index_select_gather():
 
 
 class Scatters(nn.Module):
-    """scatter (src and value), scatter_add, index_add, index_put (written and added), repeat, repeat_interleave."""
+    """scatter (src and value), scatter_add, index_add, index_put (written and added), repeat, repeat_interleave,
+    roll (along dimensions and flat)."""
 
     def __init__(self):
         super().__init__()
@@ -72,11 +73,12 @@ class Scatters(nn.Module):
         h = h.index_add(1, torch.tensor([0, 0, 3]), torch.sin(s), alpha=0.5)
         h = h.index_put((torch.tensor([0, 1]), torch.tensor([2, 2])), s[:2, 0] * s[2:4, 1])
         h = h.index_put((torch.tensor([1, 1]),), s[0, :1] * h[:1, :6], accumulate=True)
-        tiled = s.repeat(1, 2) * h + s.repeat_interleave(2, dim=1) + h.repeat(2, 1)[n:]
+        tiled = s.repeat(1, 2) * h + s.repeat_interleave(2, dim=1) + h.repeat(2, 1)[n:] + h.roll(2, 1)
+        tiled = tiled + torch.roll(h.view(n, 2, 3), (1, -1), (1, 2)).reshape(n, 6) + h.roll(5)
         return self.out(tiled * h + s.repeat_interleave(2).view(n, 6))
 
 
-def test_scatter_index_add_index_put_repeat():
+def test_scatter_index_add_index_put_repeat_roll():
     check(Scatters(), [pair(), pair(4, seed=1)])
 
 

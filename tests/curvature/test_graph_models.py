@@ -224,8 +224,8 @@ def test_t5_relative_position_bias_in_the_mask():
 
 
 def test_swin_relative_position_bias_table():
-    config = transformers.SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2],
-                                     window_size=4, num_labels=3)
+    config = transformers.SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[2, 1], num_heads=[2, 2],
+                                     window_size=4, num_labels=3)  # a stage's second block shifts its windows (roll)
     torch.manual_seed(0)
     model = transformers.SwinForImageClassification(config).eval()
     gen = torch.Generator().manual_seed(5)

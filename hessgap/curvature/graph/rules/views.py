@@ -1,5 +1,5 @@
 """Rules of the ops that move elements without arithmetic: reshapes, permutations, slices, concatenation,
-splits, broadcasts, padding, casts and the identities (clone, dropout in eval mode). Each is linear: the
+splits, broadcasts, padding, rolls, casts and the identities (clone, dropout in eval mode). Each is linear: the
 tangent goes through the same op, shifted one dimension for the leading k, and gradients through its
 transpose.
 """
@@ -248,6 +248,29 @@ class BroadcastTensors(LinearRule):
         ]
 
 
+class Roll(LinearRule):
+    """torch.roll (Swin's shifted windows): the adjoint rolls back."""
+
+    def _args(self):
+        shifts = [int(s) for s in self.node.args[1]]
+        dims = self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("dims", [])
+        return shifts, [norm_dim(d, len(self.arg_meta(0).shape)) for d in dims]
+
+    def _roll(self, t, batched, sign):
+        shifts, dims = self._args()
+        lead = 1 if batched else 0
+        shifts = [sign * s for s in shifts]
+        if not dims:  # rolled as a flat tensor
+            return t.flatten(lead).roll(shifts, lead).reshape(t.shape)
+        return t.roll(shifts, [d + lead for d in dims])
+
+    def apply(self, saved, tangents):
+        return self._roll(tangents[0], True, 1)
+
+    def adjoint(self, saved, g, need, batched):
+        return [self._roll(g, batched, -1)]
+
+
 class ConstantPad(LinearRule):
     def __init__(self, node):
         super().__init__(node)
@@ -281,4 +304,5 @@ RULES = {
     operator.getitem: GetItem,
     aten.broadcast_tensors.default: BroadcastTensors,
     aten.constant_pad_nd.default: ConstantPad, aten.pad.default: ConstantPad,
+    aten.roll.default: Roll,
 }
