@@ -23,7 +23,14 @@ from .._version import __version__
 from ..errors import HessgapError
 from ..experiments.presets import DEMO_DATASET
 from ..experiments.registry import EXPERIMENTS
-from ..names import BATCHNORM_MODES, OPTIMIZER_NAMES, PRESET_NAMES, REMEDY_NAMES, SHARPNESS_SOLVERS
+from ..names import (
+    BATCHNORM_MODES,
+    OPTIMIZER_NAMES,
+    PRESET_NAMES,
+    REMEDY_NAMES,
+    SHARPNESS_SOLVERS,
+    TRAIN_TRACK_MEASURES,
+)
 from .landscape_options import add_parser as add_landscape_parser
 from .measures_options import add_parsers as add_measures_parsers
 from .options import (
@@ -49,6 +56,7 @@ from .options import (
     positive_float,
     positive_int,
     remedy_name,
+    track_name,
 )
 
 __all__ = ["build_parser", "main"]
@@ -141,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{SOLVER_HELP} (default: auto)")
     g.add_argument("--sharpness-batchnorm", choices=BATCHNORM_MODES, default="eval",
                    help=f"{BATCHNORM_HELP} (default: eval)")
+    g = p.add_argument_group("curvature step by step (hessgap.Tracker; does not change the run)")
+    g.add_argument("--track", type=csv(track_name), default=None,
+                   help=f"measures to take every --track-every optimizer steps, comma-separated: "
+                        f"{', '.join(TRAIN_TRACK_MEASURES)} (eos_ratio: sgd only) (default: none)")
+    g.add_argument("--track-every", type=positive_int, default=50, help="optimizer steps between records (default: 50)")
+    g.add_argument("--track-batches", type=positive_int, default=1,
+                   help="over the first N evaluation batches of the training set (default: 1)")
     add_run_options(p, "train-<model>-<dataset>-b<batch>-seed<seed>")
 
     p = sub.add_parser("sharpness", formatter_class=Formatter, help="sharpness (Metric 2.1) of a saved network",

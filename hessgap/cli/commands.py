@@ -191,6 +191,8 @@ def cmd_train(args) -> int:
         sharpness_every=args.sharpness_every, sharpness_epsilon=args.sharpness_epsilon,
         sharpness_batches=args.sharpness_batches, sharpness_solver=args.sharpness_solver,
         sharpness_batchnorm=args.sharpness_batchnorm, eval_batch_size=args.eval_batch, device=args.device,
+        track=list(args.track or []), track_every=args.track_every if args.track else 0,
+        track_batches=args.track_batches,
     ).validate()
     # the data, the batch size and the network's size are checked before the folder is made
     data = load_dataset(config.dataset, config.data_root, seed=config.data_seed, preprocess=config.preprocess)
@@ -212,6 +214,12 @@ def cmd_train(args) -> int:
             return 1
     print(f"after epoch {final.get('epoch')}: train loss {final.get('train_loss'):.4g}, "
           f"train accuracy {100 * final.get('train_acc'):.2f} %, test accuracy {100 * final.get('test_acc'):.2f} %")
+    if result.get("tracking"):
+        last = result["tracking"][-1]
+        values = ", ".join(f"{name} {last[name]:.4g}" if isinstance(last.get(name), float) else f"{name} –"
+                           for name in config.track)
+        print(f"at step {last['step']}: {values} ({len(result['tracking'])} records, "
+              f"figure {folder.figures_dir / result['figures']['tracking']})")
     return 0
 
 

@@ -93,6 +93,7 @@ model_name = named(names.model_name, names.MODEL_NAMES, "model")
 dataset_name = named(names.dataset_name, names.DATASET_NAMES, "data set")
 experiment_name = one_of(EXPERIMENTS, "experiment")
 remedy_name = one_of(names.REMEDY_NAMES, "remedy")
+track_name = one_of(names.TRAIN_TRACK_MEASURES, "tracked measure")
 
 
 def batch_size(text: str):

@@ -121,7 +121,7 @@ def sharpness(
     momentum: float = 0.0,
     tol: float = 3e-4,
     subspace_scale: str = "unit",
-    subspace_memory_bytes: int = 2**28,
+    subspace_memory_bytes: int | None = None,
     cache_batches: bool = False,
     lbfgsb_options: dict | None = None,
     compute_loss=None,
@@ -141,8 +141,9 @@ def sharpness(
         epsilon: the box size ε (ρ for ``kind="adaptive"``).
         subspace_dim: None for the full space (A = I); p for a random n × p matrix A; True for the
             paper's p = 100. A has i.i.d. N(0, 1) entries (``subspace_scale``) drawn from ``seed`` and is
-            regenerated block by block when it does not fit ``subspace_memory_bytes``, so the extra
-            memory stays a small multiple of the parameters' size for any p.
+            held when it fits ``subspace_memory_bytes`` (default: a quarter of the free memory), else
+            regenerated block by block at every product, so the extra memory stays a small multiple of
+            the parameters' size for any p (about 5× slower).
         loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
         solver: ``"auto"`` (default), ``"box-ascent"``, ``"lbfgsb"`` or ``"lbfgsb-scipy"``. ``"box-ascent"``
             is projected sign ascent from the box corner sign(∇f)·r, with Auto-PGD's step halving and the
@@ -166,7 +167,8 @@ def sharpness(
         tol: box-ascent stops when a step raises f by less than ``tol`` times the gain so far (0: run
             all ``max_iter`` steps).
         subspace_scale: ``"unit"``: A has i.i.d. N(0, 1) entries; ``"sqrt_n"``: N(0, 1/n).
-        subspace_memory_bytes: keep A in memory when it fits, else regenerate it block by block.
+        subspace_memory_bytes: keep A in memory when it fits in this many bytes, else regenerate it block by
+            block at every product (same numbers, slower); None: a quarter of the device's free memory.
         cache_batches: keep the loader's batches in memory across the passes.
         lbfgsb_options: extra ``options`` for scipy's L-BFGS-B; by default it runs exactly ``max_iter``
             iterations (``gtol = ftol = 0``): scipy's default ``gtol=1e-5`` stops it at y = 0 on any
