@@ -106,7 +106,7 @@ def hvp(
         chunk_size: directions per chunk; default: as many as fit ``max_memory``.
         max_memory: bytes (or a size such as ``"8GB"``, ``"512MiB"``) the pass may take beyond the model and
             data: it decides the directions per chunk (default 2 GiB) and the chunks of tokens and vocabulary
-            of the fused LM head + cross-entropy (default: a quarter of what the device has free).
+            of the fused LM head + cross-entropy (default: a quarter of what the device has free, at most 512 MiB).
             ``memory_budget`` is its former name.
         train_mode: take the Hessian in train mode (see the module docstring); default eval mode.
         return_info: return an :class:`HvpResult` (value, path, fallback reason, timing) instead of the value.

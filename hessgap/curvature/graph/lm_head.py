@@ -28,8 +28,8 @@ _CASTS = {aten._to_copy.default, aten.to.dtype}
 _CHECKS = {aten._assert_tensor_metadata.default}  # no-op checks (a cast to the dtype a value already has)
 #: share of the free memory the op's chunks may take when no budget is set
 FREE_SHARE = 0.25
-#: the budget's ceiling when the device does not say what is free
-DEFAULT_BUDGET = 1 << 30
+#: the default budget's ceiling: 128+ tokens a chunk already keep the matmuls efficient at a 128k vocabulary
+DEFAULT_BUDGET = 512 << 20
 
 
 def _users(node: fx.Node) -> list[fx.Node]:
@@ -149,7 +149,7 @@ class LmHeadCrossEntropy(OpRule):
     the fused op in chunks (the chunks' sizes from the memory budget, :attr:`max_memory` bytes)."""
 
     needs_grad = True
-    #: bytes the op's chunks may take; None: a share of what the device has free
+    #: bytes the op's chunks may take; None: a share of what the device has free, at most DEFAULT_BUDGET
     max_memory: int | None = None
 
     def __init__(self, node):
@@ -165,7 +165,7 @@ class LmHeadCrossEntropy(OpRule):
         if self.max_memory is not None:
             return int(self.max_memory)
         free = available_bytes(device)
-        return int(free * FREE_SHARE) if free else DEFAULT_BUDGET
+        return min(int(free * FREE_SHARE), DEFAULT_BUDGET) if free else DEFAULT_BUDGET
 
     def _compute_dtype(self, h):
         return self.options["dtype"] or h.dtype
