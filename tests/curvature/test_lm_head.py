@@ -114,3 +114,12 @@ def test_logits_with_another_use_are_not_fused():
     op.matvec(torch.randn(op.n))
     for targets in graph_targets(op):
         assert lm_head_cross_entropy not in targets
+
+
+def test_model_with_gradient_checkpointing_enabled_is_captured_and_exact():
+    """``gradient_checkpointing_enable()`` leaves eval-mode forwards alone: the capture and the products are
+    those of the plain model."""
+    model = llama()
+    model.gradient_checkpointing_enable()
+    result = check_fused_against_generic(model, batches(40), k=2)
+    assert result.token_chunks
