@@ -8,6 +8,7 @@ fresh process (``_timing.peak_memory``: a warm-up call, then the measured one):
 - ``gradient``: ``loss.backward()``, the yardstick;
 - ``hessgap k=1`` / ``k=8``: ``hessgap.hvp`` with 1 and 8 directions (graph engine: the fused LM head +
   cross-entropy chunks the logits; ``--max-memory`` passes a budget);
+- ``hessgap k=1 unfused``: the same without the fused LM head (the logits as plain graph nodes: before);
 - ``double backward``: the retained-graph double backward (grad with create_graph, then grad of ⟨g, v⟩).
 
 Ratios are to the gradient's peak; k = 8 is also given less the 8 vectors' and 8 products' own bytes.
@@ -41,9 +42,15 @@ def build(vocab: int, tokens: int, batch: int, layers: int = 4, width: int = 256
     return model, {"input_ids": ids, "labels": ids.clone()}
 
 
-def setup(method: str, vocab: int, tokens: int, batch: int, max_memory):
-    """Builds the model and batch, warms the method up, returns the call to measure."""
+def setup(method: str, vocab: int, tokens: int, batch: int, max_memory, fuse: bool = True):
+    """Builds the model and batch, warms the method up, returns the call to measure (``fuse=False``: the graph
+    engine without the fused LM head, the logits as plain nodes: the figure before it)."""
     import hessgap
+
+    if not fuse:
+        from hessgap.curvature.graph import program
+
+        program.fuse_lm_head = lambda graph: {}
 
     model, data = build(vocab, tokens, batch)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -86,9 +93,10 @@ def main() -> None:
     for vocab in (int(v) for v in args.vocab.split(",")):
         found: dict[str, dict] = {}
         for method in args.methods.split(","):
+            name, fuse = method.removesuffix(" unfused"), not method.endswith(" unfused")
             try:
-                found[method] = _timing.peak_memory(setup, method, vocab, args.tokens, args.batch, args.max_memory,
-                                                    timeout=args.timeout)
+                found[method] = _timing.peak_memory(setup, name, vocab, args.tokens, args.batch, args.max_memory,
+                                                    fuse, timeout=args.timeout)
             except RuntimeError as error:
                 found[method] = {"error": str(error)[:300]}
             print(json.dumps({"vocab": vocab, "method": method, **found[method]}), flush=True)
@@ -101,7 +109,7 @@ def main() -> None:
             if base and "bytes" in out:
                 row["x gradient"] = round(out["bytes"] / base, 2)
                 if method.startswith("hessgap"):
-                    k = int(method.split("=")[1])
+                    k = int(method.removesuffix(" unfused").split("=")[1])
                     row["x gradient less vectors"] = round((out["bytes"] - 2 * k * vector_bytes) / base, 2)
             rows.append(row)
     print(json.dumps({"machine": _timing.machine(), "rows": rows}, indent=1))
