@@ -36,6 +36,7 @@ from .batches import Batch
 from .objective import LossOverData
 from .second_order import SecondOrderRules, check_differentiable, modules_calling
 from .sharded import sharded_pass
+from .sums import ChunkSums
 
 PATHS = ("auto", "fused", "generic")  # what users ask for; an FSDP2-sharded model runs the "sharded" pass
 
@@ -176,7 +177,7 @@ class HvpEngine:
     def _pass(self, directions: Directions, fused_path: bool):
         objective = self.objective
         stats = PassStats()
-        # Not zero-filled: the first batch writes its products (a pass over k·n numbers fewer; see _accumulate)
+        # Not zero-filled: the first batch writes its products (a pass over k·n numbers fewer; see .sums)
         flat_total = torch.empty(directions.k, objective.num_parameters, dtype=objective.accumulation_dtype,
                                  device=objective.device)
         total = unflatten(flat_total, objective.vector_params)
@@ -282,12 +283,9 @@ class HvpEngine:
             start = 0
             for chunk in directions.chunks(stats.chunk_size):
                 k = chunk[0].shape[0]
-                if isinstance(self._plan, graph.GraphPlan):  # writes or adds into the sums itself: no extra pass
-                    rows = [acc[start : start + k] for acc in total]
-                    self._plan.apply(state, chunk, out=rows, write=not stats.written)
-                else:
-                    part = self._plan.apply(state, chunk)  # already weighted by the batch's units
-                    _accumulate(total, part, start, k, 1.0, not stats.written)
+                sums = ChunkSums(total, start, k, fresh=not stats.written)  # products already weighted by the batch
+                self._plan.apply(state, chunk, sums)
+                sums.close()
                 start += k
             stats.written = True
         return loss
@@ -313,14 +311,12 @@ class HvpEngine:
         first = not stats.written
         if first and not self.objective.ranks.active:
             stats.unit = batch.weight  # a single batch's products are then written as they come
+        scale = batch.weight / stats.unit
         if not live:  # the gradient does not depend on the parameters: this batch's Hessian is 0
-            if first:
-                for acc in total:
-                    acc.zero_()
-                stats.written = True
+            ChunkSums(total, 0, directions.k, fresh=first).close()
+            stats.written = True
             return value
         outputs = [grads[i] for i in live]
-        scale = batch.weight / stats.unit
         start = 0
         for chunk in directions.chunks(stats.chunk_size):
             k = chunk[0].shape[0]
@@ -332,7 +328,11 @@ class HvpEngine:
             else:
                 products = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, retain_graph=True,
                                                is_grads_batched=True, allow_unused=True)
-            _accumulate(total, products, start, k, scale, first)
+            sums = ChunkSums(total, start, k, fresh=first, scale=scale)
+            for slot, product in enumerate(products):
+                if product is not None:
+                    sums.add(slot, product)
+            sums.close()
             start += k
         stats.written = True
         return value
@@ -347,23 +347,6 @@ class HvpEngine:
                 "products carry its rounding; pass loss_fn= (with weight_fn= for token counts) to compute it in "
                 "the model's dtype"
             )
-
-
-def _accumulate(total, products, start: int, k: int, scale: float, first: bool) -> None:
-    """Add ``scale``·products into rows start..start+k of the sums, or write them there for the first batch
-    (the sums are not zero-filled: on a (k, n) result of 10M parameters that pass, the add's read and a
-    final scaling took 10–20 % of a ResNet-18's product). A missing product is a zero block."""
-    for acc, h in zip(total, products):
-        rows = acc[start : start + k]
-        if h is None:
-            if first:
-                rows.zero_()
-        elif not first:
-            rows.add_(h, alpha=scale)
-        elif scale == 1.0:
-            rows.copy_(h)
-        else:
-            torch.mul(h, scale, out=rows)
 
 
 class _ActivationCounter:

@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from ... import _extension
 from ..batches import Batch
+from ..sums import ChunkSums
 from .capture import Captured, call_inputs, capture, signature
 from .program import GraphState, Program
 from .rules import GraphUnsupported
@@ -101,7 +102,6 @@ class GraphPlan:
         state.program = program
         return state
 
-    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], out=None, write: bool = False):
-        """w·H·v for the chunk of directions, added into (or with ``write``, written into) ``out`` when given
-        (see :meth:`Program.apply`)."""
-        return state.program.apply(state, directions, out, write)
+    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], sums: ChunkSums) -> None:
+        """w·H·v for the chunk of directions, added into ``sums`` (see :meth:`Program.apply`)."""
+        state.program.apply(state, directions, sums)
