@@ -108,6 +108,8 @@ class HvpEngine:
         self._primal_snapshot: list[torch.Tensor] | None = None
         self._primal_bytes = 0
         self._batch: Batch | None = None  # the batch a pass is on, to name the modules of an op without a rule
+        self.capture_seconds = 0.0  # spent capturing the model's graph (captures kept from earlier calls cost 0)
+        self._captures_seen = 0
         self.path = "generic"
         if objective.sharded is not None:
             self.path = "sharded"  # FSDP2 shards: their own pass (see :mod:`hessgap.curvature.sharded`)
@@ -134,7 +136,18 @@ class HvpEngine:
         try:
             return fused.plan(self.model, self.objective.params, loss_fn, self.train_mode)
         except fused.FusedUnsupported:
-            return graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn)
+            return graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn,
+                                   one_batch=self._one_batch())
+
+    def _one_batch(self) -> bool:
+        """Whether every pass sees a single batch (its capture then needs no other sizes)."""
+        objective = self.objective
+        if objective.source.single or objective.max_batches == 1:
+            return True
+        try:
+            return len(objective.data) == 1
+        except TypeError:  # an iterable without a length
+            return False
 
     def _unsupported(self, exc: fused.FusedUnsupported) -> None:
         if self.requested_path == "fused":
@@ -147,15 +160,31 @@ class HvpEngine:
         """Σ_b w_b·H_b·V / Σ_b w_b for the per-parameter directions: per-parameter views of one (k, n) tensor
         (in the accumulation dtype), that tensor, and what the pass saw."""
         self._batch = None
-        with preserved(self.model, train_mode=self.train_mode, parameters=False), \
-                self.rules.active(self.model, locate=self._modules_calling):
-            self._forget_stale_primal_states()
-            if self._plan is not None:
-                try:
-                    return self._pass(directions, fused_path=True)
-                except fused.FusedUnsupported as exc:
-                    self._unsupported(exc)
-            return self._pass(directions, fused_path=False)
+        plan = self._plan
+        try:
+            with preserved(self.model, train_mode=self.train_mode, parameters=False), \
+                    self.rules.active(self.model, locate=self._modules_calling):
+                self._forget_stale_primal_states()
+                if self._plan is not None:
+                    try:
+                        return self._pass(directions, fused_path=True)
+                    except fused.FusedUnsupported as exc:
+                        self._unsupported(exc)
+                return self._pass(directions, fused_path=False)
+        finally:
+            if isinstance(plan, graph.GraphPlan):
+                self._note_captures(plan)
+
+    def _note_captures(self, plan: graph.GraphPlan) -> None:
+        """Count the seconds of the captures ``plan`` made in a pass, and say in the notes how they were made."""
+        made: dict[str, list[float]] = {}
+        for captured in plan.captured[self._captures_seen:]:
+            made.setdefault(captured.how, []).append(captured.seconds)
+        self._captures_seen = len(plan.captured)
+        for how, seconds in made.items():
+            self.capture_seconds += sum(seconds)
+            times = f"{len(seconds)} times" if len(seconds) > 1 else "once"
+            self.rules.note(f"the graph engine captured the model {times} in {sum(seconds):.2f} s, with {how}")
 
     def _forget_stale_primal_states(self) -> None:
         if not self.objective.batches_cached or self._plan is None:

@@ -53,7 +53,9 @@ class HvpResult(JsonResult):
     ``"fused"`` or ``"generic"``; ``fallback_reason`` says why the fused path did not run (None when it
     ran or when the generic path was asked for); ``loss`` is the mean loss over the data, a by-product;
     ``units`` the samples or tokens f averages over; ``dtype`` the model's dtype, ``accumulation_dtype``
-    the dtype of the sums over the loader; ``notes`` what the pass changed to run (attention kernels).
+    the dtype of the sums over the loader; ``notes`` what the pass changed to run (attention kernels) and
+    how the graph engine captured the model; ``capture_seconds`` the seconds that capture took in this call
+    (0 when the model's capture was kept from an earlier call, or no graph was captured).
     """
 
     value: torch.Tensor | list[torch.Tensor]
@@ -69,6 +71,7 @@ class HvpResult(JsonResult):
     accumulation_dtype: str = field(default="")
     units: float = 0.0
     notes: list[str] = field(default_factory=list)
+    capture_seconds: float = 0.0
 
     _left_out = ("value",)  # the vectors themselves stay out of the JSON
 
@@ -134,4 +137,5 @@ def hvp(
         accumulation_dtype=str(objective.accumulation_dtype).replace("torch.", ""),
         units=stats.weight,
         notes=list(engine.notes),
+        capture_seconds=engine.capture_seconds,
     )
