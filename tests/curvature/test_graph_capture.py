@@ -210,3 +210,29 @@ def test_operators_on_the_same_model_share_its_capture(captures):
     second = hessgap.HessianOperator(model, data[::-1]).matmat(V)
     assert len(captures) == 1
     torch.testing.assert_close(first, second)
+
+
+class Cumulative(nn.Module):
+    """A running maximum over the features: an op the graph rules lack (the generic path takes the model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.cummax(torch.tanh(self.a(x)), dim=1).values)
+
+
+def test_a_model_the_rules_cannot_run_is_not_captured_again_for_another_shape(captures):
+    """The capture of the first batch's shape showed an op without a rule: a batch of another shape took a
+    capture with dynamic sizes (for T5, three times the seconds of the static one) only to fail again."""
+    torch.manual_seed(0)
+    model = Cumulative().double()
+    data = feature_batches((6, 3))
+    V = vectors(model)
+    first = hessgap.hvp(model, data[0], V, return_info=True)
+    assert first.path == "generic" and "cummax" in first.fallback_reason and len(captures) == 1
+    second = hessgap.hvp(model, data[1], V, return_info=True)
+    assert second.path == "generic" and "cummax" in second.fallback_reason
+    assert len(captures) == 1
+    assert rel_err(second.value, V @ explicit_hessian(model, data[1:])) <= 1e-10

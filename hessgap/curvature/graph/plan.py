@@ -117,6 +117,10 @@ class GraphPlan:
             program = self._program(captured, leaves)
             if program is not None:
                 return program
+        for captured in found:  # the rules could not run its graph: they will not run another shape's either
+            refused = next((p for p in captured.programs.values() if isinstance(p, GraphUnsupported)), None)
+            if refused is not None:
+                raise GraphUnsupported(str(refused))
         if len(found) >= MAX_CAPTURES:
             why = found[-1].static_reason or "sizes outside the ranges the captures allow"
             raise GraphUnsupported(
