@@ -206,10 +206,11 @@ def test_operators_on_the_same_model_share_its_capture(captures):
     model = Residual().double()
     data = feature_batches()
     V = vectors(model)
-    first = hessgap.HessianOperator(model, data).matmat(V)
-    second = hessgap.HessianOperator(model, data[::-1]).matmat(V)
+    one, other = hessgap.HessianOperator(model, data), hessgap.HessianOperator(model, data[::-1])
+    first, second = one.matmat(V), other.matmat(V)
     assert len(captures) == 1
     torch.testing.assert_close(first, second)
+    assert one.capture_seconds == pytest.approx(captures[0].seconds) and other.capture_seconds == 0
 
 
 class Cumulative(nn.Module):
