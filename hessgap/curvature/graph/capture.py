@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 
 from ..batches import Batch
 from ..objective import output_tensor
+from .experts import grouped_experts
 from .rules import RULES, GraphUnsupported
 from .rules.base import describe
 from .shapes import Sizes
@@ -145,8 +146,9 @@ def _export(wrapper: nn.Module, inputs, dynamic: bool):
     with warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore", FutureWarning)  # torch.export's deprecation notices are not the user's
         warnings.simplefilter("ignore", UserWarning)
-        return torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes(example) if dynamic else None,
-                                   strict=False)
+        with grouped_experts(wrapper.model):  # mixture-of-experts layers in a form export can capture
+            return torch.export.export(wrapper, example,
+                                       dynamic_shapes=dynamic_shapes(example) if dynamic else None, strict=False)
 
 
 def _needs_decompositions(graph: torch.fx.Graph) -> bool:
