@@ -225,7 +225,7 @@ def _functional(exported):
     return exported
 
 
-def capture(model: nn.Module, loss_fn, own_loss: bool, inputs, dynamic: bool) -> Captured:
+def capture(model: nn.Module, loss_fn, own_loss: bool, inputs, dynamic: bool = False) -> Captured:
     """Export the batch loss of ``model`` on ``inputs`` = (args, kwargs, targets), with its sizes or, with
     ``dynamic``, with dynamic batch and sequence sizes where the model can be exported with them; raises
     GraphUnsupported with torch.export's reason when the model cannot be captured at all."""
