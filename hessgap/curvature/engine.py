@@ -37,6 +37,7 @@ from .batches import Batch
 from .objective import LossOverData
 from .second_order import SecondOrderRules, check_differentiable, modules_calling
 from .sharded import sharded_pass
+from .sums import ChunkSums
 
 PATHS = ("auto", "fused", "generic")  # what users ask for; an FSDP2-sharded model runs the "sharded" pass
 
@@ -114,6 +115,8 @@ class HvpEngine:
         self._primal_snapshot: list[torch.Tensor] | None = None
         self._primal_bytes = 0
         self._batch: Batch | None = None  # the batch a pass is on, to name the modules of an op without a rule
+        self.capture_seconds = 0.0  # spent capturing the model's graph (captures kept from earlier calls cost 0)
+        self._captures_seen = 0
         self.path = "generic"
         if objective.sharded is not None:
             self.path = "sharded"  # FSDP2 shards: their own pass (see :mod:`hessgap.curvature.sharded`)
@@ -146,9 +149,20 @@ class HvpEngine:
         try:
             return fused.plan(self.model, self.objective.params, loss_fn, self.train_mode)
         except fused.FusedUnsupported:
-            plan = graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn)
+            plan = graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn,
+                                   one_batch=self._one_batch())
             plan.max_memory = self.max_memory
             return plan
+
+    def _one_batch(self) -> bool:
+        """Whether every pass sees a single batch (its capture then needs no other sizes)."""
+        objective = self.objective
+        if objective.source.single or objective.max_batches == 1:
+            return True
+        try:
+            return len(objective.data) == 1
+        except TypeError:  # an iterable without a length
+            return False
 
     def _unsupported(self, exc: fused.FusedUnsupported) -> None:
         if self.requested_path == "fused":
@@ -161,15 +175,31 @@ class HvpEngine:
         """Σ_b w_b·H_b·V / Σ_b w_b for the per-parameter directions: per-parameter views of one (k, n) tensor
         (in the accumulation dtype), that tensor, and what the pass saw."""
         self._batch = None
-        with preserved(self.model, train_mode=self.train_mode, parameters=False), \
-                self.rules.active(self.model, locate=self._modules_calling):
-            self._forget_stale_primal_states()
-            if self._plan is not None:
-                try:
-                    return self._pass(directions, fused_path=True)
-                except fused.FusedUnsupported as exc:
-                    self._unsupported(exc)
-            return self._pass(directions, fused_path=False)
+        plan = self._plan
+        try:
+            with preserved(self.model, train_mode=self.train_mode, parameters=False), \
+                    self.rules.active(self.model, locate=self._modules_calling):
+                self._forget_stale_primal_states()
+                if self._plan is not None:
+                    try:
+                        return self._pass(directions, fused_path=True)
+                    except fused.FusedUnsupported as exc:
+                        self._unsupported(exc)
+                return self._pass(directions, fused_path=False)
+        finally:
+            if isinstance(plan, graph.GraphPlan):
+                self._note_captures(plan)
+
+    def _note_captures(self, plan: graph.GraphPlan) -> None:
+        """Count the seconds of the captures ``plan`` made in a pass, and say in the notes how they were made."""
+        made: dict[str, list[float]] = {}
+        for captured in plan.captured[self._captures_seen:]:
+            made.setdefault(captured.how, []).append(captured.seconds)
+        self._captures_seen = len(plan.captured)
+        for how, seconds in made.items():
+            self.capture_seconds += sum(seconds)
+            times = f"{len(seconds)} times" if len(seconds) > 1 else "once"
+            self.rules.note(f"the graph engine captured the model {times} in {sum(seconds):.2f} s, with {how}")
 
     def _forget_stale_primal_states(self) -> None:
         if not self.objective.batches_cached or self._plan is None:
@@ -191,7 +221,7 @@ class HvpEngine:
     def _pass(self, directions: Directions, fused_path: bool):
         objective = self.objective
         stats = PassStats()
-        # Not zero-filled: the first batch writes its products (a pass over k·n numbers fewer; see _accumulate)
+        # Not zero-filled: the first batch writes its products (a pass over k·n numbers fewer; see .sums)
         flat_total = torch.empty(directions.k, objective.num_parameters, dtype=objective.accumulation_dtype,
                                  device=objective.device)
         total = unflatten(flat_total, objective.vector_params)
@@ -297,12 +327,9 @@ class HvpEngine:
             start = 0
             for chunk in directions.chunks(stats.chunk_size):
                 k = chunk[0].shape[0]
-                if isinstance(self._plan, graph.GraphPlan):  # writes or adds into the sums itself: no extra pass
-                    rows = [acc[start : start + k] for acc in total]
-                    self._plan.apply(state, chunk, out=rows, write=not stats.written)
-                else:
-                    part = self._plan.apply(state, chunk)  # already weighted by the batch's units
-                    _accumulate(total, part, start, k, 1.0, not stats.written)
+                sums = ChunkSums(total, start, k, fresh=not stats.written)  # products already weighted by the batch
+                self._plan.apply(state, chunk, sums)
+                sums.close()
                 start += k
             stats.written = True
         return loss
@@ -328,14 +355,12 @@ class HvpEngine:
         first = not stats.written
         if first and not self.objective.ranks.active:
             stats.unit = batch.weight  # a single batch's products are then written as they come
+        scale = batch.weight / stats.unit
         if not live:  # the gradient does not depend on the parameters: this batch's Hessian is 0
-            if first:
-                for acc in total:
-                    acc.zero_()
-                stats.written = True
+            ChunkSums(total, 0, directions.k, fresh=first).close()
+            stats.written = True
             return value
         outputs = [grads[i] for i in live]
-        scale = batch.weight / stats.unit
         start = 0
         for chunk in directions.chunks(stats.chunk_size):
             k = chunk[0].shape[0]
@@ -347,7 +372,11 @@ class HvpEngine:
             else:
                 products = torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, retain_graph=True,
                                                is_grads_batched=True, allow_unused=True)
-            _accumulate(total, products, start, k, scale, first)
+            sums = ChunkSums(total, start, k, fresh=first, scale=scale)
+            for slot, product in enumerate(products):
+                if product is not None:
+                    sums.add(slot, product)
+            sums.close()
             start += k
         stats.written = True
         return value
@@ -362,23 +391,6 @@ class HvpEngine:
                 "products carry its rounding; pass loss_fn= (with weight_fn= for token counts) to compute it in "
                 "the model's dtype"
             )
-
-
-def _accumulate(total, products, start: int, k: int, scale: float, first: bool) -> None:
-    """Add ``scale``·products into rows start..start+k of the sums, or write them there for the first batch
-    (the sums are not zero-filled: on a (k, n) result of 10M parameters that pass, the add's read and a
-    final scaling took 10–20 % of a ResNet-18's product). A missing product is a zero block."""
-    for acc, h in zip(total, products):
-        rows = acc[start : start + k]
-        if h is None:
-            if first:
-                rows.zero_()
-        elif not first:
-            rows.add_(h, alpha=scale)
-        elif scale == 1.0:
-            rows.copy_(h)
-        else:
-            torch.mul(h, scale, out=rows)
 
 
 class _ActivationCounter:

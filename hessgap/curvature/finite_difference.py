@@ -45,6 +45,10 @@ class FiniteDifferenceEngine:
 
     path = "finite-difference"
     fallback_reason = None
+    capture_seconds = 0.0  # no graph is captured
+
+    def token_chunks(self) -> dict:
+        return {}
 
     def __init__(self, objective, *, step: float | None = None, train_mode: bool = False):
         if step is not None:

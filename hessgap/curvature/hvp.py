@@ -55,9 +55,10 @@ class HvpResult(JsonResult):
     ``"fused"`` or ``"generic"``; ``fallback_reason`` says why the fused path did not run (None when it
     ran or when the generic path was asked for); ``loss`` is the mean loss over the data, a by-product;
     ``units`` the samples or tokens f averages over; ``dtype`` the model's dtype, ``accumulation_dtype``
-    the dtype of the sums over the loader; ``notes`` what the pass changed to run (attention kernels);
-    ``token_chunks`` the chunks of tokens and vocabulary the fused LM head + cross-entropy chose (empty when
-    the graph has none).
+    the dtype of the sums over the loader; ``notes`` what the pass changed to run (attention kernels) and
+    how the graph engine captured the model; ``capture_seconds`` the seconds that capture took in this call
+    (0 when the model's capture was kept from an earlier call, or no graph was captured); ``token_chunks`` the
+    chunks of tokens and vocabulary the fused LM head + cross-entropy chose (empty when the graph has none).
     """
 
     value: torch.Tensor | list[torch.Tensor]
@@ -74,6 +75,7 @@ class HvpResult(JsonResult):
     units: float = 0.0
     notes: list[str] = field(default_factory=list)
     token_chunks: dict = field(default_factory=dict)
+    capture_seconds: float = 0.0
 
     _left_out = ("value",)  # the vectors themselves stay out of the JSON
 
@@ -158,4 +160,5 @@ def hvp(
         units=stats.weight,
         notes=list(engine.notes),
         token_chunks=engine.token_chunks(),
+        capture_seconds=engine.capture_seconds,
     )

@@ -100,6 +100,7 @@ class HessianOperator:
         self._engine_options = dict(path=path, train_mode=train_mode, chunk_size=chunk_size,
                                     max_memory=max_memory, memory_budget=memory_budget)
         self._engine = self._make_engine()
+        self._earlier_capture_seconds = 0.0  # of engines replaced since (see _follow_replaced_tensors)
         self._buffers = list(model.buffers())
         self.n: int = self.objective.num_parameters  # this rank's shards only, for an FSDP2-sharded model
         self.total_parameters: int = self.objective.total_parameters
@@ -144,6 +145,12 @@ class HessianOperator:
         return self._engine.fallback_reason
 
     @property
+    def capture_seconds(self) -> float:
+        """Seconds this operator's products spent capturing the model's graph (0 when the captures were kept
+        from an earlier call or operator, or when no graph was captured)."""
+        return self._earlier_capture_seconds + self._engine.capture_seconds
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (self.n, self.n)
 
@@ -171,6 +178,7 @@ class HessianOperator:
         self.objective.check_finite_parameters()
         self.objective.agree_across_ranks("the replaced parameters the Hessian is taken over")
         notes = self._engine.rules.notes
+        self._earlier_capture_seconds += self._engine.capture_seconds
         self._engine = self._make_engine()
         self._engine.rules.notes = notes  # one list of notes over the operator's life (results hold it)
 

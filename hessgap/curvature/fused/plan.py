@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ... import _extension
+from ..sums import ChunkSums
 from .base import FusedUnsupported, LayerRule
 from .layers import layer_rule
 from .losses import loss_rule
@@ -67,8 +68,9 @@ class FusedPlan:
             grads_out[i - 1] = g
         return BatchState(ctxs, grads_out, loss_ctx, loss, numel, largest)
 
-    def apply(self, state: BatchState, directions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """(weight ×) H_batch v for the k directions (per-parameter ``(k, *shape)`` tensors)."""
+    def apply(self, state: BatchState, directions: Sequence[torch.Tensor], sums: ChunkSums) -> None:
+        """(weight ×) H_batch v for the k directions (per-parameter ``(k, *shape)`` tensors), each parameter's
+        product added into ``sums`` (see :class:`~hessgap.curvature.sums.ChunkSums`)."""
         v_of = [tuple(directions[s] if s is not None else None for s in layer.slots) for layer in self.layers]
         r_inputs = [None] * len(self.layers)
         rx = None
@@ -78,9 +80,8 @@ class FusedPlan:
                 continue
             rx = layer.rforward(state.ctxs[i], rx, v_of[i])
         if rx is None:  # no trainable parameter influences the output
-            return [torch.zeros_like(d) for d in directions]
+            return
         rg = self.loss.rgrad(state.loss_ctx, rx)
-        out: list[torch.Tensor | None] = [None] * len(directions)
         first_live = next(i for i, layer in enumerate(self.layers) if any(t is not None for t in v_of[i]))
         for i in range(len(self.layers) - 1, first_live - 1, -1):
             layer = self.layers[i]
@@ -88,8 +89,7 @@ class FusedPlan:
             rg, param_grads = layer.rbackward(state.ctxs[i], g_out, rg, r_inputs[i], v_of[i], i > first_live)
             for slot, pg in zip(layer.slots, param_grads):
                 if slot is not None and pg is not None:
-                    out[slot] = pg if out[slot] is None else out[slot] + pg
-        return [o if o is not None else torch.zeros_like(d) for o, d in zip(out, directions)]
+                    sums.add(slot, pg)
 
 
 def plan(model: nn.Module, params: Sequence[torch.Tensor], loss_fn, train_mode: bool = False) -> FusedPlan:

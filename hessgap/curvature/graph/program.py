@@ -8,8 +8,8 @@ inputs) runs in the primal pass only. Then, per batch:
   values are freed after their last use) and the first-order backward from the seed ∂(w·L)/∂L = w, keeping
   ∂L/∂y where a rule's R-backward reads it: the :class:`GraphState`, shared by every chunk of directions;
 - :meth:`Program.apply`: for a chunk of k directions, R-forward in graph order (parameters' tangents are the
-  directions) and R-backward in reverse order (R{∂L/∂L} = 0); R{∂L/∂θ} = w·H·v accumulates at the
-  parameters' placeholders. Tangents are freed after their last R-forward use unless a rule keeps them.
+  directions) and R-backward in reverse order (R{∂L/∂L} = 0); R{∂L/∂θ} = w·H·v goes into the pass's sums
+  (:class:`~hessgap.curvature.sums.ChunkSums`) as the R-backward reaches each parameter's placeholder. Tangents are freed after their last R-forward use unless a rule keeps them.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from ..sums import ChunkSums
 from .capture import Captured
 from .lm_head import fuse_lm_head
 from .rules import GraphUnsupported, OpRule, rule_for
-from .rules.base import REMEDY, Embedded, add, describe
+from .rules.base import REMEDY, add, describe
 
 aten = torch.ops.aten
 
@@ -203,12 +204,9 @@ class Program:
 
     # ---- the R-passes for a chunk of directions --------------------------------------------------------
 
-    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], out: Sequence[torch.Tensor] | None = None,
-              write: bool = False):
-        """w·H·v for the k directions (per-parameter ``(k, *shape)`` tensors), added into ``out`` (per-parameter
-        accumulators) when given, else returned. ``write=True``: ``out`` holds no sums yet (it is not zero-filled);
-        each slot's first product is written into it and a slot no product reaches is zeroed."""
-        written: set[int] = set()
+    def apply(self, state: GraphState, directions: Sequence[torch.Tensor], sums: ChunkSums) -> None:
+        """w·H·v for the k directions (per-parameter ``(k, *shape)`` tensors), each parameter's product added into
+        ``sums`` (see :class:`~hessgap.curvature.sums.ChunkSums`) as the R-backward reaches it."""
         tangents: dict[int, torch.Tensor] = {i: directions[slot] for i, slot in self.slot_of.items()}
         rsaved: dict[int, object] = {}
         reached: set[int] = set()
@@ -224,7 +222,6 @@ class Program:
                 if j is not None and self.tangent_last_use.get(j) == step.index and j not in self.slot_of:
                     tangents.pop(j, None)
         tangents.clear()
-        results: list[torch.Tensor | None] = [None] * len(directions)
         rgrads: dict[int, object] = {}
         for step in reversed(self.active_steps):
             rg = rgrads.pop(step.index, None)
@@ -238,21 +235,5 @@ class Program:
                     continue
                 if slot is None:
                     rgrads[j] = add(rgrads.get(j), r)
-                elif out is not None and write and slot not in written:
-                    written.add(slot)
-                    if isinstance(r, Embedded):
-                        out[slot].zero_()
-                        r.add_to(out[slot])
-                    else:
-                        out[slot].copy_(r)
-                elif out is not None:
-                    r.add_to(out[slot]) if isinstance(r, Embedded) else out[slot].add_(r)
                 else:
-                    r = r.dense(directions[slot].shape) if isinstance(r, Embedded) else r
-                    results[slot] = r if results[slot] is None else results[slot] + r
-        if out is not None:
-            if write:
-                for slot in set(range(len(out))) - written:
-                    out[slot].zero_()
-            return None
-        return [r if r is not None else torch.zeros_like(d) for r, d in zip(results, directions)]
+                    sums.add(slot, r)
