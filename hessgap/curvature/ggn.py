@@ -34,10 +34,11 @@ import torch
 from ..errors import HessgapError
 from . import fused
 from .batches import Batch
-from .engine import HvpEngine, _accumulate
+from .engine import HvpEngine
 from .graph.ggn import GaussNewtonPlan
 from .objective import output_tensor
 from .output_loss import FisherAtOutput, loss_of_output, output_loss, refuse_closure
+from .sums import ChunkSums
 
 #: What the engine multiplies by: the GGN, the empirical Fisher, the true Fisher.
 MATRICES = ("ggn", "empirical", "true")
@@ -143,7 +144,11 @@ class GaussNewtonEngine(HvpEngine):
                 _, jv = torch.func.jvp(output_of, primals, tangents)
             cotangent = middle(jv.unsqueeze(0))[0].to(z.dtype)
             products = torch.autograd.grad(z, params, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
-            _accumulate(total, [None if h is None else h.unsqueeze(0) for h in products], j, 1, scale, first)
+            sums = ChunkSums(total, j, 1, first, scale)
+            for slot, h in enumerate(products):
+                if h is not None:
+                    sums.add(slot, h.unsqueeze(0))
+            sums.close()
         stats.written = True
         return value
 

@@ -269,6 +269,9 @@ def _captured(exported, wrapper: nn.Module, with_output: bool = False) -> Captur
         kinds = sorted({spec.kind.name for spec in outputs if spec.kind != OutputKind.USER_OUTPUT})
         raise GraphUnsupported(f"the model changes its own state during the forward pass ({', '.join(kinds)})")
     graph = exported.graph_module.graph
+    # without decompositions nothing removed the values no output needs (a Hugging Face model's own loss beside
+    # a loss_fn's): they would cost a primal pass and hide the LM head's single use from its fusion
+    graph.eliminate_dead_code()
     names = dict(wrapper.named_parameters(remove_duplicate=False))
     buffers = dict(wrapper.named_buffers(remove_duplicate=False))
     placeholders = []

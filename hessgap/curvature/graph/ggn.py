@@ -29,11 +29,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ...ops import hvp_pointwise as pointwise
+from ..sums import ChunkSums
 from .capture import Captured
 from .plan import GraphPlan
 from .program import GraphState, Program, _arg_nodes
 from .rules import GraphUnsupported, arith, attention, conv, dense, norm
-from .rules.base import Embedded, LinearRule, add, describe
+from .rules.base import LinearRule, add, describe
 
 
 def _without_tangents(count: int):
@@ -116,39 +117,6 @@ def _unaliased(node):
     return node
 
 
-class _Totals:
-    """Where the per-parameter products of one chunk go: added into ``out`` (or written there, ``write``), or
-    collected and returned (as :meth:`Program.apply` does)."""
-
-    def __init__(self, directions: Sequence[torch.Tensor], out, write: bool):
-        self.directions, self.out, self.write = directions, out, write
-        self.written: set[int] = set()
-        self.results: list = [None] * len(directions)
-
-    def add(self, slot: int, r) -> None:
-        out = self.out
-        if out is not None and self.write and slot not in self.written:
-            self.written.add(slot)
-            if isinstance(r, Embedded):
-                out[slot].zero_()
-                r.add_to(out[slot])
-            else:
-                out[slot].copy_(r)
-        elif out is not None:
-            r.add_to(out[slot]) if isinstance(r, Embedded) else out[slot].add_(r)
-        else:
-            r = r.dense(self.directions[slot].shape) if isinstance(r, Embedded) else r
-            self.results[slot] = r if self.results[slot] is None else self.results[slot] + r
-
-    def finish(self):
-        if self.out is not None:
-            if self.write:
-                for slot in set(range(len(self.out))) - self.written:
-                    self.out[slot].zero_()
-            return None
-        return [r if r is not None else torch.zeros_like(d) for r, d in zip(self.results, self.directions)]
-
-
 class GaussNewtonProgram(Program):
     """A :class:`Program` over a graph captured with the model's output, split at that output (see the module
     docstring); its primal pass also keeps z and ∂(w·L)/∂z."""
@@ -208,7 +176,7 @@ class GaussNewtonProgram(Program):
                     tangents.pop(j, None)
         return tangents, rsaved
 
-    def _backward(self, state: GraphState, steps, rgrads: dict, rsaved: dict, totals: _Totals) -> None:
+    def _backward(self, state: GraphState, steps, rgrads: dict, rsaved: dict, totals: ChunkSums) -> None:
         """R-backward over ``steps`` (reverse order): the full rule in the head, the first-order part in the body."""
         for step in reversed(steps):
             rg = rgrads.pop(step.index, None)
@@ -235,19 +203,17 @@ class GaussNewtonProgram(Program):
                 else:
                     totals.add(slot, r)
 
-    def apply_ggn(self, state: GraphState, directions: Sequence[torch.Tensor], out=None, write: bool = False):
-        """w·Jᵀ·H_L·J·v for the k directions, into ``out`` as :meth:`Program.apply` (w: the batch's weight)."""
+    def apply_ggn(self, state: GraphState, directions: Sequence[torch.Tensor], sums: ChunkSums) -> None:
+        """w·Jᵀ·H_L·J·v for the k directions, into ``sums`` as :meth:`Program.apply` (w: the batch's weight)."""
         def keep(index):  # the head's R-backward reads its tangents; a body rule without a first-order form too
             return index in self.head_indices or self.first_order.get(index, 0) is None
 
         tangents, rsaved = self._r_forward(state, directions, self.active_steps, keep)
         tangents.clear()
-        totals = _Totals(directions, out, write)
-        self._backward(state, self.active_steps, {}, rsaved, totals)
-        return totals.finish()
+        self._backward(state, self.active_steps, {}, rsaved, sums)
 
-    def apply_outer(self, state: GraphState, directions: Sequence[torch.Tensor], middle: Callable, out=None,
-                    write: bool = False):
+    def apply_outer(self, state: GraphState, directions: Sequence[torch.Tensor], middle: Callable,
+                    sums: ChunkSums) -> None:
         """Jᵀ·M·J·v for the k directions, ``middle(J·v) -> M·J·v`` on (k, *z.shape) tensors."""
         def keep(index):
             return self.first_order.get(index) is None
@@ -255,10 +221,8 @@ class GaussNewtonProgram(Program):
         tangents, rsaved = self._r_forward(state, directions, self.body_steps, keep)
         jv = tangents.get(self.output_index)
         tangents.clear()
-        totals = _Totals(directions, out, write)
         if jv is not None:
-            self._backward(state, self.body_steps, {self.output_index: middle(jv)}, rsaved, totals)
-        return totals.finish()
+            self._backward(state, self.body_steps, {self.output_index: middle(jv)}, rsaved, sums)
 
 
 class GaussNewtonPlan(GraphPlan):
@@ -282,7 +246,8 @@ class GaussNewtonPlan(GraphPlan):
             state.middle = self.outer(batch, z, grad_z)  # fixed with the state: the same draws on every product
         return state
 
-    def apply(self, state: GraphState, directions, out=None, write: bool = False):
+    def apply(self, state: GraphState, directions, sums: ChunkSums) -> None:
         if self.outer is None:
-            return state.program.apply_ggn(state, directions, out, write)
-        return state.program.apply_outer(state, directions, state.middle, out, write)
+            state.program.apply_ggn(state, directions, sums)
+        else:
+            state.program.apply_outer(state, directions, state.middle, sums)

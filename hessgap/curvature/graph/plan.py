@@ -116,13 +116,12 @@ class GraphPlan:
             _keep(self._programs, key, program, MAX_KEPT_PROGRAMS)
         if len(leaves) != sum(1 for kind, _ in program.captured.placeholders if kind == "input"):
             raise GraphUnsupported("the captured graph's inputs do not match the batch's tensors")
+        program.set_max_memory(self.max_memory)  # programs are shared by the calls on a model: this call's budget
         return program, leaves
 
     def compile(self, captured: Captured) -> Program:
         """The passes over a captured graph (a subclass may compile other passes over the same graph)."""
-        program = Program(captured, self.index_of, self.num_params)
-        program.set_max_memory(self.max_memory)
-        return program
+        return Program(captured, self.index_of, self.num_params)
 
     def _compile(self, inputs, leaves, structure_key, own_loss: bool) -> Program:
         """The program for a batch: from a kept capture that serves its sizes, else from a new capture."""
