@@ -182,7 +182,8 @@ def test_unequal_padding_gives_the_token_weighted_mean_over_the_loader(kind, cau
     V = torch.randn(2, n, dtype=torch.float64)
     result = hessgap.hvp(model, batches, V, return_info=True)
     assert result.units == counted_tokens(batches, causal) == sum(counts)
-    assert result.loss == pytest.approx(reference, rel=1e-7)
+    # the fused LM head follows the model's float32 cast and sums its chunks' losses in float32
+    assert result.loss == pytest.approx(reference, rel=5e-7)
     expected = reference_hvp(model, hf_objective(batches, causal=causal), V)
     assert rel(result.value, expected) < 1e-6
 
