@@ -133,7 +133,8 @@ class HvpEngine:
         try:
             return fused.plan(self.model, self.objective.params, loss_fn, self.train_mode)
         except fused.FusedUnsupported:
-            return graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn)
+            return graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn,
+                                   memory_budget=self.memory_budget)
 
     def _unsupported(self, exc: fused.FusedUnsupported) -> None:
         if self.requested_path == "fused":

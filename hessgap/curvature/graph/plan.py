@@ -46,13 +46,14 @@ def _forget(model_id: int) -> None:
 class GraphPlan:
     """Captures the batch loss of ``model`` and runs the R-operator passes over the graph."""
 
-    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], loss_fn):
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], loss_fn, memory_budget: int | None = None):
         if not _extension.available():
             raise GraphUnsupported(f"the compiled extension is not available ({_extension.load_error()})")
         if params[0].dtype not in (torch.float32, torch.float64):
             raise GraphUnsupported(f"parameters of dtype {params[0].dtype} (the fused kernels take float32 and float64)")
         self.model = model
         self.loss_fn = loss_fn
+        self.memory_budget = memory_budget  # what a rule may hold beyond its inputs and outputs (see OpRule)
         self.index_of = {id(p): i for i, p in enumerate(params)}
         self.num_params = sum(p.numel() for p in params)
         self._programs: OrderedDict = OrderedDict()
@@ -88,7 +89,7 @@ class GraphPlan:
                     f"the batches come in more than {MAX_SIGNATURES} shapes (one graph capture each); pad them to "
                     "a few fixed shapes to use the fused path")
             captured = self._captured(batch, own_loss, inputs)
-            program = Program(captured, self.index_of, self.num_params)
+            program = Program(captured, self.index_of, self.num_params, self.memory_budget)
             self._programs[key] = program
         leaves = pytree.tree_leaves(inputs)
         if len(leaves) != sum(1 for kind, _ in program.captured.placeholders if kind == "input"):

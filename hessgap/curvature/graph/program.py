@@ -69,7 +69,8 @@ class GraphState:
 class Program:
     """A captured graph with rules bound to its active nodes; ``index_of`` maps id(parameter) to its slot."""
 
-    def __init__(self, captured: Captured, index_of: dict[int, int], num_params: int):
+    def __init__(self, captured: Captured, index_of: dict[int, int], num_params: int,
+                 memory_budget: int | None = None):
         self.captured = captured
         self.num_params = num_params
         nodes = [n for n in captured.graph.nodes]
@@ -121,6 +122,7 @@ class Program:
                         "R-operator rule does not handle")
                 step.rule = rule
                 rule.is_output = node is loss
+                rule.memory_budget = memory_budget
                 step.inputs = [self.position[a] if a is not None else None for a in wanted]
                 step.param = [slot_of.get(j) if j is not None else None for j in step.inputs]
             self.steps.append(step)

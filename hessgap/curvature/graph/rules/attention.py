@@ -1,5 +1,6 @@
 """The rule of ``scaled_dot_product_attention``: causal, masked (boolean or additive mask that does not depend
-on θ) or plain, never materializing the T×T matrix per direction (:mod:`hessgap.ops.attention_rop`)."""
+on θ) or plain (:mod:`hessgap.ops.attention_rop`: on CPU by BLAS on score tiles within the engine's memory
+budget, else streaming; never the T×T matrix per direction)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ class Attention(OpRule):
     def jvp(self, saved, tangents):
         q, k, v, bias, o, lse = saved
         rq, rk, rv = self._tangents(saved, tangents)
-        ro, rho = ops.attention_rforward(q, k, v, bias, o, lse, rq, rk, rv, self.causal, self.scale)
+        ro, rho = ops.attention_rforward(q, k, v, bias, o, lse, rq, rk, rv, self.causal, self.scale,
+                                         memory_budget=self.memory_budget)
         return self._back(ro, True), (rq, rk, rv, ro, rho)
 
     def rvjp(self, saved, rsaved, g, rg, need):
@@ -92,7 +94,7 @@ class Attention(OpRule):
         rq, rk, rv, ro, rho = rsaved
         rg4 = self._four(rg, True).contiguous() if rg is not None else None
         grads = ops.attention_rbackward(q, k, v, bias, o, lse, self._four(g).contiguous(), rq, rk, rv, ro, rho, rg4,
-                                        self.causal, self.scale)
+                                        self.causal, self.scale, memory_budget=self.memory_budget)
         return [self._back(t, True) if wanted else None for t, wanted in zip(grads, need)]
 
 
