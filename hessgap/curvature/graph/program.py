@@ -1,6 +1,6 @@
 """A captured graph compiled for the R-operator passes (:class:`Program`) and its passes over one batch.
 
-Compiling marks which nodes depend on the parameters θ (they carry tangents) and lead to the loss (they
+Compiling first rewrites written-out forms of fused ops (:mod:`.fusion`), then marks which nodes depend on the parameters θ (they carry tangents) and lead to the loss (they
 carry gradients): only those *active* nodes need a rule; every other node (masks, positions, casts of the
 inputs) runs in the primal pass only. Then, per batch:
 
@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from .capture import Captured
+from .fusion import fuse
 from .rules import GraphUnsupported, OpRule, rule_for
 from .rules.base import Embedded, add, describe
 
@@ -73,6 +74,7 @@ class Program:
                  memory_budget: int | None = None):
         self.captured = captured
         self.num_params = num_params
+        fuse(captured.graph)  # written-out ops (GPT-2's tanh GELU) become the op its rule fuses
         nodes = [n for n in captured.graph.nodes]
         self.position = {n: i for i, n in enumerate(nodes)}
         placeholders = [n for n in nodes if n.op == "placeholder"]
