@@ -144,18 +144,20 @@ def rforward(q, k, v, bias, o, lse, rq, rk, rv, causal: bool, scale: float, cut:
     rq_s = rq3 * scale
     ro = torch.zeros((K,) + tuple(o3.shape), dtype=o.dtype, device=o.device)
     rho = torch.zeros((K,) + tuple(t.lse.shape), dtype=o.dtype, device=o.device)
+    # Products land in fresh tensors and are then stored: an in-place batched GEMM into a strided slice of the
+    # outputs copies that slice twice. A block of queries sees all of its keys in one tile: stored once.
     for n0, n1, i0, i1, j0, j1 in t.tiles():
         p = t.probabilities(n0, n1, i0, i1, j0, j1)
-        kb, q_s, vb = t.k[n0:n1, j0:j1], t.q_s[n0:n1, i0:i1], t.v[n0:n1, j0:j1]
+        kb, q_s, vb, ob = t.k[n0:n1, j0:j1], t.q_s[n0:n1, i0:i1], t.v[n0:n1, j0:j1], o3[n0:n1, i0:i1]
         for d in range(K):
             # P ⊙ R{S}, R{S} = scale·(R{Q} Kᵀ + Q R{K}ᵀ)
             rs = torch.bmm(rq_s[d, n0:n1, i0:i1], kb.transpose(1, 2))
             rs.baddbmm_(q_s, rk3[d, n0:n1, j0:j1].transpose(1, 2)).mul_(p)
-            rho[d, n0:n1, i0:i1] += rs.sum(-1)
-            out = ro[d, n0:n1, i0:i1]
-            out.baddbmm_(rs, vb).baddbmm_(p, rv3[d, n0:n1, j0:j1])
-    # R{O} = P (R{S} − ρ) V + P R{V} = Σ_blocks (P ⊙ R{S}) V + P R{V} − ρ·O
-    ro.sub_(rho.unsqueeze(-1) * o3)
+            rho_b = rs.sum(-1, keepdim=True)
+            # R{O} = P (R{S} − ρ) V + P R{V} = (P ⊙ R{S}) V + P R{V} − ρ·O
+            out = torch.bmm(rs, vb).baddbmm_(p, rv3[d, n0:n1, j0:j1]).addcmul_(rho_b, ob, value=-1)
+            ro[d, n0:n1, i0:i1] = out
+            rho[d, n0:n1, i0:i1] = rho_b.squeeze(-1)
     return ro.reshape(rq.shape[:-1] + v.shape[-1:]), rho.reshape(rq.shape[:-1])
 
 
@@ -188,12 +190,14 @@ def rbackward(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, causal: bool, s
             if rg3 is not None:
                 rds.baddbmm_(rg3[d, n0:n1, i0:i1], vb.transpose(1, 2))
             rds.sub_(r_delta[d, n0:n1, i0:i1]).mul_(p).addcmul_(rp, dp)
-            # R{dV} = R{P}ᵀ g + Pᵀ R{g}
-            out_v = rdv[d, n0:n1, j0:j1]
-            out_v.baddbmm_(rp.transpose(1, 2), gb)
+            # R{dV} = R{P}ᵀ g + Pᵀ R{g}   (keys see several query blocks: added)
+            out_v = torch.bmm(rp.transpose(1, 2), gb)
             if rg3 is not None:
                 out_v.baddbmm_(p.transpose(1, 2), rg3[d, n0:n1, i0:i1])
-            # R{dQ} = scale·(R{dS} K + dS R{K}),  R{dK} = scale·(R{dS}ᵀ Q + dSᵀ R{Q})
-            rdq[d, n0:n1, i0:i1].baddbmm_(rds, k_s).baddbmm_(ds_s, rk_d)
-            rdk[d, n0:n1, j0:j1].baddbmm_(rds.transpose(1, 2), q_s).baddbmm_(ds_s.transpose(1, 2), rq3[d, n0:n1, i0:i1])
+            rdv[d, n0:n1, j0:j1] += out_v
+            # R{dQ} = scale·(R{dS} K + dS R{K}) (complete: the tile holds all of the block's keys),
+            # R{dK} = scale·(R{dS}ᵀ Q + dSᵀ R{Q})
+            rdq[d, n0:n1, i0:i1] = torch.bmm(rds, k_s).baddbmm_(ds_s, rk_d)
+            rdk[d, n0:n1, j0:j1] += torch.bmm(rds.transpose(1, 2), q_s).baddbmm_(ds_s.transpose(1, 2),
+                                                                               rq3[d, n0:n1, i0:i1])
     return rdq.reshape(rq.shape), rdk.reshape(rk.shape), rdv.reshape(rv.shape)
