@@ -142,8 +142,9 @@ setup(
     ],
     extras_require={
         "build": ["pybind11", "ninja"],
-        # transformers: the graph engine's tests build Hugging Face models from small random configs
-        "test": ["pytest>=7", "pytest-benchmark", "ruff", "transformers"],
+        # transformers: the graph engine's tests build Hugging Face models from small random configs;
+        # accelerate and lightning: the tracker's callbacks are tested in the real Trainer and Lightning Trainer
+        "test": ["pytest>=7", "pytest-benchmark", "ruff", "transformers", "accelerate", "lightning"],
         "bench": ["pytest-benchmark"],
     },
     entry_points={"console_scripts": ["hessgap=hessgap.cli:main"]},

@@ -17,6 +17,8 @@ import torch
 
 from hessgap.ops import attention_rop as ops
 
+import _timing
+
 
 def peak_allocated_bytes(fn) -> int:
     """The largest sum of live allocations while ``fn`` runs (CPU allocator events, in time order)."""
@@ -54,7 +56,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default="256,512,1024,2048")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    _timing.set_threads(1)
     rows = [measure(int(T), args.k, args.heads, args.dim) for T in args.lengths.split(",")]
     print(f"attention R-backward, causal, float32, k = {args.k}, B = 1, H = {args.heads}, D = {args.dim}")
     print(f"{'T':>6} {'fused MiB':>10} {'math MiB':>10} {'outputs MiB':>12} {'fused/outputs':>14} {'math/fused':>11}")

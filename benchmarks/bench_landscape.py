@@ -14,15 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import hessgap.landscape
 from hessgap.train import build_model
 
+import _timing
+
 CASES = {"F1": (784,), "C1": (3, 16, 16)}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with _timing.threads(1):
+        yield
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

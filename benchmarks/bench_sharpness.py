@@ -24,11 +24,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
-import time
+
+import _timing
 
 WIDTH = 4096
 
@@ -48,7 +48,8 @@ def _child(case: str, mode: str, iterations: int, samples: int) -> dict:
     from torch import nn
 
     import hessgap
-    torch.set_num_threads(1)  # a loaded 2-core machine runs one thread much faster than two
+
+    _timing.set_threads(1)  # a loaded 2-core machine runs one thread much faster than two
     torch.manual_seed(0)
     # 1024 → 4096 → 4096 → 10: 21.0M float32 parameters (84 MB)
     model = nn.Sequential(nn.Linear(1024, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
@@ -57,22 +58,20 @@ def _child(case: str, mode: str, iterations: int, samples: int) -> dict:
     params = sum(p.numel() for p in model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
-    def rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    options = dict(subspace_dim=100) if case == "subspace" else {}
-    before = rss()
-    started = time.perf_counter()
-    if mode == "tensors":
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+    # the streaming mode (A regenerated block by block), whose memory is the bounded one; by default A is
+    # held instead when it takes at most a quarter of the free memory (8 GiB here: more than that)
+    options = dict(subspace_dim=100, subspace_memory_bytes=0) if case == "subspace" else {}
+    before = _timing.resident_bytes()
+    with _timing.stopwatch() as watch:
+        if mode == "tensors":
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+                result = hessgap.sharpness(model, loader, max_iter=iterations, **options)
+            extra = _tensor_peak(prof)
+        else:  # the process's peak resident set
             result = hessgap.sharpness(model, loader, max_iter=iterations, **options)
-        extra = _tensor_peak(prof)
-    else:  # the process's peak resident set (Linux reports ru_maxrss in KiB)
-        result = hessgap.sharpness(model, loader, max_iter=iterations, **options)
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    seconds = time.perf_counter() - started
+            extra = _timing.peak_resident_bytes() - before
+    seconds = watch.seconds
     return {
         "case": case,
         "mode": mode,
@@ -98,7 +97,7 @@ def main():
         print(json.dumps(_child(case, mode, args.iterations, args.samples)))
         return
     results = []
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))  # see the module docstring
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(_timing.MALLOC_MMAP_THRESHOLD))  # see the module docstring
     for case in args.cases.split(","):
         for mode in ("tensors", "rss"):
             out = subprocess.run(

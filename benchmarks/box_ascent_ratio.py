@@ -20,11 +20,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
 
 from hessgap.ops.box_ascent import box_ascent_step, box_ascent_step_reference, cpu_kernel_variant
+
+import _timing
 
 
 def vgg16_cifar_shapes() -> list[tuple[int, ...]]:
@@ -114,15 +115,6 @@ def check_agreement(shapes, dtype, device, options):
             torch.testing.assert_close(a, b, msg=f"{name} tensors differ")
 
 
-def time_cpu(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def time_cuda(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -168,8 +160,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _timing.set_threads(args.threads)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -180,7 +171,8 @@ def main(argv=None) -> dict:
     options = dict(step=1e-3, epsilon=1e-3, box="keskar", direction="sign", momentum=args.momentum)
     check_agreement(shapes, dtype, device, options)
 
-    timer = time_cuda if device.type == "cuda" else time_cpu
+    def timer(fn, repeats):  # CUDA events on a GPU (the kernels' own time), the wall clock on a CPU
+        return time_cuda(fn, repeats) if device.type == "cuda" else _timing.repeat(fn, repeats, _timing.Clock("wall"))
     state = make_state(shapes, dtype, device, options["epsilon"], options["momentum"])
     x, y, grad, params, prev = state
     calls = {name: (lambda fn=fn: fn(x, y, grad, params, prev_step=prev, **options)) for name, fn in IMPLEMENTATIONS.items()}

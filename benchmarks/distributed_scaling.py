@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import platform
 import tempfile
-import time
 
 import torch
 from torch import nn
@@ -43,7 +42,9 @@ def _worker(rank, world_size, init_file, samples, batch, repeats, backend, queue
 
     import hessgap
 
-    torch.set_num_threads(1)
+    import _timing
+
+    _timing.set_threads(1)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     torch.manual_seed(0)
@@ -57,17 +58,14 @@ def _worker(rank, world_size, init_file, samples, batch, repeats, backend, queue
     n = sum(p.numel() for p in model.parameters())
     V = torch.randn(16, n, generator=torch.Generator().manual_seed(2)).to(device)
 
+    clock = _timing.Clock("wall", device)
+
     def timed(fn):
-        best = float("inf")
-        for _ in range(repeats):
+        def synchronized():  # every rank starts and ends together: the slowest rank's time counts
             dist.barrier()
-            began = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
             dist.barrier()
-            best = min(best, time.perf_counter() - began)
-        return best
+        return min(_timing.repeat(synchronized, repeats, clock))
 
     times = {
         "hvp k=16": timed(lambda: hessgap.hvp(model, data, V)),

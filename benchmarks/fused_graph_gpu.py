@@ -25,17 +25,12 @@ import torch
 import hessgap
 from hessgap.ops import attention_rop as ops
 
+import _timing
+
 
 def cuda_seconds(fn, repeats=3) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+    """Median seconds of ``fn`` on the GPU (wall clock, synchronized before and after)."""
+    return statistics.median(_timing.repeat(fn, repeats, _timing.Clock("wall", "cuda")))
 
 
 def working_set(fn) -> tuple[int, object]:

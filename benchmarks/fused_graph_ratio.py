@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import time
 import warnings
 
 import torch
@@ -43,7 +42,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessgap
 
-CLOCK = {"clock": time.perf_counter}
+import _timing
+
+CLOCK = {"clock": _timing.Clock("wall")}
 
 
 class LanguageModel(nn.Module):
@@ -86,12 +87,6 @@ def make_case(name: str, args):
     return model.eval(), batch
 
 
-def timed(fn) -> float:
-    start = CLOCK["clock"]()
-    fn()
-    return CLOCK["clock"]() - start
-
-
 def gradient_time(model, batch, loss_fn) -> float:
     x, y = batch
 
@@ -99,8 +94,7 @@ def gradient_time(model, batch, loss_fn) -> float:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
 
-    run()
-    seconds = min(timed(run) for _ in range(2))
+    seconds = min(_timing.repeat(run, 2, CLOCK["clock"], warmup=1))
     model.zero_grad(set_to_none=True)
     return seconds
 
@@ -116,7 +110,7 @@ def retained_graph_time(model, batch, loss_fn, vectors) -> float:
         grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
         vs = [per_parameter(params, v) for v in vectors]
         torch.autograd.grad(grads, params, grad_outputs=vs[0], retain_graph=True)  # warm-up
-        seconds = timed(lambda: [torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True) for v in vs])
+        seconds = CLOCK["clock"].time(lambda: [torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True) for v in vs])
     return seconds / len(vectors)
 
 
@@ -131,16 +125,16 @@ def curvlinops_time(model, batch, loss_fn, vectors, block: int) -> float | None:
         V = vectors.T.contiguous()
         operator @ V[:, :1]  # warm-up
         # its matmat vmaps over all columns at once: blocks of columns keep its memory within the machine
-        seconds = timed(lambda: [operator @ V[:, i : i + block] for i in range(0, V.shape[1], block)])
+        seconds = CLOCK["clock"].time(lambda: [operator @ V[:, i : i + block] for i in range(0, V.shape[1], block)])
     return seconds / vectors.shape[0]
 
 
 def generic_time(model, batch, loss_fn, vectors) -> float:
-    return timed(lambda: hessgap.hvp(model, [batch], vectors, loss_fn=loss_fn, path="generic")) / vectors.shape[0]
+    return CLOCK["clock"].time(lambda: hessgap.hvp(model, [batch], vectors, loss_fn=loss_fn, path="generic")) / vectors.shape[0]
 
 
 def fused_time(operator, vectors) -> float:
-    return timed(lambda: operator.matmat(vectors)) / vectors.shape[0]
+    return CLOCK["clock"].time(lambda: operator.matmat(vectors)) / vectors.shape[0]
 
 
 def profile(model, batch, vectors, rows=25):
@@ -173,10 +167,8 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "process":
-        CLOCK["clock"] = time.process_time
+    _timing.set_threads(args.threads)
+    CLOCK["clock"] = _timing.Clock(args.clock)
     loss_fn = nn.CrossEntropyLoss()
     if args.profile:
         model, batch = make_case(args.profile, args)
@@ -186,7 +178,7 @@ def main(argv=None):
     report = {
         "command": "python benchmarks/fused_graph_ratio.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "k": args.k, "clock": CLOCK["clock"].__name__,
+        "k": args.k, "clock": _timing.CLOCKS[CLOCK["clock"].kind].__name__,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "models": {},
     }
     for name in args.models:
@@ -194,29 +186,28 @@ def main(argv=None):
         params = [p for p in model.parameters() if p.requires_grad]
         n = sum(p.numel() for p in params)
         V = torch.randn(args.k, n, generator=torch.Generator().manual_seed(2))
-        start = time.perf_counter()
-        operator = hessgap.HessianOperator(model, [batch], loss_fn=loss_fn, chunk_size=args.chunk_size)
-        operator.matmat(V[:2])  # captures the graph
-        setup = time.perf_counter() - start
+        with _timing.stopwatch() as watch:
+            operator = hessgap.HessianOperator(model, [batch], loss_fn=loss_fn, chunk_size=args.chunk_size)
+            operator.matmat(V[:2])  # captures the graph
+        setup = watch.seconds
         print(f"[{name}] n = {n:,}, path {operator.path} {operator.fallback_reason or ''}, capture + first call "
               f"{setup:.1f} s", flush=True)
-        rows: dict[str, list[float]] = {}
+        rounds = _timing.Rounds(clock=CLOCK["clock"].kind)
+        rows = rounds.seconds
         base = V[: args.baseline_vectors]
         for r in range(args.rounds):
-            rows.setdefault("gradient", []).append(gradient_time(model, batch, loss_fn))
-            rows.setdefault("fused", []).append(fused_time(operator, V))
+            rounds.add("gradient", gradient_time(model, batch, loss_fn))
+            rounds.add("fused", fused_time(operator, V))
             if "retained_graph" not in args.skip:
-                rows.setdefault("retained_graph", []).append(retained_graph_time(model, batch, loss_fn, base))
+                rounds.add("retained_graph", retained_graph_time(model, batch, loss_fn, base))
             if "curvlinops" not in args.skip:
-                t = curvlinops_time(model, batch, loss_fn, V, args.curvlinops_block or args.k)
-                if t is not None:
-                    rows.setdefault("curvlinops", []).append(t)
+                rounds.add("curvlinops", curvlinops_time(model, batch, loss_fn, V, args.curvlinops_block or args.k))
             if "generic" not in args.skip:
-                rows.setdefault("generic", []).append(generic_time(model, batch, loss_fn, V))
-            rows.setdefault("gradient", []).append(gradient_time(model, batch, loss_fn))
+                rounds.add("generic", generic_time(model, batch, loss_fn, V))
+            rounds.add("gradient", gradient_time(model, batch, loss_fn))
             print(f"[{name}] round {r + 1} (s): " + ", ".join(f"{key}={v[-1]:.4g}" for key, v in rows.items()), flush=True)
-        best = {key: min(values) for key, values in rows.items()}
-        ratios = {key: best[key] / best["gradient"] for key in best if key != "gradient"}
+        best = rounds.minima()  # the fastest round of each: other jobs only ever add time
+        ratios = rounds.in_gradients("gradient", how="min")
         summary = {"n": n, "best_seconds": best, "per_vector_over_gradient": ratios, "seconds_per_round": rows,
                    "median_gradient": statistics.median(rows["gradient"]), "path": operator.path}
         for other in ("retained_graph", "curvlinops", "generic"):

@@ -48,9 +48,7 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
-import time
 
 import torch
 from torch import nn
@@ -59,13 +57,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import hessgap
 from hessgap.train.resnet import cifar_resnet
 
-CLOCK = {"clock": time.process_time}
+import _timing
+
+CLOCK = {"clock": _timing.Clock("process")}
 
 
 def timed(fn) -> float:
-    start = CLOCK["clock"]()
-    fn()
-    return CLOCK["clock"]() - start
+    return CLOCK["clock"].time(fn)
 
 
 class Case:
@@ -146,11 +144,12 @@ def retained_graph(case: Case, V: torch.Tensor, out: dict) -> None:
     """PyHessian's best mode; ``out`` gets the seconds of the graph and of the products apart."""
     vectors = [per_parameter(case, v) for v in V]
     with sdpa_kernel([SDPBackend.MATH]):
-        start = CLOCK["clock"]()
+        clock = CLOCK["clock"]
+        start = clock.now()
         grads = torch.autograd.grad(case.loss(), case.params, create_graph=True)
-        middle = CLOCK["clock"]()
+        middle = clock.now()
         products = [torch.autograd.grad(grads, case.params, grad_outputs=v, retain_graph=True) for v in vectors]
-        out["graph"], out["products"] = middle - start, CLOCK["clock"]() - middle
+        out["graph"], out["products"] = middle - start, clock.now() - middle
     out["first"] = torch.cat([h.reshape(-1) for h in products[0]])
 
 
@@ -197,10 +196,8 @@ def measure(case: Case, k: int, rounds: int, chunks: list[int], peers: bool) -> 
     print(f"[{case.name}] n = {case.n}, path {info.path}, auto chunk {auto_chunk}, notes: {info.notes}; relative "
           "difference from hessgap.hvp: " + ", ".join(f"{key} {v:.1e}" for key, v in differences.items()), flush=True)
 
-    rows: dict[str, list[float]] = {}
-
-    def add(key, seconds):
-        rows.setdefault(key, []).append(seconds)
+    timing = _timing.Rounds(clock=CLOCK["clock"].kind)
+    rows, add = timing.seconds, timing.add
 
     for index in range(rounds):
         add("gradient", timed(lambda: gradient(case)))
@@ -218,8 +215,8 @@ def measure(case: Case, k: int, rounds: int, chunks: list[int], peers: bool) -> 
             add(f"chunk {c}", timed(lambda c=c: hessgap.hvp(case.model, case.batch, V, path="generic", chunk_size=c)) / k)
         print(f"[{case.name}] round {index + 1} (s per vector): "
               + ", ".join(f"{key} {v[-1]:.3g}" for key, v in rows.items()), flush=True)
-    best = {key: min(values) for key, values in rows.items()}
-    ratios = {key: best[key] / best["gradient"] for key in best if key != "gradient"}
+    best = timing.minima()  # the fastest round of each: other jobs only ever add time
+    ratios = timing.in_gradients("gradient", how="min")
     peer_keys = [key for key in ("retained graph (amortized)", "curvlinops") if key in ratios]
     summary = {"n": case.n, "auto_chunk": auto_chunk, "notes": info.notes, "best_seconds": best,
                "per_vector_over_gradient": ratios, "differences": differences, "seconds_per_round": rows}
@@ -238,10 +235,9 @@ def bf16_comparison(k: int = 5) -> dict:
     full = copy.deepcopy(low).float()
     out = {}
     for label, model in (("bfloat16", low), ("float32", full)):
-        start = time.perf_counter()
-        result = hessgap.eigenvalues(model, case.batch, k=k)
+        result, seconds, _ = _timing.wall_and_process(lambda model=model: hessgap.eigenvalues(model, case.batch, k=k))
         out[label] = {"eigenvalues": result.eigenvalues, "residuals": result.residuals, "converged": result.converged,
-                      "iterations": result.iterations, "hvps": result.hvps, "seconds": time.perf_counter() - start,
+                      "iterations": result.iterations, "hvps": result.hvps, "seconds": seconds,
                       "dtype": result.dtype, "model_dtype": result.model_dtype}
     top = abs(out["float32"]["eigenvalues"][0])
     out["relative_difference"] = [abs(a - b) / abs(b) for a, b in zip(out["bfloat16"]["eigenvalues"],
@@ -274,17 +270,17 @@ def main(argv=None):
                         help="process: CPU seconds of this process (robust to other jobs with one thread); wall")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    CLOCK["clock"] = time.process_time if args.clock == "process" else time.perf_counter
+    _timing.set_threads(args.threads)
+    CLOCK["clock"] = _timing.Clock(args.clock)
     try:
         import curvlinops
-        curvlinops_version = getattr(curvlinops, "__version__", None) or _version("curvlinops-for-pytorch")
+        curvlinops_version = getattr(curvlinops, "__version__", None) or _timing.version("curvlinops-for-pytorch")
     except ImportError:
         curvlinops_version = None
     report = {
         "command": "python benchmarks/hvp_models_ratio.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{_cpu_name()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-                   f"transformers {_version('transformers')}, curvlinops {curvlinops_version}",
+        "machine": f"{_timing.cpu_name()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+                   f"transformers {_timing.version('transformers')}, curvlinops {curvlinops_version}",
         "clock": args.clock, "k": args.k,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "models": {},
@@ -312,26 +308,6 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return report
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

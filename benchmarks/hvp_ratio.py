@@ -32,13 +32,14 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import torch
 from torch import nn
 
 from hessgap.curvature.hvp import hvp
 from hessgap.train.models import build_model
+
+import _timing
 
 
 def make_case(name: str, device: torch.device, batches: int):
@@ -56,20 +57,12 @@ def make_case(name: str, device: torch.device, batches: int):
     return model, loader
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-CLOCK = {"clock": time.perf_counter}
+CLOCK = {"clock": _timing.Clock("wall")}
 
 
 def timed(fn, device) -> float:
-    sync(device)
-    start = CLOCK["clock"]()
-    fn()
-    sync(device)
-    return CLOCK["clock"]() - start
+    """Seconds of ``fn`` on the run's clock (synchronized wall time on CUDA)."""
+    return CLOCK["clock"].time(fn)
 
 
 def gradient_time(model, batch, loss_fn, device) -> float:
@@ -79,8 +72,7 @@ def gradient_time(model, batch, loss_fn, device) -> float:
         model.zero_grad(set_to_none=True)
         loss_fn(model(inputs), targets).backward()
 
-    run()  # warm-up
-    seconds = statistics.median(timed(run, device) for _ in range(3))
+    seconds = statistics.median(_timing.repeat(run, 3, CLOCK["clock"], warmup=1))
     model.zero_grad(set_to_none=True)
     return seconds
 
@@ -128,12 +120,6 @@ def double_backward_loop_time(model, batch, loss_fn, vectors, device) -> float:
     return timed(lambda: [one(v) for v in per_param], device) / len(per_param)
 
 
-def _add(rows: dict[str, list[float]], key: str, value: float | None) -> None:
-    """Record one round's figure (None: not measured on this device)."""
-    if value is not None:
-        rows.setdefault(key, []).append(value)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mlp", "conv"], choices=["mlp", "conv"])
@@ -150,17 +136,15 @@ def main(argv=None):
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "process" and device.type == "cpu":
-        CLOCK["clock"] = time.process_time
+    _timing.set_threads(args.threads)
+    CLOCK["clock"] = _timing.Clock(args.clock, device)  # always wall time on CUDA
     loss_fn = nn.CrossEntropyLoss()
     report = {
         "command": "python benchmarks/hvp_ratio.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "k": args.k,
-        "clock": CLOCK["clock"].__name__,
+        "clock": _timing.CLOCKS[CLOCK["clock"].kind].__name__,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "models": {},
     }
@@ -169,8 +153,8 @@ def main(argv=None):
         n = sum(p.numel() for p in model.parameters())
         gen = torch.Generator().manual_seed(2)
         V = torch.randn(args.k, n, generator=gen).to(device)
-        rows: dict[str, list[float]] = {}  # seconds per vector per batch (gradient: per batch), one per round
-        add = functools.partial(_add, rows)
+        rounds = _timing.Rounds(clock=CLOCK["clock"].kind)  # seconds per vector per batch (gradient: per batch)
+        rows, add = rounds.seconds, rounds.add
 
         info = hvp(model, loader[0], V[:2], return_info=True)
         print(f"[{name}] n = {n}, fused path: {info.path} {info.fallback_reason or ''}", flush=True)
@@ -191,8 +175,8 @@ def main(argv=None):
             print(f"[{name}] round {round_index + 1} (s): " + ", ".join(f"{key}={v[-1]:.4g}" for key, v in rows.items()),
                   flush=True)
         # On a shared machine other jobs only ever add time: the fastest round of each is the least disturbed.
-        best = {key: min(values) for key, values in rows.items()}
-        ratios = {key: best[key] / best["gradient"] for key in best if key != "gradient"}
+        best = rounds.minima()
+        ratios = rounds.in_gradients("gradient", how="min")
         summary = {"n": n, "batch": loader[0][0].shape[0], "batches": L, "best_seconds": best,
                    "per_vector_over_gradient": ratios, "seconds_per_round": rows}
         comparisons = {

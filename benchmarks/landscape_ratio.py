@@ -36,7 +36,6 @@ import copy
 import json
 import math
 import platform
-import time
 
 import numpy as np
 import torch
@@ -45,6 +44,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import hessgap.landscape
 from hessgap.train import build_model
+
+import _timing
 
 SHAPES = {"F1": (784,), "C1": (3, 32, 32), "R56": (3, 32, 32)}
 IMAGES = {"F1": (28, 28), "C1": (32, 32, 3), "R56": (32, 32, 3)}
@@ -219,13 +220,6 @@ def package_grid_values(ours_loss: np.ndarray, steps: int) -> np.ndarray:
     return np.array([[ours_loss[j + (1 if i % 2 == 0 else 0), i] for j in range(steps)] for i in range(steps)])
 
 
-def timed(fn):
-    """(fn(), wall-clock seconds, CPU seconds of this process): on a shared machine the CPU time is the steadier."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    value = fn()
-    return value, time.perf_counter() - wall, time.process_time() - cpu
-
-
 def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
 
@@ -247,7 +241,7 @@ def bench(name: str, args) -> dict:
     out = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "samples": args.samples,
            "grid": f"{steps}x{steps}", "gflop_grid": grid_gflop, "first_layer_share": first_layer / macs}
     ours_loader = DataLoader(data, batch_size=args.eval_batch)
-    ours, out["hessgap_s"], out["hessgap_cpu_s"] = timed(
+    ours, out["hessgap_s"], out["hessgap_cpu_s"] = _timing.wall_and_process(
         lambda: hessgap.landscape(model, ours_loader, steps=steps, memory_budget=args.memory_budget))
     out["engine"] = ours.engine
     print(f"{name}: hessgap {out['hessgap_s']:.1f} s ({ours.engine} engine, {ours.passes} pass)", flush=True)
@@ -256,7 +250,7 @@ def bench(name: str, args) -> dict:
     points = [(a, b) for b in ours.y for a in ours.x]
     chosen = np.linspace(0, len(points) - 1, min(args.baseline_points or len(points), len(points))).round().astype(int)
     loader = DataLoader(data, batch_size=args.loader_batch, shuffle=False)
-    (loop_loss, loop_acc), elapsed, cpu = timed(
+    (loop_loss, loop_acc), elapsed, cpu = _timing.wall_and_process(
         lambda: per_point_loop(model, ours.directions, [points[i] for i in chosen], loader, device))
     out["loop_s"], out["loop_cpu_s"] = elapsed * len(points) / len(chosen), cpu * len(points) / len(chosen)
     out["loop_points_timed"] = len(chosen)
@@ -267,16 +261,15 @@ def bench(name: str, args) -> dict:
 
     if not args.skip_package:
         grid = args.package_steps or steps
-        theirs, elapsed, cpu = timed(lambda: run_package(model, inputs, labels, grid, args.distance, args.seed))
+        theirs, elapsed, cpu = _timing.wall_and_process(lambda: run_package(model, inputs, labels, grid, args.distance, args.seed))
         out["package_s"], out["package_cpu_s"] = elapsed * (steps / grid) ** 2, cpu * (steps / grid) ** 2
         out["package_grid"] = f"{grid}x{grid}"
         flat = package_directions(model, grid, args.distance, args.seed)
         half = grid / 2
-        started = time.perf_counter()
-        along = hessgap.landscape(model, ours_loader, directions=flat, steps=(grid, grid + 1),
-                                  span=((-half, grid - 1 - half), (-half, grid - half)),
-                                  memory_budget=args.memory_budget)
-        out["hessgap_package_grid_s"] = time.perf_counter() - started
+        along, out["hessgap_package_grid_s"], _ = _timing.wall_and_process(
+            lambda: hessgap.landscape(model, ours_loader, directions=flat, steps=(grid, grid + 1),
+                                      span=((-half, grid - 1 - half), (-half, grid - half)),
+                                      memory_budget=args.memory_budget))
         out["package_rel_diff"] = relative(package_grid_values(along.loss, grid), theirs)
         print(f"{name}: loss-landscapes {out['package_s']:.1f} s (run on {grid}x{grid}, scaled), hessgap on its "
               f"{grid}x{grid + 1} grid {out['hessgap_package_grid_s']:.1f} s, max rel diff "
@@ -323,7 +316,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    _timing.set_threads(args.threads)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
     if args.device.startswith("cuda"):
         machine += f", {torch.cuda.get_device_name(torch.device(args.device))}"

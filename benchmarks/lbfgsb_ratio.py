@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
@@ -33,6 +32,10 @@ import torch  # noqa: E402
 from scipy.optimize import Bounds, minimize  # noqa: E402
 
 from hessgap.sharp.lbfgsb import minimize_box  # noqa: E402
+
+import _timing  # noqa: E402
+
+CLOCK = _timing.Clock("wall")
 
 
 class Objective:
@@ -51,7 +54,7 @@ class Objective:
         self.seconds = 0.0
 
     def __call__(self, y: torch.Tensor) -> tuple[float, torch.Tensor]:
-        started = time.perf_counter()
+        started = CLOCK.now()
         d = y - self.centre
         d2 = d * d
         step = d[1:] - d[:-1]
@@ -61,7 +64,7 @@ class Objective:
         grad[1:] += step
         if grad.is_cuda:
             torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - started
+        self.seconds += CLOCK.now() - started
         return value, grad
 
 
@@ -74,16 +77,16 @@ def run_scipy(n: int, iterations: int) -> tuple[float, float, np.ndarray, int]:
         value, grad = problem(torch.from_numpy(y))
         return value, grad.numpy()
 
-    started = time.perf_counter()
-    result = minimize(
-        fun,
-        np.zeros(n),
-        jac=True,
-        method="L-BFGS-B",
-        bounds=Bounds(-radius, radius),  # a Bounds object: scipy still converts it element by element
-        options={"maxiter": iterations, "gtol": 0.0, "ftol": 0.0},
-    )
-    total = time.perf_counter() - started
+    with _timing.stopwatch(CLOCK) as watch:
+        result = minimize(
+            fun,
+            np.zeros(n),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=Bounds(-radius, radius),  # a Bounds object: scipy still converts it element by element
+            options={"maxiter": iterations, "gtol": 0.0, "ftol": 0.0},
+        )
+    total = watch.seconds
     return total - problem.seconds, problem.seconds, result.x, int(result.nit)
 
 
@@ -94,11 +97,9 @@ def run_hessgap(n: int, iterations: int, dtype: torch.dtype, device: torch.devic
         minimize_box(problem, x0, -problem.radius, problem.radius, max_iter=2, gtol=0, ftol=0)  # warm-up
         torch.cuda.synchronize()
         problem.seconds = 0.0
-    started = time.perf_counter()
-    result = minimize_box(problem, x0, -problem.radius, problem.radius, max_iter=iterations, gtol=0, ftol=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    total = time.perf_counter() - started
+    with _timing.stopwatch(_timing.Clock("wall", device)) as watch:
+        result = minimize_box(problem, x0, -problem.radius, problem.radius, max_iter=iterations, gtol=0, ftol=0)
+    total = watch.seconds
     return total - problem.seconds, problem.seconds, result.x.double().cpu().numpy(), result.nit
 
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="hessgap's dtype")
     parser.add_argument("--device", default="cpu", help="hessgap's device")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    _timing.set_threads(1)
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
 
     rows = []

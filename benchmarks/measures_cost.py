@@ -21,6 +21,8 @@ import hessgap
 from hessgap.train import TrainConfig, train
 from hessgap.train.data import load_dataset, make_loader
 
+import _timing
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    _timing.set_threads(args.threads)
     data = load_dataset(args.dataset)
     subset = TensorDataset(*(t[:args.samples] for t in data.train.tensors))
     loader = make_loader(subset, batch_size=1024, shuffle=False)

@@ -31,12 +31,13 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from hessgap._io import read_json, write_json, write_text
 from hessgap.experiments.demo import demo_settings
 from hessgap.experiments.reference import load_record, platform_stamp, replay
+
+import _timing
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "benchmarks" / "demo_reference.json"
@@ -62,22 +63,12 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def run_command(argv: list[str], shown: str) -> dict:
     """``python <argv>`` in a fresh process: its printed lines (without file paths) and times."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    began = time.perf_counter()
-    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - began
+    with _timing.stopwatch() as watch:
+        done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    wall = watch.seconds
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"`{shown}` failed ({done.returncode}):\n{done.stderr}")
@@ -121,7 +112,7 @@ def measure() -> dict:
         "uncommitted_changes": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform_stamp(threads=1),
-        "cpu": f"{_cpu_model()}, {os.cpu_count()} CPUs",
+        "cpu": f"{_timing.cpu_name()}, {os.cpu_count()} CPUs",
         "load_average_before": [round(x, 1) for x in os.getloadavg()],
         "runs": {},
     }
@@ -138,9 +129,9 @@ def measure() -> dict:
         record["training"] = run_command(TRAINING, "python " + " ".join(TRAINING))
         print("running the check configuration ...", file=sys.stderr)
         settings = check_settings()
-        began = time.perf_counter()
-        lines = replay(settings, Path(tmp) / "check")
-        record["check"] = {"settings": settings, "lines": lines, "seconds": round(time.perf_counter() - began, 1)}
+        with _timing.stopwatch() as watch:
+            lines = replay(settings, Path(tmp) / "check")
+        record["check"] = {"settings": settings, "lines": lines, "seconds": round(watch.seconds, 1)}
     record["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
     return record
 

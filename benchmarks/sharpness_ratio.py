@@ -25,12 +25,13 @@ import json
 import os
 import platform
 import tempfile
-import time
 
 import torch
 from torch import nn
 
 import hessgap
+
+import _timing
 
 
 def f1_network(hidden: int = 512, layers: int = 5) -> nn.Sequential:
@@ -92,9 +93,9 @@ def trained_model(name, batch_size, inputs, targets, args):
         saved = torch.load(path, weights_only=True)  # a file in the shared temporary folder: tensors and numbers only
         model.load_state_dict(saved["state"])
         return model, saved["epochs"], saved["loss"], 0.0
-    started = time.perf_counter()
-    epochs, loss = train(model, inputs, targets, batch_size, args.target_loss, args.max_epochs, args.seed)
-    seconds = time.perf_counter() - started
+    with _timing.stopwatch() as watch:
+        epochs, loss = train(model, inputs, targets, batch_size, args.target_loss, args.max_epochs, args.seed)
+    seconds = watch.seconds
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"state": model.state_dict(), "epochs": epochs, "loss": loss}, path)
     return model, epochs, loss, seconds
@@ -140,7 +141,7 @@ def main():
                         "runs one thread ~9x faster than two)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    _timing.set_threads(args.threads)
 
     inputs, targets = digits_784(args.samples, args.seed)
     loader = [(inputs[i : i + args.batch], targets[i : i + args.batch]) for i in range(0, args.samples, args.batch)]

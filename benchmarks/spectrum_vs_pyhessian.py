@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import platform
-import time
 
 import numpy as np
 import torch
@@ -37,19 +36,15 @@ from hessgap.curvature.operator import HessianOperator
 from hessgap.train.data import load_dataset
 from hessgap.train.models import build_model, count_parameters
 
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+import _timing
 
 
 @contextlib.contextmanager
 def timed(device, record: dict, key: str = "seconds"):
-    synchronize(device)
-    start = time.perf_counter()
-    yield
-    synchronize(device)
-    record[key] = time.perf_counter() - start
+    """Times the block on the wall clock (synchronized on CUDA) into ``record[key]``."""
+    with _timing.stopwatch(_timing.Clock("wall", device)) as watch:
+        yield
+    record[key] = watch.seconds
 
 
 def digits_28(samples: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,15 +81,10 @@ def make_problem(name: str, device, train_steps: int, seed: int):
 
 def gradient_seconds(model, x, y, device, repeats=5) -> float:
     """Median time of one forward + backward of the mean loss over the batch."""
-    times = []
-    for _ in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[1:]))
+    def gradient():
+        torch.autograd.grad(F.cross_entropy(model(x), y), [p for p in model.parameters() if p.requires_grad])
+
+    return float(np.median(_timing.repeat(gradient, repeats, _timing.Clock("wall", device), warmup=1)))
 
 
 class PyHessianRun:
@@ -252,8 +242,7 @@ def main():
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _timing.set_threads(args.threads)
     block_sizes = [None if b == 0 else b for b in args.block_sizes]
 
     report = {

@@ -8,7 +8,6 @@ Everything is measured side by side in one process, so the ratios hold on a nois
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 
 import torch
@@ -17,14 +16,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from hessgap import sharpness
 from hessgap.train import TrainConfig, load_dataset, make_loader, train
 
+import _timing
+
 
 def best_of(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return min(times)
+    return min(_timing.repeat(fn, repeats))
 
 
 def loader_epoch(loader):
@@ -91,7 +87,7 @@ def main():
     parser.add_argument("--gap-epochs", type=int, default=0, help="also run SB vs LB with sharpness for this many epochs")
     parser.add_argument("--loaders-only", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    _timing.set_threads(args.threads)
     digits = load_dataset("digits")
     loaders()
     if args.loaders_only:

@@ -30,6 +30,8 @@ _API = {
     "block_spectrum": "hessgap.spectrum.blocks",
     "measures": "hessgap.measures",
     "MeasuresResult": "hessgap.measures",
+    "llc": "hessgap.measures.llc",
+    "LLCResult": "hessgap.measures.llc",
     "landscape": "hessgap.landscape",
     "LandscapeResult": "hessgap.landscape",
     "BlockSpectrumResult": "hessgap.spectrum.blocks",
@@ -45,6 +47,9 @@ _API = {
     "evaluate": "hessgap.train",
     "LossOverData": "hessgap.curvature.objective",
     "preserved": "hessgap._state",
+    "Tracker": "hessgap.tracking",
+    "critical_sharpness": "hessgap.tracking",
+    "CriticalResult": "hessgap.tracking",
     "HessgapError": "hessgap.errors",
     "NonFiniteError": "hessgap.errors",
 }

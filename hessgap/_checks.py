@@ -56,6 +56,13 @@ def nonnegative_number(value, name: str, hint: str = "") -> float:
     return float(value)
 
 
+def finite_number(value, name: str, hint: str = "") -> float:
+    """``value`` as a float when it is a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise HessgapError(f"{name} must be a finite number, got {value!r}{_hint(hint)}")
+    return float(value)
+
+
 def in_unit_interval(value, name: str, *, closed_low: bool = True, closed_high: bool = False) -> float:
     """``value`` as a float in [0, 1) by default (the ends as asked)."""
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)

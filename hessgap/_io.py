@@ -9,6 +9,7 @@ until the new one is complete and flushed to disk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -304,25 +305,38 @@ def _lock(folder: Path) -> int | None:
         import fcntl
     except ImportError:  # no flock on this platform (Windows)
         return None
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: it names the holder
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise HessgapError(
-            f"run folder {folder} is in use by another hessgap process ({holder}); wait for it to finish or "
-            "choose another --out folder (out_dir in Python)"
-        ) from None
-    except OSError as exc:  # a file system without locks (some network mounts): run, but say so
-        os.close(fd)
-        warnings.warn(f"cannot lock run folder {folder} ({exc}); make sure no other hessgap process writes to it",
-                      stacklevel=3)
-        return None
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: it names the holder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise HessgapError(
+                f"run folder {folder} is in use by another hessgap process ({holder}); wait for it to finish or "
+                "choose another --out folder (out_dir in Python)"
+            ) from None
+        except OSError as exc:  # a file system without locks (some network mounts): run, but say so
+            os.close(fd)
+            warnings.warn(f"cannot lock run folder {folder} ({exc}); make sure no other hessgap process writes to "
+                          "it", stacklevel=3)
+            return None
+        if _still_there(fd, folder / LOCK_FILE):
+            break
+        os.close(fd)  # a run that failed removed its lock file (and folder) after we opened it: lock anew
     # written in place, not through atomic_write: renaming a new file over it would drop the lock
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
     return fd
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (not deleted or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _holder(fd: int) -> str:
@@ -332,3 +346,63 @@ def _holder(fd: int) -> str:
         return "pid unknown: it has just started"
     host = words[1] if len(words) > 1 else ""
     return f"pid {words[0]}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+class FolderAdditions:
+    """What is added to a run folder from :meth:`mark` on, so that a command that fails before it finished
+    anything can take exactly that away again: a config.json of settings that never ran would make the
+    corrected rerun look like a change of settings, and be refused.
+
+    Create it before the folder is locked (it notes which of the folder, its parents and its lock file do
+    not exist yet) and :meth:`mark` it once locked: from then on no other process writes there. Only rank 0
+    of a distributed run changes anything (it holds the lock and writes the files).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._absent = [p for p in (self.folder, *self.folder.parents) if not p.exists()]  # deepest first
+        self._lock_absent = not (self.folder / LOCK_FILE).exists()
+        self._before: set[str] | None = None
+
+    def mark(self) -> None:
+        self._before = _entries(self.folder)
+        if self._lock_absent:
+            self._before.discard(LOCK_FILE)
+
+    def added(self) -> list[str]:
+        """Paths relative to the folder (files and folders) added since :meth:`mark`, deepest first."""
+        if self._before is None:
+            return []
+        return sorted(_entries(self.folder) - self._before, key=lambda rel: (-rel.count("/"), rel))
+
+    def remove(self) -> None:
+        """Delete what was added, the lock file included: call it while the folder is still locked, and
+        :meth:`remove_folders` once the lock is released."""
+        if _rank_and_world()[0] != 0:
+            return
+        for rel in self.added():
+            path = self.folder / rel
+            if path.is_dir() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+
+    def remove_folders(self) -> None:
+        """Remove the run folder and its parents where this run made them and they are empty now."""
+        if _rank_and_world()[0] != 0:
+            return
+        for path in self._absent:
+            try:
+                path.rmdir()
+            except OSError:  # not empty (or gone): everything above it stays too
+                return
+
+
+def _entries(folder: Path) -> set[str]:
+    """Every file and folder below ``folder``, as paths relative to it."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        found.update((base / name).as_posix() for name in (*dirs, *files))
+    return found

@@ -1,10 +1,13 @@
-"""Leave a model exactly as it was: parameters bit for bit, buffers, gradients and train/eval modes."""
+"""Leave a model exactly as it was: parameters bit for bit, buffers, gradients and train/eval modes; and leave
+the random number generators as they were (:func:`preserved_rng`)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import random
+from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,3 +43,21 @@ def preserved(model: nn.Module, train_mode: bool = False, parameters: bool = Tru
                     b.data.copy_(saved_buffers[name])
         for module, mode in saved_modes:
             module.training = mode
+
+
+@contextlib.contextmanager
+def preserved_rng(devices: Iterable[torch.device] = ()) -> Iterator[None]:
+    """Run a block that may draw random numbers and put every global generator back afterwards, also on error:
+    Python's ``random``, numpy's global generator, torch's CPU generator and the CUDA generators of ``devices``.
+
+    A measurement inside someone's training loop runs under it, so that the run continues with the very
+    random streams (dropout, shuffling, augmentation) it would have drawn without the measurement.
+    """
+    cuda = sorted({torch.device(d).index or 0 for d in devices if torch.device(d).type == "cuda"})
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

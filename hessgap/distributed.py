@@ -196,16 +196,25 @@ class Ranks:
         return values
 
     def agree(self, what: str, value) -> None:
-        """Raise on every rank unless all ranks pass an equal ``value`` (a small picklable description)."""
+        """Raise on every rank unless all ranks pass an equal ``value`` (a small picklable description).
+
+        When the values are dicts (argument name → value), the error names only the entries that differ."""
         if not self.active:
             return
         values = self.gather_object(value)
-        if any(v != values[0] for v in values[1:]):
+        if all(v == values[0] for v in values[1:]):
+            return
+        if all(isinstance(v, dict) for v in values):
+            keys = [k for k in dict.fromkeys(k for v in values for k in v) if any(v.get(k) != values[0].get(k)
+                                                                                 for v in values[1:])]
+            listing = "; ".join(f"{k}: " + ", ".join(f"rank {r}: {v.get(k)!r}" for r, v in enumerate(values))
+                                for k in keys)
+        else:
             listing = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-            raise HessgapError(
-                f"the ranks disagree on {what} ({listing[:2000]}); every rank must call hessgap with the same "
-                "model and arguments, each with its own shard of the data"
-            )
+        raise HessgapError(
+            f"the ranks disagree on {what} ({listing[:2000]}); every rank must call hessgap with the same "
+            "model and arguments, each with its own shard of the data"
+        )
 
     def agree_on_model(self, what: str, model, arguments: tuple = ()) -> None:
         """Raise on every rank unless all ranks pass equal ``arguments`` (``what`` names them) with the same

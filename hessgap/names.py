@@ -36,8 +36,20 @@ STOP_RULES = ("epochs", "plateau")
 MEASURE_NAMES = (
     "keskar", "keskar_subspace", "adaptive_linf", "adaptive_l2", "m_sharpness", "gaussian", "gaussian_adaptive",
     "pacbayes_flatness", "pacbayes_mag_flatness", "hessian_lmax", "hessian_trace", "scaled_lmax", "scaled_trace",
-    "scaled_lmax_over_trace", "relative_flatness", "fisher_rao",
+    "scaled_lmax_over_trace", "relative_flatness", "fisher_rao", "llc", "geodesic",
 )
+#: What :class:`hessgap.Tracker` measures along training (``hessgap train --track``): the top Hessian eigenvalue
+#: (warm-started Lanczos), the Hutchinson trace, Metric 2.1, critical sharpness along the optimizer's update (and
+#: along it on other data), and SGD's edge-of-stability ratio λmax·η over its stability limit.
+TRACK_MEASURES = ("lambda_max", "trace", "sharpness", "critical_sharpness", "relative_critical_sharpness", "eos_ratio")
+#: What a training run may track (``TrainConfig.track``, ``hessgap train --track``): all but the relative critical
+#: sharpness, which needs a second data set.
+TRAIN_TRACK_MEASURES = tuple(name for name in TRACK_MEASURES if name != "relative_critical_sharpness")
+
+
+#: The measures taken when none are named: every one but those run on request only (``llc``: SGLD chains,
+#: tens of times a Hessian measure's cost; ``geodesic``: the symmetry-aware sharpness, for transformers).
+DEFAULT_MEASURE_NAMES = MEASURE_NAMES[:-2]
 #: The zoos of ``hessgap correlate``.
 ZOO_PRESETS = ("quick", "full")
 

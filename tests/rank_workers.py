@@ -303,3 +303,100 @@ def different_weights(rank, world_size):
     except HessgapError as exc:
         outcome["replaced"] = str(exc)
     return outcome
+
+
+def landscape_on_ranks(rank, world_size, out_dir):
+    """hessgap.landscape on unequal shards: ranks that disagree on an argument, a rank without data, then a run
+    folder written, resumed, and refused when one rank's shard changed. Every outcome is recorded per rank."""
+    import hessgap
+    from hessgap.errors import HessgapError
+
+    model, x, y = tiny_problem()
+    data = batches_of(*shard(rank, world_size, x, y))
+    outcome = {}
+
+    def attempt(name, **options):
+        try:
+            outcome[name] = hessgap.landscape(model, options.pop("data", data), **options)
+        except HessgapError as exc:
+            outcome[name] = f"HessgapError: {exc}"
+
+    attempt("steps", steps=3 + rank)  # rank 1's grid is larger: its sums would not match
+    attempt("directions", steps=3, directions="random" if rank == 0 else "hessian")
+    attempt("no data", steps=3, data=None if rank == world_size - 1 else data)
+    attempt("written", steps=3, out=out_dir)
+    attempt("resumed", steps=3, out=out_dir)
+    if rank == world_size - 1:
+        data = data[:-1]  # one batch fewer on the last rank
+    attempt("other shard", steps=3, out=out_dir)
+    return {name: value if isinstance(value, str) else {"loss": value.loss.tolist(), "resumed": value.rows_resumed}
+            for name, value in outcome.items()}
+
+
+def track_tiny(data, out_dir=None):
+    """Two records of a Tracker on ``data`` (a shard, or all the data), the weights moved between them by an
+    SGD step on the whole data's gradient (the same on every rank); returns the records."""
+    import hessgap
+
+    model, x, y = tiny_problem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    tracker = hessgap.Tracker(model, data, every=5, optimizer=optimizer, out=out_dir, tol=1e-8, critical_tol=1e-6,
+                              measures=("lambda_max", "trace", "critical_sharpness", "eos_ratio"), trace_probes=4)
+    records = [tracker.step(0)]
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+        p.grad = g
+    optimizer.step()
+    records.append(tracker.step(5))
+    tracker.close()
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def tracker_on_shards(rank, world_size, out_dir):
+    _, x, y = tiny_problem()
+    xs, ys = shard(rank, world_size, x, y)
+    return track_tiny(batches_of(xs, ys), out_dir)
+
+
+#: The LLC's settings on the distributed tests' problem (float64, explicit so no Lanczos sets them).
+LLC_SETTINGS = dict(step_size=1e-3, localization=1.0, chains=3, draws=12, burn_in=3)
+
+
+def llc_problem():
+    """64 samples of the trained tiny problem, in 4 batches of 8 per rank for 2 ranks (the shards in rank
+    order), and the one-process batches that are the union of both ranks' batch j."""
+    model, x, y = trained_problem()
+    x, y = x[:64], y[:64]
+    shards = [(x[r * 32:(r + 1) * 32], y[r * 32:(r + 1) * 32]) for r in range(2)]
+    per_rank = [batches_of(*shard) for shard in shards]
+    unions = [(torch.cat([per_rank[0][j][0], per_rank[1][j][0]]), torch.cat([per_rank[0][j][1], per_rank[1][j][1]]))
+              for j in range(4)]
+    return model, per_rank, unions
+
+
+def llc_result(model, data):
+    import hessgap
+
+    r = hessgap.llc(model, data, **LLC_SETTINGS).to_dict()
+    return {k: r[k] for k in ("value", "per_chain", "traces", "loss_traces", "step_units", "n_beta", "units",
+                              "lmax", "diagnostics")}
+
+
+def llc_on_shards(rank, world_size):
+    model, per_rank, _ = llc_problem()
+    return llc_result(model, per_rank[rank])
+
+
+def llc_with_a_bad_batch(rank, world_size):
+    """The last rank's second batch has a target out of the classes' range: what each rank raised."""
+    import hessgap
+
+    model, per_rank, _ = llc_problem()
+    data = list(per_rank[rank])
+    if rank == world_size - 1:
+        data[1] = (data[1][0], data[1][1].clone().fill_(7))
+    try:
+        hessgap.llc(model, data, **LLC_SETTINGS)
+    except hessgap.HessgapError as exc:
+        return str(exc)
+    return None

@@ -8,7 +8,8 @@ from torch import nn
 
 import hessgap
 
-DATA_FIRST = ["sharpness", "adaptive_sharpness", "hvp", "HessianOperator", "eigenvalues", "trace", "density"]
+DATA_FIRST = ["sharpness", "adaptive_sharpness", "hvp", "HessianOperator", "eigenvalues", "trace", "density",
+              "Tracker", "critical_sharpness"]
 
 
 def test_every_public_name_resolves():
@@ -24,7 +25,7 @@ def test_model_then_data_then_keywords(name):
     assert names[:2] == ["model", "data"]
     positional = [p for p in names if parameters[p].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     allowed = {"sharpness": ["model", "data", "epsilon"], "adaptive_sharpness": ["model", "data", "rho", "norm"],
-               "hvp": ["model", "data", "vectors"]}
+               "hvp": ["model", "data", "vectors"], "critical_sharpness": ["model", "data", "optimizer"]}
     assert positional == allowed.get(name, ["model", "data"])
     assert "train" not in parameters and "loader" not in parameters and "target" not in parameters
 

@@ -38,7 +38,8 @@ def test_collectives_on_gloo_ranks(world_size):
         assert out["bucket"][1] == [ranks_sum + world_size * i for i in range(3)]
         assert out["bucket"][2] == [ranks_sum]
         assert out["numbers"] == [world_size, ranks_sum]
-        assert "ranks disagree on the model's shapes" in out["disagree"] and "rank 1: {'weight': (3, 1)}" in out["disagree"]
+        # a dict's differing entries are named, each with every rank's value
+        assert "ranks disagree on the model's shapes (weight: rank 0: (3, 0), rank 1: (3, 1)" in out["disagree"]
         if rank == world_size - 1:
             assert out["settle"] == "ValueError: bad batch on the last rank"
         else:
@@ -193,14 +194,14 @@ def test_every_measure_on_shards_equals_one_process_on_all_data():
     m-sharpness over per-rank batches: 50 % off, or the ranks hung when their shards held unequal numbers of
     batches of m)."""
     world_size = 3
-    from hessgap.measures import NAMES
+    from hessgap.measures import DEFAULT_NAMES
 
     from rank_workers import batches_of, every_measure, measures_on_shards, trained_problem
 
     results = run_ranks(measures_on_shards, world_size)
     model, x, y = trained_problem()
     single = every_measure(batches_of(x, y), model)
-    assert list(single["values"]) == list(NAMES) and not single["not_applicable"]
+    assert list(single["values"]) == list(DEFAULT_NAMES) and not single["not_applicable"]
     assert single["num_samples"] == 61
     for rank_result in results[1:]:
         _same_result(rank_result, results[0], rtol=1e-12)  # every rank returns the same numbers
@@ -227,3 +228,29 @@ def test_measures_arguments_wrong_or_different_on_some_ranks_raise_the_same_erro
     model, x, y = tiny_problem()
     single = hessgap.measures(model, batches_of(x, y), ["fisher_rao"], check_invariance=False)
     assert raised["after"] == pytest.approx(single.values["fisher_rao"], rel=1e-9)
+
+
+def test_llc_on_two_ranks_equals_one_process_on_the_union_batches():
+    """Each SGLD step takes batch j of every rank: the chains are those of one process whose batch j is the
+    union, with the same seeded noise on every rank, and so are the diagnostics (λmax, gradient noise)."""
+    from rank_workers import llc_on_shards, llc_problem, llc_result
+
+    results = run_ranks(llc_on_shards, 2)
+    assert results[0] == results[1]
+    model, _, unions = llc_problem()
+    single = llc_result(model, unions)
+    for key in ("value", "per_chain", "traces", "loss_traces", "step_units", "n_beta", "units", "lmax"):
+        np.testing.assert_allclose(np.asarray(results[0][key], dtype=np.float64),
+                                   np.asarray(single[key], dtype=np.float64), rtol=1e-6, atol=1e-9, err_msg=key)
+    for ours, theirs in zip(results[0]["diagnostics"], single["diagnostics"]):
+        assert ours["check"] == theirs["check"] and ours["ok"] == theirs["ok"]
+        if ours["value"] is not None:
+            assert ours["value"] == pytest.approx(theirs["value"], rel=1e-5, abs=1e-9), ours["check"]
+
+
+def test_llc_with_a_bad_batch_on_one_rank_raises_on_every_rank():
+    from rank_workers import llc_with_a_bad_batch
+
+    raised = run_ranks(llc_with_a_bad_batch, 2)
+    assert "batch 1" in raised[1] and "the model has 3 classes" in raised[1]
+    assert raised[0].startswith("rank 1 of 2 failed")

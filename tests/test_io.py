@@ -1,7 +1,10 @@
-"""hessgap._io: atomic writes leave the old file on failure, and one strict JSON convention."""
+"""hessgap._io: atomic writes leave the old file on failure, one strict JSON convention, the run-folder lock
+and what a failed command added to a folder."""
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -135,3 +138,41 @@ def test_the_lock_is_shared_within_a_process_until_its_last_holder_releases(tmp_
     outer.release()
     outer.release()  # releasing twice is harmless
     assert other_process_can_lock()
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_not_taken(tmp_path, monkeypatch):
+    """A failed run removes the lock file it made while still holding it; a process that opened the file just
+    before must not lock the deleted file (two processes would then both hold "the" lock): it locks anew."""
+    import fcntl
+
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_a_removal(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:  # the other run removes the file (and its folder) after our open
+            (tmp_path / "run" / _io.LOCK_FILE).unlink()
+            (tmp_path / "run").rmdir()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_removal)
+    (tmp_path / "run").mkdir()
+    with _io.FolderLock(tmp_path / "run") as lock:
+        assert lock.held and len(calls) == 2
+        held = os.fstat(_io._held[os.path.realpath(tmp_path / "run")][0])
+        assert os.path.samestat(held, os.stat(tmp_path / "run" / _io.LOCK_FILE))  # the file that is there now
+
+
+def test_folder_additions_are_what_came_after_the_mark(tmp_path):
+    (tmp_path / "a" / "old").mkdir(parents=True)
+    additions = _io.FolderAdditions(tmp_path / "a" / "b" / "c")
+    (tmp_path / "a" / "b" / "c" / "d").mkdir(parents=True)
+    additions.mark()
+    (tmp_path / "a" / "b" / "c" / "d" / "new.json").write_text("{}")
+    (tmp_path / "a" / "b" / "c" / "e").mkdir()
+    assert additions.added() == ["d/new.json", "e"]  # deepest first
+    additions.remove()
+    additions.remove_folders()
+    assert (tmp_path / "a" / "b" / "c" / "d").is_dir()  # there at the mark: stays, and so do the folders above it
+    shutil.rmtree(tmp_path / "a" / "b" / "c" / "d")
+    additions.remove_folders()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["old"]  # b and c were made after the start

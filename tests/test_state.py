@@ -47,3 +47,25 @@ def test_a_graph_retained_across_an_hvp_stays_usable():
     hessgap.hvp(model, batches, torch.randn(2, n))
     loss.backward()  # raises "modified by an inplace operation" if the restore bumped the versions
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_preserved_rng_puts_python_numpy_and_torch_generators_back_also_on_error():
+    import random
+
+    import numpy as np
+
+    from hessgap._state import preserved_rng
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    with pytest.raises(RuntimeError, match="inside"):
+        with preserved_rng(devices=[torch.device("cpu")]):
+            random.random(), np.random.rand(3), torch.randn(5)
+            random.seed(7)
+            raise RuntimeError("inside")
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected

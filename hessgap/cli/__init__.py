@@ -3,9 +3,11 @@
 Every subcommand writes a run folder (``--out``, default ``./hessgap-runs/<name>``) with config.json,
 results JSON, PNG figures and report.md; running the same command on the same folder resumes, and a
 second process on a folder in use is refused. A measurement of a saved model records the file's sha256:
-a model trained further gets a new default folder, and an old folder refuses it. User
-errors (bad names, missing data files, too large batches, damaged checkpoints) print one line and exit
-with status 1, without a traceback; an interrupted run exits with 130 and keeps what it finished.
+a model trained further gets a new default folder, and an old folder refuses it. A bad option value exits
+with status 2 and the usage line; other user errors (bad names, missing data files, too large batches or
+networks, damaged checkpoints) print one line and exit with status 1, without a traceback, and a command that
+fails before it finished anything leaves no folder behind; an interrupted run exits with 130 and keeps what
+it finished.
 
 The parser (this module and :mod:`.options`) needs neither torch nor the experiments' modules, so
 ``hessgap --help`` answers at once; :mod:`.commands`, which runs them, is imported when a command runs.
@@ -21,7 +23,14 @@ from .._version import __version__
 from ..errors import HessgapError
 from ..experiments.presets import DEMO_DATASET
 from ..experiments.registry import EXPERIMENTS
-from ..names import BATCHNORM_MODES, OPTIMIZER_NAMES, PRESET_NAMES, REMEDY_NAMES, SHARPNESS_SOLVERS
+from ..names import (
+    BATCHNORM_MODES,
+    OPTIMIZER_NAMES,
+    PRESET_NAMES,
+    REMEDY_NAMES,
+    SHARPNESS_SOLVERS,
+    TRAIN_TRACK_MEASURES,
+)
 from .landscape_options import add_parser as add_landscape_parser
 from .measures_options import add_parsers as add_measures_parsers
 from .options import (
@@ -29,6 +38,7 @@ from .options import (
     DEMO_DATASETS,
     PATH_CHOICES,
     SOLVER_HELP,
+    BatchScheduleAction,
     Formatter,
     add_data_override,
     add_model_data_options,
@@ -39,11 +49,14 @@ from .options import (
     batch_size,
     csv,
     experiment_name,
+    finite_float,
+    fraction,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
     remedy_name,
+    track_name,
 )
 
 __all__ = ["build_parser", "main"]
@@ -114,15 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 0)")
     g.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="adam", help="optimizer (default: adam, the paper's)")
     g.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default: 1e-3)")
-    g.add_argument("--momentum", type=float, default=0.9, help="momentum of sgd (default: 0.9)")
-    g.add_argument("--dropout", type=float, default=0.5, help="dropout of the C-networks' dense layers (default: 0.5)")
+    g.add_argument("--momentum", type=nonnegative_float, default=0.9, help="momentum of sgd (default: 0.9)")
+    g.add_argument("--dropout", type=fraction, default=0.5, help="dropout of the C-networks' dense layers (default: 0.5)")
     g.add_argument("--eval-batch", type=positive_int, default=1024, help="batch size of evaluations (default: 1024)")
     g = p.add_argument_group("remedies (Appendix E)")
     g.add_argument("--remedy", choices=REMEDY_NAMES, default=None, help="train with a remedy (default: none)")
-    g.add_argument("--prox-lambda", type=float, default=1e-3, help="conservative: proximal weight λ (default: 1e-3)")
+    g.add_argument("--prox-lambda", type=nonnegative_float, default=1e-3, help="conservative: proximal weight λ (default: 1e-3)")
     g.add_argument("--fgsm-epsilon", type=positive_float, default=0.1,
                    help="adversarial: FGSM step on the standardized inputs (default: 0.1)")
-    g.add_argument("--batch-schedule", nargs=3, metavar=("START", "FINAL", "GROWTH"), type=float, default=None,
+    g.add_argument("--batch-schedule", nargs=3, metavar=("START", "FINAL", "GROWTH"), action=BatchScheduleAction,
+                   default=None,
                    help="dynamic: batch size START grown ×GROWTH per epoch up to FINAL (default: batch size, "
                         "10%% of the data, 1.2)")
     g = p.add_argument_group("sharpness along training")
@@ -135,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{SOLVER_HELP} (default: auto)")
     g.add_argument("--sharpness-batchnorm", choices=BATCHNORM_MODES, default="eval",
                    help=f"{BATCHNORM_HELP} (default: eval)")
+    g = p.add_argument_group("curvature step by step (hessgap.Tracker; does not change the run)")
+    g.add_argument("--track", type=csv(track_name), default=None,
+                   help=f"measures to take every --track-every optimizer steps, comma-separated: "
+                        f"{', '.join(TRAIN_TRACK_MEASURES)} (eos_ratio: sgd only) (default: none)")
+    g.add_argument("--track-every", type=positive_int, default=50, help="optimizer steps between records (default: 50)")
+    g.add_argument("--track-batches", type=positive_int, default=1,
+                   help="over the first N evaluation batches of the training set (default: 1)")
     add_run_options(p, "train-<model>-<dataset>-b<batch>-seed<seed>")
 
     p = sub.add_parser("sharpness", formatter_class=Formatter, help="sharpness (Metric 2.1) of a saved network",
@@ -167,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_a", help="the network at α = 0 (x_SB in the paper): model.pt or a `hessgap train` folder")
     p.add_argument("model_b", help="the network at α = 1 (x_LB in the paper)")
     p.add_argument("--points", type=positive_int, default=25, help="values of α (default: 25)")
-    p.add_argument("--alpha-min", type=float, default=-1.0, help="first α (default: -1)")
-    p.add_argument("--alpha-max", type=float, default=2.0, help="last α (default: 2)")
+    p.add_argument("--alpha-min", type=finite_float, default=-1.0, help="first α (default: -1)")
+    p.add_argument("--alpha-max", type=finite_float, default=2.0, help="last α (default: 2)")
     p.add_argument("--path", choices=PATH_CHOICES, default="both", help="which path (default: both)")
     p.add_argument("--data-root", default=None, help="data folder, when it moved since training (default: as trained)")
     p.add_argument("--eval-batch", type=positive_int, default=1024, help="batch size of evaluations (default: 1024)")

@@ -17,14 +17,15 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .._io import FolderLock
+from ..errors import HessgapError, one_line
 from ..experiments import interpolate, model_sharpness, model_spectrum, model_train, networks, reproduce, run_experiment
 from ..experiments.demo import demo_settings, summary_lines
 from ..experiments.presets import ADDED_SETTINGS, PATHS, preset
 from ..experiments.report import write_report
-from ..experiments.runs import RunFolder
+from ..experiments.runs import RunFolder, claimed
 from ..experiments.saved import SavedModel, load, settings_for
-from ..train.config import TrainConfig, resolve_device
+from ..sharp.epsilon import check_box
+from ..train.config import TrainConfig, check_fits, resolve_device
 from ..train.data import load_dataset
 from ..train.loop import batch_plan
 from . import measures_commands
@@ -38,8 +39,21 @@ def run(args) -> int:
     first (NCCL on GPUs, gloo on CPUs) and run the command together: training with DistributedDataParallel,
     measurements over each rank's shard of the data; rank 0 alone prints and writes the run folder.
     """
-    with _process_group():
+    with _process_group(), _memory_errors():
         return _run(args)
+
+
+@contextlib.contextmanager
+def _memory_errors():
+    """An allocation that fails (a network or batch too large for the device, found only once it runs) as one
+    line, like the other user errors, after the run folder kept or removed what it holds."""
+    try:
+        yield
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        raise HessgapError(f"out of memory ({one_line(exc)}); use a smaller --width or --depth, --batch-size or "
+                           "--eval-batch, or another --device") from exc
 
 
 @contextlib.contextmanager
@@ -84,6 +98,22 @@ def _check_data(settings) -> None:
     networks.dataset(settings)
 
 
+def _check_measurement(saved: SavedModel, *, k: int | None = None, subspace_dim: int | None = None,
+                       epsilons=()) -> None:
+    """What a measurement of a saved network can be refused for from its size and weights alone, checked before
+    its folder is made: it would fail only after writing the folder, or after keeping its first results."""
+    weights = [p.detach() for p in saved.result.model.parameters() if p.requires_grad]
+    n = sum(w.numel() for w in weights)
+    if k is not None and k > n:
+        raise HessgapError(f"--k {k} asks for more eigenvalues than the Hessian of {saved.describe()} has: it is "
+                           f"{n} × {n}; use --k ≤ {n}")
+    if subspace_dim and subspace_dim > n:
+        raise HessgapError(f"--subspace-dim {subspace_dim} is larger than the {n} parameters of {saved.describe()}; "
+                           f"use --subspace-dim ≤ {n} (the paper: 100), or 0 for the full space only")
+    for epsilon in epsilons:
+        check_box(weights, epsilon, "keskar", weights[0].dtype)
+
+
 def _folder(args, command: str, settings: dict, default_name: str, ignore=("device", "experiments")):
     """The command's run folder, opened (and locked until the command ends: use it in a ``with`` block).
 
@@ -114,7 +144,7 @@ def cmd_demo(args) -> int:
 def cmd_reproduce(args) -> int:
     base = preset(args.preset, model=args.model, dataset=args.dataset)
     settings = settings_from(args, base)
-    _check_data(settings)
+    networks.check_inputs(settings)
     name = f"reproduce-{args.preset}-{settings.model}-{settings.dataset}"
     with _folder(args, "reproduce", settings.to_dict(), name) as folder:
         outcome = reproduce(folder, settings)
@@ -126,7 +156,7 @@ def cmd_reproduce(args) -> int:
 def _single_experiment(args, name: str, command: str) -> int:
     base = preset(args.preset, model=args.model, dataset=args.dataset)
     settings = settings_from(args, base).replace(experiments=(name,))
-    _check_data(settings)
+    networks.check_inputs(settings)
     default_name = f"{command}-{args.preset}-{settings.model}-{settings.dataset}"
     with _folder(args, command, settings.to_dict(), default_name) as folder:
         result = run_experiment(name, folder, settings)
@@ -152,22 +182,22 @@ def cmd_warmstart(args) -> int:
 
 
 def cmd_train(args) -> int:
-    schedule = tuple(args.batch_schedule) if args.batch_schedule else None
-    if schedule is not None:
-        schedule = (int(schedule[0]), int(schedule[1]), float(schedule[2]))
     config = TrainConfig(
         model=args.model, dataset=args.dataset, data_root=args.data_root, batch_size=args.batch_size,
         epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, patience=args.patience,
         min_delta=args.min_delta, seed=args.seed, width=args.width, depth=args.depth, dropout=args.dropout,
         conv_dropout=args.conv_dropout, init=args.init, preprocess=args.preprocess, remedy=args.remedy,
-        prox_lambda=args.prox_lambda, fgsm_epsilon=args.fgsm_epsilon, batch_schedule=schedule,
+        prox_lambda=args.prox_lambda, fgsm_epsilon=args.fgsm_epsilon, batch_schedule=args.batch_schedule,
         sharpness_every=args.sharpness_every, sharpness_epsilon=args.sharpness_epsilon,
         sharpness_batches=args.sharpness_batches, sharpness_solver=args.sharpness_solver,
         sharpness_batchnorm=args.sharpness_batchnorm, eval_batch_size=args.eval_batch, device=args.device,
+        track=list(args.track or []), track_every=args.track_every if args.track else 0,
+        track_batches=args.track_batches,
     ).validate()
-    # the data and the batch size are checked before the folder is made
+    # the data, the batch size and the network's size are checked before the folder is made
     data = load_dataset(config.dataset, config.data_root, seed=config.data_seed, preprocess=config.preprocess)
     batch_plan(config, data)
+    check_fits(config, data)
     name = f"train-{config.model}-{config.dataset}-b{config.batch_size}-seed{config.seed}"
     if config.remedy:
         name += f"-{config.remedy}"
@@ -184,6 +214,12 @@ def cmd_train(args) -> int:
             return 1
     print(f"after epoch {final.get('epoch')}: train loss {final.get('train_loss'):.4g}, "
           f"train accuracy {100 * final.get('train_acc'):.2f} %, test accuracy {100 * final.get('test_acc'):.2f} %")
+    if result.get("tracking"):
+        last = result["tracking"][-1]
+        values = ", ".join(f"{name} {last[name]:.4g}" if isinstance(last.get(name), float) else f"{name} –"
+                           for name in config.track)
+        print(f"at step {last['step']}: {values} ({len(result['tracking'])} records, "
+              f"figure {folder.figures_dir / result['figures']['tracking']})")
     return 0
 
 
@@ -196,6 +232,7 @@ def _saved(path, args) -> SavedModel:
 
 def cmd_sharpness(args) -> int:
     saved = _saved(args.model_path, args)
+    _check_measurement(saved, subspace_dim=args.subspace_dim, epsilons=args.epsilon)
     settings = {"model": str(Path(args.model_path).resolve()), "model_sha256": saved.sha256,
                 "epsilons": list(args.epsilon), "subspace_dim": args.subspace_dim, "solver": args.solver,
                 "sharpness_batchnorm": args.batchnorm,
@@ -215,6 +252,7 @@ def cmd_sharpness(args) -> int:
 
 def cmd_spectrum(args) -> int:
     saved = _saved(args.model_path, args)
+    _check_measurement(saved, k=args.k)
     settings = {"model": str(Path(args.model_path).resolve()), "model_sha256": saved.sha256, "k": args.k,
                 "trace": args.trace, "density": args.density, "probes": args.probes, "seed": args.seed,
                 "max_batches": args.max_batches, "eval_batch": args.eval_batch, "data_root": args.data_root,
@@ -237,6 +275,7 @@ def cmd_interpolate(args) -> int:
     interpolate.check_pair(a, b)
     paths = PATHS if args.path == "both" else (args.path,)
     changes = {"alphas": args.points, "alpha_range": (args.alpha_min, args.alpha_max), "paths": paths}
+    settings_for(a.result, args.data_root, args.eval_batch, None, args.device, **changes)  # checked before the folder
     settings = {"models": [str(Path(p).resolve()) for p in (args.model_a, args.model_b)],
                 "model_sha256": [a.sha256, b.sha256], **changes, "data_root": args.data_root,
                 "eval_batch": args.eval_batch, "device": args.device}
@@ -261,6 +300,7 @@ def _nearest(values, target) -> int:
 def cmd_landscape(args) -> int:
     from ..landscape import command as landscape_command  # its engines load only for this command
 
+    landscape_command.check_grid(args)
     saved = _saved(args.model, args)
     out = args.out if args.out is not None else DEFAULT_ROOT / f"landscape-{saved.label}-{saved.sha256[:8]}"
 
@@ -270,7 +310,7 @@ def cmd_landscape(args) -> int:
         return network.result.model, networks.analysis_loader(settings), networks.test_loader(settings)
 
     print(f"model: {saved.describe()}")
-    with FolderLock(out):  # the landscape's folder keeps its own config.json and rows; one process at a time
+    with claimed(out):  # the landscape's folder keeps its own config.json and rows; one process at a time
         landscape_command.run(args, load=network_and_data, out_dir=out)
     return 0
 

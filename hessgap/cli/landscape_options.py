@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from .. import names
 from .options import Formatter, add_run_options, positive_float, positive_int
 
 
-def _numbers(kind, counts: tuple[int, ...], what: str):
-    """An argparse type: comma-separated numbers, as many as one of ``counts``."""
+def _numbers(kind, counts: tuple[int, ...], what: str, valid=lambda value: True):
+    """An argparse type: comma-separated numbers, as many as one of ``counts``, each one ``valid``."""
 
     def parse(text: str):
         try:
             values = [kind(part) for part in text.split(",")]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if len(values) not in counts:
+        if len(values) not in counts or not all(valid(v) for v in values):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return values
 
@@ -40,9 +41,11 @@ def add_parser(sub) -> None:
                             "or two (the plane through the three); default: random")
     group.add_argument("--dims", type=int, choices=(1, 2), default=None,
                        help="1 (a line) or 2 (a plane); default: 2, or as many as the models given")
-    group.add_argument("--steps", type=_numbers(int, (1, 2), "N or NX,NY"), default=[21],
+    group.add_argument("--steps", type=_numbers(int, (1, 2), "N or NX,NY, each at least 2", lambda n: n >= 2),
+                       default=[21],
                        help="points per axis, both ends included (default: 21)")
-    group.add_argument("--span", type=_numbers(float, (1, 2, 4), "R, LOW,HIGH or XLOW,XHIGH,YLOW,YHIGH"),
+    group.add_argument("--span", type=_numbers(float, (1, 2, 4), "finite numbers R, LOW,HIGH or XLOW,XHIGH,YLOW,YHIGH",
+                                               math.isfinite),
                        default=None, help="coordinates per axis: R for -R..R, LOW,HIGH, or per axis "
                                           "(default: -1,1; -1,2 between models)")
     group.add_argument("--normalization", choices=names.LANDSCAPE_NORMALIZATIONS, default="filter",

@@ -14,6 +14,7 @@ from .options import (
     csv,
     dataset_name,
     model_name,
+    nonnegative_float,
     nonnegative_int,
     one_of,
     positive_float,
@@ -41,11 +42,21 @@ def measure_setting(text: str) -> tuple[str, str, object]:
     return measure, setting.strip(), parsed
 
 
-def options_from(sets) -> dict:
-    """``--set`` items as the ``options`` of :func:`hessgap.measures`."""
+#: ``hessgap measures`` option (argparse dest) -> the LLC setting it gives
+LLC_OPTIONS = {"llc_chains": "chains", "llc_draws": "draws", "llc_burn_in": "burn_in", "llc_step_size": "step_size",
+               "llc_localization": "localization", "llc_n_beta": "n_beta"}
+
+
+def options_from(sets, args=None) -> dict:
+    """``--set`` items (and, from ``args``, the ``--llc-*`` options) as the ``options`` of
+    :func:`hessgap.measures`."""
     options: dict = {}
     for measure, setting, value in sets or ():
         options.setdefault(measure, {})[setting] = value
+    for dest, setting in LLC_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            options.setdefault("llc", {})[setting] = value
     return options
 
 
@@ -54,14 +65,24 @@ def add_parsers(sub) -> None:
                        description="Sharpness, flatness and norm measures of a network saved by `hessgap train`, "
                                    "over its training set: Keskar's Metric 2.1 (full, subspace), adaptive ℓ∞/ℓ2, "
                                    "m-sharpness, Gaussian (plain, adaptive), PAC-Bayes 1/σ² and 1/σ′², λmax and "
-                                   "trace of H and of D·H·D, relative flatness, the Fisher–Rao norm; each checked "
-                                   "for invariance on a function-preserving ReLU/BatchNorm rescaling of the network.")
+                                   "trace of H and of D·H·D, relative flatness, the Fisher–Rao norm; when named, "
+                                   "the local learning coefficient (llc: SGLD chains, traces in figures/, "
+                                   "diagnostics) and geodesic sharpness (geodesic); each checked for invariance on "
+                                   "a function-preserving ReLU/BatchNorm/attention transform of the network.")
     p.add_argument("model_path", help="model.pt written by `hessgap train`, or its --out folder")
     p.add_argument("--names", type=csv(measure_name), default=None,
-                   help=f"comma-separated measures (default: all): {', '.join(names.MEASURE_NAMES)}")
+                   help=f"comma-separated measures (default: all but llc and geodesic): {', '.join(names.MEASURE_NAMES)}")
     p.add_argument("--no-invariance", action="store_true", help="skip the invariance check (about half the time)")
     p.add_argument("--set", dest="sets", type=measure_setting, action="append", metavar="MEASURE.SETTING=VALUE",
                    help=SET_HELP)
+    g = p.add_argument_group("local learning coefficient (with --names llc; defaults: set from λmax and n/log n)")
+    g.add_argument("--llc-chains", type=positive_int, help="SGLD chains (default: 4)")
+    g.add_argument("--llc-draws", type=positive_int, help="steps averaged per chain after burn-in (default: 200)")
+    g.add_argument("--llc-burn-in", type=nonnegative_int, help="steps left out at each chain's start (default: 100)")
+    g.add_argument("--llc-step-size", type=positive_float, help="SGLD step ε (default: 0.08/(nβλmax + γ))")
+    g.add_argument("--llc-localization", type=nonnegative_float,
+                   help="pull γ towards the weights (default: 1e-3·nβλmax)")
+    g.add_argument("--llc-n-beta", type=positive_float, help="nβ, the inverse temperature times n (default: n/log n)")
     add_data_override(p)
     add_run_options(p, "measures-<model>-<sha256 prefix>")
 
@@ -69,7 +90,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("correlate", formatter_class=Formatter, help="which measure predicts the generalization gap",
                        description="Train a zoo of networks (batch sizes × learning rates × widths × seeds on each "
                                    "data set), measure each with every measure of `hessgap measures`, and report "
-                                   "Kendall's τ and Jiang et al.'s granulated τ of each measure against the "
+                                   "Kendall's τ, Jiang et al.'s granulated τ and Dziugaite et al.'s sign-error "
+                                   "(robust: the worst hyperparameter's) of each measure against the "
                                    "generalization gap, with scatter plots and report.md. Presets: quick (48 small "
                                    "F1 networks on MNIST-1D and digits, under 30 minutes on a 2-core CPU), full.")
     p.add_argument("--preset", choices=names.ZOO_PRESETS, default="quick", help="the zoo to start from (default: quick)")

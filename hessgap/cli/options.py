@@ -54,6 +54,21 @@ nonnegative_int = checked(int, _checks.nonnegative_int, "an integer >= 0")
 nonnegative_float = checked(float, _checks.nonnegative_number, "a number >= 0")
 positive_float = checked(float, _checks.positive_number, "a positive number")
 seed = checked(int, _checks.seed, "an integer >= 0")
+finite_float = checked(float, _checks.finite_number, "a finite number")
+fraction = checked(float, _checks.in_unit_interval, "a number in [0, 1)")
+
+
+class BatchScheduleAction(argparse.Action):
+    """``--batch-schedule START FINAL GROWTH``: two batch sizes (positive integers) and a growth factor per
+    epoch (a positive number; that it is at least 1 and START ≤ FINAL is checked with the training options)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        start, final, growth = values
+        try:
+            schedule = (positive_int(start), positive_int(final), positive_float(growth))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        setattr(namespace, self.dest, schedule)
 
 
 def named(normalize: Callable[[str], str], choices: Sequence[str], what: str):
@@ -78,6 +93,7 @@ model_name = named(names.model_name, names.MODEL_NAMES, "model")
 dataset_name = named(names.dataset_name, names.DATASET_NAMES, "data set")
 experiment_name = one_of(EXPERIMENTS, "experiment")
 remedy_name = one_of(names.REMEDY_NAMES, "remedy")
+track_name = one_of(names.TRAIN_TRACK_MEASURES, "tracked measure")
 
 
 def batch_size(text: str):

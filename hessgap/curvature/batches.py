@@ -198,6 +198,20 @@ def ignore_index_of(loss_fn) -> int | None:
     return None
 
 
+def widen_class_targets(batch: Batch, loss_fn) -> None:
+    """Integer class indices for hessgap's cross-entropy (``loss_fn`` one, or None: the default) as int64, in
+    place: torch's cross_entropy takes int64 (and uint8) only, while labels often come as int32 (numpy's
+    default on Windows, label encoders) or smaller. A Hugging Face batch whose model computes its own loss
+    keeps its labels as they are."""
+    targets = batch.targets
+    if (targets is None or targets.is_floating_point() or targets.is_complex()
+            or targets.dtype in (torch.int64, torch.bool)):
+        return
+    if (batch.kwargs and loss_fn is None) or ignore_index_of(loss_fn if loss_fn is not None else F.cross_entropy) is None:
+        return
+    batch.targets = targets.long()
+
+
 def units(batch: Batch, model: nn.Module, loss_fn, weight_fn: WeightFn | None) -> float:
     """How many units the batch's mean loss averages over (its weight in f)."""
     if weight_fn is not None:

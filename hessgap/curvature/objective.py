@@ -33,6 +33,7 @@ from .batches import (
     ignore_index_of,
     structure,
     units,
+    widen_class_targets,
 )
 from .params import reselect, select_parameters
 from .sharded import ShardedParameters, is_sharded
@@ -159,6 +160,7 @@ class LossOverData:
         whose every target is ignored, are skipped: they hold nothing to average)."""
         for index, raw in enumerate(self.source):
             batch = structure(index, raw, closure=self.compute_loss is not None)
+            widen_class_targets(batch, self.loss_fn)
             batch.weight = units(batch, self.model, self.loss_fn, self.weight_fn)
             if batch.weight > 0:
                 yield batch

@@ -7,8 +7,10 @@ in ``results/correlate.parts.json`` as it finishes, so a rerun skips it). Member
 stays below the preset's ``min_train_acc``, or that diverged, are excluded with the reason: a measure of a
 network that has not fit its training set says nothing about a minimum. Per measure and data set the result
 holds τ against the accuracy gap (train − test accuracy, points) and the loss gap (test − train loss), and
-Jiang et al.'s granulated τ Ψ over batch size, learning rate and width (seed held fixed), with one scatter
-grid per data set. The invariance column is the check of :func:`hessgap.measures` on the first included
+Jiang et al.'s granulated τ Ψ over batch size, learning rate and width (seed held fixed), and Dziugaite et
+al.'s sign-error over pairs of networks that differ in one of those (its mean over the pairs, per
+hyperparameter, and the robust sign-error: the worst hyperparameter's mean), with one scatter grid per data
+set. The invariance column is the check of :func:`hessgap.measures` on the first included
 member(s) of each data set.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 from torch.utils.data import TensorDataset
 
 from ..measures.api import measures as compute_measures
-from ..measures.ranking import granulated_tau, kendall_tau
+from ..measures.ranking import granulated_tau, kendall_tau, sign_error
 from ..measures.registry import MEASURES
 from ..train.config import TrainConfig
 from ..train.data import load_dataset, make_loader
@@ -157,6 +159,9 @@ def correlations(rows: list[dict], settings: ZooSettings) -> dict:
                 granulated = granulated_tau(usable, AXES, "value", "acc_gap", fixed=("seed",))
                 entry["granulated"] = granulated["value"]
                 entry["psi"] = granulated["psi"]
+                signs = sign_error(usable, AXES, "value", "acc_gap", fixed=("seed",))
+                entry["sign_error"], entry["robust_sign_error"] = signs["value"], signs["robust"]
+                entry["sign_error_by_axis"], entry["sign_error_pairs"] = signs["by_axis"], signs["pairs"]
             per[name] = entry
         out[dataset] = per
     return out
@@ -195,7 +200,9 @@ def render(r: dict) -> str:
            f"{s['lb_epochs']} at the largest; members below {s['min_train_acc']:g} % training accuracy are "
            f"excluded. Measured over {s['measure_samples'] or 'all'} training samples. τ: Kendall's τ_b of the "
            "measure against the accuracy gap (train − test, points) and the loss gap (test − train); Ψ: Jiang et "
-           "al.'s granulated τ against the accuracy gap over batch size, learning rate and width. Invariant: the "
+           "al.'s granulated τ against the accuracy gap over batch size, learning rate and width; sign-error: "
+           "Dziugaite et al.'s, over pairs of networks differing in one of those (0: always ranks the pair as the "
+           "accuracy gap does, 1: always against it), its mean and, robust, the worst hyperparameter's. Invariant: the "
            "measure's value under a function-preserving ReLU/BatchNorm rescaling (largest relative change).", ""]
     for dataset, per in r["correlations"].items():
         inv = r.get("invariance", {}).get(dataset, {})
@@ -205,12 +212,14 @@ def render(r: dict) -> str:
         rows = []
         for name, e in per.items():
             if "reason" in e:
-                rows.append([name, "n/a", "n/a", "n/a", _inv(inv.get(name)), e["reason"]])
+                rows.append([name, "n/a", "n/a", "n/a", "n/a", "n/a", _inv(inv.get(name)), e["reason"]])
             else:
                 rows.append([name, md.fmt(e["tau_acc_gap"], 3), md.fmt(e["tau_loss_gap"], 3),
-                             md.fmt(e["granulated"], 3), _inv(inv.get(name)), ""])
+                             md.fmt(e["granulated"], 3), md.fmt(e.get("sign_error"), 3),
+                             md.fmt(e.get("robust_sign_error"), 3), _inv(inv.get(name)), ""])
         rows.sort(key=lambda x: -abs(float(x[1])) if x[1] not in ("n/a", "–") else 0)
-        out += [md.table(["measure", "τ (acc gap)", "τ (loss gap)", "Ψ", "invariant", "note"], rows), "",
+        out += [md.table(["measure", "τ (acc gap)", "τ (loss gap)", "Ψ", "sign-error", "robust sign-error",
+                          "invariant", "note"], rows), "",
                 md.figure(r, f"scatter_{dataset}", f"measures against the gap on {dataset}"), ""]
         excluded = [row for row in total if "excluded" in row]
         if excluded:

@@ -4,6 +4,7 @@ its training set, with the invariance check."""
 from __future__ import annotations
 
 from ..measures.api import measures as compute_measures
+from ..measures.llc_checks import plot_traces
 from . import _markdown as md
 from . import networks
 from .runs import RunFolder
@@ -25,6 +26,8 @@ def run(folder: RunFolder, saved: SavedModel, names=None, seed: int = 0, data_ro
     folder.log(f"measured {len(result.values)} measures in {result.total_seconds:.1f} s")
     out = {"experiment": NAME, "model": str(saved.file), "model_sha256": saved.sha256,
            "data": f"training set of {settings.dataset} ({len(loader.dataset)} samples)", **result.to_dict()}
+    if result.values.get("llc") is not None:
+        out["figures"] = {"llc_traces": plot_traces(result.details["llc"], folder.figure("llc_traces")).name}
     folder.save_result(NAME, out)
     return out
 
@@ -40,6 +43,8 @@ def lines(r: dict) -> list[str]:
         inv = {True: "invariant", False: "not invariant", None: "invariance not checked"}[r["invariant"].get(name)]
         out.append(f"{name}: {value:.5g}" + (f" ± {err:.2g}" if err is not None else "") +
                    f" ({inv}, {r['seconds'][name]:.1f} s)")
+        for check in r.get("details", {}).get(name, {}).get("diagnostics", []) if name == "llc" else []:
+            out.append(f"  {'ok' if check['ok'] else 'FLAGGED'} {check['check']}: {check['message']}")
     return out
 
 
@@ -60,4 +65,21 @@ def render(r: dict) -> str:
         "",
         md.table(["measure", "value", "stderr", "invariant (checked, change)", "invariant (literature)", "seconds",
                   "note"], rows),
+        *_llc_section(r),
     ])
+
+
+def _llc_section(r: dict) -> list[str]:
+    """The LLC's diagnostics and its traces' figure, when the LLC was measured."""
+    details = r.get("details", {}).get("llc")
+    if not details:
+        return []
+    lines = ["", "### Local learning coefficient",
+             f"nβ = {details['n_beta']:.4g}, step size {details['step_size']:.3g}, localization "
+             f"{details['localization']:.3g}, {details['chains']} chains × {details['draws']} draws after "
+             f"{details['burn_in']} burn-in steps. Diagnostics:", ""]
+    lines += [f"- {'ok' if c['ok'] else '**flagged**'} {c['check']}: {c['message']}" for c in details["diagnostics"]]
+    if details.get("suggested"):
+        lines.append("- suggested settings: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                                          for k, v in details["suggested"].items()))
+    return lines + ["", md.figure(r, "llc_traces", "LLC traces: nβ·(L_m(w_t) − L_m(w*)) per chain")]

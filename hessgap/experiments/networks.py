@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 from .._io import read_json
 from ..errors import HessgapError
 from ..train import loop
-from ..train.config import ADDED_DEFAULTS, TrainConfig
+from ..train.config import ADDED_DEFAULTS, TrainConfig, check_fits
 from ..train.data import load_dataset, make_loader
 from ..train.evaluation import evaluate as evaluate_model
 from ..train.parallel import Replicas
@@ -196,6 +196,21 @@ def train_pair(run: RunFolder, settings: Settings, seed: int) -> dict[str, Train
                                         epochs=settings.epochs_for(batch, n)), f"{regime}-seed{seed}", data)
         for regime, batch in (("sb", sb), ("lb", lb))
     }
+
+
+def check_inputs(settings: Settings) -> None:
+    """What a run of ``settings.experiments`` can be refused for before its folder is made: the data set loads,
+    the network fits memory for training, and the batch sizes fit the training set (the SB and LB networks
+    of every experiment but the sweep, the sweep's own)."""
+    data = dataset(settings)
+    n = len(data.train)
+    check_fits(train_config(settings, min(settings.sb_batch, n), settings.seed).validate(), data)
+    if any(name != "sweep" for name in settings.experiments):
+        check_batch(settings.sb_batch, n, "SB batch size")
+        check_batch(settings.lb_size(n), n, "LB batch size")
+    if "sweep" in settings.experiments:
+        for batch in settings.sweep_batches:
+            check_batch(batch, n, "sweep batch size")
 
 
 def check_batch(batch_size: int, n: int, what: str = "batch size") -> None:

@@ -120,14 +120,14 @@ class Settings:
             _checks.positive_number(getattr(self, name), name)
         _checks.seed(self.seed, "seed")
         _checks.seed(self.data_seed, "data_seed")
-        if not self.epsilons or any(e <= 0 for e in self.epsilons):
-            raise HessgapError(f"every sharpness epsilon must be > 0, got {self.epsilons}")
+        if not self.epsilons or not all(e > 0 and math.isfinite(e) for e in self.epsilons):
+            raise HessgapError(f"every sharpness epsilon must be a finite number > 0, got {self.epsilons}")
         _checks.in_unit_interval(self.lb_fraction, "lb_fraction", closed_low=False, closed_high=True)
         _checks.nonnegative_int(self.trace_probes, "trace_probes", "0 = no trace")
         _checks.nonnegative_int(self.sharpness_every, "sharpness_every", "0 = never")
         _checks.choice(self.sharpness_solver, SHARPNESS_SOLVERS, "sharpness solver")
-        if self.alpha_range[0] >= self.alpha_range[1]:
-            raise HessgapError(f"alpha_range must be (low, high) with low < high, got {self.alpha_range}")
+        if not all(math.isfinite(a) for a in self.alpha_range) or self.alpha_range[0] >= self.alpha_range[1]:
+            raise HessgapError(f"alpha_range must be finite (low, high) with low < high, got {self.alpha_range}")
         for path in self.paths:
             _checks.choice(path, PATHS, "interpolation path")
         for remedy in self.remedies:

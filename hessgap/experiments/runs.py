@@ -12,20 +12,23 @@ Layout of a folder written by any ``hessgap`` command::
 Every file is written through :mod:`hessgap._io` (a temporary file first, renamed into place), so an
 interrupted run never leaves a half-written result behind. An open folder is locked
 (:class:`hessgap._io.FolderLock`, ``<out>/.hessgap.lock``) until :meth:`RunFolder.close` or the process
-ends: a second process on the same folder is refused at once.
+ends: a second process on the same folder is refused at once. A command that fails before it finished
+anything (no result, no trained epoch) takes away what it added, the folder too when it made it: its
+config.json would otherwise refuse the corrected command as a change of settings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .._io import FolderLock, append_text, dumps, jsonable, read_json, remove, write_json
+from .._io import LOCK_FILE, FolderAdditions, FolderLock, append_text, dumps, jsonable, read_json, remove, write_json
 from .._version import __version__
 from ..errors import HessgapError
 
@@ -72,6 +75,7 @@ class RunFolder:
         self._log = log
         self.memory: dict = {}  # objects this command already loaded (trained networks), by name
         self._lock = FolderLock(self.path)
+        self._additions: FolderAdditions | None = None
 
     # -- layout --------------------------------------------------------------------------------
     @property
@@ -103,22 +107,28 @@ class RunFolder:
         settings introduced after folders had been written to the value such a folder had: a folder that
         does not record them counts as having that value.
         """
+        additions = FolderAdditions(self.path)
         self._lock.acquire()  # before reading config.json: another process may be writing it
+        additions.mark()
+        self._additions = additions
         try:
             return self._check_and_record(ignore, added or {})
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
-    def close(self) -> None:
-        """Give up the folder's lock (the process's end does too)."""
-        self._lock.release()
+    def close(self, failed: bool = False) -> None:
+        """Give up the folder's lock (the process's end does too). ``failed``: the command failed; when it
+        finished nothing worth keeping (no result, no trained epoch), what it added to the folder is removed,
+        and the folder itself when it made it, so that the corrected command starts afresh."""
+        additions, self._additions = self._additions, None
+        _release(self._lock, additions if failed else None)
 
     def __enter__(self) -> RunFolder:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
     def _check_and_record(self, ignore: tuple[str, ...], added: dict) -> RunFolder:
         config_path = self.path / "config.json"
@@ -185,6 +195,54 @@ class RunFolder:
             self._log(message)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
         append_text(self.path / "run.log", f"{stamp} {message}\n")
+
+
+@contextlib.contextmanager
+def claimed(path) -> Iterator[Path]:
+    """Lock the folder ``path`` (creating it) for a command that keeps its own files there, as
+    :meth:`RunFolder.open` does: when the command fails before it finished anything, what it added to the
+    folder is removed again, and the folder itself when it made it."""
+    lock, additions = FolderLock(path), FolderAdditions(path)
+    lock.acquire()
+    additions.mark()
+    try:
+        yield Path(path)
+    except BaseException:
+        _release(lock, additions)
+        raise
+    _release(lock, None)
+
+
+def _release(lock: FolderLock, failed: FolderAdditions | None) -> None:
+    """Give up ``lock``; ``failed``: the additions of a command that failed, removed unless one is worth keeping."""
+    discard = failed is not None and not any(_worth_keeping(failed.folder, rel) for rel in failed.added())
+    if discard:
+        failed.remove()  # the lock file too, while it is still held
+    lock.release()
+    if discard:
+        failed.remove_folders()
+
+
+#: what every command writes before it has finished anything: a failed command that added only these leaves
+#: nothing behind (the starting-point checkpoint of a training run is made again from its seed)
+_SCAFFOLDING = frozenset({"config.json", "run.log", "report.md", LOCK_FILE, "checkpoints/epoch_0000.pt"})
+
+
+def _worth_keeping(folder: Path, rel: str) -> bool:
+    """Whether a path a failed command added to ``folder`` holds finished work (a result, a trained epoch) that
+    a rerun resumes from; folders, the scaffolding, interrupted writes' temporary files and a history.json
+    without epochs do not."""
+    path, name = folder / rel, rel.rsplit("/", 1)[-1]
+    if path.is_dir() or (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    if any(rel == piece or rel.endswith(f"/{piece}") for piece in _SCAFFOLDING):
+        return False
+    if name == "history.json":
+        try:
+            return bool(read_json(path).get("history"))
+        except (HessgapError, OSError, AttributeError):
+            return True  # unreadable: not ours to judge
+    return True
 
 
 class Parts:

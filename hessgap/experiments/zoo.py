@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .. import _checks
 from ..errors import HessgapError
-from ..names import DATASET_NAMES, DATASETS_ON_DISK, MEASURE_NAMES, ZOO_PRESETS, model_name
+from ..names import DATASET_NAMES, DATASETS_ON_DISK, DEFAULT_MEASURE_NAMES, MEASURE_NAMES, ZOO_PRESETS, model_name
 
 __all__ = ["AXES", "ZOO_PRESETS", "ZooSettings", "preset"]
 #: The hyperparameter axes granulated τ averages over (the seed is held fixed within a group, not averaged).
@@ -39,7 +39,7 @@ class ZooSettings:
     lb_epochs: int = 120
     optimizer: str = "adam"
     min_train_acc: float = 98.0  # percent; members below it are excluded from the correlations, with the reason
-    measures: tuple = MEASURE_NAMES
+    measures: tuple = DEFAULT_MEASURE_NAMES
     measure_samples: int | None = 2048  # measure over the first N training samples (None: all)
     invariance_models: int = 1  # check invariance on the first N included members of each data set
     options: dict = field(default_factory=dict)  # per-measure settings (see hessgap.measures)

@@ -9,7 +9,8 @@ grid points evaluated per pass over the data.
 Modules: :mod:`.surface` (the call and its run folder), :mod:`.grid`, :mod:`.plane` (points as combinations
 of basis states), :mod:`.directions` (random, Hessian, given), :mod:`.interpolation` (between models),
 :mod:`.evaluate` (the pass over the data), :mod:`.stack` (with :mod:`.layers`) and :mod:`.functional` (the engines),
-:mod:`.result`, :mod:`.export` (npz, VTK, PNG), :mod:`.folder` (resumable rows), :mod:`.command` (CLI).
+:mod:`.result`, :mod:`.export` (npz, VTK, PNG), :mod:`.folder` (resumable rows, checked against the digests of
+:mod:`.fingerprint`), :mod:`.command` (CLI).
 """
 
 from __future__ import annotations

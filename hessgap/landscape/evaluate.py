@@ -8,6 +8,7 @@ G sized so that a chunk's activations fit the memory budget.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 from torch import nn
@@ -41,7 +42,8 @@ def set_batchnorm_mode(model: nn.Module, batchnorm: str) -> None:
 
 @dataclasses.dataclass
 class PassResult:
-    """Mean loss and accuracy (percent; None when the targets are not class labels) at each point."""
+    """Mean loss and accuracy (percent; None when the targets are not class labels) at each point; both NaN
+    where the loss is not finite."""
 
     loss: torch.Tensor
     accuracy: torch.Tensor | None
@@ -139,10 +141,43 @@ class Evaluator:
         if weight <= 0:
             raise HessgapError("the data holds no batch to evaluate the landscape on (an empty loader, or every "
                                "target ignored)")
+        loss = loss_sums / weight
         accuracy = 100.0 * correct / samples if labelled == ranks.world_size else None
-        return PassResult(loss_sums / weight, accuracy, int(samples))
+        # a point whose loss is not finite has no meaningful outputs either (argmax of NaN logits picks class 0,
+        # which would report the share of class-0 targets as its accuracy): both are NaN there
+        diverged = ~torch.isfinite(loss)
+        loss[diverged] = float("nan")
+        if accuracy is not None:
+            accuracy[diverged] = float("nan")
+        return PassResult(loss, accuracy, int(samples))
 
 
 def per_point_bytes(plane: Plane, like: torch.Tensor) -> int:
     """Memory of one point's moving weights and statistics."""
     return sum(basis[0].numel() for basis in plane.moving.values()) * like.element_size()
+
+
+def seconds_per_point(objective: LossOverData) -> float | None:
+    """A rough time of one grid point: the model's forward pass and loss on the first batch, timed (the
+    faster of two), times the number of batches. The engines share work between the points of a chunk, so a
+    point usually costs less. None when the data cannot be read ahead without using it up (a one-shot
+    iterator), when its batches cannot be counted, or when the first batch fails (the pass will say why)."""
+    if objective.source.one_shot and not objective.batches_cached:
+        return None
+    try:
+        if objective.batches_cached or objective.source.single:
+            count = sum(1 for _ in objective.source)
+        else:
+            count = min(len(objective.data), objective.max_batches or len(objective.data))
+        batch = next(iter(objective.batches()))
+        seconds = []
+        with torch.no_grad():
+            for _ in range(2):  # the first call may include one-off set-up (kernels, caches)
+                start = time.perf_counter()
+                objective.batch_loss(batch)
+                if objective.device.type == "cuda":
+                    torch.cuda.synchronize(objective.device)
+                seconds.append(time.perf_counter() - start)
+        return min(seconds) * count
+    except Exception:  # only an estimate: the pass over the data itself reports what is wrong
+        return None

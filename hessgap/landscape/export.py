@@ -42,18 +42,19 @@ def _ascii(values: np.ndarray, per_line: int) -> str:
 
 def write_vtp(result: LandscapeResult, path: str | Path) -> Path:
     """The 2-D surfaces as VTK XML PolyData (ParaView opens it): points (x, y, train loss), one quad per grid
-    cell, every surface as point data. Non-finite values are written as the largest finite value."""
+    cell, every surface as point data. VTK's ascii format has no NaN: a point where the loss is not finite is
+    written with the worst finite value of each surface (the largest loss, the lowest accuracy)."""
     if result.y is None:
         raise HessgapError("a VTK surface needs a 2-D landscape; this one is a line (write_npz keeps it)")
     nx, ny = len(result.x), len(result.y)
     xs, ys = np.meshgrid(result.x, result.y)
 
-    def finite(values: np.ndarray) -> np.ndarray:
+    def finite(values: np.ndarray, worst) -> np.ndarray:
         ok = np.isfinite(values)
-        top = values[ok].max() if ok.any() else 0.0
-        return np.where(ok, values, top)
+        return np.where(ok, values, worst(values[ok]) if ok.any() else 0.0)
 
-    surfaces = {name: finite(values) for name, values in result.surfaces().items()}
+    surfaces = {name: finite(values, np.min if name.endswith("accuracy") else np.max)
+                for name, values in result.surfaces().items()}
     points = np.stack([xs.ravel(), ys.ravel(), surfaces["train_loss"].ravel()], axis=1)
     corners = [(j * nx + i, j * nx + i + 1, (j + 1) * nx + i + 1, (j + 1) * nx + i)
                for j in range(ny - 1) for i in range(nx - 1)]

@@ -1,92 +1,128 @@
 """A landscape's run folder, laid out like the other commands' and resumed row by row.
 
-    <out>/config.json                   the command, the settings and the models' fingerprints (checked on resume)
+    <out>/config.json                   the command, the settings and the fingerprint of the inputs (checked on resume)
     <out>/results/landscape.rows.json   every finished row of the grid, rewritten atomically after each row
     <out>/results/directions.pt         the directions (dims × n), so a resumed run uses the very same ones
     <out>/results/landscape.json|.npz|.vtp   the finished landscape
     <out>/figures/*.png                 contour, filled contour and 3-D surface (2-D), or the line plot (1-D)
 
-A rerun with the same settings on the same models skips the finished rows; other settings or other models
-raise an error instead of mixing two landscapes in one folder.
+A rerun with the same settings on the same inputs (model, data, loss function, directions: see
+:mod:`.fingerprint`) skips the finished rows; anything else raises an error that names what changed instead
+of mixing two landscapes in one folder.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
+import hashlib
 import os
 import platform
 from pathlib import Path
 
 import torch
 
-from .._io import jsonable, read_json, read_torch, save_torch, write_json
+from .._io import dumps, jsonable, read_json, read_torch, save_torch, write_json
 from .._version import __version__
 from ..errors import HessgapError
+from .fingerprint import UNVERIFIABLE
 
 COMMAND = "landscape"
+#: config.json's "format". Folders without one were written before hessgap fingerprinted a landscape's inputs
+#: by content (a model was its parameters' count, sum and norm, the data not at all): they cannot be verified.
+FORMAT = 2
 
 
-def fingerprint(model: torch.nn.Module) -> dict:
-    """A model's parameter count, sum and norm: enough to notice that a folder belongs to another model."""
-    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])
-    return {"parameters": int(flat.numel()), "sum": float(flat.sum()), "norm": float(flat.norm())}
+def _setting_changed(key: str, old, new) -> str:
+    return f"{key} ({old!r} in the folder, {new!r} now)"
 
 
-def _same(stored, current) -> bool:
-    if isinstance(stored, dict) and isinstance(current, dict):
-        return stored.keys() == current.keys() and all(_same(stored[k], current[k]) for k in stored)
-    if isinstance(stored, list) and isinstance(current, list):
-        return len(stored) == len(current) and all(_same(a, b) for a, b in zip(stored, current))
-    if isinstance(stored, float) or isinstance(current, float):
-        # sums over millions of parameters may round differently on another device
-        return isinstance(stored, (int, float)) and isinstance(current, (int, float)) and math.isclose(
-            stored, current, rel_tol=1e-6, abs_tol=1e-9)
-    return stored == current
+def _input_changed(key: str, old, new) -> str:
+    """One difference of the fingerprint (see :mod:`.fingerprint`), in words."""
+    if key == "model":
+        parts = [{"parameters": "the model's parameters", "buffers": "the model's buffers (BatchNorm running "
+                  "statistics)"}[part] for part in ("parameters", "buffers") if (old or {}).get(part) != new.get(part)]
+        return " and ".join(parts) or "the model"
+    return {
+        "others": "the other model(s) given as directions (their parameters or buffers)",
+        "directions": "the given direction tensors",
+        "data": "the data (the batches' contents, shapes or number: other samples, batch size, max_batches, a "
+                "shuffled loader or another number of ranks)",
+        "test_data": "the test data",
+        "loss_fn": f"the loss function ({old} in the folder, {new} now)",
+    }.get(key, f"the {key}")
 
 
 class LandscapeFolder:
-    def __init__(self, path: str | Path, settings: dict, models: dict):
+    """``settings`` (plain values, named one by one when they differ) and ``fingerprint`` (digests of the
+    inputs, see :mod:`.fingerprint`) decide the numbers: a folder resumes only when both match."""
+
+    def __init__(self, path: str | Path, settings: dict, fingerprint: dict):
         self.path = Path(path)
         self.settings = jsonable(settings)
-        self.models = jsonable(models)
+        self.fingerprint = jsonable(fingerprint)
+        self.key = hashlib.sha256(dumps({"settings": self.settings, "fingerprint": self.fingerprint},
+                                        sort_keys=True).encode()).hexdigest()
         self.results_dir = self.path / "results"
         self.figures_dir = self.path / "figures"
         self.rows_path = self.results_dir / "landscape.rows.json"
         self.directions_path = self.results_dir / "directions.pt"
 
     def open(self) -> LandscapeFolder:
-        """Create the folder, or check that it holds a landscape of the same settings and models."""
+        """Create the folder, or check that it holds a landscape of the same settings and inputs."""
         config_path = self.path / "config.json"
         if config_path.exists():
-            stored = read_json(config_path)
-            if stored.get("command") != COMMAND:
-                raise HessgapError(f"{self.path} holds a '{stored.get('command')}' run, not a landscape; choose "
-                                   "another output folder")
-            for what, current in (("settings", self.settings), ("models", self.models)):
-                old = stored.get(what, {})
-                differences = [f"{k}: {old.get(k)!r} in the folder, {current.get(k)!r} now"
-                               for k in sorted(set(old) | set(current)) if not _same(old.get(k), current.get(k))]
-                if differences:
-                    raise HessgapError(
-                        f"{self.path} holds a landscape of other {what} ({'; '.join(differences)}); rerun with the "
-                        "same ones to resume, or choose another output folder")
+            self._check(read_json(config_path))
         write_json(config_path, {
-            "command": COMMAND, "settings": self.settings, "models": self.models, "hessgap": __version__,
-            "torch": torch.__version__, "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
+            "command": COMMAND, "format": FORMAT, "settings": self.settings, "fingerprint": self.fingerprint,
+            "hessgap": __version__, "torch": torch.__version__,
+            "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
         return self
+
+    def _check(self, stored: dict) -> None:
+        fix = "use a new output folder for this landscape, or delete this one to start it over"
+        if stored.get("command") != COMMAND:
+            raise HessgapError(f"{self.path} holds a '{stored.get('command')}' run, not a landscape; choose "
+                               "another output folder")
+        if stored.get("format") != FORMAT:
+            raise HessgapError(
+                f"{self.path} holds a landscape written by an earlier version of hessgap ({stored.get('hessgap')}), "
+                "whose config.json does not say which model, data and loss its rows were computed from, so they "
+                f"cannot be verified; {fix}")
+        unverifiable = [identity for identity in (stored.get("fingerprint", {}).get("loss_fn"),
+                                                  self.fingerprint["loss_fn"])
+                        if str(identity).startswith(UNVERIFIABLE)]
+        if unverifiable:
+            raise HessgapError(
+                f"{self.path} holds a landscape that cannot be resumed: its loss function is {unverifiable[0]}, so "
+                "nothing tells whether it is the same as the one its rows were computed with; pass a module-level "
+                f"function, an nn.Module or a closure over numbers and tensors to make a landscape resumable, and {fix}")
+        old_settings, old_fingerprint = stored.get("settings", {}), stored.get("fingerprint", {})
+        differences = [_setting_changed(key, old_settings.get(key), self.settings.get(key))
+                       for key in sorted(set(old_settings) | set(self.settings))
+                       if old_settings.get(key) != self.settings.get(key)]
+        differences += [_input_changed(key, old_fingerprint.get(key), self.fingerprint.get(key))
+                        for key in self.fingerprint if old_fingerprint.get(key) != self.fingerprint.get(key)]
+        if differences:
+            raise HessgapError(f"{self.path} holds a landscape computed from other inputs; changed: "
+                               f"{'; '.join(differences)}. It resumes only with the very same ones: {fix}")
 
     def load_directions(self) -> dict | None:
         """{"directions": (dims, n) tensor, "eigenvalues": list or None} saved by an earlier run, or None."""
         if not self.directions_path.exists():
             return None
-        return read_torch(self.directions_path, "cpu",
-                          remedy="delete it to draw the directions again, or the folder to start over")
+        stored = read_torch(self.directions_path, "cpu",
+                            remedy="delete it to draw the directions again, or the folder to start over")
+        if not isinstance(stored, dict) or stored.get("key") != self.key:
+            raise HessgapError(f"{self.directions_path} was not computed for this folder's settings and inputs (it "
+                               "was copied or replaced); delete it to compute the directions again")
+        return stored
 
     def save_directions(self, directions: torch.Tensor, eigenvalues: list[float] | None) -> None:
-        save_torch(self.directions_path, {"directions": directions.detach().cpu(), "eigenvalues": eigenvalues})
+        """The directions, with the key of the settings and inputs they were computed from."""
+        save_torch(self.directions_path, {"directions": directions.detach().cpu(), "eigenvalues": eigenvalues,
+                                          "key": self.key})
 
     def rows(self) -> dict[int, dict]:
         """The finished rows, by row index."""

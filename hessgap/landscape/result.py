@@ -19,10 +19,10 @@ class LandscapeResult(JsonResult):
     """Loss and accuracy at every point x0 + x[i]·d1 + y[j]·d2 (or on the path between models).
 
     ``loss`` and the other surfaces have shape (len(y), len(x)) on a plane, (len(x),) on a line; a point
-    where the loss is not finite holds NaN (None in JSON). ``accuracy`` is in percent, None when the
-    targets are not class labels; ``test_*`` are None without test data. ``directions`` (dims × n, the
-    trainable parameters in ``model.parameters()`` order; x_B − x_A between models) is left out of
-    ``to_dict()`` and kept in the ``.npz``. ``clamped_variances`` counts, per point of a path between
+    where the loss is not finite holds NaN in the loss and in the accuracy (None in JSON). ``accuracy`` is in
+    percent, None when the targets are not class labels; ``test_*`` are None without test data. ``directions``
+    (dims × n, the trainable parameters in ``model.parameters()`` order; x_B − x_A between models) is left out
+    of ``to_dict()`` and kept in the ``.npz``. ``clamped_variances`` counts, per point of a path between
     models, the BatchNorm running variances clamped at 0. ``engine`` names the engine that ran ("stack" or
     "functional") and ``fallback_reason`` why the layer-stack engine did not. ``passes`` counts the blocks of
     rows evaluated in this call, each one pass over the data; ``rows_resumed`` the rows a run folder already

@@ -11,7 +11,9 @@ unchanged, checked on the model. The measures (:data:`NAMES`, see :mod:`.registr
 - PAC-Bayes: Jiang et al.'s 1/σ² and magnitude-aware 1/σ′² (:mod:`.pacbayes`);
 - Hessian: λmax and trace of H and of D·H·D in Metric 2.1's coordinates, their ratio (:mod:`.hessian`),
   Petzka et al.'s relative flatness (:mod:`.relative_flatness`);
-- the Fisher–Rao norm (:mod:`.fisher_rao`).
+- the Fisher–Rao norm (:mod:`.fisher_rao`);
+- on request (named, not in :data:`DEFAULT_NAMES`): the local learning coefficient of singular learning theory
+  (:mod:`.llc`, SGLD chains of :mod:`.sgld`, diagnostics in :mod:`.llc_checks`; also ``hessgap.llc``).
 
 :mod:`.ranking` holds Kendall's τ and Jiang et al.'s granulated τ, which ``hessgap correlate`` reports.
 """
@@ -24,9 +26,9 @@ import types
 from .api import MeasuresResult
 from .api import measures as compute
 from .hessian import ScaledOperator
-from .registry import MEASURES, NAMES
+from .registry import DEFAULT_NAMES, MEASURES, NAMES
 
-__all__ = ["MEASURES", "NAMES", "MeasuresResult", "ScaledOperator", "compute", "measures"]
+__all__ = ["DEFAULT_NAMES", "MEASURES", "NAMES", "MeasuresResult", "ScaledOperator", "compute", "measures"]
 
 
 class _CallablePackage(types.ModuleType):

@@ -1,4 +1,5 @@
-"""How well a measure ranks networks by their generalization gap: Kendall's τ and Jiang et al.'s granulated τ.
+"""How well a measure ranks networks by their generalization gap: Kendall's τ, Jiang et al.'s granulated τ and
+Dziugaite et al.'s sign-error.
 
 - :func:`kendall_tau`: Kendall's τ_b (ties in either variable corrected for, as ``scipy.stats.kendalltau``):
   (concordant − discordant) / √((n₀ − n₁)(n₀ − n₂)) over all pairs.
@@ -6,6 +7,14 @@
   hyperparameter axis i, the mean of τ over the groups of networks that agree on every other axis (so only
   axis i varies within a group), ψ_i; and Ψ = the mean of ψ_i over the axes. A group with fewer than two
   networks, or whose τ is undefined (all values tied), is left out of its axis's mean.
+- :func:`sign_error`: Dziugaite, Drouin, Neal, Rajkumar, Caballero, Wang, Mitliagkas & Roy 2020, "In search
+  of robust measures of generalization", §3: over every pair of networks that differ in exactly one
+  hyperparameter (the others, and the seed, equal), the error ½(1 − sgn(Δmeasure)·sgn(Δgap)): 0 when the
+  measure moves with the gap, 1 against it, ½ when either does not move. Reported as the mean over all such
+  pairs, the mean per hyperparameter (the "environments" of one changed hyperparameter), and as the robust
+  sign-error the largest of those per-hyperparameter means (the worst hyperparameter; Dziugaite et al.
+  take the worst case over environments, and also filter out pairs whose gaps differ within noise, which
+  hessgap does not).
 """
 
 from __future__ import annotations
@@ -72,3 +81,32 @@ def granulated_tau(rows: Sequence[dict], axes: Sequence[str], measure: str, gap:
 
 def _key(value):
     return tuple(value) if isinstance(value, list) else value
+
+
+def _sign(value: float) -> int:
+    return (value > 0) - (value < 0)
+
+
+def sign_error(rows: Sequence[dict], axes: Sequence[str], measure: str, gap: str, fixed: Sequence[str] = ()) -> dict:
+    """Dziugaite et al.'s sign-error of ``measure`` against ``gap`` over pairs of ``rows`` that differ in exactly
+    one of ``axes`` (``fixed`` columns, the seed, equal too). Returns ``{"value": mean over every pair,
+    "by_axis": {axis: mean or None}, "pairs": {axis: pairs}, "robust": max over the axes' means}``; None
+    where there is no pair."""
+    usable = [r for r in rows if r.get(measure) is not None and r.get(gap) is not None
+              and math.isfinite(float(r[measure])) and math.isfinite(float(r[gap]))]
+    errors: dict[str, list[float]] = {axis: [] for axis in axes}
+    for i in range(len(usable)):
+        for j in range(i + 1, len(usable)):
+            a, b = usable[i], usable[j]
+            if any(_key(a.get(f)) != _key(b.get(f)) for f in fixed):
+                continue
+            differing = [axis for axis in axes if _key(a.get(axis)) != _key(b.get(axis))]
+            if len(differing) != 1:
+                continue
+            agreement = _sign(float(a[measure]) - float(b[measure])) * _sign(float(a[gap]) - float(b[gap]))
+            errors[differing[0]].append(0.5 * (1 - agreement))
+    by_axis = {axis: (sum(e) / len(e) if e else None) for axis, e in errors.items()}
+    every = [e for values in errors.values() for e in values]
+    defined = [v for v in by_axis.values() if v is not None]
+    return {"value": sum(every) / len(every) if every else None, "by_axis": by_axis,
+            "pairs": {axis: len(e) for axis, e in errors.items()}, "robust": max(defined) if defined else None}

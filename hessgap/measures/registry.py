@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from .. import _checks
 from ..errors import HessgapError
-from ..names import MEASURE_NAMES
-from . import average_case, fisher_rao, hessian, pacbayes, relative_flatness, worst_case
+from ..names import DEFAULT_MEASURE_NAMES, MEASURE_NAMES
+from . import average_case, fisher_rao, geodesic, hessian, llc, pacbayes, relative_flatness, worst_case
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Measure:
     declared: bool | None
     description: str
     cost: int  # rough relative cost, for ordering and for the quick presets
+    by_default: bool = True  # taken when no names are given; False: on request only (names=[...])
 
     @property
     def defaults(self) -> dict:
@@ -87,17 +88,28 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
             "Σ_ss' ⟨w_s, w_s'⟩ Tr(H_ss') over the last linear layer (or layer=)", 1),
     Measure("fisher_rao", fisher_rao.fisher_rao, "norm", "Liang et al. 2019, Def. 2.1", True,
             "‖θ‖²_fr = E⟨θ, ∇_θ ℓ⟩²", 1),
+    Measure("llc", llc.llc_measure, "singular learning theory",
+            "Lau et al. 2023, Quantifying degeneracy in singular models via the learning coefficient", True,
+            "local learning coefficient nβ(E_w L_n(w) − L_n(w*)), SGLD around w*, β = 1/log n", 6, by_default=False),
+    Measure("geodesic", geodesic.geodesic_sharpness, "worst-case",
+            "da Silva, Dangel & Oore 2025, Hide & Seek: transformer symmetries obscure sharpness", True,
+            "max loss rise over a geodesic ball of the quotient by attention's GL(h) and the scale symmetries", 3,
+            by_default=False),
 )}
 
 NAMES: tuple[str, ...] = tuple(MEASURES)
+#: The measures taken when ``names`` is None (the others, costly or model-specific, run when named).
+DEFAULT_NAMES: tuple[str, ...] = tuple(m.name for m in MEASURES.values() if m.by_default)
 assert NAMES == MEASURE_NAMES, "hessgap.names.MEASURE_NAMES must list the registry's measures, in its order"
+assert DEFAULT_NAMES == DEFAULT_MEASURE_NAMES, "hessgap.names.DEFAULT_MEASURE_NAMES must match the registry"
 
 
 def resolve(names) -> list[Measure]:
-    """The entries of ``names`` (None: all, in registry order; a string: one, or comma-separated; or a list or
-    tuple of names); anything else, and unknown names, raise, listing the known ones."""
+    """The entries of ``names`` (None: every measure taken by default, in registry order; a string: one, or
+    comma-separated; or a list or tuple of names); anything else, and unknown names, raise, listing the known
+    ones."""
     if names is None:
-        return list(MEASURES.values())
+        return [m for m in MEASURES.values() if m.by_default]
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):

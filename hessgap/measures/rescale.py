@@ -14,6 +14,10 @@ Two symmetries are found by walking the model's leaf modules in order (plain lay
   the normalized output is the same in eval mode and in train mode alike (the ε term rescales too, so the
   identity is exact, not only approximate).
 
+- **Attention** (GL(h) of each head, :mod:`.attention`): a head's query/key blocks (G, H) become (G·A, H·A⁻ᵀ)
+  and its value/output blocks likewise, A an invertible h × h matrix drawn per head (fixed seed) with
+  singular values spread geometrically over [1/α, α], α the ReLU factor; the second copy uses A⁻¹.
+
 The copy's outputs are compared with the model's on every batch (eval mode; on several ranks, on every rank's
 shard); a rescaling whose outputs differ beyond float rounding (a model whose module order is not its data
 flow: residual connections, custom forwards) is refused with the reason. So is a copy whose weights did not
@@ -35,6 +39,7 @@ from .._state import preserved
 from ..curvature.objective import LossOverData, output_tensor
 from ..distributed import Ranks
 from ..errors import HessgapError
+from .attention import block, find_heads, write_block
 
 RELU_FACTOR = 3.0
 BATCHNORM_FACTOR = 0.25
@@ -91,9 +96,9 @@ def _scalable(module: nn.Module) -> bool:
     return isinstance(module, _BATCHNORM) and module.affine and module.weight.requires_grad
 
 
-def find_symmetries(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
+def find_symmetries(model: nn.Module) -> dict[str, list]:
     """The (producer, consumer) pairs of the ReLU symmetry and the (layer, BatchNorm) pairs of the BatchNorm
-    symmetry, by module name."""
+    symmetry, by module name; and the attention heads' (G, H) pairs (:class:`.attention.HeadPair`)."""
     leaves = _leaves(model)
     relu, batchnorm = [], []
     for i, (name, module) in enumerate(leaves):
@@ -108,7 +113,20 @@ def find_symmetries(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
                 j += 1
             if j < len(leaves) and isinstance(leaves[j][1], _AFFINE) and leaves[j][1].weight.requires_grad:
                 relu.append((name, leaves[j][0]))
-    return {"relu": relu, "batchnorm": batchnorm}
+    return {"relu": relu, "batchnorm": batchnorm, "attention": find_heads(model)[0]}
+
+
+def head_transform(h: int, factor: float, index: int, dtype: torch.dtype) -> torch.Tensor:
+    """The invertible h × h matrix A of head pair ``index``: U·diag(σ)·Vᵀ with random orthogonal U, V (seeded
+    by the index) and σ spread geometrically over [1/f, f], f = max(factor, 1/factor); its inverse when
+    factor < 1, so the two copies of the check move the other way."""
+    generator = torch.Generator().manual_seed(10_007 + index)
+    u, _ = torch.linalg.qr(torch.randn(h, h, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(h, h, generator=generator, dtype=torch.float64))
+    f = max(factor, 1 / factor)
+    sigma = torch.logspace(-1, 1, h, base=f, dtype=torch.float64) if h > 1 else torch.full((1,), f, dtype=torch.float64)
+    a = u @ torch.diag(sigma) @ v.T
+    return (a if factor >= 1 else torch.linalg.inv(a)).to(dtype)
 
 
 @torch.no_grad()
@@ -128,6 +146,12 @@ def _apply(model: nn.Module, pairs: dict, relu_factor: float, batchnorm_factor: 
             bn.running_mean.mul_(batchnorm_factor)
             bn.running_var.mul_(batchnorm_factor**2)
         bn.eps = bn.eps * batchnorm_factor**2
+    params = dict(model.named_parameters())
+    for index, pair in enumerate(pairs.get("attention", ())):
+        g, h = block(params, pair.g), block(params, pair.h)
+        a = head_transform(g.shape[1], relu_factor, index, torch.float64)
+        write_block(params, pair.g, (g.double() @ a).to(g.dtype))
+        write_block(params, pair.h, (h.double() @ torch.linalg.inv(a).T).to(h.dtype))
 
 
 @torch.no_grad()
@@ -145,6 +169,12 @@ def describe(pairs: dict, relu_factor: float, batchnorm_factor: float) -> str:
     if pairs["batchnorm"]:
         parts.append(f"BatchNorm: {len(pairs['batchnorm'])} layer(s) before BatchNorm ×{batchnorm_factor:g} "
                      f"({', '.join(a for a, _ in pairs['batchnorm'])})")
+    heads = pairs.get("attention", ())
+    if heads:
+        f = max(relu_factor, 1 / relu_factor)
+        parts.append(f"attention: {len(heads)} head block pair(s) (G, H) → (G·A, H·A⁻ᵀ), A ∈ GL(h) with singular "
+                     f"values in [1/{f:g}, {f:g}]{' (inverted)' if relu_factor < 1 else ''} "
+                     f"({', '.join(sorted({p.module for p in heads}))})")
     return "; ".join(parts)
 
 
@@ -185,9 +215,9 @@ def rescaled_copy(model: nn.Module, batches, relu_factor: float = RELU_FACTOR,
     check_factor(relu_factor, "relu_factor")
     check_factor(batchnorm_factor, "batchnorm_factor")
     pairs = find_symmetries(model)
-    if not pairs["relu"] and not pairs["batchnorm"]:
-        raise NoSymmetry("the model has no ReLU between two layers and no layer before a BatchNorm, so no "
-                         "function-preserving rescaling to check against")
+    if not pairs["relu"] and not pairs["batchnorm"] and not pairs["attention"]:
+        raise NoSymmetry("the model has no ReLU between two layers, no layer before a BatchNorm and no attention "
+                         "heads, so no function-preserving rescaling to check against")
     twin = copy.deepcopy(model)
     _apply(twin, pairs, relu_factor, batchnorm_factor)
     moved = _moved(model, twin)

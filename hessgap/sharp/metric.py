@@ -20,9 +20,10 @@ from .. import _checks
 from .._results import JsonResult
 from .._state import preserved
 from ..curvature.objective import REDUCED_PRECISION, LossFn, LossOverData
-from ..errors import HessgapError
+from ..errors import HessgapError, NonFiniteError
 from ..ops.box_ascent import box_radius
 from . import solvers
+from .epsilon import check_box, too_large
 from .spaces import FullSpace, ScaledSpace, SubspaceSpace
 from .subspace import SCALES, RandomSubspace
 
@@ -102,22 +103,6 @@ def _check_buffers(model: nn.Module, objective: LossOverData) -> None:
             )
 
 
-def _check_box(space, epsilon: float, box: str, dtype: torch.dtype) -> None:
-    """The box must be a box in ``dtype``: finite, and wider than the rounding of the weights at its centre."""
-    radii = [box_radius(c, epsilon, box) for c in space.box_centre]
-    if not all(bool(torch.isfinite(r).all()) for r in radii) or not all(
-            bool(torch.isfinite(c + r).all()) for c, r in zip(space.box_centre, radii)):
-        raise HessgapError(
-            f"epsilon={epsilon:g} makes the box overflow {dtype}: the moved weights x ± ε(|x| + 1) are not finite; "
-            "Metric 2.1 uses small boxes (the paper: 1e-3 and 5e-4)"
-        )
-    if not any(bool((c + r != c).any()) for c, r in zip(space.box_centre, radii)):
-        raise HessgapError(
-            f"epsilon={epsilon:g} is below what {dtype} resolves at these weights: x + ε(|x| + 1) rounds to x for "
-            f"every weight, so the box holds only x; use ε ≥ {torch.finfo(dtype).eps:g} (the paper: 1e-3 and 5e-4)"
-        )
-
-
 def sharpness(
     model: nn.Module,
     data,
@@ -136,7 +121,7 @@ def sharpness(
     momentum: float = 0.0,
     tol: float = 3e-4,
     subspace_scale: str = "unit",
-    subspace_memory_bytes: int = 2**28,
+    subspace_memory_bytes: int | None = None,
     cache_batches: bool = False,
     lbfgsb_options: dict | None = None,
     compute_loss=None,
@@ -156,8 +141,9 @@ def sharpness(
         epsilon: the box size ε (ρ for ``kind="adaptive"``).
         subspace_dim: None for the full space (A = I); p for a random n × p matrix A; True for the
             paper's p = 100. A has i.i.d. N(0, 1) entries (``subspace_scale``) drawn from ``seed`` and is
-            regenerated block by block when it does not fit ``subspace_memory_bytes``, so the extra
-            memory stays a small multiple of the parameters' size for any p.
+            held when it fits ``subspace_memory_bytes`` (default: a quarter of the free memory), else
+            regenerated block by block at every product, so the extra memory stays a small multiple of
+            the parameters' size for any p (about 5× slower).
         loss_fn: ``loss_fn(outputs, targets)`` → mean loss of a batch; cross-entropy by default.
         solver: ``"auto"`` (default), ``"box-ascent"``, ``"lbfgsb"`` or ``"lbfgsb-scipy"``. ``"box-ascent"``
             is projected sign ascent from the box corner sign(∇f)·r, with Auto-PGD's step halving and the
@@ -181,7 +167,8 @@ def sharpness(
         tol: box-ascent stops when a step raises f by less than ``tol`` times the gain so far (0: run
             all ``max_iter`` steps).
         subspace_scale: ``"unit"``: A has i.i.d. N(0, 1) entries; ``"sqrt_n"``: N(0, 1/n).
-        subspace_memory_bytes: keep A in memory when it fits, else regenerate it block by block.
+        subspace_memory_bytes: keep A in memory when it fits in this many bytes, else regenerate it block by
+            block at every product (same numbers, slower); None: a quarter of the device's free memory.
         cache_batches: keep the loader's batches in memory across the passes.
         lbfgsb_options: extra ``options`` for scipy's L-BFGS-B; by default it runs exactly ``max_iter``
             iterations (``gtol = ftol = 0``): scipy's default ``gtol=1e-5`` stops it at y = 0 on any
@@ -204,9 +191,9 @@ def sharpness(
     if kind == "keskar" and norm != "linf":
         raise HessgapError("Keskar's sharpness is defined on a box (norm='linf'); norm='l2' needs kind='adaptive'")
     ran = solvers.resolve(solver, subspace_dim, norm)
-    name = "rho" if kind == "adaptive" else "epsilon"
+    size_name = "rho" if kind == "adaptive" else "epsilon"
     epsilon = _checks.positive_number(
-        epsilon, name, f"{name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)"
+        epsilon, size_name, f"{size_name} sets the size of the neighbourhood (the paper uses 1e-3, 5e-4)"
     )
     max_iter = _checks.positive_int(DEFAULT_MAX_ITER if max_iter is None else max_iter, "max_iter")
     momentum = _checks.in_unit_interval(momentum, "momentum")
@@ -258,32 +245,36 @@ def sharpness(
             space = ScaledSpace(objective, x)
         else:
             space = FullSpace(objective, x)
-        objective.ranks.together(_check_box, space, epsilon, box, objective.dtype)
+        objective.ranks.together(check_box, space.box_centre, epsilon, box, objective.dtype, size_name)
         loss0, grad0 = space.evaluate()  # f(x): also the first check of the data and of finiteness
         num_samples = objective.num_samples() if cache_batches else None  # free only when cached
         outcomes = {}
-        with tqdm(total=max_iter * len(ran), disable=not progress, desc=f"sharpness ({'+'.join(ran)})",
-                  leave=False) as bar:
-            for name in ran:
-                best_before = space.best
-                space.best = loss0  # each solver's own maximum, from y = 0
-                if name.startswith("lbfgsb"):
-                    radii = [box_radius(c, epsilon, box) for c in space.box_centre]
-                    outcome = solvers.lbfgsb(
-                        space, [-r for r in radii], radii, loss0, grad0, max_iter=max_iter,
-                        options=lbfgsb_options, tick=lambda: bar.update(1),
-                        engine="scipy" if name == "lbfgsb-scipy" else "torch",
-                    )
-                else:
-                    step_rule = (
-                        solvers.L2Step(space, epsilon) if norm == "l2" else solvers.LinfStep(space, epsilon, box)
-                    )
-                    outcome = solvers.box_ascent(
-                        space, step_rule, loss0, grad0, max_iter=max_iter, momentum=momentum, tol=tol,
-                        seed=seed, tick=lambda: bar.update(1),
-                    )
-                outcomes[name] = outcome
-                space.best = max(best_before, space.best)
+        try:
+            with tqdm(total=max_iter * len(ran), disable=not progress, desc=f"sharpness ({'+'.join(ran)})",
+                      leave=False) as bar:
+                for name in ran:
+                    best_before = space.best
+                    space.best = loss0  # each solver's own maximum, from y = 0
+                    if name.startswith("lbfgsb"):
+                        radii = [box_radius(c, epsilon, box) for c in space.box_centre]
+                        outcome = solvers.lbfgsb(
+                            space, [-r for r in radii], radii, loss0, grad0, max_iter=max_iter,
+                            options=lbfgsb_options, tick=lambda: bar.update(1),
+                            engine="scipy" if name == "lbfgsb-scipy" else "torch",
+                        )
+                    else:
+                        step_rule = (
+                            solvers.L2Step(space, epsilon) if norm == "l2" else solvers.LinfStep(space, epsilon, box)
+                        )
+                        outcome = solvers.box_ascent(
+                            space, step_rule, loss0, grad0, max_iter=max_iter, momentum=momentum, tol=tol,
+                            seed=seed, tick=lambda: bar.update(1),
+                        )
+                    outcomes[name] = outcome
+                    space.best = max(best_before, space.best)
+        except NonFiniteError as exc:  # finite at x (loss0), so the box reaches where the network overflows
+            raise too_large(space, epsilon, box, loss0, grad0, objective.dtype, size_name,
+                            corner=norm == "linf") from exc
         history = list(space.history)
         evaluations, evaluation_seconds = space.evaluations, space.evaluation_seconds
 

@@ -11,13 +11,21 @@ The n coordinates are those of the model's trainable parameters concatenated in 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from .._memory import available_bytes
 from ..errors import HessgapError
 
 BLOCK_ROWS = 32768
+#: Without ``memory_bytes``, A is held when it takes at most this share of the device's free memory:
+#: regenerating it costs about 3 s per product for a 5M-parameter model at p = 100 on one CPU core,
+#: 3-4x the loss and gradient it serves, against one generation when held.
+HOLD_SHARE = 0.25
+#: ... and the budget where the free memory is unknown.
+FALLBACK_BYTES = 2**28
 SCALES = ("unit", "sqrt_n")
 
 
@@ -31,17 +39,23 @@ class FlatParameters:
 
     def __init__(self, tensors: Sequence[torch.Tensor]):
         self.tensors = list(tensors)
-        self.offsets = []
+        self.offsets, self.sizes = [], []
         total = 0
         for t in self.tensors:
             self.offsets.append(total)
+            self.sizes.append(t.numel())
             total += t.numel()
         self.numel = total
 
     def segments(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor, int, int]]:
         """``(tensor index, tensor, begin, end)``: the parts of tensors covering flat range [start, stop)."""
-        for index, (t, offset) in enumerate(zip(self.tensors, self.offsets)):
-            begin, end = max(start, offset), min(stop, offset + t.numel())
+        # from the last tensor starting at or before ``start``: a walk from the first tensor at every
+        # block cost seconds per call on models with hundreds of parameter tensors
+        for index in range(max(0, bisect.bisect_right(self.offsets, start) - 1), len(self.tensors)):
+            t, offset = self.tensors[index], self.offsets[index]
+            if offset >= stop:
+                break
+            begin, end = max(start, offset), min(stop, offset + self.sizes[index])
             if begin < end:
                 yield index, t, begin - offset, end - offset
 
@@ -56,7 +70,8 @@ class RandomSubspace:
 
     ``memory_bytes``: A is kept in memory when its n·p entries fit in this many bytes (faster, same
     numbers); otherwise every product regenerates it, so the extra memory is one block of
-    ``BLOCK_ROWS × p`` entries.
+    ``BLOCK_ROWS × p`` entries. None (default): a quarter of what the device has free (``held`` says
+    which was chosen).
     """
 
     def __init__(
@@ -68,7 +83,7 @@ class RandomSubspace:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         scale: str = "unit",
-        memory_bytes: int = 2**28,
+        memory_bytes: int | None = None,
     ):
         if isinstance(p, bool) or not isinstance(p, int):
             raise HessgapError(f"subspace_dim must be an integer number of directions, got {p!r}")
@@ -84,13 +99,20 @@ class RandomSubspace:
         self.scale = scale
         self.num_blocks = (n + BLOCK_ROWS - 1) // BLOCK_ROWS
         entry_bytes = torch.empty((), dtype=dtype).element_size()
+        if memory_bytes is None:
+            free = available_bytes(self.device)
+            memory_bytes = FALLBACK_BYTES if free is None else int(HOLD_SHARE * free)
         self.held = n * p * entry_bytes <= memory_bytes
-        self._matrix = torch.cat([self._generate(b) for b in range(self.num_blocks)]) if self.held else None
+        self._matrix = None
+        if self.held:  # each block generated straight into its rows: no second copy of A, even briefly
+            self._matrix = torch.empty((n, p), device=self.device, dtype=dtype)
+            for b in range(self.num_blocks):
+                self._generate(b, out=self._matrix[b * BLOCK_ROWS : (b + 1) * BLOCK_ROWS])
 
-    def _generate(self, block: int) -> torch.Tensor:
+    def _generate(self, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
         rows = min(BLOCK_ROWS, self.n - block * BLOCK_ROWS)
         generator = torch.Generator(device=self.device).manual_seed(_block_seed(self.seed, block))
-        a = torch.randn((rows, self.p), generator=generator, device=self.device, dtype=self.dtype)
+        a = torch.randn((rows, self.p), generator=generator, device=self.device, dtype=self.dtype, out=out)
         if self.scale == "sqrt_n":
             a.mul_(self.n**-0.5)
         return a

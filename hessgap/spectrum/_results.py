@@ -23,7 +23,8 @@ class EigenResult(JsonResult):
     save them with :meth:`save_eigenvectors`. ``residuals`` are ‖H·v − λ·v‖ computed explicitly from
     the returned vectors: each bounds the distance from its eigenvalue to the nearest true one (up to the
     products' rounding). ``error_estimates`` are Kato–Temple estimates min(r, r²/gap) of |λ − λ_true|,
-    usually much smaller than r but not guaranteed (see :func:`hessgap.eigenvalues`).
+    usually much smaller than r but not guaranteed (see :func:`hessgap.eigenvalues`). ``ritz`` holds the
+    final basis's most wanted Ritz vectors when ``ritz_vectors=`` asked for them (a warm start), else None.
     """
 
     eigenvalues: list[float]
@@ -46,8 +47,9 @@ class EigenResult(JsonResult):
     path: str | None
     model_dtype: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    ritz: torch.Tensor | None = None
 
-    _left_out = ("eigenvectors",)
+    _left_out = ("eigenvectors", "ritz")
 
     def save_eigenvectors(self, path: str) -> None:
         """Write the eigenvectors (k × n tensor, on CPU) with ``torch.save``."""

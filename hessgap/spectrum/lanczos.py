@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .._checks import positive_int
+from .._checks import nonnegative_int, positive_int
 from ..curvature.operator import CheckedOperator, resolve_operator
 from ..errors import HessgapError
 from ._results import EigenResult
@@ -36,7 +36,10 @@ def eigenvalues(
     block_size: int | None = None,
     max_basis: int | None = None,
     max_iter: int = 300,
+    min_iter: int = 1,
     seed: int = 0,
+    start: torch.Tensor | None = None,
+    ritz_vectors: int = 0,
     progress: bool = False,
     **operator_options,
 ) -> EigenResult:
@@ -70,6 +73,19 @@ def eigenvalues(
     ``max_basis`` bounds the basis (default max(30, 3k + 4·block_size), at most n); memory is
     2 · max_basis · n numbers. ``max_iter`` bounds the steps, so at most ``max_iter · block_size``
     Hessian-vector products. Results that did not converge come back with ``converged=False``.
+
+    ``start`` warm-starts the run: up to ``block_size`` vectors (an (r, n) tensor, or one (n,) vector) that
+    make the first block, the rest of it random (from ``seed``). Eigenvectors of a nearby Hessian (the
+    previous measurement of a training run) make a start from which the wanted pairs converge in a few
+    steps. For an FSDP2-sharded model the rows are this rank's shards, as every vector of the run. A start
+    close to *one* eigenvector makes a Ritz pair converge at once, also when a larger eigenvalue it has
+    little of exists (the Kato–Temple gap is measured to Ritz values that have not resolved the others yet):
+    start from a combination of several previous Ritz vectors (``ritz_vectors``) and take ``min_iter`` steps
+    at least, so that the basis spans them before any pair is accepted.
+
+    ``min_iter``: no Ritz pair is accepted before this many steps (unless the basis fills the space).
+    ``ritz_vectors``: also return that many of the final basis's most wanted Ritz vectors (``result.ritz``,
+    unit rows, converged or not; no extra products): the warm start of a next call on a nearby operator.
     """
     started = time.perf_counter()
     if which not in _WHICH:
@@ -80,15 +96,24 @@ def eigenvalues(
         raise HessgapError(f"tol is a relative tolerance and must lie in (0, 1), got {tol!r}")
     positive_int(k, "k", "the number of eigenvalues wanted")
     positive_int(max_iter, "max_iter")
+    positive_int(min_iter, "min_iter")
+    if min_iter > max_iter:
+        raise HessgapError(f"min_iter = {min_iter} exceeds max_iter = {max_iter}; the run could never accept a pair")
+    nonnegative_int(ritz_vectors, "ritz_vectors", "Ritz vectors to return besides the eigenvectors")
     operator = CheckedOperator(
         resolve_operator(model, data, caller="eigenvalues", **operator_options)
     )
     block_size, max_basis = basis_sizes(operator.total_n, k, block_size, max_basis)
+    start = operator.ranks.together(start_block, start, operator, block_size)
     operator.ranks.agree("the arguments of hessgap.eigenvalues", (k, which, tol, criterion, block_size, max_basis,
-                                                                  max_iter, seed))
-    solver = BlockLanczos(operator, k, which, float(tol), criterion, block_size, max_basis, seed)
+                                                                  max_iter, min_iter, seed, start is None))
+    solver = BlockLanczos(operator, k, which, float(tol), criterion, block_size, max_basis, seed, start=start,
+                          min_iter=min_iter)
     solver.run(max_iter, progress)
-    return solver.result(time.perf_counter() - started)
+    result = solver.result(time.perf_counter() - started)
+    if ritz_vectors:
+        result.ritz = solver.ritz_vectors(ritz_vectors)
+    return result
 
 
 def basis_sizes(n: int, k: int, block_size: int | None, max_basis: int | None) -> tuple[int, int]:
@@ -109,6 +134,27 @@ def basis_sizes(n: int, k: int, block_size: int | None, max_basis: int | None) -
             f"the k kept vectors and two blocks, so use max_basis >= {k + 2 * block_size}"
         )
     return block_size, max_basis
+
+
+def start_block(start, operator: CheckedOperator, block_size: int) -> torch.Tensor | None:
+    """``start`` checked and shaped as the rows of a first block: (r, n) with 1 ≤ r ≤ block_size, finite, in
+    the operator's dtype and on its device (None stays None). A zero row is replaced by a random one, as any
+    row that vanishes in the orthogonalization."""
+    if start is None:
+        return None
+    if not isinstance(start, torch.Tensor) or not start.dtype.is_floating_point:
+        raise HessgapError(f"start must be a floating-point tensor of shape (n,) or (r, n), got {type(start).__name__}"
+                           + (f" of dtype {start.dtype}" if isinstance(start, torch.Tensor) else ""))
+    rows = start.reshape(1, -1) if start.dim() == 1 else start
+    if rows.dim() != 2 or rows.shape[1] != operator.n or not 1 <= rows.shape[0] <= block_size:
+        raise HessgapError(
+            f"start has shape {tuple(start.shape)}; it must be ({operator.n},) or (r, {operator.n}) with "
+            f"1 <= r <= block_size = {block_size} (pass block_size=r for more start vectors)"
+        )
+    rows = rows.detach().to(device=operator.device, dtype=operator.dtype)
+    if not bool(torch.isfinite(rows).all()):
+        raise HessgapError("start holds NaN or inf; pass finite vectors (or start=None for a random start)")
+    return rows
 
 
 def _wanted_order(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -156,7 +202,8 @@ class BlockLanczos:
     generator that yields each block to multiply and takes its product back, so that several runs can
     share one pass over the data (see :mod:`hessgap.spectrum.blocks`)."""
 
-    def __init__(self, operator: CheckedOperator, k, which, tol, criterion, block_size, max_basis, seed):
+    def __init__(self, operator: CheckedOperator, k, which, tol, criterion, block_size, max_basis, seed, start=None,
+                 min_iter: int = 1):
         self.op = operator
         self.k, self.which, self.tol, self.criterion = k, which, tol, criterion
         self.block_size, self.max_basis = block_size, max_basis
@@ -171,6 +218,8 @@ class BlockLanczos:
         # A direction whose part outside the basis is this small (relative) carries no new information.
         self.drop_tol = 100 * self.eps
         self.generator = operator.generator(seed)
+        self.start = start  # the first rows of the first block (see :func:`start_block`), or None
+        self.min_iter = min_iter  # no pair is accepted before this many steps
         self.V = torch.empty(max_basis, self.n, dtype=self.dtype, device=self.device)
         self.HV = torch.empty_like(self.V)
         self.m = 0
@@ -183,6 +232,12 @@ class BlockLanczos:
 
     def _random(self, rows: int) -> torch.Tensor:
         return torch.randn(rows, self.n, generator=self.generator, dtype=self.dtype, device=self.device)
+
+    def _first_block(self) -> torch.Tensor:
+        """The start vectors given, the rest of the block random."""
+        if self.start is None:
+            return self._random(self.block_size)
+        return torch.cat([self.start, self._random(self.block_size - self.start.shape[0])])
 
     def _orthonormal_block(self, W: torch.Tensor, max_rows: int) -> torch.Tensor:
         """Rows of W made orthonormal and orthogonal to the basis (classical Gram–Schmidt, twice).
@@ -274,7 +329,7 @@ class BlockLanczos:
         """The run as a generator: yields the next block of vectors, receives its product H·block."""
         from tqdm.auto import tqdm
 
-        block = self._orthonormal_block(self._random(self.block_size), self.block_size)
+        block = self._orthonormal_block(self._first_block(), self.block_size)
         bar = tqdm(total=max_iter, desc="lanczos", unit="step", disable=not progress, leave=False)
         try:
             while True:
@@ -299,12 +354,14 @@ class BlockLanczos:
                                                     self.product_eps)
                 bar.set_postfix(worst=f"{float((bound / threshold).max()):.2g}")
                 out_of_steps = self.iterations >= max_iter
+                ok = ok & (self.iterations >= self.min_iter)
                 if bool(ok.all()) or exhausted or out_of_steps:
                     X, residual = self._explicit(S, theta, wanted)
                     checked = estimates.clone()
                     checked[wanted] = residual
                     bound, ok, _ = _error_estimates(theta, checked, wanted, self.tol, self.criterion, self.eps,
                                                       self.product_eps)
+                    ok = ok & (self.iterations >= self.min_iter)
                     if bool(ok.all()) or exhausted or out_of_steps:
                         self.converged = bool(ok.all()) or exhausted
                         self._final = (theta[wanted], X, residual, bound)
@@ -314,6 +371,14 @@ class BlockLanczos:
                 block = next_block
         finally:
             bar.close()
+
+    def ritz_vectors(self, count: int) -> torch.Tensor:
+        """The ``count`` most wanted Ritz vectors of the final basis as unit rows (fewer when the basis is
+        smaller), converged or not: computed from the basis, without products."""
+        theta, S = torch.linalg.eigh(self.T)
+        chosen = _wanted_order(theta, self.which)[: min(count, self.m)]
+        X = S[:, chosen].to(self.dtype).to(self.device).T @ self.V[: self.m]
+        return X / self.op.norms(X)[:, None]
 
     def result(self, seconds: float) -> EigenResult:
         values, X, residual, bound = self._final

@@ -10,12 +10,12 @@ from .config import TrainConfig
 from .data import DATASET_NAMES, SMALL_BATCH, Dataset, large_batch_size, load_dataset, make_loader
 from .evaluation import evaluate
 from .loop import train
-from .models import MODEL_NAMES, build_model, count_parameters
+from .models import MODEL_NAMES, build_model, count_parameters, parameter_count
 from .remedies import REMEDIES, BatchSchedule, augment_batch, fgsm
 from .result import TrainResult
 
 __all__ = [
-    "MODEL_NAMES", "build_model", "count_parameters",
+    "MODEL_NAMES", "build_model", "count_parameters", "parameter_count",
     "DATASET_NAMES", "Dataset", "load_dataset", "make_loader", "large_batch_size", "SMALL_BATCH",
     "TrainConfig", "TrainResult", "train", "evaluate",
     "list_checkpoints", "load_checkpoint", "load_epoch_state",

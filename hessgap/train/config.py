@@ -1,5 +1,6 @@
 """The configuration of a training run (:class:`TrainConfig`): its options, their checks, and which of them
-may change when a run is resumed; and how its device and batch size are resolved.
+may change when a run is resumed; how its device and batch size are resolved, and whether its network can be
+trained in the device's memory.
 """
 
 from __future__ import annotations
@@ -21,23 +22,26 @@ from ..names import (
     PREPROCESS_NAMES,
     REMEDY_NAMES,
     SHARPNESS_SOLVERS,
+    TRAIN_TRACK_MEASURES,
     dataset_name,
     model_name,
 )
-from .data import SMALL_BATCH, large_batch_size
+from .data import SMALL_BATCH, Dataset, large_batch_size
+from .models import check_fits_memory, parameter_count
 from .remedies import BatchSchedule
 
 # fields that may change between a run and its resumption (they do not change the trajectory)
 RESUMABLE_CHANGES = frozenset({
     "epochs", "patience", "min_delta", "device", "data_root", "sharpness_every", "sharpness_epsilon",
     "sharpness_batches", "eval_batch_size", "keep_checkpoints", "sharpness_solver", "sharpness_batchnorm",
+    "track", "track_every", "track_batches",
 })
 
 #: options added after runs had been recorded, with the value a recorded run that lacks them had: a run folder
 #: written before they existed resumes, and keeps its name in an experiment's folder while they keep these values
 ADDED_DEFAULTS = {
     "preprocess": "standardize", "init": "pytorch", "conv_dropout": False, "sharpness_solver": "auto",
-    "sharpness_batchnorm": "eval",
+    "sharpness_batchnorm": "eval", "track": [], "track_every": 0, "track_batches": 1,
 }
 
 
@@ -55,6 +59,9 @@ class TrainConfig:
     ``sharpness_batches`` limits it to the first batches of the training set. ``keep_checkpoints``: None
     keeps every epoch's checkpoint, k keeps the starting point (epoch 0) and the last k (a checkpoint holds the weights and ADAM's two moments,
     about 3× the parameters' bytes: 21 MB for C1, 180 MB for C2 per epoch). ``device``: "auto" (CUDA if available), "cpu", "cuda", ...
+    ``track``: measures of :class:`hessgap.Tracker` (``TRAIN_TRACK_MEASURES``) taken every ``track_every``
+    optimizer steps over the first ``track_batches`` batches of ``eval_batch_size`` training samples (see
+    :mod:`hessgap.train.tracking_log`); they do not change the trajectory.
 
     The paper's choices where hessgap's defaults differ (the ``paper`` preset sets them): ``preprocess="none"``
     (pixels in [0, 1], not standardized), ``init="glorot"`` (Keras's Glorot-uniform weights, zero biases),
@@ -93,10 +100,14 @@ class TrainConfig:
     sharpness_batchnorm: str = "eval"
     eval_batch_size: int = 1024
     keep_checkpoints: int | None = None
+    track: list = dataclasses.field(default_factory=list)
+    track_every: int = 0
+    track_batches: int | None = 1
     device: str = "auto"
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        out["track"] = list(out["track"])
         if out["batch_schedule"] is not None:
             out["batch_schedule"] = list(out["batch_schedule"])
         return out
@@ -138,6 +149,7 @@ class TrainConfig:
         _checks.positive_int(self.keep_checkpoints, "keep_checkpoints", allow_none=True)
         _checks.positive_int(self.prox_steps, "prox_steps")
         _checks.nonnegative_int(self.sharpness_every, "sharpness_every", "0 = never")
+        self._validate_tracking()
         _checks.choice(self.optimizer, OPTIMIZER_NAMES, "optimizer")
         for name in ("lr", "sharpness_epsilon", "fgsm_epsilon", "width", "depth"):
             _checks.positive_number(getattr(self, name), name)
@@ -159,6 +171,22 @@ class TrainConfig:
         return self
 
 
+    def _validate_tracking(self) -> None:
+        if isinstance(self.track, str) or not isinstance(self.track, (list, tuple)):
+            raise HessgapError(f"track must be a list of measures from {', '.join(TRAIN_TRACK_MEASURES)}, got {self.track!r}")
+        self.track = list(self.track)
+        for name in self.track:
+            _checks.choice(name, TRAIN_TRACK_MEASURES, "tracked measure")
+        _checks.nonnegative_int(self.track_every, "track_every", "optimizer steps between records, 0 = never")
+        _checks.positive_int(self.track_batches, "track_batches", allow_none=True)
+        if bool(self.track) != bool(self.track_every):
+            raise HessgapError("track and track_every go together: name the measures (track) and how often to take "
+                               f"them (track_every ≥ 1); got track={self.track!r}, track_every={self.track_every}")
+        if "eos_ratio" in self.track and str(self.optimizer).lower() != "sgd":
+            raise HessgapError("eos_ratio is SGD's edge-of-stability ratio; with optimizer='adam' track "
+                               "critical_sharpness, whose ratio η·λc/2 follows Adam's update")
+
+
 def _plain_int(value):
     """numpy's integers as Python ints (the checks, torch's seeding and JSON take those); other values as they are."""
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
@@ -174,6 +202,25 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise HessgapError(f"device {device!r} asked for, but this torch build or machine has no CUDA device; use 'cpu'")
     return resolved
+
+
+def _training_state(config: TrainConfig) -> tuple[int, str]:
+    """How many numbers training holds per parameter, and which."""
+    if config.optimizer == "adam":
+        return 4, "training with adam (the weights, their gradients and ADAM's two moments)"
+    if config.momentum > 0:
+        return 3, "training with sgd (the weights, their gradients and the momentum)"
+    return 2, "training with sgd (the weights and their gradients)"
+
+
+def check_fits(config: TrainConfig, dataset: Dataset, device: torch.device | None = None) -> int:
+    """Refuse ``config``'s network when training it cannot fit the memory of ``device`` (the configuration's
+    device by default): counted, not built, so an absurd width is refused at once. Returns its parameter count."""
+    count = parameter_count(config.model, dataset.input_shape, dataset.num_classes, config.width, config.depth)
+    copies, held = _training_state(config)
+    check_fits_memory(f"{config.model} (width {config.width:g}, depth {config.depth:g}) on {dataset.name}", count,
+                      resolve_device(config.device) if device is None else device, copies, held)
+    return count
 
 
 def resolve_batch_size(batch_size, num_train: int) -> int:

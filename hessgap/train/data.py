@@ -13,6 +13,7 @@ either way: its generator's own global scaling is part of the data set's definit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,28 @@ class Dataset:
         move = lambda ds: TensorDataset(*(t.to(device) for t in ds.tensors))  # noqa: E731
         return Dataset(self.name, move(self.train), move(self.test), self.input_shape, self.num_classes,
                        self.image, self.flip_ok, self.source)
+
+    def with_class_labels(self) -> Dataset:
+        """This data set with its labels (each split's last tensor) as int64 class indices: the same object when
+        they are, a copy of the labels when they are another integer type (int32 and smaller: torch's
+        cross-entropy takes int64 only); labels that are not class indices in 0..num_classes − 1 raise."""
+        splits = []
+        for split, where in ((self.train, "train"), (self.test, "test")):
+            *inputs, labels = split.tensors
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise HessgapError(
+                    f"data set {self.name!r}: the {where} split's labels are {labels.dtype}; the training loss is "
+                    "cross-entropy over class indices: use integer labels (labels.long())"
+                )
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise HessgapError(
+                    f"data set {self.name!r}: the {where} split's labels run from {int(labels.min())} to "
+                    f"{int(labels.max())}, outside 0..{self.num_classes - 1} for num_classes={self.num_classes}"
+                )
+            splits.append(split if labels.dtype == torch.int64 else TensorDataset(*inputs, labels.long()))
+        if splits[0] is self.train and splits[1] is self.test:
+            return self
+        return dataclasses.replace(self, train=splits[0], test=splits[1])
 
     def to_dict(self) -> dict:
         return {

@@ -18,9 +18,13 @@ Epoch callbacks, in the order the loop calls them after an epoch's evaluation:
 3. the caller's ``epoch_callback(record, model)``: it sees a copy of the finished record, exactly as the
    checkpoint holds it, with the model in eval mode; returning True stops the run there.
 
+Step by step, ``TrainConfig.track`` is measured every ``track_every`` optimizer steps by a
+:class:`hessgap.Tracker` (:mod:`hessgap.train.tracking_log`), into ``<out_dir>/tracking`` with a run folder.
+
 Reproducibility: the initial weights come from ``seed``; the data order of epoch e from (seed, e); dropout
-and augmentation from RNG states saved in every checkpoint. Measurements run under a forked RNG, so turning
-them on does not change the trajectory. The caller's global RNG state is left as it was.
+and augmentation from RNG states saved in every checkpoint. Measurements run under a forked RNG (the tracker
+also leaves the optimizer's state alone), so turning them on does not change the trajectory. The caller's
+global RNG state is left as it was.
 
 On several ranks (an initialized default process group, e.g. under ``torchrun``) the run trains with
 DistributedDataParallel on the one-process global batch: see :mod:`hessgap.train.parallel`.
@@ -53,7 +57,7 @@ from .checkpoint import (
     repair_hint,
     save_checkpoint,
 )
-from .config import TrainConfig, check_same_run, resolve_batch_size, resolve_device
+from .config import TrainConfig, check_fits, check_same_run, resolve_batch_size, resolve_device
 from .data import Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
 from .evaluation import evaluation_sums
 from .models import build_model
@@ -61,6 +65,7 @@ from .parallel import Replicas, rank_device
 from .remedies import BatchSchedule, make_training_step
 from .result import TrainResult
 from .sharpness_log import SharpnessLog
+from .tracking_log import make_tracker, tracking_records
 
 _AUGMENT_STREAM = 1 << 30  # the augmentation generator's seed stream, apart from the epochs' streams
 
@@ -118,7 +123,10 @@ def train(
             f"the configuration names data set {config.dataset!r} but the Dataset passed is {dataset.name!r}; "
             f"set TrainConfig.dataset={dataset.name!r} so that the run records what it trained on"
         )
+    else:
+        dataset = dataset.with_class_labels()  # a caller's own labels may be int32, or not class indices
     batch_size, schedule = batch_plan(config, dataset)
+    check_fits(config, dataset, device)  # before the folder is locked (made) and the network built
     data = dataset.to(device) if device.type != "cpu" else dataset
 
     measurements = [SharpnessLog.from_config(config, data.train, device, replicas)]
@@ -185,6 +193,8 @@ class _Run:
         self.meta = {"input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
                      "dataset": dataset.name}
         self.last_good: dict | None = None  # the last finite weights, handed back if an epoch diverges
+        self.tracker = None  # curvature every track_every optimizer steps (made once the run is set up)
+        self.global_step = 0  # optimizer steps taken, over every epoch
 
     def _scaled_loss(self, outputs, targets):
         return F.cross_entropy(outputs, targets) * self.loss_scale if self.loss_scale != 1.0 else \
@@ -198,7 +208,7 @@ class _Run:
                            config=self.config, input_shape=tuple(self.dataset.input_shape),
                            num_classes=self.dataset.num_classes, dataset=self.dataset.name,
                            stopped_early=self.stopped_early, out_dir=str(self.folder) if self.folder else None,
-                           resumed_from=self.resumed_from)
+                           resumed_from=self.resumed_from, tracking=tracking_records(self.tracker, self.folder))
 
     def payload(self, epoch: int) -> dict:
         return {
@@ -260,16 +270,20 @@ class _Run:
 
     # --- one epoch ------------------------------------------------------------------------------------
 
+    def drop_last(self, size: int) -> bool:
+        """Whether an epoch of batch size ``size`` drops its last batch: BatchNorm cannot train on one sample, so
+        a last (global) batch too small to give every rank two is dropped."""
+        world = self.replicas.world_size if self.replicas is not None else 1
+        rest = len(self.data.train) % size
+        return 0 < rest < 2 * world if world > 1 else rest == 1
+
     def train_epoch(self, epoch: int, size: int, progress: bool) -> float:
         """One pass over the shuffled training set; returns the mean loss of the training batches."""
         total = len(self.data.train)
         world = self.replicas.world_size if self.replicas is not None else 1
-        # BatchNorm cannot train on one sample: drop a last (global) batch too small to give every rank two
-        rest = total % size
-        drop_last = 0 < rest < 2 * world if world > 1 else rest == 1
         part = self.replicas.part if self.replicas is not None else None
         loader = make_loader(self.data.train, size, shuffle=True, seed=self.config.seed, epoch=epoch,
-                             drop_last=drop_last, part=part)
+                             drop_last=self.drop_last(size), part=part)
         self.trained.train()
         running = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync
         seen = 0
@@ -280,6 +294,9 @@ class _Run:
             loss = self.step(self.trained, self.optimizer, inputs, targets)
             running += loss.double() / self.loss_scale * inputs.shape[0]
             seen += inputs.shape[0]
+            self.global_step += 1
+            if self.tracker is not None:
+                self.tracker.step(self.global_step)
         self.loss_scale = 1.0
         if self.replicas is not None:
             summed, count = self.replicas.sum([float(running), seen])
@@ -324,6 +341,17 @@ class _Run:
             epoch_callback: Callable[[dict, nn.Module], Any] | None) -> TrainResult:
         if not self.start_or_resume():
             return self.result()
+        self.global_step = sum(len(make_loader(self.data.train, r["batch_size"], shuffle=False,  # steps done
+                                               drop_last=self.drop_last(r["batch_size"]))) for r in self.history)
+        self.tracker = make_tracker(self.config, self.data.train, self.model, self.optimizer, self.folder,
+                                    self.replicas)
+        try:
+            return self._epochs(progress, measurements, epoch_callback)
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+
+    def _epochs(self, progress: bool, measurements, epoch_callback) -> TrainResult:
         config, model = self.config, self.model
         slots = {key: value for measure in measurements for key, value in measure.fields.items()}
         start = len(self.history) + 1

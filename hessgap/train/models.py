@@ -27,7 +27,10 @@ Adapting to the data:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 from torch import nn
@@ -36,7 +39,7 @@ from .. import _checks
 from ..errors import HessgapError
 from ..names import INIT_NAMES, MODEL_NAMES, model_name
 
-__all__ = ["MODEL_NAMES", "build_model", "count_parameters", "glorot_"]
+__all__ = ["MODEL_NAMES", "build_model", "check_fits_memory", "count_parameters", "glorot_", "parameter_count"]
 
 # hidden layers of the fully connected nets (Linear 512 + BN + ReLU each)
 _DENSE_LAYERS = {"F1": 5, "F2": 7}
@@ -48,6 +51,9 @@ _VGG_DENSE = 512
 # the authors' VGG dropout (conv_dropout=True): after the net's first convolution, and after the others but
 # the last of each stack
 _VGG_FIRST_DROPOUT, _VGG_CONV_DROPOUT = 0.3, 0.4
+#: the most repeated blocks ``depth`` may give a network (the paper's deepest, C2/C4, has 13): every block is
+#: a few Python modules, built and run one call each, so beyond this building alone takes hours
+MAX_BLOCKS = 10_000
 
 
 def _check_scale(name: str, value: float) -> float:
@@ -61,7 +67,17 @@ def _check_scale(name: str, value: float) -> float:
 
 
 def _scaled(count: int, factor: float) -> int:
-    return max(1, int(round(count * factor)))
+    scaled = count * factor
+    if scaled == float("inf"):
+        raise HessgapError(f"a width or depth of {factor:g} scales {count} layers or units beyond the float range; "
+                           "use a scale near 1.0 (the paper's network)")
+    return max(1, int(round(scaled)))
+
+
+def _count(number: int) -> str:
+    """An integer for a message: exact with thousands separators, or rounded when too long to read (Decimal: a
+    width of 1e300 gives counts of 600 digits, beyond a float)."""
+    return f"{number:,}" if number < 10**15 else f"{Decimal(number):.3g}"
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -77,15 +93,34 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _dense_block(in_features: int, out_features: int, dropout: float | None) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features), nn.ReLU()]
+@dataclass(frozen=True)
+class _Layer:
+    """One layer of a network's plan: the module to build and its parameter count, known before anything is
+    allocated (so a network too large for memory is refused before it is built)."""
+
+    module: type[nn.Module]
+    args: tuple = ()
+    options: tuple = ()  # keyword arguments, as (name, value) pairs
+    parameters: int = 0
+
+    def build(self) -> nn.Module:
+        return self.module(*self.args, **dict(self.options))
+
+
+def _linear(in_features: int, out_features: int) -> _Layer:
+    return _Layer(nn.Linear, (in_features, out_features), parameters=in_features * out_features + out_features)
+
+
+def _dense_block(in_features: int, out_features: int, dropout: float | None) -> list[_Layer]:
+    layers = [_linear(in_features, out_features), _Layer(nn.BatchNorm1d, (out_features,), parameters=2 * out_features),
+              _Layer(nn.ReLU)]
     if dropout:
-        layers.append(nn.Dropout(dropout))
+        layers.append(_Layer(nn.Dropout, (dropout,)))
     return layers
 
 
 class _ConvShape:
-    """Tracks the spatial size through conv/pool layers and builds kernels that fit it."""
+    """Tracks the spatial size through conv/pool layers and plans kernels that fit it."""
 
     def __init__(self, input_shape: tuple[int, ...]):
         if len(input_shape) == 1:
@@ -95,17 +130,19 @@ class _ConvShape:
             self.flat = False
             self.channels, self.height, self.width = input_shape
 
-    def prefix(self) -> list[nn.Module]:
-        return [nn.Unflatten(1, (1, 1, self.width))] if self.flat else []
+    def prefix(self) -> list[_Layer]:
+        return [_Layer(nn.Unflatten, (1, (1, 1, self.width)))] if self.flat else []
 
-    def conv(self, out_channels: int, kernel: int) -> list[nn.Module]:
+    def conv(self, out_channels: int, kernel: int) -> list[_Layer]:
         # "same" padding (odd kernels); a 1-D signal gets 1×k kernels
         kh = 1 if self.flat else kernel
-        layer = nn.Conv2d(self.channels, out_channels, (kh, kernel), padding=(kh // 2, kernel // 2))
+        weights = self.channels * out_channels * kh * kernel + out_channels
+        layer = _Layer(nn.Conv2d, (self.channels, out_channels, (kh, kernel)),
+                       (("padding", (kh // 2, kernel // 2)),), weights)
         self.channels = out_channels
-        return [layer, nn.BatchNorm2d(out_channels), nn.ReLU()]
+        return [layer, _Layer(nn.BatchNorm2d, (out_channels,), parameters=2 * out_channels), _Layer(nn.ReLU)]
 
-    def pool(self, kernel: int, stride: int, padding: int) -> list[nn.Module]:
+    def pool(self, kernel: int, stride: int, padding: int) -> list[_Layer]:
         def side(size: int) -> tuple[int, int, int, int]:
             if size < 2:  # pooling would shrink it below one pixel (or do nothing): leave the side alone
                 return 1, 1, 0, size
@@ -118,43 +155,43 @@ class _ConvShape:
         if (kh, kw) == (1, 1):
             return []
         self.height, self.width = new_h, new_w
-        return [nn.MaxPool2d((kh, kw), stride=(sh, sw), padding=(ph, pw))]
+        return [_Layer(nn.MaxPool2d, ((kh, kw),), (("stride", (sh, sw)), ("padding", (ph, pw))))]
 
     @property
     def features(self) -> int:
         return self.channels * self.height * self.width
 
 
-def _fully_connected(name, shape, num_classes, width, depth) -> list[nn.Module]:
+def _fully_connected(name, shape, num_classes, width, depth) -> list[_Layer]:
     in_features = 1
     for s in shape:
         in_features *= s
     units = _scaled(512, width)
-    layers: list[nn.Module] = [nn.Flatten()]
+    layers = [_Layer(nn.Flatten)]
     for _ in range(_scaled(_DENSE_LAYERS[name], depth)):
         layers += _dense_block(in_features, units, None)
         in_features = units
-    layers.append(nn.Linear(in_features, num_classes))
+    layers.append(_linear(in_features, num_classes))
     return layers
 
 
-def _alexnet_like(shape, num_classes, width, depth, dropout) -> list[nn.Module]:
+def _alexnet_like(shape, num_classes, width, depth, dropout) -> list[_Layer]:
     # Keras's 3×3 max-pool with stride 2 and "same" padding: size -> ceil(size / 2)
     tracker = _ConvShape(shape)
     layers = tracker.prefix()
     for _ in range(_scaled(_ALEX_BLOCKS, depth)):
         layers += tracker.conv(_scaled(_ALEX_CHANNELS, width), _ALEX_KERNEL)
         layers += tracker.pool(3, 2, 1)
-    layers.append(nn.Flatten())
+    layers.append(_Layer(nn.Flatten))
     in_features = tracker.features
     for units in _ALEX_DENSE:
         layers += _dense_block(in_features, _scaled(units, width), dropout)
         in_features = _scaled(units, width)
-    layers.append(nn.Linear(in_features, num_classes))
+    layers.append(_linear(in_features, num_classes))
     return layers
 
 
-def _vgg_like(shape, num_classes, width, depth, dropout, conv_dropout=False) -> list[nn.Module]:
+def _vgg_like(shape, num_classes, width, depth, dropout, conv_dropout=False) -> list[_Layer]:
     tracker = _ConvShape(shape)
     layers = tracker.prefix()
     first = True
@@ -163,15 +200,98 @@ def _vgg_like(shape, num_classes, width, depth, dropout, conv_dropout=False) -> 
         for index in range(count):
             layers += tracker.conv(_scaled(channels, width), 3)
             if conv_dropout and index < count - 1:
-                layers.append(nn.Dropout(_VGG_FIRST_DROPOUT if first else _VGG_CONV_DROPOUT))
+                layers.append(_Layer(nn.Dropout, (_VGG_FIRST_DROPOUT if first else _VGG_CONV_DROPOUT,)))
             first = False
         layers += tracker.pool(2, 2, 0)
-    layers.append(nn.Flatten())
+    layers.append(_Layer(nn.Flatten))
     if conv_dropout and dropout:
-        layers.append(nn.Dropout(dropout))
+        layers.append(_Layer(nn.Dropout, (dropout,)))
     layers += _dense_block(tracker.features, _scaled(_VGG_DENSE, width), dropout)
-    layers.append(nn.Linear(_scaled(_VGG_DENSE, width), num_classes))
+    layers.append(_linear(_scaled(_VGG_DENSE, width), num_classes))
     return layers
+
+
+def _repeated_blocks(key: str, depth: float) -> int:
+    """How many blocks ``depth`` makes the network repeat (hidden layers, or convolutions with their BatchNorm)."""
+    if key in _DENSE_LAYERS:
+        return _scaled(_DENSE_LAYERS[key], depth)
+    if key in ("C1", "C3"):
+        return _scaled(_ALEX_BLOCKS, depth)
+    return sum(_scaled(convs, depth) for _, convs in _VGG_STACKS)
+
+
+def _plan(name, input_shape, num_classes, width=1.0, depth=1.0, dropout=0.5, conv_dropout=False) -> list[_Layer]:
+    """The checked arguments' network as a list of layers, none of them built yet."""
+    key = model_name(name)
+    shape = _check_shape(input_shape)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise HessgapError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
+    width = _check_scale("width", width)
+    depth = _check_scale("depth", depth)
+    dropout = float(dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise HessgapError(f"dropout must be in [0, 1), got {dropout}")
+    _checks.flag(conv_dropout, "conv_dropout")
+    blocks = _repeated_blocks(key, depth)
+    if blocks > MAX_BLOCKS:
+        raise HessgapError(
+            f"depth={depth:g} gives {key} {_count(blocks)} repeated blocks (at depth 1: {_repeated_blocks(key, 1.0)}); "
+            f"hessgap builds at most {MAX_BLOCKS:,} (each is a few Python modules, built and run one call at a time: "
+            "more would take hours); use a smaller depth"
+        )
+    if key in _DENSE_LAYERS:
+        return _fully_connected(key, shape, num_classes, width, depth)
+    if key in ("C1", "C3"):
+        return _alexnet_like(shape, num_classes, width, depth, dropout)
+    return _vgg_like(shape, num_classes, width, depth, dropout, conv_dropout)
+
+
+def device_memory(device: str | torch.device) -> int | None:
+    """Bytes of memory of ``device`` (the machine's physical memory for the CPU), or None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+            return None
+    return None
+
+
+def check_fits_memory(what: str, parameters: int, device: str | torch.device, copies: int = 1,
+                      held: str = "") -> None:
+    """Refuse a network of ``parameters`` numbers of the default dtype when ``copies`` of them (the weights, and
+    for training their gradients and the optimizer's state, which ``held`` names) exceed the memory of
+    ``device``: a lower bound of what the run needs, so the refusal is never wrong."""
+    device = torch.device(device)
+    memory = device_memory(device)
+    dtype = torch.get_default_dtype()
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    needed = parameters * itemsize * copies
+    if memory is None or needed <= memory:
+        return
+    total = f"; {held} holds {copies} copies of them, {_gigabytes(needed)}" if copies > 1 else ""
+    raise HessgapError(
+        f"{what} has {_count(parameters)} parameters, {_gigabytes(parameters * itemsize)} as {dtype}{total}: more "
+        f"than the {_gigabytes(memory)} of {_owner(device)} memory; use a smaller width or depth (1.0 is the "
+        "paper's network)"
+    )
+
+
+def _gigabytes(size: int) -> str:
+    return f"{Decimal(size) / 10**9:.3g} GB"
+
+
+def _owner(device: torch.device) -> str:
+    return "this machine's" if device.type == "cpu" else f"{device}'s"
+
+
+def parameter_count(name: str, input_shape: Sequence[int], num_classes: int, width: float = 1.0,
+                    depth: float = 1.0) -> int:
+    """The number of parameters :func:`build_model` gives these arguments, exactly, without building anything
+    (so for any width: a Python integer, no tensor allocated)."""
+    return sum(layer.parameters for layer in _plan(name, input_shape, num_classes, width, depth))
 
 
 def build_model(
@@ -197,24 +317,11 @@ def build_model(
     ``init``: "pytorch" (PyTorch's default) or "glorot" (Glorot-uniform weights and zero biases of every
     Linear and Conv2d, Keras's default and so the paper's); seed with ``torch.manual_seed`` before calling.
     """
-    key = model_name(name)
-    shape = _check_shape(input_shape)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise HessgapError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
-    width = _check_scale("width", width)
-    depth = _check_scale("depth", depth)
-    dropout = float(dropout)
-    if not 0.0 <= dropout < 1.0:
-        raise HessgapError(f"dropout must be in [0, 1), got {dropout}")
+    plan = _plan(name, input_shape, num_classes, width, depth, dropout, conv_dropout)
     _checks.choice(init, INIT_NAMES, "initialization")
-    _checks.flag(conv_dropout, "conv_dropout")
-    if key in _DENSE_LAYERS:
-        layers = _fully_connected(key, shape, num_classes, width, depth)
-    elif key in ("C1", "C3"):
-        layers = _alexnet_like(shape, num_classes, width, depth, dropout)
-    else:
-        layers = _vgg_like(shape, num_classes, width, depth, dropout, conv_dropout)
-    model = nn.Sequential(*layers)
+    check_fits_memory(f"{model_name(name)} (width {float(width):g}, depth {float(depth):g})",
+                      sum(layer.parameters for layer in plan), torch.get_default_device())
+    model = nn.Sequential(*(layer.build() for layer in plan))
     if init == "glorot":
         glorot_(model)
     return model

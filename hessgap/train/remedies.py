@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import is_int
 from ..errors import HessgapError
 from ..names import REMEDY_NAMES
 
@@ -151,11 +153,11 @@ class BatchSchedule:
     growth: float
 
     def __post_init__(self):
-        if not (isinstance(self.start, int) and isinstance(self.final, int)) or self.start < 1 or self.final < self.start:
+        if not (is_int(self.start) and is_int(self.final)) or self.start < 1 or self.final < self.start:
             raise HessgapError(
                 f"batch_schedule needs integers 1 ≤ start ≤ final, got start={self.start!r}, final={self.final!r}"
             )
-        if not (math.isfinite(self.growth) and self.growth >= 1.0):
+        if not (isinstance(self.growth, numbers.Real) and math.isfinite(self.growth) and self.growth >= 1.0):
             raise HessgapError(f"batch_schedule growth must be a finite factor ≥ 1 per epoch, got {self.growth}")
 
     @classmethod
@@ -168,13 +170,24 @@ class BatchSchedule:
             raise HessgapError(
                 f"batch_schedule must be (start size, final size, growth per epoch), got {value!r}"
             ) from None
-        return cls(int(start), int(final), float(growth))
+        growth = float(growth) if isinstance(growth, numbers.Real) and not isinstance(growth, bool) else growth
+        return cls(_whole(start), _whole(final), growth)
 
     def batch_size(self, epoch: int) -> int:
         return min(self.final, int(round(self.start * self.growth ** (max(1, epoch) - 1))))
 
     def to_list(self) -> list:
         return [self.start, self.final, self.growth]
+
+
+def _whole(size):
+    """A batch size as an int when it is a whole number (16.0 from JSON or the command line); anything else as it
+    is, for :class:`BatchSchedule` to refuse (int() would turn 16.5 into 16 and fail raw on NaN)."""
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        return int(size)
+    if isinstance(size, float) and size.is_integer():
+        return int(size)
+    return size
 
 
 # --- the per-batch step ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ written to and read back from one file, a run's checkpoint or a run folder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +34,8 @@ class TrainResult:
     ``seconds`` is the time of the epoch's training and evaluation.
     ``diverged`` is the epoch whose loss became non-finite (training stopped there; ``model`` then holds
     the last finite weights, the checkpoint of the epoch before), or None. ``stopped_early`` is the epoch
-    at which patience ended the run, or None.
+    at which patience ended the run, or None. ``tracking`` holds the records of ``TrainConfig.track`` (one per
+    ``track_every`` optimizer steps, see :class:`hessgap.Tracker`), empty when nothing was tracked.
     """
 
     model: nn.Module
@@ -48,6 +49,7 @@ class TrainResult:
     stopped_early: int | None = None
     out_dir: str | None = None
     resumed_from: int | None = None
+    tracking: list[dict] = field(default_factory=list)
 
     @property
     def final(self) -> dict:
@@ -77,6 +79,7 @@ class TrainResult:
             "stopped_early": self.stopped_early,
             "finished": self.finished,
             "out_dir": self.out_dir,
+            "tracking": self.tracking,
         })
 
     def save(self, path: str | Path) -> None:
@@ -122,4 +125,5 @@ class TrainResult:
         return cls(model=model, x0=payload["x0"], history=list(payload.get("history", [])),
                    diverged=payload.get("diverged"), config=config, input_shape=tuple(payload["input_shape"]),
                    num_classes=payload["num_classes"], dataset=payload.get("dataset", config.dataset),
-                   stopped_early=payload.get("stopped_early"), out_dir=payload.get("out_dir"))
+                   stopped_early=payload.get("stopped_early"), out_dir=payload.get("out_dir"),
+                   tracking=list(payload.get("tracking", [])))

@@ -39,6 +39,32 @@ def test_train_writes_a_model_and_a_report(trained_pair):
     assert f"| test_acc (%) | {100 * result['final']['test_acc']:.2f} |" in report
 
 
+def test_train_tracks_curvature_into_the_report(tmp_path, capsys):
+    folder = tmp_path / "tracked"
+    code, out, err = run_cli(capsys, "train", "--batch-size", 256, "--epochs", 2, "--optimizer", "sgd", "--lr", 0.05,
+                             "--track", "lambda_max,critical_sharpness,eos_ratio", "--track-every", 3,
+                             "--track-batches", 1, "--eval-batch", 200, "--out", folder, *TINY)
+    assert code == 0, err
+    result = json.loads((folder / "results" / "train.json").read_text())
+    steps = [r["step"] for r in result["tracking"]]
+    assert steps == [3, 6, 9, 12]  # 6 steps an epoch (1437 samples in batches of 256)
+    assert f"at step 12: lambda_max {result['tracking'][-1]['lambda_max']:.4g}" in out
+    report = (folder / "report.md").read_text()
+    assert "### Curvature along training (every 3 steps" in report and "figures/tracking.png" in report
+    assert (folder / "figures" / "tracking.png").is_file()
+    assert (folder / "tracking" / "history.jsonl").read_text().count("\n") == 4
+    # the model's curvature over the first 200 training samples, as the tracker measured it
+    model = load(folder / "model.pt").result.model
+    x, y = load_dataset("digits").train.tensors
+    direct = hessgap.eigenvalues(model, (x[:200], y[:200]), k=1, tol=1e-4)
+    assert result["tracking"][-1]["lambda_max"] == pytest.approx(direct.eigenvalues[0], rel=1e-2)
+
+
+def test_train_refuses_eos_ratio_with_adam(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--epochs", 1, "--track", "eos_ratio", "--out", tmp_path / "t", *TINY)
+    assert code == 1 and "eos_ratio is SGD's" in err and not (tmp_path / "t").exists()
+
+
 def test_train_again_on_the_same_folder_resumes(trained_pair, capsys, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in (trained_pair / "sb" / "checkpoints").glob("*.pt")}
     code, out, err = run_cli(capsys, "train", "--batch-size", 64, "--epochs", 2, "--out", trained_pair / "sb", *TINY)
@@ -94,6 +120,12 @@ def test_landscape_of_a_saved_model_then_towards_another(trained_pair, tmp_path,
     code, out, err = run_cli(capsys, "landscape", trained_pair / "sb", "--steps", 3, "--test", "--out", tmp_path / "l",
                              "--quiet", "--threads", 1, "--device", "cpu")
     assert code == 0 and "3 row(s) resumed" in out
+    # other batches (32 samples each, the first one only) are other data: named, not mixed with the finished rows
+    code, out, err = run_cli(capsys, "landscape", trained_pair / "sb", "--steps", 3, "--test", "--out", tmp_path / "l",
+                             "--eval-batch", 32, "--max-batches", 1, "--quiet", "--threads", 1, "--device", "cpu")
+    assert code == 1 and "Traceback" not in err
+    assert ("changed: data_settings ({'eval_batch': 1024} in the folder, {'eval_batch': 32} now); max_batches (None "
+            "in the folder, 1 now); the data (the batches'") in err and "the test data" in err
     code, out, err = run_cli(capsys, "landscape", trained_pair / "sb", "--directions", trained_pair / "lb",
                              "--steps", 4, "--out", tmp_path / "p", "--quiet", "--threads", 1, "--device", "cpu")
     assert code == 0, err

@@ -68,6 +68,9 @@ def test_correlate_on_a_tiny_zoo(tmp_path, capsys):
     code, out, err = run_cli(capsys, "correlate", *ZOO, "--min-train-acc", "30", "--out", tmp_path / "c")
     assert code == 0, err
     assert "4 of 4 networks included" in out and "fisher_rao" in out
+    assert "sign-error" in out and "(robust" in out
+    result = json.loads((tmp_path / "c" / "results" / "correlate.json").read_text())
+    assert "robust_sign_error" in result["correlations"]["digits"]["fisher_rao"]
     report = (tmp_path / "c" / "report.md").read_text()
     assert "## Which sharpness predicts the generalization gap?" in report
     assert (tmp_path / "c" / "figures" / "correlate_digits.png").is_file()
@@ -84,3 +87,17 @@ def test_correlate_on_cifar_needs_its_folder(tmp_path, capsys):
     code, out, err = run_cli(capsys, "correlate", "--datasets", "cifar10", "--out", tmp_path / "c", *RUN)
     assert code == 1 and "--data-root" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_the_llc_of_a_saved_model_with_its_options_traces_and_diagnostics(saved, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "measures", saved, "--names", "llc", "--llc-chains", "2", "--llc-draws", "20",
+                             "--llc-burn-in", "5", "--no-invariance", "--out", tmp_path / "m", *RUN)
+    assert code == 0, err
+    result = json.loads((tmp_path / "m" / "results" / "model_measures.json").read_text())
+    assert result["settings"]["llc"]["chains"] == 2 and result["settings"]["llc"]["draws"] == 20
+    llc = result["details"]["llc"]
+    assert result["values"]["llc"] == pytest.approx(llc["value"]) and len(llc["traces"]) == 2
+    assert (tmp_path / "m" / "figures" / "llc_traces.png").read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "m" / "report.md").read_text()
+    assert "### Local learning coefficient" in report and "figures/llc_traces.png" in report
+    assert "llc:" in out and "step_size:" in out

@@ -51,7 +51,10 @@ def test_every_name_parses_and_unknown_names_list_them_all(capsys):
     assert parser.parse_args(["reproduce", "--experiments", everything]).experiments == registry.EXPERIMENTS
     remedies = ",".join(names.REMEDY_NAMES)
     assert parser.parse_args(["reproduce", "--remedies", remedies]).remedies == names.REMEDY_NAMES
-    for argv, listed in ((["train", "--model", "F9"], names.MODEL_NAMES),
+    tracked = ",".join(names.TRAIN_TRACK_MEASURES)
+    assert parser.parse_args(["train", "--track", tracked]).track == names.TRAIN_TRACK_MEASURES
+    for argv, listed in ((["train", "--track", "lambda_max,relative_critical_sharpness"], names.TRAIN_TRACK_MEASURES),
+                         (["train", "--model", "F9"], names.MODEL_NAMES),
                          (["train", "--dataset", "svhn"], names.DATASET_NAMES),
                          (["reproduce", "--experiments", "train"], registry.EXPERIMENTS),  # a result kind, not an experiment
                          (["reproduce", "--remedies", "mixup"], names.REMEDY_NAMES)):

@@ -8,7 +8,7 @@ from hessgap.experiments import correlate
 from hessgap.experiments.registry import find
 from hessgap.experiments.runs import RunFolder
 from hessgap.experiments.zoo import ZooSettings, preset
-from hessgap.measures.ranking import kendall_tau
+from hessgap.measures.ranking import kendall_tau, sign_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,13 +40,18 @@ def test_tiny_zoo_gives_tau_per_measure(tiny_run):
     values = [r["measures"]["values"]["fisher_rao"] for r in rows]
     assert per["fisher_rao"]["tau_acc_gap"] == pytest.approx(kendall_tau(values, [r["acc_gap"] for r in rows]))
     assert per["fisher_rao"]["psi"]["lr"] is None  # one learning rate: no group varies it
+    by_hand = [{"batch_size": r["batch_size"], "lr": r["lr"], "width": r["width"], "seed": r["seed"],
+                "value": r["measures"]["values"]["fisher_rao"], "gap": r["acc_gap"]} for r in rows]
+    signs = sign_error(by_hand, ("batch_size", "lr", "width"), "value", "gap", fixed=("seed",))
+    assert per["fisher_rao"]["sign_error"] == signs["value"] and per["fisher_rao"]["robust_sign_error"] == signs["robust"]
+    assert per["fisher_rao"]["sign_error_pairs"]["batch_size"] == 2  # two seeds, one pair of batch sizes each
     checked = [r for r in rows if r["measures"]["invariant"]["fisher_rao"] is not None]
     assert len(checked) == 1  # invariance_models = 1
     assert result["invariance"]["digits"]["fisher_rao"]["invariant"] is True
     assert result["invariance"]["digits"]["keskar"]["invariant"] is False
     assert (path / "figures" / "correlate_digits.png").stat().st_size > 10_000
     text = find("correlate").render(result)
-    assert "| measure | τ (acc gap)" in text and "fisher_rao" in text
+    assert "| measure | τ (acc gap)" in text and "fisher_rao" in text and "robust sign-error" in text
 
 
 def test_an_interrupted_run_resumes_with_its_networks_and_measurements(tmp_path, monkeypatch):

@@ -29,3 +29,14 @@ def test_settings_validation_and_epoch_budget():
 def test_settings_seeds_must_be_integers(name, value):
     with pytest.raises(HessgapError, match=f"{name} must be an integer ≥ 0"):
         tiny_settings(**{name: value})
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("epsilons", (float("nan"),), "every sharpness epsilon must be a finite number > 0"),  # was: accepted
+    ("epsilons", (float("inf"),), "every sharpness epsilon must be a finite number > 0"),
+    ("alpha_range", (float("nan"), 2.0), "alpha_range must be finite"),  # was: accepted (nan >= 2 is False)
+    ("alpha_range", (-1.0, float("inf")), "alpha_range must be finite"),
+])
+def test_settings_refuse_nonfinite_numbers(name, value, match):
+    with pytest.raises(HessgapError, match=match):
+        tiny_settings(**{name: value})

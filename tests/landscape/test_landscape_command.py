@@ -59,5 +59,35 @@ def test_options_and_their_errors(load, tmp_path):
         parser().parse_args(["a", "--steps", "3,4,5"])
     with pytest.raises(SystemExit):
         parser().parse_args(["a", "--span", "1,2,3"])
-    with pytest.raises(HessgapError, match="steps must be an integer ≥ 2"):
-        command.run(parser().parse_args(["a", "--steps", "1", "--quiet"]), load=load, out_dir=tmp_path)
+    with pytest.raises(SystemExit):  # a number of steps or a span that is no grid at all: the parser's error
+        parser().parse_args(["a", "--steps", "1"])
+    no_grid = ((["--steps", "3,4", "--dims", "1"], "steps must be one integer ≥ 2"),
+               (["--span", "0"], "must be finite and > 0, got 0.0"),
+               (["--directions", "b,c", "--span", "2,1"], r"span must be \(low, high\) with low < high"))
+    for case, (argv, match) in enumerate(no_grid):
+        args = parser().parse_args(["a", *argv, "--quiet"])
+        with pytest.raises(HessgapError, match=match):  # before anything is loaded or written
+            command.check_grid(args)
+        with pytest.raises(HessgapError, match=match):
+            command.run(args, load=load, out_dir=tmp_path / str(case))
+
+
+def test_a_large_grid_prints_a_warning_line_and_a_huge_one_is_refused(tmp_path, load, capsys, monkeypatch):
+    from hessgap.landscape import surface
+
+    monkeypatch.setattr(surface, "WARN_POINTS", 11)
+    command.run(parser().parse_args(["a", "--steps", "3,4", "--quiet"]), load=load, out_dir=tmp_path / "warned")
+    err = capsys.readouterr().err
+    assert err.startswith("hessgap: warning: a landscape grid of 3 × 4 = 12 points, each one evaluation of the loss "
+                          "over the data: about ") and err.count("\n") == 1
+    with pytest.raises(HessgapError, match="100000 × 100000 = 1e\\+10 points needs about .* fewer steps"):
+        command.run(parser().parse_args(["a", "--steps", "100000", "--quiet"]), load=load, out_dir=tmp_path / "huge")
+    assert not (tmp_path / "huge").exists()  # refused before the folder was made
+
+
+def test_another_batch_size_is_named_on_resume(tmp_path, load):
+    command.run(parser().parse_args(["a", "--steps", "3", "--quiet"]), load=load, out_dir=tmp_path)
+    with pytest.raises(HessgapError, match=r"changed: data_settings \(\{'eval_batch': 1024\} in the folder, "
+                                           r"\{'eval_batch': 32\} now\)"):
+        command.run(parser().parse_args(["a", "--steps", "3", "--eval-batch", "32", "--quiet"]), load=load,
+                    out_dir=tmp_path)

@@ -1,11 +1,14 @@
 """Bad input raises a HessgapError that names the argument and the fix."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from hessgap.errors import HessgapError
-from hessgap.landscape import landscape
+from hessgap.errors import HessgapError, NonFiniteError
+from hessgap.landscape import grid, landscape, surface
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,3 +116,68 @@ def test_batches_that_do_not_fit_the_model_are_named(setup, engine):
     labels = [(torch.randn(4, 3, 4, dtype=torch.float64), torch.full((4,), 7))]  # 3 classes
     with pytest.raises(HessgapError, match="batch 0"):
         landscape(model, labels, steps=3, engine=engine)
+
+
+def test_parameters_that_are_not_finite_are_refused(setup, ref):
+    model, data = setup
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="parameter 4.weight holds NaN or inf"):
+        landscape(model, data, steps=3)
+    other = ref.mlp(1)
+    with torch.no_grad():
+        other[1].bias[2] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"parameter 1.bias of the other model \(directions\) holds NaN or inf"):
+        landscape(ref.mlp(), data, directions=other, steps=3)
+    with pytest.raises(NonFiniteError, match=r"parameter 1.bias of the other model \(directions\[1\]\)"):
+        landscape(ref.mlp(), data, directions=[ref.mlp(2), other], steps=3)
+
+
+def test_a_grid_too_large_for_the_memory_is_refused_before_any_work(setup, monkeypatch):
+    model, data = setup
+    with pytest.raises(HessgapError, match=r"a grid of 10000000 × 10000000 = 1e\+14 points needs about 182 PiB for "
+                                           r"its values alone \(2048 bytes a point\), more than 50% of this machine's"):
+        landscape(model, data, steps=10**7)
+    monkeypatch.setattr(grid, "physical_memory", lambda: 2**30)
+    with pytest.raises(HessgapError, match="= 3e\\+05 points needs about 586 MiB .* of this machine's 1 GiB.* fewer "
+                                           "steps"):
+        landscape(model, data, steps=300_000, dims=1)
+    grid.check_size([200_000])  # 391 MiB: allowed
+    with pytest.raises(HessgapError, match="× 400 = 4e\\+05 points"):
+        landscape(model, data, steps=(1000, 400))
+
+
+def test_a_large_grid_warns_with_its_size_and_a_rough_time(setup, monkeypatch):
+    model, data = setup
+    assert surface.WARN_POINTS == 10_000
+    monkeypatch.setattr(surface, "WARN_POINTS", 11)
+    with pytest.warns(UserWarning, match=r"a landscape grid of 4 × 3 = 12 points, each one evaluation of the loss "
+                                         r"over the data: about .* at .* s a point .* fewer steps"):
+        landscape(model, data, steps=(4, 3))
+    with pytest.warns(UserWarning, match="= 12 points, .* its time could not be estimated"):
+        landscape(model, iter(data), steps=(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        landscape(model, data, steps=11, dims=1)  # 11 points: no warning
+
+
+def test_ranks_that_disagree_or_fail_raise_together_and_a_folder_resumes_on_them(tmp_path):
+    """Two gloo ranks: arguments that differ are named on every rank before any collective (a larger grid on
+    one rank would abort gloo, other directions would run other collectives), a rank without data fails on every
+    rank, and a run folder's fingerprint covers both shards."""
+    from rank_workers import batches_of, landscape_on_ranks, tiny_problem
+    from ranks import run_ranks
+
+    results = run_ranks(landscape_on_ranks, 2, str(tmp_path / "run"))
+    for outcome in results:
+        assert outcome["steps"].startswith("HessgapError: the ranks disagree on the arguments of hessgap.landscape "
+                                           "(steps: rank 0: 3, rank 1: 4); every rank must call hessgap")
+        assert "(directions: rank 0: 'random', rank 1: 'hessian')" in outcome["directions"]
+        assert outcome["written"]["resumed"] == 0 and outcome["resumed"]["resumed"] == 3
+        assert outcome["resumed"]["loss"] == outcome["written"]["loss"]
+        assert "changed: the data (the batches'" in outcome["other shard"]
+    assert "no data given" in results[1]["no data"]
+    assert results[0]["no data"].startswith("HessgapError: rank 1 of 2 failed")
+    model, x, y = tiny_problem()
+    single = landscape(model, batches_of(x, y), steps=3)
+    np.testing.assert_allclose(results[0]["written"]["loss"], single.loss, rtol=1e-10)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import hessgap
-from hessgap.measures import NAMES
+from hessgap.measures import DEFAULT_NAMES as NAMES
 from hessgap.measures.rescale import NoSymmetry, rescaled_copy
 
 from measure_models import fit

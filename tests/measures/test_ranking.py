@@ -5,7 +5,7 @@ import random
 import pytest
 from scipy.stats import kendalltau
 
-from hessgap.measures.ranking import granulated_tau, kendall_tau
+from hessgap.measures.ranking import granulated_tau, kendall_tau, sign_error
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -38,3 +38,26 @@ def test_granulated_tau_by_hand():
     assert out["psi"] == {"batch_size": 1.0, "lr": -1.0, "width": None}
     assert out["groups"] == {"batch_size": 3, "lr": 2, "width": 0}
     assert out["value"] == 0.0
+
+
+def test_sign_error_by_hand():
+    """Pairs that differ in one hyperparameter only: along the batch axis the measure moves with the gap (error
+    0), along the learning rate against it (1) or not at all (½); pairs of two seeds are never compared."""
+    rows = []
+    for seed in (0, 1):
+        for b in (1, 2):
+            for lr in (1, 2, 3):
+                value = b - 0.1 * lr if lr < 3 else b - 0.1 * 2  # lr 2 → 3 leaves the measure unchanged
+                rows.append({"batch_size": b, "lr": lr, "width": 1, "seed": seed, "value": value, "gap": b + lr})
+    out = sign_error(rows, ("batch_size", "lr", "width"), "value", "gap", fixed=("seed",))
+    # per seed: 3 batch pairs (error 0); lr pairs (1,2): 1, (1,3): 1, (2,3): ½, for each of 2 batch sizes
+    assert out["pairs"] == {"batch_size": 6, "lr": 12, "width": 0}
+    assert out["by_axis"] == {"batch_size": 0.0, "lr": pytest.approx(2.5 / 3), "width": None}
+    assert out["value"] == pytest.approx((0 * 6 + 12 * 2.5 / 3) / 18)
+    assert out["robust"] == pytest.approx(2.5 / 3)
+
+
+def test_sign_error_without_pairs_or_values():
+    rows = [{"a": 1, "b": 1, "value": 1.0, "gap": 1.0}, {"a": 2, "b": 2, "value": None, "gap": 2.0}]
+    out = sign_error(rows, ("a", "b"), "value", "gap")
+    assert out == {"value": None, "by_axis": {"a": None, "b": None}, "pairs": {"a": 0, "b": 0}, "robust": None}

@@ -14,7 +14,8 @@ from oracles import assert_unchanged, snapshot
 def test_symmetries_of_an_f1_like_stack():
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.1),
                           nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
-    assert find_symmetries(model) == {"relu": [("2", "5"), ("6", "8")], "batchnorm": [("1", "2"), ("5", "6")]}
+    assert find_symmetries(model) == {"relu": [("2", "5"), ("6", "8")], "batchnorm": [("1", "2"), ("5", "6")],
+                                      "attention": []}
 
 
 @pytest.mark.parametrize("make", [relu_net, batchnorm_net])

@@ -54,6 +54,18 @@ def test_same_seed_same_matrix_held_or_regenerated(small_blocks):
     assert torch.allclose(scaled.matrix(), held.matrix() / 29**0.5)
 
 
+def test_default_budget_holds_a_when_a_quarter_of_free_memory_fits(small_blocks, monkeypatch):
+    # 29 × 4 float64 entries = 928 bytes: held with 4 KB free (budget 1 KB), streamed with 2 KB (budget 512 B)
+    monkeypatch.setattr(subspace_module, "available_bytes", lambda device: 4096)
+    held = RandomSubspace(29, 4, seed=5, dtype=torch.float64)
+    monkeypatch.setattr(subspace_module, "available_bytes", lambda device: 2048)
+    streamed = RandomSubspace(29, 4, seed=5, dtype=torch.float64)
+    monkeypatch.setattr(subspace_module, "available_bytes", lambda device: None)  # unknown: the fixed 256 MiB
+    fallback = RandomSubspace(29, 4, seed=5, dtype=torch.float64)
+    assert held.held and not streamed.held and fallback.held
+    assert torch.equal(held.matrix(), streamed.matrix())
+
+
 def test_products_match_the_explicit_matrix(small_blocks):
     model = Quadratic(SHAPES, torch.ones(29, dtype=torch.float64), torch.zeros(29, dtype=torch.float64))
     x = [w.detach().clone() for w in model.weights]

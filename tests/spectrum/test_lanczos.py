@@ -210,3 +210,82 @@ def test_exported_from_hessgap():
     assert hessgap.eigenvalues is spectrum.eigenvalues
     assert hessgap.trace is spectrum.trace
     assert hessgap.density is spectrum.density
+
+
+def test_a_start_near_the_top_eigenvector_converges_in_few_products():
+    """A warm start (the previous measurement's eigenvector) reaches the cold run's eigenvalue with far fewer
+    products; a start on the eigenvector itself needs one step."""
+    A = matrix_with_spectrum(HESSIAN_LIKE, seed=9)
+    w, U = np.linalg.eigh(A.numpy())
+    top = torch.from_numpy(U[:, np.argmax(w)].copy())
+    cold = eigenvalues(A, k=1, tol=1e-6)
+    generator = torch.Generator().manual_seed(1)
+    nearby = top + 0.01 * torch.randn(top.shape, generator=generator, dtype=torch.float64)
+    warm = eigenvalues(A, k=1, tol=1e-6, start=nearby)
+    exact = eigenvalues(A, k=1, tol=1e-6, start=top[None])
+    for result in (cold, warm, exact):
+        assert result.converged
+        np.testing.assert_allclose(result.eigenvalues, [40.0], rtol=1e-6)
+    assert exact.hvps == 1
+    assert warm.hvps < cold.hvps
+
+
+def test_start_fills_the_first_block_and_a_zero_row_becomes_random():
+    A = matrix_with_spectrum(HESSIAN_LIKE, seed=10)
+    w, U = np.linalg.eigh(A.numpy())
+    order = np.argsort(-w)
+    start = torch.from_numpy(U[:, order[:2]].T.copy())
+    result = eigenvalues(A, k=3, block_size=3, tol=1e-8, start=start)
+    np.testing.assert_allclose(result.eigenvalues, expected(HESSIAN_LIKE, 3, "LA"), rtol=1e-7)
+    zero = eigenvalues(A, k=1, tol=1e-8, start=torch.zeros(A.shape[0], dtype=torch.float32))
+    np.testing.assert_allclose(zero.eigenvalues, [40.0], rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "start, message",
+    [
+        (torch.ones(29, dtype=torch.float64), r"start has shape \(29,\)"),
+        (torch.ones(2, 30, dtype=torch.float64), r"1 <= r <= block_size = 1"),
+        (torch.ones(30, dtype=torch.long), "floating-point tensor"),
+        ([1.0] * 30, "floating-point tensor"),
+        (torch.full((30,), math.nan, dtype=torch.float64), "NaN or inf"),
+    ],
+)
+def test_bad_start(start, message):
+    with pytest.raises(HessgapError, match=message):
+        eigenvalues(torch.eye(30, dtype=torch.float64), start=start)
+
+
+def test_a_start_on_a_lower_eigenvector_needs_min_iter_to_find_the_top():
+    """Started exactly on the eigenvector of 25, the run accepts 25 at once; taking min_iter steps lets the
+    basis grow past that invariant direction and find 40."""
+    A = matrix_with_spectrum(HESSIAN_LIKE, seed=12)
+    w, U = np.linalg.eigh(A.numpy())
+    second = torch.from_numpy(U[:, np.argsort(-w)[1]].copy())
+    fooled = eigenvalues(A, k=1, tol=1e-6, start=second)
+    assert fooled.eigenvalues[0] == pytest.approx(25.0, rel=1e-9) and fooled.hvps == 1
+    patient = eigenvalues(A, k=1, tol=1e-6, start=second, min_iter=12)
+    assert patient.eigenvalues[0] == pytest.approx(40.0, rel=1e-6) and patient.iterations >= 12
+
+
+def test_ritz_vectors_come_with_the_result_and_warm_start_the_next_call():
+    A = matrix_with_spectrum(HESSIAN_LIKE, seed=13)
+    w, U = np.linalg.eigh(A.numpy())
+    top = U[:, np.argsort(-w)[:4]].T
+    result = eigenvalues(A, k=1, tol=1e-10, ritz_vectors=4, max_iter=200, min_iter=60)
+    assert result.ritz.shape == (4, A.shape[0])
+    torch.testing.assert_close(result.ritz.norm(dim=1), torch.ones(4, dtype=torch.float64))
+    overlaps = np.abs(np.sum(top * result.ritz.numpy(), axis=1))  # converged far enough: the top 4 eigenvectors
+    np.testing.assert_allclose(overlaps, 1.0, atol=1e-6)
+    assert "ritz" not in result.to_dict() and eigenvalues(A, k=1).ritz is None
+    combined = result.ritz[0] + 0.5 * result.ritz[1:].sum(0)
+    warm = eigenvalues(A, k=1, tol=1e-6, start=combined, min_iter=5)
+    assert warm.eigenvalues[0] == pytest.approx(40.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"min_iter": 0}, "min_iter must be a positive integer"),
+                                             ({"min_iter": 5, "max_iter": 4}, "min_iter = 5 exceeds max_iter = 4"),
+                                             ({"ritz_vectors": -1}, "ritz_vectors must be an integer ≥ 0")])
+def test_bad_min_iter_and_ritz_vectors(kwargs, message):
+    with pytest.raises(HessgapError, match=message):
+        eigenvalues(torch.eye(30, dtype=torch.float64), **kwargs)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hessgap.errors import HessgapError
 from hessgap.train import build_model, evaluate, make_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,3 +38,20 @@ def test_evaluate_restores_every_modules_own_mode_also_on_error(digits):
     with pytest.raises(RuntimeError, match="loss failed"):
         evaluate(model, make_loader(digits.test, 97, shuffle=False), loss_fn=broken_loss)
     assert [m.training for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_narrow_integer_targets_give_the_int64_results_exactly(digits, dtype):
+    """Was: RuntimeError 'expected target dtype to be Long or Byte, but got Int' from inside cross_entropy."""
+    model = build_model("C1", (1, 8, 8), 10, width=0.1)
+    x, y = digits.test.tensors
+    wide = evaluate(model, make_loader(digits.test, 97, shuffle=False))
+    narrow = evaluate(model, make_loader(torch.utils.data.TensorDataset(x, y.to(dtype)), 97, shuffle=False))
+    assert narrow == wide  # bit for bit: the same loss over the same class indices
+
+
+def test_float_targets_of_class_indices_are_refused_clearly(digits):
+    model = build_model("C1", (1, 8, 8), 10, width=0.1)
+    x, y = digits.test.tensors
+    with pytest.raises(HessgapError, match="floating targets of shape"):
+        evaluate(model, make_loader(torch.utils.data.TensorDataset(x, y.float()), 97, shuffle=False))

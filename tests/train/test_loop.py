@@ -1,5 +1,6 @@
 """The training loop: metrics, exact resume, callbacks, divergence, patience, warm starts, random state."""
 
+import dataclasses
 import json
 import math
 
@@ -175,3 +176,42 @@ def test_two_trainings_never_share_a_folder(digits, tmp_path):
             train(tiny(epochs=1), out_dir=tmp_path, dataset=digits, progress=False)
         assert not (tmp_path / "checkpoints").exists()
     assert len(train(tiny(epochs=1), out_dir=tmp_path, dataset=digits, progress=False).history) == 1
+
+
+def _with_labels(dataset, dtype, name="mine"):
+    """``dataset`` under another name with a copy of its labels in ``dtype`` (the session's digits stay as they are)."""
+
+    def relabel(split):
+        inputs, labels = split.tensors
+        return torch.utils.data.TensorDataset(inputs, labels.to(dtype, copy=True))
+
+    return dataclasses.replace(dataset, name=name, train=relabel(dataset.train), test=relabel(dataset.test))
+
+
+@pytest.mark.parametrize("remedy", [None, "adversarial", "conservative"])
+def test_a_callers_int32_labels_train_exactly_as_int64(digits, remedy):
+    """Was: RuntimeError 'expected target dtype to be Long or Byte, but got Int' from the first training step."""
+    config = tiny(dataset="mine", remedy=remedy, sharpness_every=1)
+    wide = train(config, dataset=_with_labels(digits, torch.int64), progress=False)
+    narrow = train(config, dataset=_with_labels(digits, torch.int32), progress=False)
+    untimed = [[{k: v for k, v in h.items() if not k.endswith("seconds")} for h in r.history] for r in (narrow, wide)]
+    assert untimed[0] == untimed[1]
+    assert same_weights(weights(narrow.model), weights(wide.model))
+
+
+def test_a_callers_labels_that_are_not_class_indices_are_refused(digits):
+    with pytest.raises(HessgapError, match="the train split's labels are torch.float32; .* use integer labels"):
+        train(tiny(dataset="mine"), dataset=_with_labels(digits, torch.float32), progress=False)
+    wrong = _with_labels(digits, torch.int64)
+    wrong.test.tensors[1][0] = 10
+    with pytest.raises(HessgapError, match="the test split's labels run from 0 to 10, outside 0..9"):
+        train(tiny(dataset="mine"), dataset=wrong, progress=False)
+
+
+def test_a_network_too_large_to_train_is_refused_before_the_folder_is_made(digits, tmp_path):
+    """Was: a RuntimeError from torch's allocator, after the run folder and its lock were made."""
+    with pytest.raises(HessgapError, match=r"F1 \(width 1e\+09, depth 0.4\) on digits has .* parameters, .* training "
+                                           r"with adam \(the weights, their gradients and ADAM's two moments\) holds "
+                                           r"4 copies of them"):
+        train(tiny(width=1e9), out_dir=tmp_path / "run", dataset=digits, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from hessgap.errors import HessgapError
-from hessgap.train.models import MODEL_NAMES, build_model, count_parameters
+from hessgap.train import models
+from hessgap.train.models import MODEL_NAMES, build_model, check_fits_memory, count_parameters, parameter_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,3 +207,49 @@ def test_conv_dropout_leaves_the_other_networks_as_the_authors_had_them(name):
     assert [type(m) for m in a] == [type(m) for m in b]
     with pytest.raises(HessgapError, match="conv_dropout must be True or False, got 1"):
         build_model(name, (3, 32, 32), 10, conv_dropout=1)
+
+
+# ------------------------------------------------------------------------------------------ sizes refused before
+# anything is built (was: a RuntimeError from torch's allocator, or a build that never ended)
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("shape,classes", [((1, 8, 8), 10), ((40,), 10), ((3, 32, 32), 100)])
+@pytest.mark.parametrize("width,depth", [(1.0, 1.0), (0.125, 2.3), (1.7, 0.4), (1e-9, 1e-9)])
+def test_parameter_count_is_the_built_networks_without_building_it(name, shape, classes, width, depth):
+    model = build_model(name, shape, classes, width, depth, conv_dropout=True)
+    assert parameter_count(name, shape, classes, width, depth) == count_parameters(model)
+
+
+def test_parameter_count_of_any_width_is_an_exact_integer():
+    units = 512 * 10**9
+    expected = linear(64, units) + bn(units) + 4 * (linear(units, units) + bn(units)) + linear(units, 10)
+    assert parameter_count("F1", (1, 8, 8), 10, width=1e9) == expected  # 1.05e24: no float rounding
+
+
+def test_a_network_larger_than_memory_is_refused_with_its_size(monkeypatch):
+    monkeypatch.setattr(models, "device_memory", lambda device: 10**9)  # a machine with 1 GB
+    with pytest.raises(HessgapError, match=r"F1 \(width 1e\+09, depth 1\) has 1\.05e\+24 parameters, 4\.19e\+15 GB "
+                                           r"as torch.float32: more than the 1 GB of this machine's memory"):
+        build_model("F1", (1, 8, 8), 10, width=1e9)
+    n = parameter_count("F1", (1, 8, 8), 10, width=16)  # 269,164,554 parameters: 1.08 GB
+    with pytest.raises(HessgapError, match=f"has {n:,} parameters, 1.08 GB"):
+        build_model("F1", (1, 8, 8), 10, width=16)
+    # training holds several copies: 62e6 parameters are 0.248 GB, four of them 0.992 GB, two 0.496 GB
+    with pytest.raises(HessgapError, match=r"training with adam holds 4 copies of them, 0.992 GB: more than the 0.5 GB"):
+        monkeypatch.setattr(models, "device_memory", lambda device: 5 * 10**8)
+        check_fits_memory("F1", 62_000_000, "cpu", 4, "training with adam")
+    check_fits_memory("F1", 62_000_000, "cpu", 2, "training with sgd")
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e308, float("inf")])
+def test_absurd_widths_are_refused_without_a_traceback(scale):
+    with pytest.raises(HessgapError, match="width|float range"):
+        build_model("C2", (3, 32, 32), 100, width=scale)
+
+
+def test_a_depth_beyond_the_block_limit_is_refused_before_building():
+    with pytest.raises(HessgapError, match="depth=1e\\+09 gives F1 5,000,000,000 repeated blocks .* at most 10,000"):
+        parameter_count("F1", (1, 8, 8), 10, depth=1e9)
+    with pytest.raises(HessgapError, match="gives C2 13,000,000,000 repeated blocks"):
+        build_model("C2", (3, 32, 32), 10, depth=1e9)
+    assert parameter_count("F1", (40,), 10, width=0.01, depth=2000) > 0  # 10,000 blocks: still allowed

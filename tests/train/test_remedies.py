@@ -148,6 +148,19 @@ def test_batch_schedule_grows_geometrically_to_its_final_size():
         BatchSchedule.from_value(12)
 
 
+@pytest.mark.parametrize("value,message", [
+    ((16.5, 100, 2), "got start=16.5"),  # was: silently 16
+    ((float("nan"), 100, 2), "got start=nan"),  # was: ValueError: cannot convert float NaN to integer
+    ((True, 100, 2), "got start=True"),
+    ((16, 100, "fast"), "growth must be a finite factor ≥ 1 per epoch, got fast"),  # was: ValueError from float()
+    ((16, 100, float("nan")), "growth must be a finite factor"),
+])
+def test_batch_schedule_refuses_sizes_that_are_not_whole_numbers(value, message):
+    with pytest.raises(HessgapError, match=message):
+        BatchSchedule.from_value(value)
+    assert BatchSchedule.from_value((16.0, 100.0, 2)) == BatchSchedule(16, 100, 2.0)  # whole numbers from JSON
+
+
 def test_make_training_step_bad_input():
     with pytest.raises(HessgapError, match="augment, conservative, adversarial, dynamic"):
         make_training_step("mixup")
