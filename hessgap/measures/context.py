@@ -73,8 +73,10 @@ class Context:
     (unless the model computes its own loss, as Hugging Face models do, in float32).
     """
 
-    def __init__(self, model: nn.Module, batches: list, loss_fn=None, seed: int = 0, progress: bool = False):
+    def __init__(self, model: nn.Module, batches: list, loss_fn=None, seed: int = 0, progress: bool = False,
+                 curvature: str = "hessian"):
         self.model = model
+        self.curvature = curvature  # the matrix of the Hessian measures (hessgap.names.CURVATURES)
         self.batches = batches
         self.dtype = next(p for p in model.parameters() if p.requires_grad).dtype
         own_loss = loss_fn is None and bool(batches) and bool(structure(0, batches[0], closure=False).kwargs)
@@ -111,7 +113,7 @@ class Context:
         """The same measure's context on a float32 copy of the model (the same weights, the same batches and
         seed): for measures whose loss differences are below a half-precision forward pass's rounding."""
         return Context(copy.deepcopy(self.model).float(), self.batches, loss_fn=self.loss_fn, seed=self.seed,
-                       progress=self.progress)
+                       progress=self.progress, curvature=self.curvature)
 
     def agreed(self, step: Callable[[], Any]) -> Any:
         """Run ``step`` (one that reads this rank's shard and may raise :class:`NotApplicable`) so that every
@@ -145,7 +147,7 @@ def trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def accuracy(ctx: Context, objective: LossOverData) -> float:
     """The fraction of correct class predictions over the data, every rank's shard included (eval mode is the
-    caller's).
+    caller's); a sample whose outputs are not all finite counts as wrongly classified.
 
     Raises :class:`NotApplicable` (on every rank) when the batches do not hold class-index targets for a
     (samples, classes) output: accuracy, and so Jiang et al.'s accuracy deviation, needs a classifier."""
@@ -162,7 +164,9 @@ def accuracy(ctx: Context, objective: LossOverData) -> float:
                     "deviation='loss' for other models"
                 )
             keep = targets >= 0  # cross-entropy's ignore_index is negative (-100)
-            correct += int((logits.argmax(1)[keep] == targets[keep]).sum())
+            # a sample whose outputs are not finite is not classified (the argmax of NaN logits is class 0)
+            right = (logits.argmax(1) == targets) & torch.isfinite(logits).all(1)
+            correct += int(right[keep].sum())
             counted += int(keep.sum())
         return correct, counted
 
