@@ -150,7 +150,7 @@ class HvpEngine:
             return fused.plan(self.model, self.objective.params, loss_fn, self.train_mode)
         except fused.FusedUnsupported:
             plan = graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn,
-                                   one_batch=self._one_batch())
+                                   one_batch=self._one_batch(), memory_budget=self.memory_budget)
             plan.max_memory = self.max_memory
             return plan
 

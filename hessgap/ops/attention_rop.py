@@ -13,6 +13,10 @@ q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv); bias None or broadcastable t
 −∞ masks out); lse (B, H, Tq); tangents rq, rk, rv, rg, ro have a leading k. A row whose every key is masked
 gives O = 0 and zero gradients (as PyTorch's math attention does).
 
+The R-ops take ``memory_budget`` (bytes): on CPU, when one head's smallest tile of scores fits it, they run on
+materialized score tiles with BLAS (:mod:`hessgap.ops.attention_tiles`: several times faster at T = 128–256);
+without a budget, beyond it and on CUDA the streaming kernels run.
+
 With D = ∂L/∂O = g and δ = rowsum(g ⊙ O): dP = g Vᵀ, dS = P ⊙ (dP − δ), and for the directions
 R{S} = scale·(R{Q} Kᵀ + Q R{K}ᵀ), R{P} = P ⊙ (R{S} − ρ), R{O} = R{P} V + P R{V},
 R{dS} = R{P} ⊙ (dP − δ) + P ⊙ (R{dP} − R{δ}), R{dP} = R{g} Vᵀ + g R{V}ᵀ, R{δ} = rowsum(R{g} ⊙ O + g ⊙ R{O}).
@@ -25,6 +29,7 @@ import math
 import torch
 
 from .. import _extension
+from . import attention_tiles as tiles
 
 
 def _ops():
@@ -40,11 +45,27 @@ def attention_backward(q, k, v, bias, o, lse, g, causal: bool, scale: float):
     return _ops().attention_backward.default(q, k, v, bias, o, lse, g, bool(causal), float(scale))
 
 
-def attention_rforward(q, k, v, bias, o, lse, rq, rk, rv, causal: bool, scale: float):
+def _tile_plan(q, k, memory_budget):
+    """How the BLAS path cuts the heads and queries, or None for the streaming kernel (CUDA, no budget, or
+    one head's smallest tile over the budget)."""
+    if memory_budget is None or q.device.type != "cpu" or q.dim() != 4 or k.dim() != 4:
+        return None
+    B, H, Tq, _ = q.shape
+    return tiles.plan(B, H, Tq, k.shape[2], q.element_size(), memory_budget)
+
+
+def attention_rforward(q, k, v, bias, o, lse, rq, rk, rv, causal: bool, scale: float, memory_budget: int | None = None):
+    cut = _tile_plan(q, k, memory_budget)
+    if cut is not None:
+        return tiles.rforward(q, k, v, bias, o, lse, rq, rk, rv, bool(causal), float(scale), cut)
     return _ops().attention_rforward.default(q, k, v, bias, o, lse, rq, rk, rv, bool(causal), float(scale))
 
 
-def attention_rbackward(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, causal: bool, scale: float):
+def attention_rbackward(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, causal: bool, scale: float,
+                        memory_budget: int | None = None):
+    cut = _tile_plan(q, k, memory_budget)
+    if cut is not None:
+        return tiles.rbackward(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, bool(causal), float(scale), cut)
     return _ops().attention_rbackward.default(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, bool(causal),
                                               float(scale))
 

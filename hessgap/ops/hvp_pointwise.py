@@ -50,6 +50,43 @@ def softmax_ce_rgrad(p: torch.Tensor, rz: torch.Tensor, scale: float) -> torch.T
     return _ops().hvp_softmax_ce_rgrad.default(p, rz, float(scale))
 
 
+def act_derivatives(z: torch.Tensor, kind: str, slope: float = 0.01) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """σ'(z) and σ''(z) (None for the piecewise-linear kinds, whose σ'' is 0) with PyTorch's vectorized
+    element-wise ops: computed once per batch, they turn each direction's R-passes into products (one pass
+    per direction, where the kernels evaluate the transcendental functions element by element)."""
+    _check_kind(kind)
+    if kind == "relu":
+        return (z > 0).to(z.dtype), None
+    if kind == "leaky_relu":
+        return torch.full_like(z, float(slope)).masked_fill_(z > 0, 1), None
+    if kind in ("tanh", "sigmoid", "silu"):
+        if kind == "tanh":
+            y = torch.tanh(z)
+            d1 = 1 - y * y
+            return d1, d1.mul(y).mul_(-2)
+        s = torch.sigmoid(z)
+        ds = s * (1 - s)
+        if kind == "sigmoid":
+            return ds, ds * (1 - 2 * s)
+        # σ = z s: σ' = s + z s (1 − s), σ'' = s (1 − s) (2 + z (1 − 2 s))
+        return s.addcmul(z, ds), ds.mul((1 - 2 * s).mul_(z).add_(2))
+    if kind == "gelu":
+        # σ = z Φ(z): σ' = Φ + z φ, σ'' = φ (2 − z²)
+        pdf = torch.exp(z * z * -0.5).mul_(0.3989422804014327)
+        cdf = torch.erf(z * 0.7071067811865476).add_(1).mul_(0.5)
+        return cdf.addcmul_(z, pdf), pdf.mul_(2 - z * z)
+    # gelu_tanh: σ = ½ z (1 + tanh u), u = c (z + a z³)
+    c, a = 0.7978845608028654, 0.044715
+    z2 = z * z
+    t = torch.tanh(z * (1 + a * z2) * c)
+    sech2 = 1 - t * t
+    du = (1 + 3 * a * z2) * c
+    dt = sech2 * du
+    d1 = (1 + t).mul_(0.5).addcmul_(z, dt, value=0.5)
+    ddt = (-2 * t * du).mul_(dt).addcmul_(sech2, z * (6 * a * c))
+    return d1, ddt.mul_(0.5 * z).add_(dt)
+
+
 # ---- plain-PyTorch twins -------------------------------------------------------------------------------
 
 

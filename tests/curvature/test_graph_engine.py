@@ -177,3 +177,40 @@ def test_operator_keeps_primal_passes_and_follows_parameter_edits():
     with torch.no_grad():
         model.a.weight.mul_(1.3)
     assert rel_err(operator.matmat(V), V @ explicit_hessian(model, batches)) <= 1e-10
+
+
+class Decoder(nn.Module):
+    """Causal attention over padded sequences, as Hugging Face decoders call it: a (B, 1, T, T) boolean mask."""
+
+    def __init__(self, width=8, heads=2):
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(4, 3 * width), nn.Linear(width, 3), heads
+
+    def forward(self, x, lengths):
+        b, t, _ = x.shape
+        q, k, v = (h.view(b, t, self.heads, -1).transpose(1, 2) for h in self.qkv(x).chunk(3, -1))
+        keep = torch.ones(t, t, dtype=torch.bool).tril() & (torch.arange(t) < lengths[:, None, None, None])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return self.out(o.transpose(1, 2).reshape(b, t, -1)).mean(1)
+
+
+def test_attention_runs_on_score_tiles_within_the_memory_budget_and_streams_beyond(monkeypatch):
+    """The engine's memory_budget reaches the attention rule: within it the R-ops run by BLAS on score tiles,
+    beyond it on the streaming kernel; both are exact."""
+    from hessgap.ops import attention_tiles
+
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(3, 40, 4, dtype=D64, generator=gen), torch.tensor([40, 25, 33]), torch.tensor([0, 2, 1]))
+    model = Decoder().double()
+    V = vectors(model, 2)
+    hess = explicit_hessian(model, objective=lambda forward: F.cross_entropy(forward(*batch[:2]), batch[2]))
+    calls = []
+    real = attention_tiles.rbackward
+    monkeypatch.setattr(attention_tiles, "rbackward", lambda *a: calls.append(1) or real(*a))
+    tiled = hessgap.hvp(model, [batch], V, path="fused")
+    assert calls
+    smallest_tile = attention_tiles.TILE_SLOTS * attention_tiles.MIN_BLOCK * 40 * 8
+    calls.clear()
+    streamed = hessgap.hvp(model, [batch], V, path="fused", memory_budget=smallest_tile - 1)
+    assert not calls
+    assert rel_err(tiled, V @ hess) <= 1e-10 and rel_err(streamed, V @ hess) <= 1e-10

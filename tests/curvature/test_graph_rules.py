@@ -144,6 +144,27 @@ def test_convolutions_norms_pooling():
     check_fused_against(model, batches, hess)
 
 
+
+def test_convolution_backward_copies_no_shape_placeholder():
+    """The input or weight that convolution_backward takes for its shape only must not be copied into a full
+    tensor by the backward (a stride-0 expand was: the input's size per R-backward term)."""
+    from torch.profiler import profile
+
+    from hessgap.curvature.graph.rules.conv import _shape_only
+
+    x, w, g = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 8, 8)
+    conv_args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    with profile() as prof:
+        gx = torch.ops.aten.convolution_backward(g, _shape_only(x.shape, g), w, None, *conv_args,
+                                                 [True, False, False])[0]
+        gw = torch.ops.aten.convolution_backward(g, x, _shape_only(w.shape, x), None, *conv_args,
+                                                 [False, True, False])[1]
+    copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    assert copies == []
+    want_x, want_w, _ = torch.ops.aten.convolution_backward(g, x, w, None, *conv_args, [True, True, False])
+    torch.testing.assert_close(gx, want_x)
+    torch.testing.assert_close(gw, want_w)
+
 class Tokens(nn.Module):
     """Embedding (tied with the output layer, padding_idx), per-token logits (N, C, T)."""
 

@@ -138,3 +138,18 @@ def test_cuda_kernels_match_cpu(dtype):
     torch.testing.assert_close(ops.softmax_ce_rgrad(p.cuda(), rz.cuda(), 0.3).cpu(), ops.softmax_ce_rgrad(p, rz, 0.3),
                                **TOL[dtype])
     torch.library.opcheck(torch.ops.hessgap.hvp_act_rbackward.default, tuple(cuda_args) + ("gelu", 0.01))
+
+
+@pytest.mark.parametrize("kind", ops.ACTIVATION_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vectorized_derivatives_match_autograd(kind, dtype):
+    """σ' and σ'' by vectorized ops (the graph engine's activations) against double autograd in float64."""
+    z = torch.cat([torch.linspace(-8, 8, 1001, dtype=dtype), torch.zeros(1, dtype=dtype)])  # PyTorch's σ'(0) too
+    d1, d2 = ops.act_derivatives(z, kind, slope=0.2)
+    r1, r2 = (t.to(dtype) for t in ops.activation_derivatives_reference(z.double(), kind, slope=0.2))
+    assert d1.dtype == dtype
+    torch.testing.assert_close(d1, r1, **TOL[dtype])
+    if kind in ("relu", "leaky_relu"):
+        assert d2 is None and (r2 == 0).all()
+    else:
+        torch.testing.assert_close(d2, r2, **TOL[dtype])

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ...ops import hvp_pointwise as pointwise
 from ..sums import ChunkSums
 from .capture import Captured
 from .plan import GraphPlan
@@ -48,8 +47,8 @@ def _einsum(rule, saved, rsaved, g, rg, need):
     return rule.rvjp(saved, [None] * len(rule.ops), g, rg, need)
 
 
-def _activation(rule, x, rsaved, g, rg, need):
-    return [pointwise.act_jvp(x, rg, rule.kind, rule.slope)]  # σ′ is diagonal: the vjp is the jvp
+def _activation(rule, saved, rsaved, g, rg, need):
+    return [rg * saved[0]]  # the rule saves (σ′, σ″); σ′ is diagonal: the vjp is the jvp
 
 
 def _elementwise(rule, saved, rsaved, g, rg, need):

@@ -76,7 +76,8 @@ class GraphPlan:
     #: capture the model's output tensor beside the loss (the Gauss-Newton passes split the graph there)
     with_output = False
 
-    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], loss_fn, one_batch: bool = False):
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], loss_fn, one_batch: bool = False,
+                 memory_budget: int | None = None):
         if not _extension.available():
             raise GraphUnsupported(f"the compiled extension is not available ({_extension.load_error()})")
         if params[0].dtype not in (torch.float32, torch.float64):
@@ -84,6 +85,7 @@ class GraphPlan:
         self.model = model
         self.loss_fn = loss_fn
         self.one_batch = one_batch  # the data is one batch: its first capture needs no other sizes
+        self.memory_budget = memory_budget  # what a rule may hold beyond its inputs and outputs (see OpRule)
         self.index_of = {id(p): i for i, p in enumerate(params)}
         self._params_key = tuple(id(p) for p in params)
         self.num_params = sum(p.numel() for p in params)
@@ -116,12 +118,12 @@ class GraphPlan:
             _keep(self._programs, key, program, MAX_KEPT_PROGRAMS)
         if len(leaves) != sum(1 for kind, _ in program.captured.placeholders if kind == "input"):
             raise GraphUnsupported("the captured graph's inputs do not match the batch's tensors")
-        program.set_max_memory(self.max_memory)  # programs are shared by the calls on a model: this call's budget
+        program.set_memory(self.max_memory, self.memory_budget)  # programs are shared by the calls on a model
         return program, leaves
 
     def compile(self, captured: Captured) -> Program:
         """The passes over a captured graph (a subclass may compile other passes over the same graph)."""
-        return Program(captured, self.index_of, self.num_params)
+        return Program(captured, self.index_of, self.num_params, self.memory_budget)
 
     def _compile(self, inputs, leaves, structure_key, own_loss: bool) -> Program:
         """The program for a batch: from a kept capture that serves its sizes, else from a new capture."""

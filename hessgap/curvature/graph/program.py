@@ -1,6 +1,6 @@
 """A captured graph compiled for the R-operator passes (:class:`Program`) and its passes over one batch.
 
-Compiling marks which nodes depend on the parameters θ (they carry tangents) and lead to the loss (they
+Compiling first rewrites written-out forms of fused ops (:mod:`.fusion`), then marks which nodes depend on the parameters θ (they carry tangents) and lead to the loss (they
 carry gradients): only those *active* nodes need a rule; every other node (masks, positions, casts of the
 inputs) runs in the primal pass only. Then, per batch:
 
@@ -22,6 +22,7 @@ from torch import fx
 
 from ..sums import ChunkSums
 from .capture import Captured
+from .fusion import fuse
 from .lm_head import fuse_lm_head
 from .rules import GraphUnsupported, OpRule, rule_for
 from .rules.base import REMEDY, add, describe
@@ -72,9 +73,11 @@ class GraphState:
 class Program:
     """A captured graph with rules bound to its active nodes; ``index_of`` maps id(parameter) to its slot."""
 
-    def __init__(self, captured: Captured, index_of: dict[int, int], num_params: int):
+    def __init__(self, captured: Captured, index_of: dict[int, int], num_params: int,
+                 memory_budget: int | None = None):
         self.captured = captured
         self.num_params = num_params
+        fuse(captured.graph)  # written-out ops (GPT-2's tanh GELU) become the op its rule fuses
         # before the analysis: the fused node replaces the logits' nodes (and may be the loss itself)
         fused = fuse_lm_head(captured.graph)
         captured.loss_node = fused.get(captured.loss_node, captured.loss_node)
@@ -128,6 +131,7 @@ class Program:
                         f"R-operator rule does not handle: {REMEDY}")
                 step.rule = rule
                 rule.is_output = node is loss
+                rule.memory_budget = memory_budget
                 step.inputs = [self.position[a] if a is not None else None for a in wanted]
                 step.param = [slot_of.get(j) if j is not None else None for j in step.inputs]
             self.steps.append(step)
@@ -144,9 +148,12 @@ class Program:
                 if j is not None:
                     self.tangent_last_use[j] = step.index
 
-    def set_max_memory(self, max_memory: int | None) -> None:
-        """The bytes that rules working in chunks (the fused LM head) may take; None: a share of what is free."""
+    def set_memory(self, max_memory: int | None, memory_budget: int | None) -> None:
+        """A call's budgets (programs are shared by the calls on a model): ``max_memory``, the bytes the rules
+        working in chunks (the fused LM head) may take (None: a share of what is free); ``memory_budget``, what a
+        rule may hold beyond its inputs and outputs (attention's score tiles; None: the streaming forms)."""
         for step in self.active_steps:
+            step.rule.memory_budget = memory_budget
             if hasattr(step.rule, "max_memory"):
                 step.rule.max_memory = max_memory
 

@@ -2,8 +2,9 @@
 two activations (gates, attention by hand), quotients, powers, σ(x) for the activations, ``where`` and
 ``masked_fill`` with masks that do not depend on θ, ``sum`` and ``mean``.
 
-Activations with a fused kernel (ReLU, GELU in both forms, SiLU, tanh, sigmoid, LeakyReLU) compute σ′ and
-σ″ once per element for all k directions (:mod:`hessgap.ops.hvp_pointwise`); the other functions use
+The activations (ReLU, GELU in both forms, SiLU, tanh, sigmoid, LeakyReLU) keep σ′ and σ″ of the batch,
+computed once in the primal pass by vectorized ops (:func:`hessgap.ops.hvp_pointwise.act_derivatives`; the
+element-by-element kernels cost 10–20 passes' worth per direction on CPU); the other functions use
 closed-form derivatives with plain tensor ops.
 """
 
@@ -211,7 +212,8 @@ _KERNEL_KINDS = {
 
 
 class Activation(OpRule):
-    """σ(x) with σ′, σ″ from the fused kernels (one read of x per element for all k directions)."""
+    """σ(x) with σ′(x), σ″(x) computed once per batch by vectorized element-wise ops
+    (:func:`hessgap.ops.hvp_pointwise.act_derivatives`): each direction is then one or two products."""
 
     needs_grad = True
 
@@ -231,23 +233,23 @@ class Activation(OpRule):
             self.needs_grad = False
 
     def forward(self, args, kwargs):
-        return self.node.target(*args, **kwargs), args[0]
+        return self.node.target(*args, **kwargs), pointwise.act_derivatives(args[0], self.kind, self.slope)
 
-    def vjp(self, x, g, need):
-        return [pointwise.act_jvp(x, g.unsqueeze(0), self.kind, self.slope)[0]]
+    def vjp(self, saved, g, need):
+        return [g * saved[0]]
 
-    def jvp(self, x, tangents):
+    def jvp(self, saved, tangents):
         rx = tangents[0]
-        return pointwise.act_jvp(x, rx, self.kind, self.slope), (None if not self.needs_grad else rx)
+        return rx * saved[0], (None if not self.needs_grad else rx)
 
-    def rvjp(self, x, rx, g, rg, need):
-        if rg is None and rx is None:
-            return [None]
-        if rx is None:
-            return [pointwise.act_jvp(x, rg, self.kind, self.slope)]
-        if rg is None:
-            rg = torch.zeros_like(rx)
-        return [pointwise.act_rbackward(x, g, rx, rg, self.kind, self.slope)]
+    def rvjp(self, saved, rx, g, rg, need):
+        d1, d2 = saved
+        # R{∂L/∂x} = σ′ ⊙ R{g} + σ″ ⊙ g ⊙ R{x}
+        out = rg * d1 if rg is not None else None
+        if rx is not None and d2 is not None:
+            d2g = d2 * g
+            out = rx * d2g if out is None else out.addcmul_(rx, d2g)
+        return [out]
 
 
 class Elementwise(OpRule):

@@ -1,6 +1,7 @@
 """The rule of ``scaled_dot_product_attention``: causal, masked (boolean or additive mask that does not depend
-on θ) or plain, grouped-query heads included, never materializing the T×T matrix per direction
-(:mod:`hessgap.ops.attention_rop`); a mask that depends on θ takes :mod:`.attention_bias`."""
+on θ) or plain, grouped-query heads included (:mod:`hessgap.ops.attention_rop`: on CPU by BLAS on score tiles
+within the engine's memory budget, else streaming; never the T×T matrix per direction); a mask that depends on
+θ takes :mod:`.attention_bias`."""
 
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ class Attention(OpRule):
     def jvp(self, saved, tangents):
         q, k, v, bias, o, lse = saved
         rq, rk, rv = self._tangents(saved, tangents)
-        ro, rho = ops.attention_rforward(q, k, v, bias, o, lse, rq, rk, rv, self.causal, self.scale)
+        ro, rho = ops.attention_rforward(q, k, v, bias, o, lse, rq, rk, rv, self.causal, self.scale,
+                                         memory_budget=self.memory_budget)
         return self._back(ro, True), (rq, rk, rv, ro, rho)
 
     def rvjp(self, saved, rsaved, g, rg, need):
@@ -104,7 +106,7 @@ class Attention(OpRule):
         rq, rk, rv, ro, rho = rsaved
         rg4 = self._four(rg, True).contiguous() if rg is not None else None
         grads = ops.attention_rbackward(q, k, v, bias, o, lse, self._four(g).contiguous(), rq, rk, rv, ro, rho, rg4,
-                                        self.causal, self.scale)
+                                        self.causal, self.scale, memory_budget=self.memory_budget)
         return [self._back(t, True) if wanted else None for t, wanted in zip(self._grouped(grads), need)]
 
 

@@ -41,6 +41,9 @@ class OpRule:
     needs_grad = False
     #: the node is the loss itself: its own tangent R{L} is never read (set by the engine)
     is_output = False
+    #: bytes a rule may hold at once for one chunk of directions beyond its inputs and outputs (the engine's
+    #: ``memory_budget``; None: the rule's streaming form). Attention materializes score tiles within it.
+    memory_budget: int | None = None
 
     def __init__(self, node: fx.Node):
         self.node = node
