@@ -172,7 +172,7 @@ def _needs_decompositions(graph: torch.fx.Graph) -> bool:
         if target._schema.is_mutable:
             return True
         value = node.meta.get("val")
-        if (target not in RULES and isinstance(value, torch.Tensor) and value.is_floating_point()
+        if (target not in RULES and _floating(value)  # a tensor, or several (chunk, split)
                 and torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd")):
             return True
     return False
