@@ -238,6 +238,10 @@ class LossOverData:
         ignore = ignore_index_of(loss_fn)
         if ignore is not None:
             check_class_targets(logits, batch.targets, ignore, batch.index)
+        if logits.dtype in REDUCED_PRECISION and (loss_fn is F.cross_entropy or isinstance(loss_fn, nn.CrossEntropyLoss)):
+            # cross-entropy from float32 logits: in bfloat16 a softmax of 0.999 rounds to 1 and p(1 − p), the
+            # curvature near a minimum, came out at 0.5–0.9× the float32 value
+            logits = logits.float()
         return loss_fn(logits, batch.targets)
 
     # -- over the whole data ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ import math
 import torch
 
 from .. import _extension
+from ._precision import in_float32
 
 
 def _ops():
@@ -33,20 +34,21 @@ def _ops():
 
 
 def attention_forward(q, k, v, bias, causal: bool, scale: float):
-    return _ops().attention_forward.default(q, k, v, bias, bool(causal), float(scale))
+    return in_float32(_ops().attention_forward.default, q, k, v, bias, bool(causal), float(scale), keep=(1,))
 
 
 def attention_backward(q, k, v, bias, o, lse, g, causal: bool, scale: float):
-    return _ops().attention_backward.default(q, k, v, bias, o, lse, g, bool(causal), float(scale))
+    return in_float32(_ops().attention_backward.default, q, k, v, bias, o, lse, g, bool(causal), float(scale))
 
 
 def attention_rforward(q, k, v, bias, o, lse, rq, rk, rv, causal: bool, scale: float):
-    return _ops().attention_rforward.default(q, k, v, bias, o, lse, rq, rk, rv, bool(causal), float(scale))
+    return in_float32(_ops().attention_rforward.default, q, k, v, bias, o, lse, rq, rk, rv, bool(causal), float(scale),
+                      keep=(1,))
 
 
 def attention_rbackward(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, causal: bool, scale: float):
-    return _ops().attention_rbackward.default(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, bool(causal),
-                                              float(scale))
+    return in_float32(_ops().attention_rbackward.default, q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg,
+                      bool(causal), float(scale))
 
 
 def default_scale(head_dim: int) -> float:

@@ -49,8 +49,8 @@ class GraphPlan:
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], loss_fn):
         if not _extension.available():
             raise GraphUnsupported(f"the compiled extension is not available ({_extension.load_error()})")
-        if params[0].dtype not in (torch.float32, torch.float64):
-            raise GraphUnsupported(f"parameters of dtype {params[0].dtype} (the fused kernels take float32 and float64)")
+        if not params[0].is_floating_point():
+            raise GraphUnsupported(f"parameters of dtype {params[0].dtype}")
         self.model = model
         self.loss_fn = loss_fn
         self.index_of = {id(p): i for i, p in enumerate(params)}

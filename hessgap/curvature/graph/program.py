@@ -185,7 +185,10 @@ class Program:
         accumulators) when given, else returned. ``write=True``: ``out`` holds no sums yet (it is not zero-filled);
         each slot's first product is written into it and a slot no product reaches is zeroed."""
         written: set[int] = set()
-        tangents: dict[int, torch.Tensor] = {i: directions[slot] for i, slot in self.slot_of.items()}
+        # the directions come in the sums' dtype (float32 for a half-precision model): the products run in the
+        # parameters' own
+        tangents: dict[int, torch.Tensor] = {i: directions[slot].to(self.sources[i][1].dtype)
+                                             for i, slot in self.slot_of.items()}
         rsaved: dict[int, object] = {}
         reached: set[int] = set()
         for step in self.active_steps:
