@@ -143,6 +143,7 @@ def main() -> None:
     out["lambda_max"] = {"value": lam, "residual_bound": bound, "relative_bound": bound / abs(lam),
                          "converged": top.converged, "products": top.hvps, "iterations": top.iterations,
                          "path": top.path, "seconds": peak.seconds, "peak_gb": peak.bytes / 1e9}
+    save(out, args.json)
     print(f"λmax {lam:.5g} ± {bound:.2g} ({bound / abs(lam):.1e} relative), converged {top.converged}, "
           f"{top.hvps} products, path {top.path}, {peak.seconds:.0f} s, peak {peak.bytes / 1e9:.2f} GB", flush=True)
     del top
@@ -154,8 +155,13 @@ def main() -> None:
     print(f"trace {tr.value:.5g}, 95 % interval [{tr.ci[0]:.5g}, {tr.ci[1]:.5g}], {args.probes} products, "
           f"{peak.seconds:.0f} s, peak {peak.bytes / 1e9:.2f} GB", flush=True)
     out["product_seconds"] = out["trace"]["seconds"] / args.probes
-    if args.json:
-        with open(args.json, "w") as handle:
+    save(out, args.json)
+
+
+def save(out: dict, path: str | None) -> None:
+    """Write what has been measured so far (each phase as it ends: a long run stopped early keeps its first)."""
+    if path:
+        with open(path, "w") as handle:
             json.dump(out, handle, indent=2, default=lambda v: v if math.isfinite(v) else str(v))
 
 
