@@ -312,7 +312,8 @@ class LossOverData:
         if self.sharded is not None:
             raise HessgapError(
                 f"{what} does not take FSDP2-sharded models yet (the parameters are DTensor shards); hvp, "
-                "HessianOperator, eigenvalues and trace do. Measure an unsharded copy on each rank instead"
+                "HessianOperator, eigenvalues, trace, density and block_spectrum do. Measure an unsharded copy on each rank "
+                "instead"
             )
 
     @staticmethod

@@ -307,8 +307,8 @@ class CheckedOperator:
     def refuse_sharded(self, what: str) -> None:
         if self.sharded:
             raise HessgapError(
-                f"{what} does not take FSDP2-sharded models yet; eigenvalues and trace do (their vectors are "
-                "sharded like the parameters)"
+                f"{what} does not take FSDP2-sharded models yet; eigenvalues, trace, density and block_spectrum do "
+                "(their vectors are sharded like the parameters)"
             )
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
