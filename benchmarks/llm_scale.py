@@ -84,9 +84,10 @@ class Peak:
         return False
 
 
-def check_memory(n: int, device: torch.device) -> float:
+def check_memory(n: int, device: torch.device, power: bool) -> float:
     """The estimate of the spectrum calls' peak (GB), refused when it cannot fit the device."""
-    vectors = (2 * MAX_BASIS + 1) * 4 * n + 2 * n  # basis and products, one float32 sum, a bfloat16 direction
+    held = 2 if power else 2 * MAX_BASIS  # float32 vectors kept: v and H·v, or the basis and its products
+    vectors = (held + 1) * 4 * n + 2 * n  # + one float32 sum and a bfloat16 direction in the product
     estimate = (vectors + 2 * n) / 1e9  # + the bfloat16 model
     if device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory / 1e9
@@ -123,7 +124,7 @@ def main() -> None:
     model = build(args.size, device, args.seed)
     n = sum(p.numel() for p in model.parameters())
     batch = batch_of(model.config.vocab_size, args.rows, args.tokens, device, args.seed)
-    estimate = check_memory(n, device)
+    estimate = check_memory(n, device, args.power)
     out = {"size": args.size, "parameters": n, "tokens": args.rows * args.tokens, "dtype": "bfloat16",
            "device": str(device), "memory_estimate_gb": round(estimate, 1), "machine": _timing.machine(device)}
 
