@@ -8,11 +8,18 @@ their function is rounded to float32 in places, so the float64 reference only bo
 level (``CAST_REFERENCE_TOL``); they are also checked against hessgap's generic path on the same copy, which
 goes through the same casts (``CAST_GENERIC_TOL``). :func:`low_precision_ops` finds those casts by watching
 every op of one float64 forward.
+
+PyTorch has no double backward of hardswish and hardsigmoid (MobileNetV3), so the reference computes them in
+plain ops (:func:`hard_activations_in_plain_ops`): the same function, whose second derivative is the same
+wherever it exists (everywhere but the kinks at ±3).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -56,14 +63,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+@contextmanager
+def hard_activations_in_plain_ops():
+    """Within the block, ``F.hardswish`` and ``F.hardsigmoid`` (which ``nn.Hardswish``/``nn.Hardsigmoid`` call)
+    are x·clamp(x + 3, 0, 6)/6 and clamp(x + 3, 0, 6)/6, which autograd differentiates twice."""
+    saved = F.hardswish, F.hardsigmoid
+    F.hardsigmoid = lambda x, inplace=False: torch.clamp(x + 3, 0, 6) / 6
+    F.hardswish = lambda x, inplace=False: x * torch.clamp(x + 3, 0, 6) / 6
+    try:
+        yield
+    finally:
+        F.hardswish, F.hardsigmoid = saved
+
+
 def reference_hvp(model: torch.nn.Module, loader: list[tuple], loss_fn, V: torch.Tensor) -> torch.Tensor:
     """H·vᵢ for the rows of V, H the Hessian of Σ_b u_b·loss_b / Σ_b u_b (u_b: the batch's counted targets), by
-    a double backward per batch and vector (attention on PyTorch's math kernels, which have that rule)."""
+    a double backward per batch and vector (attention on PyTorch's math kernels, which have that rule; hardswish
+    and hardsigmoid in plain ops, which have it too)."""
     params = [p for p in model.parameters() if p.requires_grad]
     sizes = [p.numel() for p in params]
     total = sum(units(batch) for batch in loader)
     out = torch.zeros_like(V)
-    with sdpa_kernel([SDPBackend.MATH]):
+    with sdpa_kernel([SDPBackend.MATH]), hard_activations_in_plain_ops():
         for batch in loader:
             loss = loss_fn(model(*batch[:-1]), batch[-1]) * (units(batch) / total)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)

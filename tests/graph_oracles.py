@@ -6,6 +6,7 @@ Test files import these with ``from graph_oracles import ...`` (pytest puts ``te
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -84,3 +85,28 @@ def check_fused_against_generic(model, data, *, k=3, tol=1e-5, seed=0, **kwargs)
     err = rel_err(fused.value.double(), generic.double())
     assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
     return fused
+
+
+@contextlib.contextmanager
+def without_float32_casts():
+    """Within the block, float64 tensors are never cast down to float32: ``.to(float32)``, ``.float()`` and
+    ``softmax(dtype=float32)`` return them as they are. Hugging Face models compute their norms, routers and
+    rotary tables in float32 whatever their dtype; inside this block a float64 copy computes in float64 only,
+    so the fused path can be held to 1e-10 against the generic one (both run the same patched code)."""
+    to, as_float, softmax = torch.Tensor.to, torch.Tensor.float, torch.nn.functional.softmax
+
+    def keep_float64_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        return self if self.dtype == torch.float64 and out.dtype == torch.float32 else out
+
+    def keep_float64(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else as_float(self, *args, **kwargs)
+
+    def keep_float64_softmax(x, *args, dtype=None, **kwargs):
+        return softmax(x, *args, dtype=None if x.dtype == torch.float64 else dtype, **kwargs)
+
+    torch.Tensor.to, torch.Tensor.float, torch.nn.functional.softmax = keep_float64_to, keep_float64, keep_float64_softmax
+    try:
+        yield
+    finally:
+        torch.Tensor.to, torch.Tensor.float, torch.nn.functional.softmax = to, as_float, softmax

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hessgap"
 # the rank of each part of the package: a module may import parts of lower rank, and its own part
 RANK = {
     "errors": 0, "_version": 0,
-    "_checks": 1, "_io": 1, "names": 1, "_extension": 1,
+    "_checks": 1, "_io": 1, "names": 1, "_extension": 1, "_memory": 1,
     "_results": 2, "_state": 2, "distributed": 2,
     "ops": 3, "info": 3,
     "curvature": 4,

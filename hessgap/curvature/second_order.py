@@ -16,6 +16,11 @@ For float16 tensors these functions run in float32 inside a curvature call (thei
 cast up, the output cast back: the forward is float16's to rounding, as under autocast), and the notes say
 so. bfloat16 has float32's range and needs none of it.
 
+PyTorch's double backward of its fused weight-norm kernel (``torch._weight_norm``, behind ``weight_norm``
+parametrizations that normalize along the first or last dimension) is wrong: its Hessian disagrees with finite
+differences of its own gradient. Inside a curvature call the weight norm runs as g·v/‖v‖ in plain ops (the same
+values), and the notes say so.
+
 ``torch.compile``'d modules and functions cannot be differentiated twice (AOTAutograd has no double backward),
 while the original module they wrap computes the very same function eagerly: inside a curvature call every
 compiled region runs eagerly (``torch.compiler.set_stance("force_eager")``), and the notes say so when the
@@ -57,6 +62,10 @@ NORMALIZATION_NOTE = (
     "normalization layers of float16 tensors ran in float32: PyTorch's float16 double backward of "
     "normalization overflows (it forms 1/σ³)"
 )
+WEIGHT_NORM_NOTE = (
+    "weight_norm ran as g·v/‖v‖ in plain ops: PyTorch's double backward of its fused weight-norm kernel gives a wrong "
+    "Hessian"
+)
 _MISSING_RULE = re.compile(r"(?:forward AD with|derivative for) '?([\w:.]+)'?")
 #: Normalizations whose float16 double backward overflows (see the module docstring).
 _NORMALIZATIONS = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm}
@@ -70,17 +79,28 @@ def _cast(value, dtype_from: torch.dtype, dtype_to: torch.dtype):
     return value
 
 
+def _weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """torch._weight_norm in ops whose double backward is right: the fused kernel's (weight_norm parametrizations
+    with dim = 0 or the last dimension, on CPU in torch 2.13) disagrees with finite differences of its own
+    gradient."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
 class _ForwardWatch(TorchFunctionMode):
     """Sees every torch function of a forward: counts scaled_dot_product_attention calls (the model may call
-    it through the functional API) and runs float16 normalizations in float32."""
+    it through the functional API), runs float16 normalizations in float32 and weight norms in plain ops."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
         self.upcast = 0
+        self.weight_norms = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            self.weight_norms += 1
+            return _weight_norm(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             self.calls += 1
         elif func in _NORMALIZATIONS and args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float16:
@@ -130,6 +150,8 @@ class SecondOrderRules:
             self.note(ATTENTION_NOTE)
         if watch.upcast:
             self.note(NORMALIZATION_NOTE)
+        if watch.weight_norms:
+            self.note(WEIGHT_NORM_NOTE)
 
     def note(self, text: str) -> None:
         """Add ``text`` to the notes once."""

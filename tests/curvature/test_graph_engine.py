@@ -90,6 +90,23 @@ def test_an_op_without_a_rule_falls_back_with_its_name(activation, reason):
         hessgap.hvp(model, batch, V, path="fused")
 
 
+def test_an_op_without_a_rule_is_named_with_its_module_path_in_the_model_and_what_to_do():
+    class Wrapper(nn.Module):  # a Hugging Face task model holds its base model as .model
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Sequential(nn.Linear(4, 5), nn.ELU(), nn.Linear(5, 3))
+
+        def forward(self, x):
+            return self.model(x)
+
+    model = Wrapper().double()
+    result = hessgap.hvp(model, data(), vectors(model), return_info=True)
+    assert result.path == "generic"
+    assert result.fallback_reason.startswith("aten.elu (in model.1: ELU) has no R-operator rule")
+    assert "the generic path (double backward) computes the same product" in result.fallback_reason
+    assert "write that module with the ops the README lists as supported" in result.fallback_reason
+
+
 class DataDependent(Residual):
     def forward(self, x):
         if x.sum() > 0:  # control flow on the values of the data: no graph serves every batch

@@ -7,7 +7,7 @@ from torch import nn
 
 from hessgap import _extension
 
-from graph_oracles import check_fused_against, explicit_hessian_of
+from graph_oracles import check_fused_against, check_fused_against_generic, explicit_hessian_of
 from oracles import explicit_hessian, randomize_batchnorm
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -222,3 +222,151 @@ def test_tuple_and_mapping_batches():
     check_fused_against(model, [(x, z, y)], hess)
     check_fused_against(model, [{"x": x, "z": z, "labels": y}], hess, loss_fn=nn.CrossEntropyLoss())
 
+
+
+class MaskedAndCast(nn.Module):
+    """where with a number on either side (T5's masks), type_as an activation (Gemma's RMSNorm casts back to its
+    input's dtype), a softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        keep = torch.arange(6) % 3 != 0
+        scores = torch.where(keep, h, -4.0) + torch.where(keep, 0.5, h * h)
+        normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(scores)
+        return self.out(torch.softmax(scores, -1) * normed)
+
+
+def test_where_with_a_number_and_type_as_an_activation():
+    check(MaskedAndCast(), [pair(), pair(4, seed=1)])
+
+
+class GroupedHeads(nn.Module):
+    """scaled_dot_product_attention with 4 query heads sharing 2 key/value heads (enable_gqa)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.q, self.k, self.v, self.out = nn.Linear(5, 12), nn.Linear(5, 6), nn.Linear(5, 4), nn.Linear(8, 3)
+        if mode == "learned_bias":  # a learned additive bias, shared by the batch (a relative position bias)
+            self.bias = nn.Parameter(0.3 * torch.randn(4, 4, 4))
+
+    def forward(self, x):
+        b, t = x.shape[0] // 4, 4
+        x = x.view(b, t, 5)
+        q = self.q(x).view(b, t, 4, 3).transpose(1, 2)
+        k = self.k(x).view(b, t, 2, 3).transpose(1, 2)
+        v = self.v(x).view(b, t, 2, 2).transpose(1, 2)
+        kwargs = {"enable_gqa": True}
+        if self.mode == "causal":
+            kwargs["is_causal"] = True
+        elif self.mode == "bool":
+            kwargs["attn_mask"] = torch.ones(t, t, dtype=torch.bool).tril()
+        elif self.mode == "learned_bias":
+            kwargs["attn_mask"] = self.bias.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        o = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        return self.out(o.transpose(1, 2).reshape(b * t, 8))
+
+
+@pytest.mark.parametrize("mode", ["plain", "causal", "bool", "learned_bias"])
+def test_grouped_query_attention(mode):
+    check(GroupedHeads(mode), [pair(8), pair(4, seed=1)])
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4), (4, 4)])
+def test_attention_whose_mask_is_a_learned_bias(shape):
+    """A learned bias per head or shared by the heads (T5's relative position bias enters as the mask), added to a
+    constant mask."""
+    class LearnedBias(Sdpa):
+        def __init__(self):
+            super().__init__("plain")
+            self.bias = nn.Parameter(0.3 * torch.randn(shape))
+
+        def forward(self, x):
+            b, t = x.shape[0] // 4, 4
+            x = x.view(b, t, 5)
+            q, k = (m(x).view(b, t, 2, 4).transpose(1, 2) for m in (self.q, self.k))
+            v = self.v(x).view(b, t, 2, 3).transpose(1, 2)
+            bias = self.bias.repeat(1, 1) if len(shape) == 2 else self.bias
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias + torch.linspace(-1, 1, t * t, dtype=x.dtype).view(t, t))
+            return self.out(o.transpose(1, 2).reshape(b * t, 6))
+
+    check(LearnedBias(), [pair(8), pair(4, seed=1)])
+
+
+def test_softmax_computed_in_another_dtype():
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(F.softmax(self.a(x), dim=-1, dtype=torch.float64).to(x.dtype) * self.a(x))
+
+    torch.manual_seed(0)
+    check_fused_against_generic(Router().eval(), [(pair()[0].float(), pair()[1])])
+
+
+def weight_norm_twin(v, g, dim):
+    """w = g·v/‖v‖ written out (PyTorch's own double backward of aten._weight_norm is wrong for dim 0 or −1 of v's
+    dimensions on CPU; see test_weight_norm_parametrizations)."""
+    if dim is None:
+        return g * v / v.norm()
+    dims = [d for d in range(v.dim()) if d != dim]
+    return g * v / v.norm(dim=dims, keepdim=True)
+
+
+class WeightNormed(nn.Module):
+    """weight_norm parametrizations of a Linear (dim 0), a Conv1d (over the whole weight) and a Linear over its
+    input dimension (dim 1); ``twin=True`` computes the same weights with plain ops."""
+
+    def __init__(self, twin=False):
+        super().__init__()
+        self.twin = twin
+        self.a = nn.utils.parametrizations.weight_norm(nn.Linear(5, 6))
+        self.c = nn.utils.parametrizations.weight_norm(nn.Conv1d(1, 2, 3, padding=1), dim=None)
+        self.d = nn.utils.parametrizations.weight_norm(nn.Linear(6, 3), dim=1)
+
+    def _weight(self, layer, dim):
+        if not self.twin:
+            return layer.weight
+        g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+        return weight_norm_twin(v, g, dim)
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self._weight(self.a, 0), self.a.bias))
+        h = h + F.conv1d(h.unsqueeze(1), self._weight(self.c, None), self.c.bias, padding=1).sum(1)
+        return F.linear(torch.tanh(h), self._weight(self.d, 1), self.d.bias)
+
+
+def test_weight_norm_parametrizations():
+    torch.manual_seed(0)
+    model = WeightNormed().double().eval()
+    with torch.no_grad():  # g away from ‖v‖: the initialization would hide terms in g/‖v‖
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    twin = WeightNormed(twin=True).double().eval()
+    twin.load_state_dict(model.state_dict())
+    batches = [pair(), pair(4, seed=1)]
+    check_fused_against(model, batches, explicit_hessian(twin, batches))
+
+
+def test_a_view_of_an_input_laid_out_otherwise_than_at_capture():
+    """A rule may lay its output out otherwise than the op it replaces (the fused attention's O is (B, H, T, D)
+    where PyTorch's CPU kernel gives (B, T, H, D) transposed); a view the capture recorded then copies."""
+    from hessgap.curvature.graph.capture import capture
+    from hessgap.curvature.graph.rules.views import Reshape
+
+    class Viewed(nn.Module):
+        def forward(self, x):
+            return x.transpose(0, 1).contiguous().view(-1, 3)
+
+    captured = capture(Viewed(), lambda out, y: out.sum(), False, ((torch.randn(2, 3, 3),), {}, None))
+    node = next(n for n in captured.graph.nodes if n.target is torch.ops.aten.view.default)
+    transposed = torch.randn(3, 2, 3).transpose(0, 1).transpose(0, 1)  # the values, with other strides
+    laid_out = transposed.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    value, _ = Reshape(node).forward([laid_out, node.args[1]], {})
+    assert torch.equal(value, laid_out.reshape(-1, 3))

@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 from ..batches import Batch
 from ..objective import output_tensor
+from .experts import grouped_experts
 from .rules import GraphUnsupported
 
 
@@ -83,7 +84,8 @@ def capture(model: nn.Module, loss_fn, own_loss: bool, inputs) -> Captured:
         with warnings.catch_warnings():  # torch.export's own deprecation notices are not the user's business
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
-            exported = torch.export.export(wrapper, example, strict=False)
+            with grouped_experts(model):  # mixture-of-experts layers in a form export can capture
+                exported = torch.export.export(wrapper, example, strict=False)
             exported = exported.run_decompositions({})
     except Exception as exc:  # torch.export reports many kinds of failure; the fallback says which
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -22,7 +22,7 @@ from torch import fx
 
 from .capture import Captured
 from .rules import GraphUnsupported, OpRule, rule_for
-from .rules.base import Embedded, add, describe
+from .rules.base import REMEDY, Embedded, add, describe
 
 aten = torch.ops.aten
 
@@ -114,11 +114,12 @@ class Program:
             if node.op == "call_function" and node in active:
                 rule = rule_for(node, lambda n: n in carries)
                 wanted = [a if isinstance(a, fx.Node) and a in active else None for a in rule.inputs()]
-                missing = [a for a in _arg_nodes(node) if a in active and a not in wanted]
+                ignored = rule.metadata_inputs()
+                missing = [a for a in _arg_nodes(node) if a in active and a not in wanted and a not in ignored]
                 if missing:
                     raise GraphUnsupported(
                         f"{describe(node)}: its argument {missing[0].name} depends on the parameters, which its "
-                        "R-operator rule does not handle")
+                        f"R-operator rule does not handle: {REMEDY}")
                 step.rule = rule
                 rule.is_output = node is loss
                 step.inputs = [self.position[a] if a is not None else None for a in wanted]

@@ -302,23 +302,27 @@ class Elementwise(OpRule):
 # ---- selections with fixed masks ---------------------------------------------------------------------------
 
 
+_WHERE = (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf)
+
+
 class Where(LinearRule):
-    """where(cond, a, b) and masked_fill(x, mask, value) with a mask that does not depend on θ."""
+    """where(cond, a, b) (either side may be a number: T5's masks) and masked_fill(x, mask, value) with a mask
+    that does not depend on θ."""
 
     def inputs(self):
-        if self.node.target is aten.where.self:
+        if self.node.target in _WHERE:
             return [a if _is_node(a) else None for a in self.node.args[1:3]]
         return [self.node.args[0]]
 
     def forward(self, args, kwargs):
         y = self.node.target(*args, **kwargs)
-        mask = args[0] if self.node.target is aten.where.self else args[1]
+        mask = args[0] if self.node.target in _WHERE else args[1]
         return y, mask
 
     def apply(self, mask, tangents):
         n = len(self.out_meta.shape)
         out_shape = tuple(int(s) for s in self.out_meta.shape)
-        if self.node.target is aten.where.self:
+        if self.node.target in _WHERE:
             a, b = (None if t is None else lift(t, n) for t in tangents)
             like = a if a is not None else b
             zero = like.new_zeros(())
@@ -329,7 +333,7 @@ class Where(LinearRule):
 
     def adjoint(self, mask, g, need, batched):
         zero = g.new_zeros(())
-        if self.node.target is aten.where.self:
+        if self.node.target in _WHERE:
             args = self.node.args[1:3]
             picks = (torch.where(mask, g, zero), torch.where(mask, zero, g))
             return [sum_to(p, _shape(a), batched) if w else None for p, a, w in zip(picks, args, need)]
@@ -396,6 +400,7 @@ RULES = {
     aten.exp.default: Elementwise, aten.log.default: Elementwise, aten.sqrt.default: Elementwise,
     aten.rsqrt.default: Elementwise, aten.reciprocal.default: Elementwise, aten.pow.Tensor_Scalar: Elementwise,
     aten.sin.default: Elementwise, aten.cos.default: Elementwise,
-    aten.where.self: Where, aten.masked_fill.Scalar: Where, aten.masked_fill.Tensor: Where,
+    aten.where.self: Where, aten.where.ScalarOther: Where, aten.where.ScalarSelf: Where,
+    aten.masked_fill.Scalar: Where, aten.masked_fill.Tensor: Where,
     aten.sum.default: Reduce, aten.sum.dim_IntList: Reduce, aten.mean.default: Reduce, aten.mean.dim: Reduce,
 }

@@ -1,5 +1,6 @@
 """The rule of ``scaled_dot_product_attention``: causal, masked (boolean or additive mask that does not depend
-on θ) or plain, never materializing the T×T matrix per direction (:mod:`hessgap.ops.attention_rop`)."""
+on θ) or plain, grouped-query heads included, never materializing the T×T matrix per direction
+(:mod:`hessgap.ops.attention_rop`); a mask that depends on θ takes :mod:`.attention_bias`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import fx
 
 from ....ops import attention_rop as ops
+from .attention_bias import BiasedAttention, expand_heads, head_groups, sum_heads
 from .base import GraphUnsupported, OpRule
 
 aten = torch.ops.aten
@@ -25,12 +27,10 @@ class Attention(OpRule):
         self.scale = args[6] if args[6] is not None else kw.get("scale")
         if dropout:
             raise GraphUnsupported(f"{self.describe()} with dropout_p={dropout} (random masks are not fused)")
-        if kw.get("enable_gqa", False):
-            q, k = (self.arg_meta(i).shape for i in (0, 1))
-            if len(q) < 3 or q[-3] != k[-3]:
-                raise GraphUnsupported(f"{self.describe()} with grouped-query heads (enable_gqa)")
+        self.groups = head_groups(self)  # query heads per key/value head: K and V expanded for the kernels
         shapes = [tuple(self.arg_meta(i).shape) for i in range(3)]
-        if any(len(s) not in (3, 4) for s in shapes) or shapes[0][:-2] != shapes[1][:-2] or shapes[1][:-2] != shapes[2][:-2]:
+        kv_lead = [s[:-2] if self.groups == 1 else s[:-3] + (s[-3] * self.groups,) for s in shapes[1:]]
+        if any(len(s) not in (3, 4) for s in shapes) or any(lead != shapes[0][:-2] for lead in kv_lead):
             raise GraphUnsupported(f"{self.describe()} with query/key/value shapes {shapes}")
         self.unbatched_heads = len(shapes[0]) == 3
         if self.scale is None:
@@ -63,6 +63,7 @@ class Attention(OpRule):
 
     def forward(self, args, kwargs):
         q, k, v = (self._four(t) for t in args[:3])
+        k, v = expand_heads(k, self.groups), expand_heads(v, self.groups)
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         if isinstance(self.mask, fx.Node) and mask is None:
             mask = kwargs.get("attn_mask")
@@ -73,13 +74,24 @@ class Attention(OpRule):
     def vjp(self, saved, g, need):
         q, k, v, bias, o, lse = saved
         grads = ops.attention_backward(q, k, v, bias, o, lse, self._four(g).contiguous(), self.causal, self.scale)
-        return [self._back(t) if wanted else None for t, wanted in zip(grads, need)]
+        return [self._back(t) if wanted else None for t, wanted in zip(self._grouped(grads), need)]
+
+    def _grouped(self, grads):
+        """Gradients of the expanded K and V summed back to their own heads."""
+        dq, dk, dv = grads
+        return dq, sum_heads(dk, self.groups), sum_heads(dv, self.groups)
 
     def _tangents(self, saved, tangents):
         q, k, v = saved[:3]
         kk = next(t.shape[0] for t in tangents if t is not None)
-        return [self._four(t, True).contiguous() if t is not None else x.new_zeros((kk,) + tuple(x.shape))
-                for t, x in zip(tangents, (q, k, v))]
+        out = []
+        for i, (t, x) in enumerate(zip(tangents, (q, k, v))):
+            if t is None:
+                out.append(x.new_zeros((kk,) + tuple(x.shape)))
+            else:
+                t = self._four(t, True)
+                out.append((expand_heads(t, self.groups) if i else t).contiguous())
+        return out
 
     def jvp(self, saved, tangents):
         q, k, v, bias, o, lse = saved
@@ -93,7 +105,15 @@ class Attention(OpRule):
         rg4 = self._four(rg, True).contiguous() if rg is not None else None
         grads = ops.attention_rbackward(q, k, v, bias, o, lse, self._four(g).contiguous(), rq, rk, rv, ro, rho, rg4,
                                         self.causal, self.scale)
-        return [self._back(t, True) if wanted else None for t, wanted in zip(grads, need)]
+        return [self._back(t, True) if wanted else None for t, wanted in zip(self._grouped(grads), need)]
 
 
-RULES = {aten.scaled_dot_product_attention.default: Attention}
+def attention_rule(node, carries):
+    """The fused kernels' rule, or the materialized one when the additive mask depends on θ (a learned bias)."""
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node) and carries(mask):
+        return BiasedAttention(node)
+    return Attention(node)
+
+
+RULES = {aten.scaled_dot_product_attention.default: attention_rule}

@@ -25,6 +25,10 @@ from torch import fx
 
 from ...fused.base import FusedUnsupported
 
+#: what a message about an op the graph engine cannot differentiate tells the user to do
+REMEDY = ("the generic path (double backward) computes the same product with more time and memory; to keep the "
+          "fused path, write that module with the ops the README lists as supported")
+
 
 class GraphUnsupported(FusedUnsupported):
     """The model, its loss or its data is outside what the graph engine handles; the message says what."""
@@ -44,6 +48,11 @@ class OpRule:
     def inputs(self) -> list:
         """The node's tensor arguments the rule differentiates, in the order of tangents and gradients."""
         return [self.node.args[0]]
+
+    def metadata_inputs(self) -> list:
+        """Arguments the op reads for their shape or dtype only (``type_as``'s ``other``): no gradient flows
+        into them, so they may depend on θ without being differentiated."""
+        return []
 
     # -- the four passes ---------------------------------------------------------------------------
 
@@ -138,9 +147,24 @@ def describe(node: fx.Node) -> str:
     if stack:
         path, kind = list(stack.values())[-1]
         kind_name = kind.__name__ if isinstance(kind, type) else str(kind).rsplit(".", 1)[-1].strip("'>")
-        path = path.removeprefix("L['self'].").removeprefix("model.").removeprefix("model")
-        return f"{name} (in {path or 'the model'}: {kind_name})"
+        return f"{name} (in {module_path(path) or 'the model'}: {kind_name})"
     return name
+
+
+def module_path(path: str) -> str:
+    """The qualified name in the user's model of a module the capture recorded: the captured function holds the
+    model as its ``model`` attribute, so ``model.layers.0`` is the model's ``layers.0`` (and ``model`` itself)."""
+    path = path.removeprefix("L['self'].")
+    if path == "model":
+        return ""
+    return path.removeprefix("model.")
+
+
+def argument(node: fx.Node, index: int, name: str, default=None):
+    """The node's argument at position ``index`` or keyword ``name`` (``default`` when it has neither)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
 
 
 def lift(t: torch.Tensor, ndim: int) -> torch.Tensor:

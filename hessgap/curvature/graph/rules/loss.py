@@ -18,7 +18,8 @@ aten = torch.ops.aten
 
 
 class Softmax(OpRule):
-    """y = softmax(x) or log_softmax(x) along one dimension."""
+    """y = softmax(x) or log_softmax(x) along one dimension, also with a ``dtype`` to compute in (Qwen-MoE's
+    router: a cast of x, then the softmax)."""
 
     needs_grad = True
 
@@ -26,8 +27,9 @@ class Softmax(OpRule):
         super().__init__(node)
         self.dim = norm_dim(node.args[1], len(self.arg_meta(0).shape))
         self.log = node.target in (aten._log_softmax.default, aten.log_softmax.int)
-        if self.arg_meta(0).dtype != self.out_meta.dtype:
-            raise GraphUnsupported(f"{self.describe()} changes the dtype")
+        self.in_dtype, self.out_dtype = self.arg_meta(0).dtype, self.out_meta.dtype
+        if self.in_dtype != self.out_dtype and node.target in (aten._softmax.default, aten._log_softmax.default):
+            raise GraphUnsupported(f"{self.describe()} changes the dtype")  # half_to_float: not a model's choice
 
     def forward(self, args, kwargs):
         y = self.node.target(*args, **kwargs)
@@ -35,11 +37,11 @@ class Softmax(OpRule):
 
     def vjp(self, p, g, need):
         if self.log:
-            return [g - p * g.sum(self.dim, keepdim=True)]
-        return [p * (g - (p * g).sum(self.dim, keepdim=True))]
+            return [(g - p * g.sum(self.dim, keepdim=True)).to(self.in_dtype)]
+        return [(p * (g - (p * g).sum(self.dim, keepdim=True))).to(self.in_dtype)]
 
     def jvp(self, p, tangents):
-        t = tangents[0]
+        t = tangents[0].to(self.out_dtype)
         d = self.dim + 1
         centred = t - (p * t).sum(d, keepdim=True)
         # log-softmax: R{y} = t − ⟨p, t⟩; softmax: R{y} = p ⊙ (t − ⟨p, t⟩)
@@ -53,7 +55,7 @@ class Softmax(OpRule):
             out = -rp * g.sum(self.dim, keepdim=True)
             if rg is not None:
                 out = out + rg - p * rg.sum(d, keepdim=True)
-            return [out]
+            return [out.to(self.in_dtype)]
         dot = (p * g).sum(self.dim, keepdim=True)
         r_dot = (ry * g).sum(d, keepdim=True)
         if rg is not None:
@@ -61,7 +63,7 @@ class Softmax(OpRule):
         out = ry * (g - dot) - p * r_dot
         if rg is not None:
             out = out + p * rg
-        return [out]
+        return [out.to(self.in_dtype)]
 
 
 def _rows(t, batched):

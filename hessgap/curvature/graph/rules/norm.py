@@ -1,6 +1,7 @@
 """Rules of the normalizations: LayerNorm, RMSNorm and GroupNorm (statistics of the input itself, so their
-R-passes have second-order terms, computed by the fused kernels of :mod:`hessgap.ops.norm_rop`), and
-BatchNorm with running statistics (eval mode: per-channel affine in the input).
+R-passes have second-order terms, computed by the fused kernels of :mod:`hessgap.ops.norm_rop`),
+BatchNorm with running statistics (eval mode: per-channel affine in the input) and weight normalization
+(``weight_norm`` parametrizations: w = g·v/‖v‖).
 
 For LayerNorm/RMSNorm/GroupNorm the rows are what one set of statistics normalizes (the last dimensions,
 or one group of channels) and x̂ = (x − μ)·r with r = 1/√(var + ε) (RMSNorm: μ = 0, var = mean(x²)).
@@ -288,7 +289,82 @@ class BatchNormEval(OpRule):
         return out
 
 
+class WeightNorm(OpRule):
+    """w = g·v/‖v‖ (``weight_norm`` parametrizations, aten._weight_norm): the norm of every slice of v along ``dim``
+    (of all of v for dim = −1), g shaped like those norms. Per row r of v: u = v/n, n = ‖v‖,
+
+        ∂/∂g = ⟨G, u⟩,  ∂/∂v = (g/n)(G − u⟨u, G⟩),  R{u} = (R{v} − u⟨u, R{v}⟩)/n,  R{w} = R{g} u + g R{u}.
+    """
+
+    needs_grad = True
+
+    def __init__(self, node):
+        super().__init__(node)
+        shape = tuple(int(s) for s in self.arg_meta(0).shape)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        self.shape, self.dim = shape, (None if dim == -1 else dim % len(shape))
+
+    def inputs(self):
+        return [_node(self.node.args[0]), _node(self.node.args[1])]
+
+    def rows(self, t, batched):
+        """(…, rows, row length): one row per norm."""
+        lead = 1 if batched else 0
+        if self.dim is None:
+            return t.reshape(t.shape[:lead] + (1, -1))
+        return t.movedim(self.dim + lead, lead).reshape(t.shape[:lead] + (self.shape[self.dim], -1))
+
+    def unrows(self, t, batched):
+        lead = tuple(t.shape[:1]) if batched else ()
+        if self.dim is None:
+            return t.reshape(lead + self.shape)
+        moved = (self.shape[self.dim],) + tuple(s for i, s in enumerate(self.shape) if i != self.dim)
+        return t.reshape(lead + moved).movedim(len(lead), self.dim + len(lead))
+
+    def forward(self, args, kwargs):
+        v, g = args[0], args[1]
+        u = self.rows(v, False)
+        n = u.norm(dim=-1, keepdim=True)
+        u = u / n
+        gr = g.reshape(-1, 1)
+        return self.node.target(*args, **kwargs), (u, n, gr, tuple(g.shape))
+
+    def vjp(self, saved, G, need):
+        u, n, g, g_shape = saved
+        Gr = self.rows(G, False)
+        a = (u * Gr).sum(-1, keepdim=True)
+        gv = self.unrows(g / n * (Gr - u * a), False) if need[0] else None
+        return [gv, a.reshape(g_shape) if need[1] else None]
+
+    def _ru(self, u, n, rv):
+        return (rv - u * (u * rv).sum(-1, keepdim=True)) / n
+
+    def jvp(self, saved, tangents):
+        u, n, g, g_shape = saved
+        rv, rg = tangents
+        k = (rv if rv is not None else rg).shape[0]
+        # weights are small next to activations: missing tangents as zeros keep the algebra in one piece
+        rv = self.rows(rv, True) if rv is not None else u.new_zeros((k,) + tuple(u.shape))
+        rg = rg.reshape(k, -1, 1) if rg is not None else g.new_zeros((k,) + tuple(g.shape))
+        ru = self._ru(u, n, rv)
+        return self.unrows(rg * u + g * ru, True), (rv, rg, ru)
+
+    def rvjp(self, saved, rsaved, G, rG, need):
+        u, n, g, g_shape = saved
+        rv, rg, ru = rsaved
+        Gr = self.rows(G, False)
+        rGr = self.rows(rG, True) if rG is not None else torch.zeros_like(ru)
+        a = (u * Gr).sum(-1, keepdim=True)
+        ra = (ru * Gr).sum(-1, keepdim=True) + (u * rGr).sum(-1, keepdim=True)
+        # g_v = s·(G − u a) with s = g/n: R{s} = R{g}/n − g·R{n}/n², R{n} = ⟨u, R{v}⟩
+        rs = rg / n - g * (u * rv).sum(-1, keepdim=True) / (n * n)
+        r_gv = rs * (Gr - u * a) + (g / n) * (rGr - ru * a - u * ra)
+        return [self.unrows(r_gv, True) if need[0] else None,
+                ra.reshape((ra.shape[0],) + g_shape) if need[1] else None]
+
+
 RULES = {
+    aten._weight_norm.default: WeightNorm,
     aten.layer_norm.default: LayerNorm, aten.rms_norm.default: LayerNorm, aten.group_norm.default: GroupNorm,
     aten.batch_norm.default: BatchNormEval, aten._native_batch_norm_legit_no_training.default: BatchNormEval,
 }

@@ -1,5 +1,5 @@
 """Rules of the ops that move elements without arithmetic: reshapes, permutations, slices, concatenation,
-splits, broadcasts, padding, casts and the identities (clone, dropout in eval mode). Each is linear: the
+splits, broadcasts, padding, rolls, casts and the identities (clone, dropout in eval mode). Each is linear: the
 tangent goes through the same op, shifted one dimension for the leading k, and gradients through its
 transpose.
 """
@@ -28,6 +28,11 @@ class Reshape(LinearRule):
     """view, reshape, flatten, (un)squeeze, ...: the same elements in row-major order."""
 
     def forward(self, args, kwargs):
+        if self.node.target in (aten.view.default, aten._unsafe_view.default):
+            # a view of a rule's output: a rule may lay its output out otherwise than the op it replaces (the
+            # fused attention's O is (B, H, T, D) where PyTorch's is (B, T, H, D) transposed), so a view the
+            # capture recorded may need a copy here
+            return args[0].reshape(args[1]), None
         return self.node.target(*args, **kwargs), None
 
     def apply(self, saved, tangents):
@@ -39,7 +44,7 @@ class Reshape(LinearRule):
 
 
 class Identity(LinearRule):
-    """clone, contiguous, alias, dropout in eval mode, floating-point casts."""
+    """clone, contiguous, alias, dropout in eval mode, floating-point casts (to, type_as)."""
 
     def __init__(self, node):
         super().__init__(node)
@@ -49,6 +54,10 @@ class Identity(LinearRule):
         dtype = self.out_meta.dtype
         if not dtype.is_floating_point:
             raise GraphUnsupported(f"{self.describe()} casts to {dtype}")
+
+    def metadata_inputs(self):
+        # type_as(x, other) reads other's dtype only (Gemma's RMSNorm casts back to its input's dtype)
+        return list(self.node.args[1:2]) if self.node.target is aten.type_as.default else []
 
     def apply(self, saved, tangents):
         return tangents[0].to(self.out_meta.dtype)
@@ -239,6 +248,29 @@ class BroadcastTensors(LinearRule):
         ]
 
 
+class Roll(LinearRule):
+    """torch.roll (Swin's shifted windows): the adjoint rolls back."""
+
+    def _args(self):
+        shifts = [int(s) for s in self.node.args[1]]
+        dims = self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("dims", [])
+        return shifts, [norm_dim(d, len(self.arg_meta(0).shape)) for d in dims]
+
+    def _roll(self, t, batched, sign):
+        shifts, dims = self._args()
+        lead = 1 if batched else 0
+        shifts = [sign * s for s in shifts]
+        if not dims:  # rolled as a flat tensor
+            return t.flatten(lead).roll(shifts, lead).reshape(t.shape)
+        return t.roll(shifts, [d + lead for d in dims])
+
+    def apply(self, saved, tangents):
+        return self._roll(tangents[0], True, 1)
+
+    def adjoint(self, saved, g, need, batched):
+        return [self._roll(g, batched, -1)]
+
+
 class ConstantPad(LinearRule):
     def __init__(self, node):
         super().__init__(node)
@@ -272,4 +304,5 @@ RULES = {
     operator.getitem: GetItem,
     aten.broadcast_tensors.default: BroadcastTensors,
     aten.constant_pad_nd.default: ConstantPad, aten.pad.default: ConstantPad,
+    aten.roll.default: Roll,
 }
