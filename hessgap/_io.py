@@ -117,8 +117,8 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def append_text(path: str | Path, text: str) -> Path:
-    """Append ``text`` to a log file (one ``write`` call; a log line is not a result, so no rename). In a
+def append_text(path: str | Path, text: str, durable: bool = False) -> Path:
+    """Append ``text`` to a log file (one ``write`` call; no rename), flushed to disk when ``durable``. In a
     distributed run only rank 0 writes."""
     path = Path(path)
     if _rank_and_world()[0] != 0:
@@ -126,6 +126,9 @@ def append_text(path: str | Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(text)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     return path
 
 

@@ -409,3 +409,27 @@ def llc_with_a_bad_batch(rank, world_size):
     except hessgap.HessgapError as exc:
         return str(exc)
     return None
+
+
+def sharded_batch_failing_on_one_rank(rank, world_size):
+    """An FSDP2-sharded model whose last rank holds a batch that does not fit it: every rank must raise."""
+    import time
+
+    from torch.distributed.fsdp import fully_shard
+
+    import hessgap
+
+    model, x, y = tiny_problem()
+    for module in model:
+        if any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module)
+    fully_shard(model)
+    xs, ys = shard(rank, world_size, x, y)
+    data = batches_of(xs[:, :4] if rank == world_size - 1 else xs, ys, size=16)  # 4 features for 5
+    started = time.perf_counter()
+    try:
+        hessgap.trace(model, data, num_probes=2)
+        outcome = None
+    except hessgap.HessgapError as exc:
+        outcome = str(exc)
+    return outcome, time.perf_counter() - started

@@ -277,3 +277,14 @@ def test_llc_with_a_bad_batch_on_one_rank_raises_on_every_rank():
     raised = run_ranks(llc_with_a_bad_batch, 2)
     assert "batch 1" in raised[1] and "the model has 3 classes" in raised[1]
     assert raised[0].startswith("rank 1 of 2 failed")
+
+
+def test_fsdp2_a_batch_that_fails_on_one_rank_raises_on_every_rank():
+    """Was a hang: the rank whose batch did not fit the model raised in its forward, while the others waited
+    in the backward's collectives of the sharded pass."""
+    from rank_workers import sharded_batch_failing_on_one_rank
+
+    results = run_ranks(sharded_batch_failing_on_one_rank, 2, timeout=120)
+    assert all(message is not None for message, _ in results), results
+    assert "shapes cannot be multiplied" in results[1][0] and "rank 1" in results[0][0], results
+    assert all(seconds < 30 for _, seconds in results), results

@@ -140,7 +140,7 @@ class SecondOrderRules:
                     raise
                 forward = op.removesuffix("_backward")  # the op the forward calls, whose backward has no derivative
                 modules = locate(forward) if locate is not None else []
-                raise HessgapError(_missing_rule_message(op, modules)) from exc
+                raise HessgapError(_missing_rule_message(op, modules, "forward AD" in str(exc))) from exc
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
@@ -228,15 +228,17 @@ def op_name(op: str) -> str:
     return op.split("::")[-1].lstrip("_")
 
 
-def _missing_rule_message(op: str, modules: list[str]) -> str:
+def _missing_rule_message(op: str, modules: list[str], forward_mode: bool = False) -> str:
     forward = op.removesuffix("_backward")
     name = op_name(forward)
     listed = ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
     where = f" in {listed}" if modules else ""
     what = f"whose backward ({op}) has no derivative" if forward != op else "which has no second-order rule"
+    if forward_mode:  # a forward-mode product (the Fisher–Rao norm's derivative along θ) met it
+        what = "which has no forward-mode (jvp) rule"
     remedy = _REMEDIES.get(name, _GENERIC_REMEDY + (_ATTENTION_REMEDY if "attention" in name else ""))
-    return (f"the model uses {name}{where}, {what} in PyTorch, so its Hessian cannot be formed through it (hessgap "
-            f"has no rule of its own for it). {remedy}")
+    return (f"the model uses {name}{where}, {what} in PyTorch, so its {'derivatives along a direction' if forward_mode else 'Hessian'} "
+            f"cannot be formed through it (hessgap has no rule of its own for it). {remedy}")
 
 
 def modules_calling(model: nn.Module, forward: Callable[[], object], op: str) -> list[str]:

@@ -124,7 +124,12 @@ def sharded_pass(objective, rules, directions, flat_total: torch.Tensor, total: 
         batch, weight = (batches[index], batches[index].weight) if index < len(batches) else (batches[0], 0.0)
         leaves = sharded.leaves()
         with torch.enable_grad(), rules.watch(), without_forward_hooks(objective.model):
-            loss = objective.batch_loss(batch, parameters=sharded.gathered(leaves))
+            parameters, failure = sharded.gathered(leaves), None
+            try:
+                loss = objective.batch_loss(batch, parameters=parameters)
+            except Exception as exc:  # a batch that fails on one rank only (does not fit, own-loss check): the
+                failure = exc         # others would wait in the backward's collectives, so every rank raises
+            ranks.settle(failure)
             grads = torch.autograd.grad(loss * weight, leaves, create_graph=True, allow_unused=True)
         value = float(loss.detach())
         if not math.isfinite(value) and error is None:  # raised after the loop: the others are in collectives

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..train.sharpness_log import measure_sharpness
+from ..train.sharpness_log import check_sharpness_epsilons, measure_sharpness
 from . import _markdown as md
 from . import networks
 from .runs import RunFolder
@@ -23,6 +23,9 @@ def run(folder: RunFolder, saved: SavedModel, epsilons, subspace_dim=None, solve
         return stored
     settings = settings_for(saved.result, data_root, eval_batch, max_batches, device)
     loader = networks.analysis_loader(settings)
+    # every ε before the first is measured and kept: a later one that cannot be would leave the folder holding
+    # results of settings the corrected command does not ask for
+    check_sharpness_epsilons(saved.result.model, loader, epsilons, batchnorm=batchnorm)
     parts = folder.parts(NAME)
     measurements = []
     for dim in [None] + ([subspace_dim] if subspace_dim else []):

@@ -332,7 +332,7 @@ def _evaluate_rows(blocks, grid, plane, evaluators, finished: dict, folder, prog
             for i, row in enumerate(block):
                 finished[row] = _row_values(passes, coefficients, plane, i * width, width, evaluators[0].engine.name)
             if folder is not None:
-                folder.save_rows(finished)
+                folder.append_rows({row: finished[row] for row in block})
             if on_row is not None:
                 for row in block:
                     on_row(row, finished[row])

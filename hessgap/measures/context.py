@@ -145,7 +145,7 @@ def trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def accuracy(ctx: Context, objective: LossOverData) -> float:
     """The fraction of correct class predictions over the data, every rank's shard included (eval mode is the
-    caller's).
+    caller's); a sample whose outputs are not all finite counts as wrongly classified.
 
     Raises :class:`NotApplicable` (on every rank) when the batches do not hold class-index targets for a
     (samples, classes) output: accuracy, and so Jiang et al.'s accuracy deviation, needs a classifier."""
@@ -162,7 +162,9 @@ def accuracy(ctx: Context, objective: LossOverData) -> float:
                     "deviation='loss' for other models"
                 )
             keep = targets >= 0  # cross-entropy's ignore_index is negative (-100)
-            correct += int((logits.argmax(1)[keep] == targets[keep]).sum())
+            # a sample whose outputs are not finite is not classified (the argmax of NaN logits is class 0)
+            right = (logits.argmax(1) == targets) & torch.isfinite(logits).all(1)
+            correct += int(right[keep].sum())
             counted += int(keep.sum())
         return correct, counted
 

@@ -22,6 +22,8 @@ accuracy's fall (for models without class predictions).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _checks
@@ -50,8 +52,8 @@ def search_sigma(measure_at, target: float = TARGET, tolerance: float = TOLERANC
         trail.append((sigma, deviation))
         if abs(deviation - target) < tolerance:
             break
-        if deviation > target:
-            high = sigma  # too much noise
+        if deviation > target or not math.isfinite(deviation):
+            high = sigma  # too much noise (a loss that is no longer finite deviates without bound)
         else:
             lower = sigma
     return sigma, trail

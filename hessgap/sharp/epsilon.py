@@ -128,3 +128,29 @@ def too_large(space, epsilon: float, box: str, loss: float, grad, dtype: torch.d
         f"such a point. Usable here, at most: {resolution:g} ≤ ε < {bound:.2g} (Metric 2.1 uses small boxes: "
         "the paper 1e-3 and 5e-4)"
     )
+
+
+def check_epsilons(model, data, epsilons, *, train_mode: bool = False, max_batches: int | None = None) -> None:
+    """Refuse, before any is measured, each ε of Metric 2.1 (full space) whose box overflows the dtype
+    (:func:`check_box`) or whose corner x + sign(∇f(x)) · ε(|x| + 1), where the sign ascent starts, has a
+    loss or gradient that is not finite (:func:`too_large`, with the usable range): a command taking several ε
+    then fails before it keeps the results of the first. One pass of loss and gradient at x and one per ε;
+    a solver may still reach a non-finite point inside a box that passes, and is then refused as before."""
+    from .._state import preserved
+    from ..curvature.objective import LossOverData
+    from .spaces import FullSpace
+
+    objective = LossOverData(model, data, max_batches=max_batches)
+    with preserved(model, train_mode=train_mode) as snapshot:
+        space = FullSpace(objective, [snapshot[name] for name in objective.names])
+        for epsilon in epsilons:
+            check_box(space.box_centre, epsilon, "keskar", objective.dtype)
+        loss, grad = space.evaluate()
+        for epsilon in epsilons:
+            radii = [box_radius(c, epsilon, "keskar") for c in space.box_centre]
+            with torch.no_grad():
+                space.set_point([torch.where(g >= 0, r, -r) for g, r in zip(grad, radii)])
+            try:
+                objective.value_and_grad()
+            except NonFiniteError as exc:
+                raise too_large(space, epsilon, "keskar", loss, grad, objective.dtype) from exc

@@ -59,7 +59,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, check_fits, check_same_run, resolve_batch_size, resolve_device
 from .data import Dataset, epoch_seed, large_batch_size, load_dataset, make_loader
-from .evaluation import evaluation_sums
+from .evaluation import evaluation_sums, loss_and_accuracy
 from .models import build_model
 from .parallel import Replicas, rank_device
 from .remedies import BatchSchedule, make_training_step
@@ -313,8 +313,7 @@ class _Run:
             sums = list(evaluation_sums(self.model, loader))
         if self.replicas is not None:
             sums = self.replicas.sum(sums)
-        loss_sum, weight, correct, samples = sums
-        return loss_sum / weight, correct / samples
+        return loss_and_accuracy(*sums)
 
     def update_patience(self, epoch: int, train_loss: float) -> None:
         if self.config.patience is None:

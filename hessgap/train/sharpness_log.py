@@ -25,6 +25,7 @@ from torch.utils.data import TensorDataset
 from .. import _checks
 from ..names import BATCHNORM_MODES
 from ..sharp import SharpnessResult, sharpness
+from ..sharp.epsilon import check_epsilons
 from .data import make_loader
 
 
@@ -52,6 +53,17 @@ def measure_sharpness(model: nn.Module, data, epsilon: float, *, batchnorm: str 
         return sharpness(model, data, epsilon=epsilon, solver=solver, **options)
     with dropout_off(model):
         return sharpness(model, data, epsilon=epsilon, solver=solver, train_mode=True, **options)
+
+
+def check_sharpness_epsilons(model: nn.Module, data, epsilons, *, batchnorm: str = "eval",
+                             max_batches: int | None = None) -> None:
+    """Each ε of :func:`measure_sharpness` with ``batchnorm``, refused before any is measured when its box
+    cannot be (see :func:`hessgap.sharp.epsilon.check_epsilons`)."""
+    _checks.choice(batchnorm, BATCHNORM_MODES, "sharpness BatchNorm mode")
+    if batchnorm == "eval":
+        return check_epsilons(model, data, epsilons, max_batches=max_batches)
+    with dropout_off(model):
+        return check_epsilons(model, data, epsilons, train_mode=True, max_batches=max_batches)
 
 
 class SharpnessLog:

@@ -383,3 +383,17 @@ def test_a_folder_in_use_by_another_process_is_refused_at_once(command, trained_
     assert f"run folder {tmp_path / 'run'} is in use by another hessgap process (pid {holder.pid})" in err
     assert "choose another --out" in err
     assert [p.name for p in (tmp_path / "run").iterdir()] == [".hessgap.lock"]  # nothing written
+
+
+def test_sharpness_checks_every_epsilon_before_measuring_any(trained_pair, tmp_path, capsys):
+    """Was: ε = 1e-3 measured and kept, then ε = 1e30 refused (the loss overflows in its box), so the folder
+    stayed and the rerun with --epsilon 1e-3 alone was refused as different settings. Now the corner where
+    the sign ascent starts is evaluated for every ε first: nothing is measured or left behind."""
+    folder = tmp_path / "s"
+    code, out, err = run_cli(capsys, "sharpness", trained_pair / "lb", "--epsilon", "1e-3", "1e30", "--out", folder,
+                             "--quiet", "--threads", 1)
+    assert code == 1 and "epsilon=1e+30 is too large for this model" in err and "Usable here, at most" in err, err
+    assert not folder.exists()
+    code, out, err = run_cli(capsys, "sharpness", trained_pair / "lb", "--epsilon", "1e-3", "--out", folder,
+                             "--quiet", "--threads", 1)
+    assert code == 0, err

@@ -6,6 +6,7 @@ counted token of the loader, not the mean of the batch means.
 """
 
 import functools
+import math
 import types
 
 import pytest
@@ -343,3 +344,35 @@ def test_errors_of_the_users_own_code_keep_their_type():
 
     with pytest.raises(ValueError, match="my loss is broken"):
         hessgap.hvp(linear_model(), [(X, Y)], V15, compute_loss=broken)
+
+
+class HalfPrecisionTokenLoss(nn.Module):
+    """A bfloat16 model computing its own token loss in bfloat16: the sum over the counted label tokens over
+    the count plus ``extra`` (extra = 0: the mean hessgap weights the batch with)."""
+
+    def __init__(self, extra: int):
+        super().__init__()
+        self.extra = extra
+        self.embed = nn.Embedding(23, 5)
+        self.head = nn.Linear(5, 23)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.head(torch.tanh(self.embed(input_ids)))
+        total = F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum")
+        return types.SimpleNamespace(logits=logits, loss=total / (labels.ne(-100).sum() + self.extra))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_wrong_unit_count_is_refused_in_half_precision(seed):
+    """Was accepted: the tolerance was 64 eps of the loss's dtype, 50 % in bfloat16, so a mean over 21 units
+    where hessgap counts 19 (10 % off) passed; the correct bfloat16 mean still passes."""
+    torch.manual_seed(seed)
+    batches = token_batches(causal=True, seed=seed + 1)
+    for extra in (0, 2):
+        model = HalfPrecisionTokenLoss(extra).bfloat16()
+        objective = LossOverData(model, batches)
+        if extra == 0:
+            assert math.isfinite(objective.value())
+        else:
+            with pytest.raises(HessgapError, match=r"batch 0: the model's own loss is .*do not reproduce"):
+                objective.value()

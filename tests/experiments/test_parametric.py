@@ -85,3 +85,20 @@ def test_curve_matches_a_hand_built_midpoint():
     assert curve["clamped_variances"] == [0, 0]
     for p, q in zip(sb.parameters(), _bn_model(0).parameters()):  # the models are left untouched
         assert torch.equal(p, q)
+
+
+def test_a_point_whose_loss_is_not_finite_has_neither_loss_nor_accuracy(tmp_path):
+    """Was: loss None but train accuracy 9.88 % (the share of class-0 targets: argmax of NaN logits is class
+    0) at such a point, in the curve, the report's table and the plot."""
+    settings = tiny_settings()
+    sb, lb = _bn_model(0), _bn_model(1)
+    with torch.no_grad():
+        lb[-1].weight[0].fill_(3e38)  # finite, but every point but α = 0 overflows to non-finite outputs
+    curve = parametric.curve(sb, lb, settings, "linear", alphas=[0.0, 0.5], progress=False)
+    assert curve["train_loss"][0] is not None and curve["train_acc"][0] is not None
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        assert curve[key][1] is None, key
+    result = {"models": {"sb": "a", "lb": "b"}, "batchnorm": "eval", "curves": {"linear": curve}, "figures": {}}
+    row = [line for line in parametric.render(result).splitlines() if line.startswith("| 0.5 ")][0]
+    assert row.split("|")[2:6] == [" – "] * 4
+    parametric.plot(result, tmp_path / "parametric.png")

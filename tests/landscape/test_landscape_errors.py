@@ -43,6 +43,16 @@ def test_span(setup, span, message):
         landscape(*setup, span=span)
 
 
+@pytest.mark.parametrize("settings", [{"steps": 1}, {"steps": (5, 1)}, {"span": (2, -1)}, {"span": float("nan")},
+                                      {"dims": 3}, {"steps": 10**5}])
+def test_a_bad_call_with_a_folder_leaves_nothing_behind(setup, tmp_path, settings):
+    """Steps, span and dims are checked before the folder, its config.json or the directions are written:
+    a rerun with the corrected arguments is not refused as other settings."""
+    with pytest.raises(HessgapError):
+        landscape(*setup, out=tmp_path / "run", **settings)
+    assert not (tmp_path / "run").exists()
+
+
 def test_direction_tensors_of_the_wrong_shape(setup):
     model, data = setup
     n = sum(p.numel() for p in model.parameters())

@@ -60,3 +60,39 @@ def test_accuracy_deviation_reaches_the_target_on_a_classifier():
         assert details["statistic"] == "accuracy" and details["base"] > 0.8
         assert abs(details["deviation"] - 0.1) < 1e-2 or details["halvings"] == 15
         assert result.values[name] == pytest.approx(1 / details["sigma"] ** 2)
+
+
+def test_search_treats_a_deviation_that_is_not_finite_as_too_much_noise():
+    """Was: a NaN deviation (the loss overflowed under large noise) compared below the target, so the
+    bisection moved towards more noise and ended at σ ≈ 2 with deviation NaN."""
+    sigma, trail = search_sigma(lambda s: s**2 if s < 0.6 else float("nan"))
+    assert abs(sigma**2 - 0.1) < 1e-2 and sigma == pytest.approx(_bisect(lambda s: s**2))
+
+
+class _NaNWherePositive(torch.nn.Module):
+    """A classifier whose outputs are NaN for the samples whose first feature is positive."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = fit(relu_net(), classification_data())
+
+    def forward(self, x):
+        return self.net(x).masked_fill((x[:, :1] > 0), float("nan"))
+
+
+def test_samples_whose_outputs_are_not_finite_count_as_misclassified():
+    """Was: NaN outputs scored the share of class-0 targets (the argmax of NaN logits is class 0)."""
+    from hessgap.measures.context import Context, accuracy
+
+    data = classification_data()
+    model = relu_net()
+    with torch.no_grad():
+        model[-1].bias[0] = float("nan")
+    ctx = Context(model, data)
+    assert accuracy(ctx, ctx.objective()) == 0.0
+    model = _NaNWherePositive()  # some samples' outputs are NaN, the others classified
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    with torch.no_grad():
+        expected = float(((model.net(x).argmax(1) == y) & (x[:, 0] <= 0)).double().mean())
+    ctx = Context(model, data)
+    assert 0 < expected and accuracy(ctx, ctx.objective()) == pytest.approx(expected, rel=1e-12)
