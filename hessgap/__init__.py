@@ -24,6 +24,8 @@ _API = {
     "hvp": "hessgap.curvature.hvp",
     "HvpResult": "hessgap.curvature.hvp",
     "HessianOperator": "hessgap.curvature.operator",
+    "GGNOperator": "hessgap.curvature.gauss_newton",
+    "FisherOperator": "hessgap.curvature.gauss_newton",
     "eigenvalues": "hessgap.spectrum.lanczos",
     "trace": "hessgap.spectrum.trace",
     "density": "hessgap.spectrum.density",

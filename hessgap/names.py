@@ -50,6 +50,11 @@ TRAIN_TRACK_MEASURES = tuple(name for name in TRACK_MEASURES if name != "relativ
 #: The measures taken when none are named: every one but those run on request only (``llc``: SGLD chains,
 #: tens of times a Hessian measure's cost; ``geodesic``: the symmetry-aware sharpness, for transformers).
 DEFAULT_MEASURE_NAMES = MEASURE_NAMES[:-2]
+#: The curvature matrices the spectrum functions, the landscape's eigen-directions and the Hessian measures
+#: take (``curvature=``): the Hessian, the generalized Gauss-Newton matrix, the empirical and the true Fisher.
+CURVATURES = ("hessian", "ggn", "empirical-fisher", "true-fisher")
+#: The trace estimators of ``hessgap.trace``.
+TRACE_METHODS = ("hutchinson", "hutch++", "adaptive-hutch++")
 #: The zoos of ``hessgap correlate``.
 ZOO_PRESETS = ("quick", "full")
 

@@ -433,3 +433,18 @@ def sharded_batch_failing_on_one_rank(rank, world_size):
     except hessgap.HessgapError as exc:
         outcome = str(exc)
     return outcome, time.perf_counter() - started
+
+
+def gauss_newton_matrices(data, model):
+    """The GGN and both Fishers of ``model`` over ``data`` as explicit matrices (lists)."""
+    from hessgap.curvature.gauss_newton import FisherOperator, GGNOperator
+
+    operators = {"ggn": GGNOperator(model, data), "empirical": FisherOperator(model, data, kind="empirical"),
+                 "true": FisherOperator(model, data, kind="true", samples=3, seed=5)}
+    return {name: op.matmat(torch.eye(op.n, dtype=torch.float64)).tolist() for name, op in operators.items()}
+
+
+def gauss_newton_on_shards(rank, world_size):
+    model, x, y = tiny_problem()
+    xs, ys = shard(rank, world_size, x, y)
+    return gauss_newton_matrices(batches_of(xs, ys), model)

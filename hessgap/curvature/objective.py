@@ -37,7 +37,7 @@ from .batches import (
 )
 from .params import reselect, select_parameters
 from .sharded import ShardedParameters, is_sharded
-from .source import DataSource
+from .source import data_source
 
 #: Parameter dtypes whose sums (f, ∇f, H·V over the loader) accumulate in float32.
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
@@ -77,11 +77,13 @@ class LossOverData:
         params: restrict to these parameters (names, tensors, modules); the others are held fixed.
         cache_batches: keep the batches on the device after the first pass.
         group: a torch.distributed process group; default: the default group when one is initialized.
+        resample: the stochastic mode: a pass is one batch, the one :meth:`next_batch` drew last from the loader
+            (see :class:`~hessgap.curvature.source.ResampledSource`).
     """
 
     def __init__(self, model: nn.Module, data, loss_fn: LossFn | None = None, *, compute_loss: ComputeLoss | None = None,
                  weight_fn: WeightFn | None = None, max_batches: int | None = None, params=None,
-                 cache_batches: bool = False, group=None):
+                 cache_batches: bool = False, group=None, resample: bool = False):
         self.model = model
         self.names, self.params = select_parameters(model, params)
         # FSDP2: the parameters are DTensor shards; vectors are then this rank's shards (see .sharded)
@@ -103,8 +105,9 @@ class LossOverData:
         self.own_loss_checked = loss_fn is not None or compute_loss is not None or weight_fn is not None
         self.max_batches = max_batches
         self.ranks = Ranks.resolve(group)
-        self.source = DataSource(data, device=self.device, dtype=self.dtype, max_batches=max_batches,
-                                 cache=cache_batches)
+        self.resample = resample
+        self.source = data_source(data, device=self.device, dtype=self.dtype, max_batches=max_batches,
+                                  cache=cache_batches, resample=resample)
         self.data = data
 
     # -- the data ---------------------------------------------------------------------------------
@@ -149,6 +152,10 @@ class LossOverData:
     def batches_cached(self) -> bool:
         """Whether every pass sees the very same batch tensors (kept after the first pass)."""
         return self.source.cached
+
+    def next_batch(self) -> None:
+        """The stochastic mode: draw the batch the next passes see (every rank draws from its own shard)."""
+        self.ranks.together(self.source.advance)
 
     def cache_batches(self) -> LossOverData:
         """Read and keep the (device-moved) batches now, so repeated passes skip the loader."""

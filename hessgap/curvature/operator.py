@@ -23,6 +23,7 @@ from ..distributed import Ranks
 from ..errors import HessgapError, NonFiniteError
 from ._flat import all_finite, as_directions
 from .engine import DEFAULT_MEMORY_BUDGET, HvpEngine
+from .finite_difference import METHODS, FiniteDifferenceEngine
 from .objective import LossOverData
 from .probes import generator_for
 
@@ -52,6 +53,12 @@ class HessianOperator:
         chunk_size, memory_budget, train_mode: as in :func:`hessgap.hvp`.
         group: a torch.distributed process group (default: the default group when one is initialized);
             each rank passes its own shard and every rank gets the products over all the data.
+        method: ``"exact"`` (default) or ``"finite-difference"``: central differences of exact gradients, for
+            setups without a double backward and as a cross-check (see :mod:`hessgap.curvature.finite_difference`;
+            ``step`` overrides its h).
+        resample: the stochastic mode: every product is taken over one fresh batch of the loader (the next one;
+            a new epoch when it ends), so the matrix changes from product to product: Lanczos on it gives an
+            SGD-like estimate, the curvature of the mini-batch losses rather than of f (see the README).
 
     The Hessian is taken in eval mode (BatchNorm running statistics, no dropout) unless ``train_mode=True``.
     ``dtype`` is the dtype of the vectors it takes and returns: the model's, or float32 for float16/bfloat16
@@ -74,9 +81,15 @@ class HessianOperator:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         train_mode: bool = False,
         group=None,
+        method: str = "exact",
+        step: float | None = None,
+        resample: bool = False,
     ):
+        if method not in METHODS:
+            raise HessgapError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.method, self.step = method, step
         self.objective = LossOverData(model, data, loss_fn, compute_loss=compute_loss, weight_fn=weight_fn,
-                                      max_batches=max_batches, params=params, group=group)
+                                      max_batches=max_batches, params=params, group=group, resample=resample)
         self.objective.check_finite_parameters()
         self.ranks = self.objective.ranks
         self.objective.agree_across_ranks("the parameters the Hessian is taken over")
@@ -85,7 +98,7 @@ class HessianOperator:
         self.model = model
         self._engine_options = dict(path=path, train_mode=train_mode, chunk_size=chunk_size,
                                     memory_budget=memory_budget)
-        self._engine = HvpEngine(self.objective, **self._engine_options)
+        self._engine = self._make_engine()
         self._buffers = list(model.buffers())
         self.n: int = self.objective.num_parameters  # this rank's shards only, for an FSDP2-sharded model
         self.total_parameters: int = self.objective.total_parameters
@@ -96,6 +109,18 @@ class HessianOperator:
         self.hvps: int = 0
         self.passes: int = 0
         self.last_loss: float | None = None
+
+    def _make_engine(self):
+        """The pass over the data each product runs (a subclass multiplies by another matrix)."""
+        if self.method == "finite-difference":
+            return FiniteDifferenceEngine(self.objective, step=self.step,
+                                          train_mode=self._engine_options["train_mode"])
+        return HvpEngine(self.objective, **self._engine_options)
+
+    @property
+    def resample(self) -> bool:
+        """Whether every product sees a fresh batch (the stochastic mode)."""
+        return self.objective.resample
 
     @property
     def names(self) -> list[str]:
@@ -125,6 +150,8 @@ class HessianOperator:
         """H Vᵀ for the k rows of ``V`` (shape (k, n)), returned as a (k, n) tensor: rows are H v_i."""
         self._follow_replaced_tensors()
         directions = as_directions(V, self.objective.vector_params, self.objective.names)
+        if self.objective.resample:
+            self.objective.next_batch()
         _, flat, stats = self._engine.run(directions)
         self.hvps += directions.k
         self.passes += 1
@@ -143,7 +170,7 @@ class HessianOperator:
         self.objective.check_finite_parameters()
         self.objective.agree_across_ranks("the replaced parameters the Hessian is taken over")
         notes = self._engine.rules.notes
-        self._engine = HvpEngine(self.objective, **self._engine_options)
+        self._engine = self._make_engine()
         self._engine.rules.notes = notes  # one list of notes over the operator's life (results hold it)
 
     def _replaced(self) -> bool:
@@ -182,7 +209,7 @@ class HessianOperator:
                               dtype=np.float64)
 
     def __repr__(self) -> str:
-        return f"HessianOperator(n={self.n}, dtype={self.dtype}, device={self.device}, path={self.path!r})"
+        return f"{type(self).__name__}(n={self.n}, dtype={self.dtype}, device={self.device}, path={self.path!r})"
 
 
 
@@ -241,16 +268,17 @@ class MatrixOperator:
         return LinearOperator((self.n, self.n), matvec=apply, matmat=apply, rmatvec=apply, dtype=self.matrix.cpu().numpy().dtype)
 
 
-def resolve_operator(model, data=None, *, caller: str = "this function", **options):
+def resolve_operator(model, data=None, *, caller: str = "this function", curvature: str = "hessian", **options):
     """The operator a spectrum function should multiply by, built from a model or taken as given.
 
     ``model`` is a model, or an operator / square symmetric tensor. A model with its ``data`` (and the
     ``options`` of :class:`HessianOperator`: ``loss_fn``, ``compute_loss``, ``weight_fn``, ``max_batches``,
-    ``params``, ``train_mode``, ``group``, ``path``, ...) gives a :class:`HessianOperator` with
+    ``params``, ``train_mode``, ``group``, ``path``, ...) gives the operator of the matrix ``curvature`` names
+    (:data:`hessgap.names.CURVATURES`: the Hessian by default, the GGN or a Fisher) with
     ``cache_batches=True``: the batches are held in memory for the repeated passes (build the operator
-    yourself with ``cache_batches=False`` for data that does not fit). A square tensor is taken as an
-    explicit symmetric matrix (:class:`MatrixOperator`); any other object must be an operator already.
-    ``caller`` names the public function in the messages.
+    yourself with ``cache_batches=False`` for data that does not fit; ``resample=True`` draws a batch per
+    product instead). A square tensor is taken as an explicit symmetric matrix (:class:`MatrixOperator`); any
+    other object must be an operator already. ``caller`` names the public function in the messages.
     """
     given = {k: v for k, v in options.items() if v is not None}
     if isinstance(model, nn.Module):
@@ -259,13 +287,16 @@ def resolve_operator(model, data=None, *, caller: str = "this function", **optio
                 f"{caller}(model, data, ...) needs the data the Hessian is taken over: "
                 "pass a DataLoader (or an iterable of batches) or one batch"
             )
+        from .gauss_newton import curvature_operator
+
         # Every pass must see the same matrix (Lanczos breaks down otherwise), so the batches are read
         # once and kept: no reshuffled augmentation between passes, and no loader cost per pass.
-        return HessianOperator(model, data, cache_batches=True, **given)
-    if data is not None or given:
+        return curvature_operator(curvature, model, data, cache_batches=not given.get("resample", False), **given)
+    if data is not None or given or curvature != "hessian":
+        named = sorted(given) + (["curvature"] if curvature != "hessian" else [])
         raise HessgapError(
-            f"{caller} got an operator together with data or {', '.join(sorted(given)) or 'data options'}; those "
-            "only apply when a model is passed (the operator already fixes its data)"
+            f"{caller} got an operator together with data or {', '.join(named) or 'data options'}; those "
+            "only apply when a model is passed (the operator already fixes its data and its matrix)"
         )
     if isinstance(model, torch.Tensor):
         return MatrixOperator(model)

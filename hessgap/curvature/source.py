@@ -138,3 +138,73 @@ def _add_checksum(total, batch) -> torch.Tensor | None:
         total = s if total is None else total + s.to(total.device)
     return total
 
+
+
+class ResampledSource:
+    """The stochastic mode's data (``resample=True``): every pass is one batch, the one :meth:`advance` last drew
+    from the loader; at the end of the loader a new iterator starts (the next epoch, reshuffled by a shuffling
+    DataLoader). Each product of an operator in this mode advances first, so it sees a fresh batch: the matrix
+    then changes from product to product (a stochastic estimate), never within one."""
+
+    cached = False
+
+    def __init__(self, data, *, device: torch.device, dtype: torch.dtype):
+        if data is None:
+            raise HessgapError("no data given: pass a DataLoader (or any iterable of batches) or one batch")
+        self.single = is_single_batch(data)
+        if not self.single and not isinstance(data, Iterable):
+            raise HessgapError(
+                f"data must be an iterable of batches (a DataLoader, a list) or one batch, got {type(data).__name__}"
+            )
+        self.data, self.device, self.dtype = data, device, dtype
+        self.one_shot = not self.single and isinstance(data, Iterator)
+        self._iterator: Iterator | None = None
+        self._current = None
+        self.passes = 0
+        self.draws = 0  # batches drawn so far
+
+    def fill(self) -> ResampledSource:
+        raise HessgapError("resample=True draws a fresh batch for every product; it cannot keep the batches "
+                           "(cache_batches=True): use one or the other")
+
+    def advance(self) -> None:
+        """Draw the next batch."""
+        if self.single:
+            raw = self.data
+        else:
+            if self._iterator is None:
+                self._iterator = iter(self.data)
+            try:
+                raw = next(self._iterator)
+            except StopIteration:
+                if self.one_shot:
+                    raise HessgapError(
+                        f"the one-shot iterator is used up after {self.draws} batches; resample=True draws one batch "
+                        "per product: pass a DataLoader (a new epoch starts when it ends)") from None
+                self._iterator = iter(self.data)
+                try:
+                    raw = next(self._iterator)
+                except StopIteration:
+                    raise HessgapError("the data yielded no batches; pass a loader with at least one batch") from None
+        self._current = to_device(raw, self.device, self.dtype)
+        self.draws += 1
+
+    def __iter__(self) -> Iterator:
+        """One pass: the batch drawn last (the first one when none was drawn yet)."""
+        if self._current is None:
+            self.advance()
+        self.passes += 1
+        yield self._current
+
+
+def data_source(data, *, device: torch.device, dtype: torch.dtype, max_batches: int | None = None,
+                cache: bool = False, resample: bool = False) -> DataSource | ResampledSource:
+    """The source of an objective's batches: every batch per pass, or one fresh batch per product (``resample``)."""
+    if not isinstance(resample, bool):
+        raise HessgapError(f"resample must be True or False, got {resample!r}")
+    if not resample:
+        return DataSource(data, device=device, dtype=dtype, max_batches=max_batches, cache=cache)
+    if max_batches is not None or cache:
+        raise HessgapError("resample=True draws one fresh batch of the whole loader per product; it does not combine "
+                           "with max_batches or cache_batches")
+    return ResampledSource(data, device=device, dtype=dtype)

@@ -52,18 +52,19 @@ def random_directions(params: Sequence[torch.Tensor], dims: int, normalization: 
     return axes
 
 
-def hessian_directions(model, data, kind: str, dims: int, *, loss_fn, max_batches, seed: int
-                       ) -> tuple[list[torch.Tensor], list[float]]:
+def hessian_directions(model, data, kind: str, dims: int, *, loss_fn, max_batches, seed: int,
+                       curvature: str = "hessian") -> tuple[list[torch.Tensor], list[float]]:
     """Unit eigenvectors of the Hessian of the mean loss (eval mode) as flat (n,) rows, and their eigenvalues.
 
     "hessian": the eigenvectors of the largest eigenvalues (one per axis). "hessian-min": on a line the
     eigenvector of the smallest (most negative) eigenvalue; on a plane the largest and the smallest, the
     directions of steepest curvature up and down. Signs are fixed so that each vector's largest-magnitude
-    entry is positive, which makes the surface the same on every run.
+    entry is positive, which makes the surface the same on every run. ``curvature`` takes the eigenvectors of
+    another matrix (the GGN, a Fisher: :data:`hessgap.names.CURVATURES`).
     """
     def solve(k: int, which: str):
         found = eigenvalues(model, data, k=k, which=which, tol=1e-4, criterion="residual", seed=seed,
-                                    loss_fn=loss_fn, max_batches=max_batches)
+                                    loss_fn=loss_fn, max_batches=max_batches, curvature=curvature)
         return list(found.eigenvectors), [float(v) for v in found.eigenvalues]
 
     if kind == "hessian":

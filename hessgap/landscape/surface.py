@@ -25,7 +25,7 @@ from .._state import preserved
 from ..curvature.objective import LossOverData, check_finite_parameters
 from ..distributed import Ranks
 from ..errors import HessgapError
-from ..names import BATCHNORM_MODES
+from ..names import BATCHNORM_MODES, CURVATURES
 from . import directions as dirs
 from .evaluate import DEFAULT_MEMORY_BUDGET, Evaluator, seconds_per_point, set_batchnorm_mode
 from .export import write_all
@@ -60,7 +60,7 @@ def _kind(directions, dims) -> tuple[str, int | None, list[nn.Module]]:
 
 
 def _plane(kind, model, objective, dims, others, given, *, normalization, ignore, path, seed, loss_fn,
-           max_batches, folder) -> Plane:
+           max_batches, folder, curvature="hessian") -> Plane:
     names, params = objective.names, objective.params
     if kind in ("model", "models"):
         return model_plane(model, others, path, names)
@@ -77,7 +77,7 @@ def _plane(kind, model, objective, dims, others, given, *, normalization, ignore
         axes, eigenvalues = dirs.random_directions(params, dims, normalization, ignore, seed), None
     else:
         rows, eigenvalues = dirs.hessian_directions(model, objective.data, kind, dims, loss_fn=loss_fn,
-                                                    max_batches=max_batches, seed=seed)
+                                                    max_batches=max_batches, seed=seed, curvature=curvature)
         axes = [dirs.split_flat(row, params) for row in rows]
     plane = offset_plane(kind, names, params, axes, eigenvalues)
     if folder is not None and stored is None:
@@ -107,7 +107,7 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
               batchnorm: str = "eval", test_data=None, loss_fn=None, max_batches: int | None = None, seed: int = 0,
               engine: str = "auto", memory_budget: int | None = None, rows_per_pass: int | None = None,
               cache_batches: bool = True, out: str | Path | None = None, data_settings: dict | None = None,
-              progress: bool = False, on_row=None) -> LandscapeResult:
+              progress: bool = False, on_row=None, curvature: str = "hessian") -> LandscapeResult:
     """Training (and test) loss and accuracy on a grid around ``model``'s weights x0, or between models.
 
     Around x0, the points are x0 + x·d1 (+ y·d2) with ``directions``:
@@ -115,7 +115,8 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
     - ``"random"``: Gaussian directions drawn from ``seed``, normalized as Li et al. (2018):
       ``normalization="filter"`` (default), ``"layer"`` or ``"none"``; ``ignore="biasbn"`` (default) gives
       biases and BatchNorm parameters a zero direction, ``ignore=None`` keeps them.
-    - ``"hessian"``: unit eigenvectors of the Hessian's largest eigenvalues (via :func:`hessgap.eigenvalues`);
+    - ``"hessian"``: unit eigenvectors of the Hessian's largest eigenvalues (via :func:`hessgap.eigenvalues`;
+      ``curvature=`` takes them of the GGN or a Fisher instead, :data:`hessgap.names.CURVATURES`);
       ``"hessian-min"``: the smallest (most negative) eigenvalue's on a line, largest and smallest on a plane.
     - tensors: a (dims, n) or (n,) tensor over the trainable parameters in ``model.parameters()`` order, or per
       direction a list of tensors shaped like the parameters.
@@ -160,7 +161,7 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
             "directions": directions, "dims": dims, "steps": steps, "span": span,
             "normalization": normalization, "ignore": ignore, "path": path, "batchnorm": batchnorm,
             "test_data": "given" if test_data is not None else None, "loss_fn": loss_fn, "max_batches": max_batches,
-            "seed": seed, "engine": engine, "memory_budget": memory_budget, "rows_per_pass": rows_per_pass,
+            "seed": seed, "curvature": curvature, "engine": engine, "memory_budget": memory_budget, "rows_per_pass": rows_per_pass,
             "cache_batches": cache_batches, "out": None if out is None else str(out), "data_settings": data_settings,
             "trainable parameters": [n for n, p in model.named_parameters() if p.requires_grad]
             if isinstance(model, nn.Module) else type(model).__name__,
@@ -168,6 +169,7 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
         if isinstance(model, nn.Module):  # the same parameters and buffers, bit for bit
             ranks.agree_on_model("the model of hessgap.landscape", model)
     choice(normalization, dirs.NORMALIZATIONS, "normalization")
+    choice(curvature, CURVATURES, "curvature")
     if ignore not in dirs.IGNORE:
         raise HessgapError(f"ignore must be 'biasbn' or None, got {ignore!r}")
     choice(path, PATHS, "path")
@@ -202,6 +204,8 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
     }
     if kind == "random":
         settings.update(normalization=normalization, ignore=ignore)
+    if kind in ("hessian", "hessian-min") and curvature != "hessian":
+        settings.update(curvature=curvature)  # a Hessian run folder (written before curvature=) still resumes
     if kind in ("model", "models"):
         settings["path"] = path
     if data_settings is not None:
@@ -221,7 +225,8 @@ def landscape(model: nn.Module, data, *, directions="random", dims: int | None =
             inputs = _fingerprint(model, others, given, objective, test_objective, loss_fn, digests)
             folder = LandscapeFolder(out, settings, inputs).open()
         plane = _plane(kind, model, objective, dims, others, given, normalization=normalization, ignore=ignore,
-                       path=path, seed=seed, loss_fn=loss_fn, max_batches=max_batches, folder=folder)
+                       path=path, seed=seed, loss_fn=loss_fn, max_batches=max_batches, folder=folder,
+                       curvature=curvature)
         seconds_directions = time.perf_counter() - started
         set_batchnorm_mode(model, batchnorm)
         finished = folder.rows() if folder is not None else {}

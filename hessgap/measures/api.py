@@ -28,6 +28,7 @@ from .._results import JsonResult
 from ..curvature.objective import LossOverData
 from ..distributed import Ranks
 from ..errors import HessgapError
+from ..names import CURVATURES
 from . import registry
 from .context import Context, NotApplicable
 from .rescale import BATCHNORM_FACTOR, RELU_FACTOR, NoSymmetry, check_factor, check_rtol, rescaled_copy
@@ -129,7 +130,7 @@ def _changed(a: float, b: float) -> float:
 def measures(model: nn.Module, data, names=None, *, loss_fn=None, options: dict | None = None, seed: int = 0,
              max_batches: int | None = None, check_invariance: bool = True, invariance_rtol: float = DEFAULT_RTOL,
              relu_factor: float = RELU_FACTOR, batchnorm_factor: float = BATCHNORM_FACTOR,
-             progress: bool = False) -> MeasuresResult:
+             progress: bool = False, curvature: str = "hessian") -> MeasuresResult:
     """Sharpness, flatness and norm measures of ``model`` at its current weights over ``data``.
 
     Args:
@@ -148,6 +149,8 @@ def measures(model: nn.Module, data, names=None, *, loss_fn=None, options: dict 
         relu_factor, batchnorm_factor: the scales α of the ReLU and β of the BatchNorm rescaling (the second
             copy uses 1/α and 1/β).
         progress: a tqdm bar over the measures.
+        curvature: the matrix of the Hessian measures (hessian_lmax, hessian_trace, scaled_*): ``"hessian"``
+            (default), ``"ggn"``, ``"empirical-fisher"`` or ``"true-fisher"`` (:data:`hessgap.names.CURVATURES`).
 
     Returns:
         :class:`MeasuresResult`. A measure that needs what the model or data lack (class targets, a last
@@ -161,22 +164,27 @@ def measures(model: nn.Module, data, names=None, *, loss_fn=None, options: dict 
         chosen, settings, objective, agreed = _arguments(
             model, data, names, loss_fn, options, seed, max_batches, check_invariance, invariance_rtol, relu_factor,
             batchnorm_factor, progress)
+        _checks.choice(curvature, CURVATURES, "curvature")
     except Exception as exc:  # every rank must reach the comparison, also one whose arguments are wrong
         error = exc
     Ranks.resolve().agree("the arguments of hessgap.measures",
-                          agreed if error is None else f"{type(error).__name__}: {error}")
+                          (*agreed, curvature) if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
 
     batches, samples = _read_batches(objective)
-    ctx = Context(model, batches, loss_fn=loss_fn, seed=seed, progress=progress)
+    if curvature != "hessian":  # the result says which matrix its Hessian measures took
+        for name in settings:
+            if name.startswith(("hessian_", "scaled_")):
+                settings[name] = {**settings[name], "curvature": curvature}
+    ctx = Context(model, batches, loss_fn=loss_fn, seed=seed, progress=progress, curvature=curvature)
     twins, rescaling, unchecked = [], "", None
     if check_invariance:
         try:
             texts = []
             for alpha, beta in ((relu_factor, batchnorm_factor), (1 / relu_factor, 1 / batchnorm_factor)):
                 twin_model, text, output_change = rescaled_copy(model, batches, alpha, beta)
-                twins.append(Context(twin_model, batches, loss_fn=loss_fn, seed=seed))
+                twins.append(Context(twin_model, batches, loss_fn=loss_fn, seed=seed, curvature=curvature))
                 texts.append(f"{text} (outputs changed by {output_change:.1g} of their size)")
             rescaling = "; and ".join(texts)
         except NoSymmetry as exc:
@@ -191,7 +199,8 @@ def measures(model: nn.Module, data, names=None, *, loss_fn=None, options: dict 
     from tqdm.auto import tqdm
 
     for measure in tqdm(chosen, desc="measures", disable=not progress, leave=False):
-        name, kwargs = measure.name, settings[measure.name]
+        name = measure.name
+        kwargs = {k: v for k, v in settings[name].items() if k != "curvature"}  # curvature: the context's
         t0 = time.perf_counter()
         try:
             outcome = measure.fn(ctx, **kwargs)

@@ -73,8 +73,10 @@ class Context:
     (unless the model computes its own loss, as Hugging Face models do, in float32).
     """
 
-    def __init__(self, model: nn.Module, batches: list, loss_fn=None, seed: int = 0, progress: bool = False):
+    def __init__(self, model: nn.Module, batches: list, loss_fn=None, seed: int = 0, progress: bool = False,
+                 curvature: str = "hessian"):
         self.model = model
+        self.curvature = curvature  # the matrix of the Hessian measures (hessgap.names.CURVATURES)
         self.batches = batches
         self.dtype = next(p for p in model.parameters() if p.requires_grad).dtype
         own_loss = loss_fn is None and bool(batches) and bool(structure(0, batches[0], closure=False).kwargs)
@@ -111,7 +113,7 @@ class Context:
         """The same measure's context on a float32 copy of the model (the same weights, the same batches and
         seed): for measures whose loss differences are below a half-precision forward pass's rounding."""
         return Context(copy.deepcopy(self.model).float(), self.batches, loss_fn=self.loss_fn, seed=self.seed,
-                       progress=self.progress)
+                       progress=self.progress, curvature=self.curvature)
 
     def agreed(self, step: Callable[[], Any]) -> Any:
         """Run ``step`` (one that reads this rank's shard and may raise :class:`NotApplicable`) so that every

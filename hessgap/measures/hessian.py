@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..curvature.gauss_newton import curvature_operator
 from ..curvature.operator import HessianOperator
 from ..errors import HessgapError
 from ..spectrum.lanczos import eigenvalues
@@ -66,8 +67,8 @@ def keskar_scaling(operator: HessianOperator) -> torch.Tensor:
 
 
 def _hessian(ctx: Context) -> HessianOperator:
-    return ctx.shared("hessian", lambda: HessianOperator(ctx.model, ctx.batches, loss_fn=ctx.loss_fn,
-                                                         cache_batches=True))
+    return ctx.shared("hessian", lambda: curvature_operator(ctx.curvature, ctx.model, ctx.batches,
+                                                            loss_fn=ctx.loss_fn, cache_batches=True))
 
 
 def _scaled(ctx: Context) -> ScaledOperator:

@@ -78,6 +78,9 @@ class TraceResult(JsonResult):
     path: str | None
     model_dtype: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    method: str = "hutchinson"  # or "hutch++", "adaptive-hutch++": value = low_rank + the mean of estimates
+    low_rank: float = 0.0  # tr(QᵀHQ) over the Hutch++ sketch Q, taken exactly
+    sketch: int = 0  # the rows of Q (products spent on it: twice that)
 
 
 @dataclasses.dataclass(repr=False)

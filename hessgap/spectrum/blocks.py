@@ -20,7 +20,8 @@ import torch
 from .. import _checks
 from .._io import save_figure
 from .._results import JsonResult
-from ..curvature.operator import CheckedOperator, HessianOperator
+from ..curvature.gauss_newton import curvature_operator
+from ..curvature.operator import CheckedOperator
 from ..curvature.params import parameter_blocks
 from ..curvature.probes import generator_for, rademacher
 from ..errors import HessgapError
@@ -137,6 +138,7 @@ def block_spectrum(
     seed: int = 0,
     progress: bool = False,
     save_png: str | None = None,
+    curvature: str = "hessian",
     **operator_options,
 ) -> BlockSpectrumResult:
     """Top-``k`` eigenvalues and the trace of every diagonal block of the Hessian, sharing every pass.
@@ -146,7 +148,8 @@ def block_spectrum(
     as ``params=``). ``num_probes`` Rademacher probes per block estimate each trace (0: no traces). The
     remaining keywords are those of :class:`~hessgap.curvature.operator.HessianOperator` (``loss_fn``,
     ``compute_loss``, ``weight_fn``, ``max_batches``, ``params``, ``train_mode``, ``group``, ...).
-    ``save_png`` writes the per-block bar plot there (also :meth:`BlockSpectrumResult.plot`).
+    ``save_png`` writes the per-block bar plot there (also :meth:`BlockSpectrumResult.plot`). ``curvature``
+    takes the blocks of another matrix (``"ggn"``, ``"empirical-fisher"``, ``"true-fisher"``).
     """
     started = time.perf_counter()
     _checks.positive_int(k, "k", "the number of eigenvalues per block")
@@ -154,7 +157,7 @@ def block_spectrum(
     _checks.nonnegative_int(num_probes, "num_probes", "Hutchinson probes per block (0: no traces)")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1):
         raise HessgapError(f"tol is a relative tolerance and must lie in (0, 1), got {tol!r}")
-    hessian = HessianOperator(model, data, cache_batches=True, **operator_options)
+    hessian = curvature_operator(curvature, model, data, cache_batches=True, **operator_options)
     operator = CheckedOperator(hessian)
     groups = parameter_blocks(model, hessian.names, blocks)
     operator.ranks.agree("the arguments of hessgap.block_spectrum", (list(groups), k, tol, max_iter, num_probes, seed))

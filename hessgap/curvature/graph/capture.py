@@ -29,19 +29,23 @@ from .rules import GraphUnsupported
 
 
 class BatchLoss(nn.Module):
-    """The function captured: a batch's mean loss from the model's inputs and the targets."""
+    """The function captured: a batch's mean loss from the model's inputs and the targets; with
+    ``with_output``, also the model's output tensor (what the loss compares: the Gauss-Newton split)."""
 
-    def __init__(self, model: nn.Module, loss_fn, own_loss: bool):
+    def __init__(self, model: nn.Module, loss_fn, own_loss: bool, with_output: bool = False):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
         self.own_loss = own_loss
+        self.with_output = with_output
 
     def forward(self, args, kwargs, targets):
         outputs = self.model(*args, **kwargs)
         if self.own_loss:
-            return outputs.loss
-        return self.loss_fn(output_tensor(outputs), targets)
+            loss = outputs.loss
+        else:
+            loss = self.loss_fn(output_tensor(outputs), targets)
+        return (loss, output_tensor(outputs)) if self.with_output else loss
 
 
 def call_inputs(batch: Batch, own_loss: bool):
@@ -69,15 +73,16 @@ class Captured:
     placeholders: list  # per placeholder, in order: ("param"|"buffer"|"constant", tensor) or ("input", leaf index)
     loss_node: torch.fx.Node
     seconds: float = 0.0
+    output_node: torch.fx.Node | None = None  # the model's output tensor, when captured ``with_output``
 
 
-def capture(model: nn.Module, loss_fn, own_loss: bool, inputs) -> Captured:
-    """Export the batch loss of ``model`` on ``inputs`` = (args, kwargs, targets); raises GraphUnsupported
-    with torch.export's reason when the model cannot be captured."""
+def capture(model: nn.Module, loss_fn, own_loss: bool, inputs, with_output: bool = False) -> Captured:
+    """Export the batch loss of ``model`` on ``inputs`` = (args, kwargs, targets) (and the model's output tensor
+    ``with_output``); raises GraphUnsupported with torch.export's reason when the model cannot be captured."""
     import time
 
     start = time.perf_counter()
-    wrapper = BatchLoss(model, loss_fn, own_loss)
+    wrapper = BatchLoss(model, loss_fn, own_loss, with_output)
     # distinct example tensors: an input that aliases another (labels = input_ids) must not be merged
     example = pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, inputs)
     try:
@@ -118,4 +123,7 @@ def capture(model: nn.Module, loss_fn, own_loss: bool, inputs) -> Captured:
     value = loss_node.meta.get("val") if isinstance(loss_node, torch.fx.Node) else None
     if value is None or not isinstance(value, torch.Tensor) or value.dim() != 0:
         raise GraphUnsupported("the captured loss is not a scalar tensor")
-    return Captured(graph, placeholders, loss_node, time.perf_counter() - start)
+    output = results[1] if with_output else None
+    if with_output and not isinstance(output, torch.fx.Node):
+        raise GraphUnsupported("the model's output is not a tensor computed in the captured graph")
+    return Captured(graph, placeholders, loss_node, time.perf_counter() - start, output)

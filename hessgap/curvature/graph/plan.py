@@ -46,6 +46,9 @@ def _forget(model_id: int) -> None:
 class GraphPlan:
     """Captures the batch loss of ``model`` and runs the R-operator passes over the graph."""
 
+    #: capture the model's output tensor beside the loss (the Gauss-Newton passes split the graph there)
+    with_output = False
+
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], loss_fn):
         if not _extension.available():
             raise GraphUnsupported(f"the compiled extension is not available ({_extension.load_error()})")
@@ -62,11 +65,12 @@ class GraphPlan:
             weakref.finalize(model, _forget, id(model))
 
     def _captured(self, batch: Batch, own_loss: bool, inputs) -> Captured:
-        key = (id(self.model), _fingerprint(self.model), signature(inputs), id(self.loss_fn), own_loss)
+        key = (id(self.model), _fingerprint(self.model), signature(inputs), id(self.loss_fn), own_loss,
+               self.with_output)
         found = _CAPTURES.get(key)
         if found is None:
             try:
-                found = capture(self.model, self.loss_fn, own_loss, inputs)
+                found = capture(self.model, self.loss_fn, own_loss, inputs, self.with_output)
                 self.capture_seconds += found.seconds
             except GraphUnsupported as exc:
                 found = exc
@@ -88,12 +92,16 @@ class GraphPlan:
                     f"the batches come in more than {MAX_SIGNATURES} shapes (one graph capture each); pad them to "
                     "a few fixed shapes to use the fused path")
             captured = self._captured(batch, own_loss, inputs)
-            program = Program(captured, self.index_of, self.num_params)
+            program = self.compile(captured)
             self._programs[key] = program
         leaves = pytree.tree_leaves(inputs)
         if len(leaves) != sum(1 for kind, _ in program.captured.placeholders if kind == "input"):
             raise GraphUnsupported("the captured graph's inputs do not match the batch's tensors")
         return program, leaves
+
+    def compile(self, captured: Captured) -> Program:
+        """The passes over a captured graph (a subclass may compile other passes over the same graph)."""
+        return Program(captured, self.index_of, self.num_params)
 
     def forward_backward(self, batch: Batch, weight: float) -> GraphState:
         program, leaves = self.program_for(batch)

@@ -64,6 +64,7 @@ class GraphState:
     activation_numel: int = 0
     largest_activation_numel: int = 1
     program: object = None
+    values: dict = field(default_factory=dict)  # primal values of the nodes a pass asked to keep
 
 
 class Program:
@@ -140,8 +141,11 @@ class Program:
 
     # ---- the primal pass ------------------------------------------------------------------------------
 
-    def forward_backward(self, leaves: Sequence, weight: float) -> GraphState:
+    def forward_backward(self, leaves: Sequence, weight: float, keep: frozenset = frozenset()) -> GraphState:
+        """The primal pass; ``keep``: node indices whose value and gradient the state keeps as well (the
+        Gauss-Newton passes read them at the model's output)."""
         env: dict[int, object] = {}
+        kept: dict[int, object] = {}
         saved: dict[int, object] = {}
         numel, largest = 0, 1
         for step in self.steps:
@@ -161,6 +165,8 @@ class Program:
             else:
                 value = node.target(*args, **kwargs)
             env[step.index] = value
+            if step.index in keep:
+                kept[step.index] = value
             for j in step.frees:
                 env.pop(j, None)
         loss = env[self.loss_index]
@@ -168,7 +174,7 @@ class Program:
         grads: dict[int, object] = {self.loss_index: torch.full_like(loss, weight)}
         for step in reversed(self.active_steps):
             g = grads.pop(step.index, None)
-            if step.rule.needs_grad:
+            if step.rule.needs_grad or step.index in keep:
                 grads_kept[step.index] = g
             need = [j is not None and j in self.gradient_nodes for j in step.inputs]
             if g is None or not any(need):
@@ -176,7 +182,7 @@ class Program:
             for j, gi in zip(step.inputs, step.rule.vjp(saved[step.index], g, need)):
                 if j is not None and gi is not None and j not in self.slot_of:
                     grads[j] = add(grads.get(j), gi)
-        return GraphState(saved, grads_kept, loss, numel, largest)
+        return GraphState(saved, grads_kept, loss, numel, largest, values=kept)
 
     # ---- the R-passes for a chunk of directions --------------------------------------------------------
 
