@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import _checks
+from .._memory import parse_bytes
 from .._state import preserved
 from ..errors import HessgapError, NonFiniteError
 from . import fused, graph
@@ -88,18 +89,24 @@ class HvpEngine:
         path: str = "auto",
         train_mode: bool = False,
         chunk_size: int | None = None,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        max_memory: int | str | None = None,
+        memory_budget: int | str | None = None,
     ):
         if path not in PATHS:
             raise HessgapError(f"path must be one of {PATHS}, got {path!r}")
         _checks.positive_int(chunk_size, "chunk_size", "the number of directions per chunk", allow_none=True)
-        _checks.positive_number(memory_budget, "memory_budget", "a number of bytes")
+        if max_memory is not None and memory_budget is not None:
+            raise HessgapError("pass max_memory or its former name memory_budget, not both")
+        given = max_memory if max_memory is not None else memory_budget
+        name = "max_memory" if max_memory is not None else "memory_budget"
+        # an explicit budget bounds the fused LM head too; without one it takes a share of the free memory
+        self.max_memory = parse_bytes(given, name) if given is not None else None
         self.objective = objective
         self.model = objective.model
         self.train_mode = bool(train_mode)
         self.requested_path = path
         self.chunk_size = chunk_size
-        self.memory_budget = int(memory_budget)
+        self.memory_budget = self.max_memory if self.max_memory is not None else DEFAULT_MEMORY_BUDGET
         self.fallback_reason: str | None = None
         self.rules = SecondOrderRules()
         self._plan: fused.FusedPlan | graph.GraphPlan | None = None
@@ -122,6 +129,12 @@ class HvpEngine:
         """What the pass did that the result should say (attention rerouted, ...)."""
         return self.rules.notes
 
+    def token_chunks(self) -> dict:
+        """The chunks of tokens and vocabulary the fused LM head chose on the last pass (empty without one)."""
+        if not isinstance(self._plan, graph.GraphPlan):
+            return {}
+        return self._plan.token_chunks()
+
     def _fused_plan(self) -> fused.FusedPlan | graph.GraphPlan:
         """The layer-stack plan when the model is a plain nn.Sequential, else the graph plan (which captures
         the model at its first batch and may still raise FusedUnsupported then)."""
@@ -133,7 +146,9 @@ class HvpEngine:
         try:
             return fused.plan(self.model, self.objective.params, loss_fn, self.train_mode)
         except fused.FusedUnsupported:
-            return graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn)
+            plan = graph.GraphPlan(self.model, self.objective.params, self.objective.loss_fn)
+            plan.max_memory = self.max_memory
+            return plan
 
     def _unsupported(self, exc: fused.FusedUnsupported) -> None:
         if self.requested_path == "fused":

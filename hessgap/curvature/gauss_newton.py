@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from .. import _checks
 from ..names import CURVATURES
-from .engine import DEFAULT_MEMORY_BUDGET
 from .ggn import GaussNewtonEngine
 from .operator import HessianOperator
 
@@ -33,12 +32,14 @@ class GGNOperator(HessianOperator):
 
     def __init__(self, model, data, *, loss_fn=None, compute_loss=None, weight_fn=None, max_batches: int | None = None,
                  params=None, path: str = "auto", cache_batches: bool = False, chunk_size: int | None = None,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, train_mode: bool = False, group=None,
+                 max_memory: int | str | None = None, memory_budget: int | str | None = None,
+                 train_mode: bool = False, group=None,
                  resample: bool = False):
         self._matrix_options = getattr(self, "_matrix_options", {})
         super().__init__(model, data, loss_fn=loss_fn, compute_loss=compute_loss, weight_fn=weight_fn,
                          max_batches=max_batches, params=params, path=path, cache_batches=cache_batches,
-                         chunk_size=chunk_size, memory_budget=memory_budget, train_mode=train_mode, group=group,
+                         chunk_size=chunk_size, max_memory=max_memory, memory_budget=memory_budget,
+                         train_mode=train_mode, group=group,
                          resample=resample)
 
     def _make_engine(self):

@@ -34,7 +34,7 @@ import torch
 from ..errors import HessgapError
 from . import fused
 from .batches import Batch
-from .engine import DEFAULT_MEMORY_BUDGET, HvpEngine, _accumulate
+from .engine import HvpEngine, _accumulate
 from .graph.ggn import GaussNewtonPlan
 from .objective import output_tensor
 from .output_loss import FisherAtOutput, loss_of_output, output_loss, refuse_closure
@@ -48,7 +48,7 @@ class GaussNewtonEngine(HvpEngine):
 
     def __init__(self, objective, *, matrix: str = "ggn", samples: int = 1, seed: int = 0, path: str = "auto",
                  train_mode: bool = False, chunk_size: int | None = None,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
+                 max_memory: int | str | None = None, memory_budget: int | str | None = None):
         if matrix not in MATRICES:
             raise HessgapError(f"matrix must be one of {MATRICES}, got {matrix!r}")
         if objective.sharded is not None:
@@ -61,7 +61,7 @@ class GaussNewtonEngine(HvpEngine):
         self._first_sample = 0  # the global number of the current batch's first sample (the true Fisher's draws)
         self._rank_offset: int | None = None
         super().__init__(objective, path=path, train_mode=train_mode, chunk_size=chunk_size,
-                         memory_budget=memory_budget)
+                         max_memory=max_memory, memory_budget=memory_budget)
 
     def _fused_plan(self) -> GaussNewtonPlan:
         if self.train_mode:

@@ -42,7 +42,7 @@ from torch import nn
 from .._results import JsonResult
 from ..errors import HessgapError
 from ._flat import as_directions
-from .engine import DEFAULT_MEMORY_BUDGET, HvpEngine
+from .engine import HvpEngine
 from .finite_difference import METHODS, FiniteDifferenceEngine
 from .objective import LossOverData
 
@@ -55,7 +55,9 @@ class HvpResult(JsonResult):
     ``"fused"`` or ``"generic"``; ``fallback_reason`` says why the fused path did not run (None when it
     ran or when the generic path was asked for); ``loss`` is the mean loss over the data, a by-product;
     ``units`` the samples or tokens f averages over; ``dtype`` the model's dtype, ``accumulation_dtype``
-    the dtype of the sums over the loader; ``notes`` what the pass changed to run (attention kernels).
+    the dtype of the sums over the loader; ``notes`` what the pass changed to run (attention kernels);
+    ``token_chunks`` the chunks of tokens and vocabulary the fused LM head + cross-entropy chose (empty when
+    the graph has none).
     """
 
     value: torch.Tensor | list[torch.Tensor]
@@ -71,6 +73,7 @@ class HvpResult(JsonResult):
     accumulation_dtype: str = field(default="")
     units: float = 0.0
     notes: list[str] = field(default_factory=list)
+    token_chunks: dict = field(default_factory=dict)
 
     _left_out = ("value",)  # the vectors themselves stay out of the JSON
 
@@ -86,7 +89,8 @@ def hvp(
     params=None,
     path: str = "auto",
     chunk_size: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    max_memory: int | str | None = None,
+    memory_budget: int | None = None,
     train_mode: bool = False,
     group=None,
     return_info: bool = False,
@@ -103,7 +107,11 @@ def hvp(
         loss_fn, compute_loss, weight_fn, max_batches, params, group: as in :class:`hessgap.HessianOperator`.
         path: ``"auto"`` (fused engine when supported, else generic), ``"fused"`` (error when unsupported)
             or ``"generic"`` (autograd).
-        chunk_size: directions per chunk; default: as many as fit ``memory_budget`` bytes.
+        chunk_size: directions per chunk; default: as many as fit ``max_memory``.
+        max_memory: bytes (or a size such as ``"8GB"``, ``"512MiB"``) the pass may take beyond the model and
+            data: it decides the directions per chunk (default 2 GiB) and the chunks of tokens and vocabulary
+            of the fused LM head + cross-entropy (default: a quarter of what the device has free, at most 512 MiB).
+            ``memory_budget`` is its former name.
         train_mode: take the Hessian in train mode (see the module docstring); default eval mode.
         return_info: return an :class:`HvpResult` (value, path, fallback reason, timing) instead of the value.
         method: ``"exact"`` (default) or ``"finite-difference"``: central differences of exact gradients,
@@ -128,7 +136,8 @@ def hvp(
         engine = FiniteDifferenceEngine(objective, step=step, train_mode=train_mode)
     else:
         engine = HvpEngine(
-            objective, path=path, train_mode=train_mode, chunk_size=chunk_size, memory_budget=memory_budget
+            objective, path=path, train_mode=train_mode, chunk_size=chunk_size, max_memory=max_memory,
+            memory_budget=memory_budget,
         )
     parts, flat, stats = engine.run(directions)
     value = directions.like_input(parts, flat)
@@ -148,4 +157,5 @@ def hvp(
         accumulation_dtype=str(objective.accumulation_dtype).replace("torch.", ""),
         units=stats.weight,
         notes=list(engine.notes),
+        token_chunks=engine.token_chunks(),
     )

@@ -22,7 +22,7 @@ from torch import nn
 from ..distributed import Ranks
 from ..errors import HessgapError, NonFiniteError
 from ._flat import all_finite, as_directions
-from .engine import DEFAULT_MEMORY_BUDGET, HvpEngine
+from .engine import HvpEngine
 from .finite_difference import METHODS, FiniteDifferenceEngine
 from .objective import LossOverData
 from .probes import generator_for
@@ -50,7 +50,7 @@ class HessianOperator:
             and ``.fallback_reason`` why the fused engine does not, when it does not.
         cache_batches: keep the batches in memory between calls (faster repeated passes over a loader;
             also fixes the order and any random augmentation of the batches).
-        chunk_size, memory_budget, train_mode: as in :func:`hessgap.hvp`.
+        chunk_size, max_memory (memory_budget), train_mode: as in :func:`hessgap.hvp`.
         group: a torch.distributed process group (default: the default group when one is initialized);
             each rank passes its own shard and every rank gets the products over all the data.
         method: ``"exact"`` (default) or ``"finite-difference"``: central differences of exact gradients, for
@@ -78,7 +78,8 @@ class HessianOperator:
         path: str = "auto",
         cache_batches: bool = False,
         chunk_size: int | None = None,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        max_memory: int | str | None = None,
+        memory_budget: int | None = None,
         train_mode: bool = False,
         group=None,
         method: str = "exact",
@@ -97,7 +98,7 @@ class HessianOperator:
             self.objective.cache_batches()
         self.model = model
         self._engine_options = dict(path=path, train_mode=train_mode, chunk_size=chunk_size,
-                                    memory_budget=memory_budget)
+                                    max_memory=max_memory, memory_budget=memory_budget)
         self._engine = self._make_engine()
         self._buffers = list(model.buffers())
         self.n: int = self.objective.num_parameters  # this rank's shards only, for an FSDP2-sharded model

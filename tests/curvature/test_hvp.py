@@ -344,11 +344,23 @@ def test_sequence_shaped_inputs():
     [
         (dict(chunk_size=1.5), "chunk_size must be a positive integer"),
         (dict(chunk_size=-2), "chunk_size must be a positive integer"),
-        (dict(memory_budget=0), "memory_budget must be a finite number > 0"),
-        (dict(memory_budget=float("nan")), "memory_budget must be a finite number > 0"),
+        (dict(memory_budget=0), "memory_budget must be a positive number of bytes"),
+        (dict(memory_budget=float("nan")), "memory_budget must be a positive number of bytes"),
+        (dict(max_memory="lots"), 'max_memory must be a positive number of bytes or a size such as "8GB"'),
+        (dict(max_memory="1GB", memory_budget=10**9), "not both"),
     ],
 )
 def test_bad_chunking_arguments(kwargs, match):
     model, batch = _small()
     with pytest.raises(HessgapError, match=match):
         hvp(model, batch, torch.randn(1, 8, dtype=torch.float64), **kwargs)
+
+
+def test_max_memory_string_bounds_the_directions_per_chunk():
+    model, batch = _small()
+    vectors = torch.randn(6, 8, dtype=torch.float64)
+    roomy = hvp(model, batch, vectors, max_memory="1GiB", return_info=True)
+    tight = hvp(model, batch, vectors, max_memory="1", return_info=True)
+    old_name = hvp(model, batch, vectors, memory_budget=1, return_info=True)
+    assert roomy.chunk_size == 6 and tight.chunk_size == old_name.chunk_size == 1
+    assert rel_err(tight.value, roomy.value) <= 1e-12

@@ -49,6 +49,12 @@ class GraphPlan:
     #: capture the model's output tensor beside the loss (the Gauss-Newton passes split the graph there)
     with_output = False
 
+    def token_chunks(self) -> dict:
+        found: dict = {}
+        for program in self._programs.values():
+            found.update(program.chunks())
+        return found
+
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], loss_fn):
         if not _extension.available():
             raise GraphUnsupported(f"the compiled extension is not available ({_extension.load_error()})")
@@ -60,6 +66,7 @@ class GraphPlan:
         self.num_params = sum(p.numel() for p in params)
         self._programs: OrderedDict = OrderedDict()
         self.capture_seconds = 0.0
+        self.max_memory: int | None = None  # bytes for the chunked rules (the fused LM head)
         if id(model) not in _WATCHED:
             _WATCHED.add(id(model))
             weakref.finalize(model, _forget, id(model))
@@ -93,6 +100,7 @@ class GraphPlan:
                     "a few fixed shapes to use the fused path")
             captured = self._captured(batch, own_loss, inputs)
             program = self.compile(captured)
+            program.set_max_memory(self.max_memory)
             self._programs[key] = program
         leaves = pytree.tree_leaves(inputs)
         if len(leaves) != sum(1 for kind, _ in program.captured.placeholders if kind == "input"):

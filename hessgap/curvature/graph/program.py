@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from .capture import Captured
+from .lm_head import fuse_lm_head
 from .rules import GraphUnsupported, OpRule, rule_for
 from .rules.base import REMEDY, Embedded, add, describe
 
@@ -73,6 +74,9 @@ class Program:
     def __init__(self, captured: Captured, index_of: dict[int, int], num_params: int):
         self.captured = captured
         self.num_params = num_params
+        # before the analysis: the fused node replaces the logits' nodes (and may be the loss itself)
+        fused = fuse_lm_head(captured.graph)
+        captured.loss_node = fused.get(captured.loss_node, captured.loss_node)
         nodes = [n for n in captured.graph.nodes]
         self.position = {n: i for i, n in enumerate(nodes)}
         placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -138,6 +142,19 @@ class Program:
             for j in step.inputs:
                 if j is not None:
                     self.tangent_last_use[j] = step.index
+
+    def set_max_memory(self, max_memory: int | None) -> None:
+        """The bytes that rules working in chunks (the fused LM head) may take; None: a share of what is free."""
+        for step in self.active_steps:
+            if hasattr(step.rule, "max_memory"):
+                step.rule.max_memory = max_memory
+
+    def chunks(self) -> dict:
+        """The chunk sizes the chunked rules chose on their last pass (for the result's info)."""
+        found: dict = {}
+        for step in self.active_steps:
+            found.update(getattr(step.rule, "chunks", {}))
+        return found
 
     # ---- the primal pass ------------------------------------------------------------------------------
 
