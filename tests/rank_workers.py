@@ -122,7 +122,8 @@ def fsdp_shards_of(full: torch.Tensor, rank: int, world_size: int) -> torch.Tens
 
 
 def sharded_hessian(rank, world_size):
-    """An FSDP2-sharded model on unequal data shards: H·V (local shards), eigenvalues and trace."""
+    """An FSDP2-sharded model on unequal data shards: H·V (local shards), eigenvalues, trace, density and block
+    spectra."""
     from torch.distributed.fsdp import fully_shard
 
     import hessgap
@@ -144,13 +145,21 @@ def sharded_hessian(rank, world_size):
     result = hessgap.hvp(model, data, local, return_info=True)
     eigen = hessgap.eigenvalues(model, data, k=3, tol=1e-8, max_iter=300)
     trace = hessgap.trace(model, data, num_probes=48)
+    spectrum = hessgap.density(model, data, num_probes=2, lanczos_steps=40)
+    nodes = [x for probe in spectrum.nodes for x in probe]
+    blocks = hessgap.block_spectrum(model, data, k=2, tol=1e-8, num_probes=32)
     refused = None
     try:
         hessgap.sharpness(model, data, max_iter=1)
     except hessgap.HessgapError as exc:
         refused = str(exc)
     return {"hv": result.value.tolist(), "path": result.path, "eigenvalues": eigen.eigenvalues,
-            "n": eigen.n, "trace": trace.value, "stderr": trace.stderr, "refused": refused}
+            "n": eigen.n, "trace": trace.value, "stderr": trace.stderr, "refused": refused,
+            "density": {"path": spectrum.path, "n": spectrum.n, "largest": max(nodes), "smallest": min(nodes),
+                        "integral": spectrum.integral, "weights": [sum(w) for w in spectrum.weights]},
+            "blocks": {"path": blocks.path, "names": blocks.blocks, "sizes": blocks.sizes,
+                       "eigenvalues": blocks.eigenvalues, "converged": blocks.converged, "traces": blocks.traces,
+                       "stderr": blocks.trace_stderr}}
 
 
 def _mlp_without_batchnorm(name, input_shape, num_classes, width=1.0, depth=1.0, dropout=0.5, **options):

@@ -115,7 +115,10 @@ def test_fingerprints_are_exact_and_see_every_change():
 
 def test_fsdp2_sharded_products_and_spectrum_equal_one_process_on_all_data():
     """FSDP2 shards: H·V comes back sharded like the parameters and equals the full product's rows; the
-    eigenvalues (Lanczos on sharded vectors) equal one process's; the trace agrees within its error."""
+    eigenvalues (Lanczos on sharded vectors) equal one process's; the trace agrees within its error; the
+    density (refused before) runs on sharded probes with every inner product summed over the ranks: 40 Lanczos
+    steps on 80 parameters reach both ends of one process's exact spectrum, and each probe's weights sum to 1;
+    block spectra (refused before) equal one process's top-2 per block, their traces the exact ones."""
     import hessgap
 
     from rank_workers import batches_of, fsdp_shards_of, sharded_hessian, tiny_problem
@@ -130,7 +133,12 @@ def test_fsdp2_sharded_products_and_spectrum_equal_one_process_on_all_data():
     full = hessgap.hvp(model, data, V).reshape(2, -1)
     pieces = full.split([int(torch.Size(s).numel()) for s in shapes], dim=1)
     top = hessgap.eigenvalues(model, data, k=3, tol=1e-8, max_iter=300).eigenvalues
-    exact_trace = float(torch.linalg.eigvalsh(explicit_hessian(model, data)).sum())
+    exact = torch.linalg.eigvalsh(explicit_hessian(model, data))
+    exact_trace = float(exact.sum())
+    one_process_blocks = hessgap.block_spectrum(model, data, k=2, tol=1e-8, num_probes=0)
+    diagonal = explicit_hessian(model, data).diagonal()
+    sizes = one_process_blocks.sizes
+    block_traces = [float(part.sum()) for part in diagonal.split(sizes)]
     for rank, out in enumerate(results):
         expected = torch.cat([fsdp_shards_of(piece.reshape((2,) + tuple(s)), rank, world_size).reshape(2, -1)
                               for piece, s in zip(pieces, shapes)], dim=1)
@@ -139,7 +147,22 @@ def test_fsdp2_sharded_products_and_spectrum_equal_one_process_on_all_data():
         np.testing.assert_allclose(out["eigenvalues"], top, rtol=1e-6)
         assert abs(out["trace"] - exact_trace) <= 4 * out["stderr"]
         assert "does not take FSDP2-sharded models" in out["refused"]
+        spectrum = out["density"]
+        assert spectrum["path"] == "sharded" and spectrum["n"] == n
+        np.testing.assert_allclose([spectrum["largest"], spectrum["smallest"]], [float(exact[-1]), float(exact[0])],
+                                   rtol=1e-6, atol=1e-9 * float(exact[-1]))
+        np.testing.assert_allclose(spectrum["weights"], 1.0, rtol=1e-9)
     assert results[0]["eigenvalues"] == results[1]["eigenvalues"]
+    assert results[0]["density"] == results[1]["density"]
+    for out in results:
+        blocks = out["blocks"]
+        assert blocks["path"] == "sharded" and all(blocks["converged"])
+        assert (blocks["names"], blocks["sizes"]) == (one_process_blocks.blocks, sizes)
+        for got, want in zip(blocks["eigenvalues"], one_process_blocks.eigenvalues):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+        for got, err, want in zip(blocks["traces"], blocks["stderr"], block_traces):
+            assert abs(got - want) <= 5 * err + 1e-9
+    assert results[0]["blocks"] == results[1]["blocks"]
 
 
 def test_ddp_training_follows_one_process_and_resumes_on_any_world_size(tmp_path, monkeypatch):

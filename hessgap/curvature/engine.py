@@ -111,7 +111,7 @@ class HvpEngine:
         self.fallback_reason: str | None = None
         self.rules = SecondOrderRules()
         self._plan: fused.FusedPlan | graph.GraphPlan | None = None
-        self._primal_states: dict[int, fused.BatchState] = {}
+        self._primal_states: dict[tuple, fused.BatchState] = {}  # (batch index, seed weight) -> state
         self._primal_snapshot: list[torch.Tensor] | None = None
         self._primal_bytes = 0
         self._batch: Batch | None = None  # the batch a pass is on, to name the modules of an op without a rule
@@ -288,8 +288,8 @@ class HvpEngine:
             )
         return value
 
-    def _primal_state(self, batch: Batch) -> fused.BatchState:
-        state = self._primal_states.get(batch.index)
+    def _primal_state(self, batch: Batch, weight: float) -> fused.BatchState:
+        state = self._primal_states.get((batch.index, weight))
         if state is not None:
             return state
 
@@ -300,24 +300,29 @@ class HvpEngine:
             if isinstance(self._plan, graph.GraphPlan):
                 self.objective.check_own_loss(batch)  # the captured graph's outputs never reach the objective
                 try:
-                    state = self._plan.forward_backward(batch, batch.weight)
+                    state = self._plan.forward_backward(batch, weight)
                 except fused.FusedUnsupported:
                     raise
                 except Exception:
                     self.objective.batch_loss(batch)  # the reference pass names bad targets or shapes, if that is it
                     raise
             else:
-                state = self._plan.forward_backward(batch.inputs, batch.targets, batch.weight, loss_of)
+                state = self._plan.forward_backward(batch.inputs, batch.targets, weight, loss_of)
         # activations, output gradients and the layers' saved masks: about three activations' worth
         state_bytes = 3 * state.activation_numel * self.objective.params[0].element_size()
         if self._primal_snapshot is not None and self._primal_bytes + state_bytes <= PRIMAL_CACHE_BYTES:
-            self._primal_states[batch.index] = state
+            self._primal_states[(batch.index, weight)] = state
             self._primal_bytes += state_bytes
         return state
 
     def _fused_batch(self, batch: Batch, directions, total, stats) -> float:
+        objective = self.objective
+        if not stats.written and not objective.ranks.active and objective.dtype != objective.accumulation_dtype:
+            # a half-precision model's gradients are seeded with w_b / unit, not w_b: a float16 seed of 10⁵
+            # tokens overflows (the generic path scales the same way)
+            stats.unit = batch.weight
         with torch.no_grad():
-            state = self._primal_state(batch)
+            state = self._primal_state(batch, batch.weight / stats.unit)
             loss = self._check_loss(state.loss, batch.index)
             if stats.chunk_size == 0:
                 itemsize = directions.parts[0].element_size()

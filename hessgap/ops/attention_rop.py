@@ -30,6 +30,7 @@ import torch
 
 from .. import _extension
 from . import attention_tiles as tiles
+from ._precision import in_float32
 
 
 def _ops():
@@ -38,17 +39,18 @@ def _ops():
 
 
 def attention_forward(q, k, v, bias, causal: bool, scale: float):
-    return _ops().attention_forward.default(q, k, v, bias, bool(causal), float(scale))
+    return in_float32(_ops().attention_forward.default, q, k, v, bias, bool(causal), float(scale), keep=(1,))
 
 
 def attention_backward(q, k, v, bias, o, lse, g, causal: bool, scale: float):
-    return _ops().attention_backward.default(q, k, v, bias, o, lse, g, bool(causal), float(scale))
+    return in_float32(_ops().attention_backward.default, q, k, v, bias, o, lse, g, bool(causal), float(scale))
 
 
 def _tile_plan(q, k, memory_budget):
     """How the BLAS path cuts the heads and queries, or None for the streaming kernel (CUDA, no budget, or
     one head's smallest tile over the budget)."""
-    if memory_budget is None or q.device.type != "cpu" or q.dim() != 4 or k.dim() != 4:
+    if (memory_budget is None or q.device.type != "cpu" or q.dim() != 4 or k.dim() != 4
+            or q.dtype not in (torch.float32, torch.float64)):
         return None
     B, H, Tq, _ = q.shape
     return tiles.plan(B, H, Tq, k.shape[2], q.element_size(), memory_budget)
@@ -58,7 +60,8 @@ def attention_rforward(q, k, v, bias, o, lse, rq, rk, rv, causal: bool, scale: f
     cut = _tile_plan(q, k, memory_budget)
     if cut is not None:
         return tiles.rforward(q, k, v, bias, o, lse, rq, rk, rv, bool(causal), float(scale), cut)
-    return _ops().attention_rforward.default(q, k, v, bias, o, lse, rq, rk, rv, bool(causal), float(scale))
+    return in_float32(_ops().attention_rforward.default, q, k, v, bias, o, lse, rq, rk, rv, bool(causal), float(scale),
+                      keep=(1,))
 
 
 def attention_rbackward(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, causal: bool, scale: float,
@@ -66,8 +69,8 @@ def attention_rbackward(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, causa
     cut = _tile_plan(q, k, memory_budget)
     if cut is not None:
         return tiles.rbackward(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, bool(causal), float(scale), cut)
-    return _ops().attention_rbackward.default(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, bool(causal),
-                                              float(scale))
+    return in_float32(_ops().attention_rbackward.default, q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg,
+                      bool(causal), float(scale))
 
 
 def default_scale(head_dim: int) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from ._precision import in_float32
 
 ACTIVATION_KINDS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu")
 
@@ -33,7 +34,7 @@ def _ops():
 def act_jvp(z: torch.Tensor, t: torch.Tensor, kind: str, slope: float = 0.01) -> torch.Tensor:
     """σ'(z) ⊙ t[j] for each of the k slices of ``t`` (shape ``(k, *z.shape)``), by the compiled kernel."""
     _check_kind(kind)
-    return _ops().hvp_act_jvp.default(z, t, kind, float(slope))
+    return in_float32(_ops().hvp_act_jvp.default, z, t, kind, float(slope))
 
 
 def act_rbackward(
@@ -41,13 +42,13 @@ def act_rbackward(
 ) -> torch.Tensor:
     """σ'(z) ⊙ rg[j] + σ''(z) ⊙ g ⊙ rz[j] for k directions, by the compiled kernel."""
     _check_kind(kind)
-    return _ops().hvp_act_rbackward.default(z, g, rz, rg, kind, float(slope))
+    return in_float32(_ops().hvp_act_rbackward.default, z, g, rz, rg, kind, float(slope))
 
 
 def softmax_ce_rgrad(p: torch.Tensor, rz: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale · p ⊙ (rz[j] − ⟨p, rz[j]⟩_row)``: the softmax cross-entropy Hessian w.r.t. the logits applied
     to k directions; ``p`` is the (batch, classes) softmax, ``scale`` is 1/(samples the loss averages over)."""
-    return _ops().hvp_softmax_ce_rgrad.default(p, rz, float(scale))
+    return in_float32(_ops().hvp_softmax_ce_rgrad.default, p, rz, float(scale))
 
 
 def act_derivatives(z: torch.Tensor, kind: str, slope: float = 0.01) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from ._precision import in_float32
 
 
 def _ops():
@@ -37,12 +38,12 @@ def norm_backward(xhat: torch.Tensor, rstd: torch.Tensor, a: torch.Tensor, cente
 
 def norm_rforward(xhat, rstd, rx, center: bool):
     """(R{x̂}, m1) for the k directions ``rx``, by the compiled kernel."""
-    return _ops().norm_rforward.default(xhat, rstd, rx, bool(center))
+    return in_float32(_ops().norm_rforward.default, xhat, rstd, rx, bool(center), keep=(1,))
 
 
 def norm_rbackward(xhat, rstd, a, ra, rxhat, m1, center: bool):
     """R{g_x} for the k directions, by the compiled kernel."""
-    return _ops().norm_rbackward.default(xhat, rstd, a, ra, rxhat, m1, bool(center))
+    return in_float32(_ops().norm_rbackward.default, xhat, rstd, a, ra, rxhat, m1, bool(center))
 
 
 # ---- plain-PyTorch twins -------------------------------------------------------------------------------

@@ -110,17 +110,20 @@ PROBE_BYTES = 512 * 2**20
 class _BlockView:
     """Block j of the operator, as one Lanczos run sees it (its products come from the shared pass)."""
 
-    def __init__(self, parent: CheckedOperator, columns: torch.Tensor):
+    def __init__(self, parent: CheckedOperator, columns: torch.Tensor, total_n: int):
         self.parent, self.columns = parent, columns
-        self.n = int(columns.numel())
+        self.n = int(columns.numel())  # this rank's shards of the block, for an FSDP2-sharded model
+        self.total_n = total_n  # the block's size over every rank
         self.dtype, self.device, self.path = parent.dtype, parent.device, parent.path
         self.model_dtype = parent.model_dtype
+        self.ranks, self.sharded = parent.ranks, parent.sharded
         self.hvps = 0
-        # the vector algebra of the whole operator serves the block's vectors too (never sharded here)
+        # the vector algebra of the whole operator serves the block's vectors too (summed over the ranks when
+        # the vectors are shards)
         self.gram, self.norms, self.pivot_signs, self.generator = parent.gram, parent.norms, parent.pivot_signs, parent.generator
 
     def describe(self) -> dict:
-        return dict(self.parent.describe(), n=self.n)
+        return dict(self.parent.describe(), n=self.total_n)
 
 
 def block_spectrum(
@@ -156,15 +159,18 @@ def block_spectrum(
         raise HessgapError(f"tol is a relative tolerance and must lie in (0, 1), got {tol!r}")
     hessian = curvature_operator(curvature, model, data, cache_batches=True, **operator_options)
     operator = CheckedOperator(hessian)
-    operator.refuse_sharded("block_spectrum")
     groups = parameter_blocks(model, hessian.names, blocks)
     operator.ranks.agree("the arguments of hessgap.block_spectrum", (list(groups), k, tol, max_iter, num_probes, seed))
-    offsets = torch.tensor([0] + [p.numel() for p in hessian.objective.params]).cumsum(0).tolist()
+    # a direction's pieces: the parameters, or this rank's shards of them for an FSDP2-sharded model
+    local = hessian.objective.vector_params
+    offsets = torch.tensor([0] + [p.numel() for p in local]).cumsum(0).tolist()
     columns = {
         name: torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members]).to(operator.device)
         for name, members in groups.items()
     }
-    views = {name: _BlockView(operator, cols) for name, cols in columns.items()}
+    params = hessian.objective.params
+    views = {name: _BlockView(operator, cols, sum(params[i].numel() for i in groups[name]))
+             for name, cols in columns.items()}
     passes = 0
 
     def product(requests: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -192,7 +198,7 @@ def block_spectrum(
     names = list(groups)
     result = BlockSpectrumResult(
         blocks=names,
-        sizes=[views[name].n for name in names],
+        sizes=[views[name].total_n for name in names],
         eigenvalues=[eigen[name][0] for name in names],
         residuals=[eigen[name][1] for name in names],
         converged=[eigen[name][2] for name in names],
@@ -214,8 +220,8 @@ def _lockstep_lanczos(views, product, k, tol, max_iter, seed, progress) -> dict:
     """(eigenvalues, residuals, converged) per block; every step multiplies every unfinished block at once."""
     solvers, pending = {}, {}
     for index, (name, view) in enumerate(views.items()):
-        wanted = min(k, view.n)
-        block_size, max_basis = basis_sizes(view.n, wanted, None, None)
+        wanted = min(k, view.total_n)
+        block_size, max_basis = basis_sizes(view.total_n, wanted, None, None)
         solver = BlockLanczos(view, wanted, "LA", float(tol), "eigenvalue", block_size, max_basis, seed + index)
         steps = solver.iterate(max_iter, progress=False)
         solvers[name] = (solver, steps)
@@ -242,9 +248,11 @@ def _lockstep_lanczos(views, product, k, tol, max_iter, seed, progress) -> dict:
 
 def _block_traces(views, product, num_probes: int, seed: int) -> tuple[dict, dict]:
     """Hutchinson's tr(H_jj) per block with its standard error; each pass serves some probes of every block."""
-    generators = {name: generator_for(view.device, seed + 7919 * (index + 1))
-                  for index, (name, view) in enumerate(views.items())}
+    # sharded blocks: each rank draws its own shards of the probes, and every zᵀHz is summed over the ranks
     some = next(iter(views.values()))
+    stream = 1_000_003 * some.ranks.rank if some.sharded else 0
+    generators = {name: generator_for(view.device, seed + 7919 * (index + 1) + stream)
+                  for index, (name, view) in enumerate(views.items())}
     itemsize = torch.empty(0, dtype=some.dtype).element_size()
     per_probe = len(views) * some.parent.n * itemsize  # one probe of every block, zero-padded to n
     chunk = max(1, min(num_probes, PROBE_BYTES // per_probe))
@@ -256,7 +264,8 @@ def _block_traces(views, product, num_probes: int, seed: int) -> tuple[dict, dic
                   for name, view in views.items()}
         products = product(probes)
         for name, Z in probes.items():
-            estimates[name].append((Z.double() * products[name].double()).sum(dim=1))
+            values = (Z.double() * products[name].double()).sum(dim=1)
+            estimates[name].append(some.ranks.sum_(values) if some.sharded else values)
         done += rows
     traces, stderr = {}, {}
     for name in views:

@@ -18,7 +18,7 @@ import torch
 
 from .._checks import positive_int
 from ..curvature.operator import CheckedOperator, resolve_operator
-from ..curvature.probes import generator_for, rademacher
+from ..curvature.probes import rademacher
 from ..errors import HessgapError
 from ._results import DensityResult
 
@@ -48,7 +48,8 @@ def density(
     ``operator_options``, the keywords of :class:`~hessgap.curvature.operator.HessianOperator`: ``loss_fn``,
     ``compute_loss``, ``weight_fn``, ``max_batches``, ``params``, ``train_mode``, ``group``, ...); an
     operator is any object with ``n``, ``dtype``, ``device`` and ``matmat``. Half-precision models
-    multiply in their dtype; the probes and sums are float32.
+    multiply in their dtype; the probes and sums are float32. For an FSDP2-sharded model the probes are
+    sharded like the parameters (each rank draws its own shards) and every inner product is summed over the ranks.
     ``lanczos_steps`` (at most n) Lanczos steps are run per probe, all probes in one ``matmat`` per
     step; a probe whose Krylov space becomes invariant stops early. With ``reorthogonalize`` (default)
     each probe's Lanczos vectors are kept and every new one is made orthogonal to them (memory:
@@ -67,8 +68,7 @@ def density(
         raise HessgapError(f"sigma is the Gaussian broadening and must be a positive number, got {sigma!r}")
     explicit_grid = _explicit_grid(grid)
     operator = CheckedOperator(resolve_operator(model, data, caller="density", **operator_options))
-    operator.refuse_sharded("density")
-    steps = min(lanczos_steps, operator.n)
+    steps = min(lanczos_steps, operator.total_n)
     operator.ranks.agree("the arguments of hessgap.density", (num_probes, steps, bool(reorthogonalize), seed))
     alphas, betas, lengths = _batched_lanczos(operator, num_probes, steps, bool(reorthogonalize), seed, progress)
 
@@ -157,6 +157,11 @@ def _broadened(points: np.ndarray, nodes, weights, sigma: float) -> np.ndarray:
     return values
 
 
+def _summed(operator: CheckedOperator, partial: torch.Tensor) -> torch.Tensor:
+    """Inner products over a sharded operator's shards added up across the ranks (as they are otherwise)."""
+    return operator.ranks.sum_(partial) if operator.sharded else partial
+
+
 def _batched_lanczos(operator: CheckedOperator, probes: int, steps: int, reorthogonalize: bool, seed: int, progress: bool):
     """Independent Lanczos runs from normalized Rademacher probes, advanced together.
 
@@ -165,8 +170,10 @@ def _batched_lanczos(operator: CheckedOperator, probes: int, steps: int, reortho
     """
     n, dtype, device = operator.n, operator.dtype, operator.device
     eps = torch.finfo(dtype).eps
-    generator = generator_for(device, seed)
-    q = rademacher(probes, n, dtype=dtype, device=device, generator=generator).div_(math.sqrt(n))
+    # an FSDP2-sharded operator's vectors are this rank's shards: each rank draws its own, and every inner
+    # product is summed over the ranks (_summed, the operator's norms)
+    generator = operator.generator(seed)
+    q = rademacher(probes, n, dtype=dtype, device=device, generator=generator).div_(math.sqrt(operator.total_n))
     q_previous = torch.zeros_like(q)
     beta_previous = torch.zeros(probes, dtype=dtype, device=device)
     basis = None
@@ -187,16 +194,17 @@ def _batched_lanczos(operator: CheckedOperator, probes: int, steps: int, reortho
             current = q if everyone else q[active]
             previous = q_previous if everyone else q_previous[active]
             w = operator.matmat(current)
-            alpha = torch.linalg.vecdot(w, current)
+            alpha = _summed(operator, torch.linalg.vecdot(w, current))
             w.addcmul_(alpha[:, None], current, value=-1).addcmul_(beta_previous[active, None], previous, value=-1)
-            beta = w.norm(dim=1)
+            beta = operator.norms(w)
             if basis is not None:
                 # Full reorthogonalization against this probe's own Lanczos vectors: classical Gram–Schmidt,
                 # repeated only where it removed much of the vector (the DGKS test: "twice is enough").
                 kept = basis[:, : step + 1] if everyone else basis[active, : step + 1]
                 for _ in range(2):
-                    w.sub_(torch.bmm(torch.bmm(kept, w[:, :, None]).transpose(1, 2), kept).squeeze(1))
-                    before, beta = beta, w.norm(dim=1)
+                    coefficients = _summed(operator, torch.bmm(kept, w[:, :, None]))
+                    w.sub_(torch.bmm(coefficients.transpose(1, 2), kept).squeeze(1))
+                    before, beta = beta, operator.norms(w)
                     if bool((beta >= _DGKS * before).all()):
                         break
             index = active.cpu().numpy()

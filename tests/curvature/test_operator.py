@@ -217,3 +217,16 @@ def test_checked_operator_counts_and_checks():
 
     with pytest.raises(HessgapError, match="same shape"):
         CheckedOperator(Broken()).matmat(V)
+
+
+def test_row_dots_sum_over_column_chunks_in_float64(monkeypatch):
+    """zᵀHz over chunks of columns (no whole float64 copies of a probe) equals the one-shot float64 sum."""
+    from hessgap.curvature import operator as operator_module
+
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(3, 1000, generator=gen), torch.randn(3, 1000, generator=gen)
+    checked = CheckedOperator(MatrixOperator(torch.eye(1000)))
+    monkeypatch.setattr(operator_module, "DOT_CHUNK", 64)
+    dots = checked.row_dots(A, B)
+    assert dots.dtype == torch.float64
+    torch.testing.assert_close(dots, (A.double() * B.double()).sum(dim=1), rtol=1e-13, atol=1e-12)

@@ -80,8 +80,8 @@ class GraphPlan:
                  memory_budget: int | None = None):
         if not _extension.available():
             raise GraphUnsupported(f"the compiled extension is not available ({_extension.load_error()})")
-        if params[0].dtype not in (torch.float32, torch.float64):
-            raise GraphUnsupported(f"parameters of dtype {params[0].dtype} (the fused kernels take float32 and float64)")
+        if not params[0].is_floating_point():
+            raise GraphUnsupported(f"parameters of dtype {params[0].dtype}")
         self.model = model
         self.loss_fn = loss_fn
         self.one_batch = one_batch  # the data is one batch: its first capture needs no other sizes

@@ -214,7 +214,10 @@ class Program:
     def apply(self, state: GraphState, directions: Sequence[torch.Tensor], sums: ChunkSums) -> None:
         """w·H·v for the k directions (per-parameter ``(k, *shape)`` tensors), each parameter's product added into
         ``sums`` (see :class:`~hessgap.curvature.sums.ChunkSums`) as the R-backward reaches it."""
-        tangents: dict[int, torch.Tensor] = {i: directions[slot] for i, slot in self.slot_of.items()}
+        # the directions come in the sums' dtype (float32 for a half-precision model): the products run in the
+        # parameters' own
+        tangents: dict[int, torch.Tensor] = {i: directions[slot].to(self.sources[i][1].dtype)
+                                             for i, slot in self.slot_of.items()}
         rsaved: dict[int, object] = {}
         reached: set[int] = set()
         for step in self.active_steps:

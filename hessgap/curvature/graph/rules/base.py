@@ -118,7 +118,7 @@ class Embedded:
         self.index, self.values = index, values
 
     def add_to(self, out: torch.Tensor) -> None:
-        out[self.index].add_(self.values)
+        out[self.index].add_(self.values)  # a half-precision product adds into float32 sums as it is
 
     def dense(self, shape) -> torch.Tensor:
         full = self.values.new_zeros(shape)
@@ -133,7 +133,7 @@ class IndexAdded(Embedded):
         self.dim, self.index, self.values = dim, index, values
 
     def add_to(self, out: torch.Tensor) -> None:
-        out.index_add_(self.dim, self.index, self.values)
+        out.index_add_(self.dim, self.index, self.values.to(out.dtype))  # index_add_ takes one dtype
 
     def dense(self, shape) -> torch.Tensor:
         return self.values.new_zeros(shape).index_add_(self.dim, self.index, self.values)
