@@ -187,7 +187,8 @@ class LmHeadCrossEntropy(OpRule):
         index = apply_shape_ops(positions, self.options["ops"]).reshape(-1)
         saved = dict(rows=rows.contiguous(), w=w.contiguous(), b=b, targets=targets, weights=weights, lse=lse,
                      gh=gh, gw=gw, gb=gb, index=index, h_shape=h.shape, h_dtype=h.dtype, w_dtype=weight.dtype)
-        return loss.to(self.out_meta.dtype), saved
+        # the loss of a half-precision model stays in float32 when it is the graph's output (as CrossEntropy's)
+        return (loss if self.is_output else loss.to(self.out_meta.dtype)), saved
 
     def _to_tokens(self, saved, g_rows, batched: bool):
         """∂/∂h from ∂/∂(shifted, flattened rows): rows added back at the tokens they came from."""
