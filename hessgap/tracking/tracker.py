@@ -33,11 +33,12 @@ from torch import nn
 
 from .. import _checks
 from .._state import preserved, preserved_rng
+from ..curvature.gauss_newton import curvature_operator
 from ..curvature.objective import LossOverData
 from ..curvature.operator import HessianOperator
 from ..distributed import Ranks
 from ..errors import HessgapError
-from ..names import SHARPNESS_SOLVERS, TRACK_MEASURES
+from ..names import CURVATURES, SHARPNESS_SOLVERS, TRACK_MEASURES
 from .folder import TrackerFolder
 from .measures import MEASURES, NEEDS_LINE_DATA, NEEDS_OPTIMIZER
 from .update import gd_stability_factor, learning_rate, unwrap_optimizer
@@ -73,13 +74,15 @@ class Tracker:
         seed: the random start vectors, probes and subspaces.
         loss_fn, compute_loss, weight_fn, max_batches, params, train_mode, path, group: as in
             :class:`hessgap.HessianOperator`.
+        curvature: the matrix ``lambda_max``, ``trace`` and ``eos_ratio`` measure: ``"hessian"`` (default),
+            ``"ggn"``, ``"empirical-fisher"`` or ``"true-fisher"`` (:func:`hessgap.curvature.gauss_newton.curvature_operator`).
     """
 
     def __init__(self, model: nn.Module, data, *, every: int = 100, measures=("lambda_max",), optimizer=None,
                  out=None, line_data=None, tol: float = 1e-3, trace_probes: int = 16, epsilon: float = 1e-3,
                  sharpness_solver: str = "auto", critical_tol: float = 0.02, warm_start: bool = True, seed: int = 0,
                  loss_fn=None, compute_loss=None, weight_fn=None, max_batches: int | None = None, params=None,
-                 train_mode: bool = False, path: str = "auto", group=None):
+                 train_mode: bool = False, path: str = "auto", group=None, curvature: str = "hessian"):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # measure the module itself: DDP's hooks belong to the training
         if not isinstance(model, nn.Module):
@@ -98,6 +101,7 @@ class Tracker:
         self.warm_start = _checks.flag(warm_start, "warm_start")
         self.seed = _checks.seed(seed)
         self.train_mode, self.hvp_path = _checks.flag(train_mode, "train_mode"), path
+        self.curvature = _checks.choice(curvature, CURVATURES, "curvature")
         self._options = dict(loss_fn=loss_fn, compute_loss=compute_loss, weight_fn=weight_fn, params=params,
                              group=group)
         self.ranks = Ranks.resolve(group)
@@ -142,17 +146,20 @@ class Tracker:
         return {"measures": list(self.measures), "every": self.every, "tol": self.tol, "critical_tol": self.critical_tol,
                 "trace_probes": self.trace_probes, "epsilon": self.epsilon, "sharpness_solver": self.sharpness_solver,
                 "seed": self.seed, "max_batches": max_batches, "train_mode": self.train_mode,
-                "world_size": self.ranks.world_size}
+                "world_size": self.ranks.world_size,
+                # only when not the Hessian: folders written before the choice existed still resume
+                **({"curvature": self.curvature} if self.curvature != "hessian" else {})}
 
     def data_options(self) -> dict:
         """The keywords every measure passes on: what the loss is and over which parameters."""
         return {**self._options, "train_mode": self.train_mode}
 
     def operator(self) -> HessianOperator:
-        """The Hessian operator over the tracked data, made once: its products follow the weights as they change."""
+        """The curvature operator over the tracked data (the Hessian unless ``curvature=``), made once: its products
+        follow the weights as they change."""
         if self._operator is None:
-            self._operator = HessianOperator(self.model, self.batches, train_mode=self.train_mode, path=self.hvp_path,
-                                             **self._options)
+            self._operator = curvature_operator(self.curvature, self.model, self.batches, train_mode=self.train_mode,
+                                                path=self.hvp_path, **self._options)
         return self._operator
 
     # -- records --------------------------------------------------------------------------------------

@@ -358,3 +358,26 @@ def test_a_cold_record_uses_at_most_the_cold_tolerance_and_warm_ones_the_tracker
         train(model, optimizer, 5, x, y)
         tracker.step(step)
     assert calls == [(tracking_measures.COLD_TOL, "eigenvalue"), (1e-2, "residual")]
+
+
+def test_the_curvature_matrix_is_a_choice_and_a_folder_keeps_it(tmp_path):
+    """curvature="ggn": λmax and the trace are the GGN's (equal to hessgap's own GGN calls); a folder made for the
+    GGN refuses a tracker of the Hessian, so one run's records never mix two matrices."""
+    x, y = classification()
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, optimizer, 5, x, y)
+    data = (x[:128], y[:128])
+    tracker = Tracker(model, data, every=5, optimizer=optimizer, measures=("lambda_max", "trace"), curvature="ggn",
+                      trace_probes=8, out=tmp_path / "run")
+    record = tracker.step(5)
+    ggn = hessgap.eigenvalues(model, data, k=1, tol=1e-3, curvature="ggn").eigenvalues[0]
+    hessian = hessgap.eigenvalues(model, data, k=1, tol=1e-3).eigenvalues[0]
+    assert record["lambda_max"] == pytest.approx(ggn, rel=1e-2)
+    assert abs(ggn - hessian) > 1e-2 * abs(hessian)  # the choice matters on this model
+    assert record["trace"] == pytest.approx(hessgap.trace(model, data, num_probes=8, curvature="ggn").value, rel=1e-6)
+    with pytest.raises(HessgapError):
+        Tracker(model, data, every=5, optimizer=optimizer, measures=("lambda_max", "trace"), trace_probes=8,
+                out=tmp_path / "run")
+    with pytest.raises(HessgapError, match="curvature"):
+        Tracker(model, data, curvature="hessain")
