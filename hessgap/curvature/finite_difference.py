@@ -29,7 +29,7 @@ from ..errors import NonFiniteError
 from ._flat import Directions, check_finite_products, unflatten
 from .engine import PassStats
 from .second_order import SecondOrderRules
-from .sharded import without_forward_hooks
+from .sharded import rank_batches, without_forward_hooks
 
 #: How hessgap.hvp and HessianOperator multiply: exact R-operator / autograd products, or central differences.
 METHODS = ("exact", "finite-difference")
@@ -145,18 +145,10 @@ class FiniteDifferenceEngine:
         """The gradient of an FSDP2 model at θ = the ranks' shards ``values``: every rank walks as many batches
         as the rank with the most (each forward gathers the parameters in collectives), first-order only; the
         gathers' backward reduce-scatters, so each rank's gradient shard already sums every rank's data."""
-        objective, ranks, sharded = self.objective, self.objective.ranks, self.objective.sharded
+        objective, sharded = self.objective, self.objective.sharded
         grads = [torch.zeros_like(v) for v in values]
         stats = PassStats(chunk_size=1)
-        error, batches = None, []
-        try:
-            batches = list(objective.batches())
-        except Exception as exc:  # reading a shard may fail on one rank only
-            error = exc
-        ranks.settle(error)
-        counts = ranks.sum_numbers([len(batches) if r == ranks.rank else 0 for r in range(ranks.world_size)])
-        for index in range(int(max(counts))):
-            batch, weight = (batches[index], batches[index].weight) if index < len(batches) else (batches[0], 0.0)
+        for batch, weight in rank_batches(objective):
             leaves = [v.to(p.dtype).detach().requires_grad_() for v, p in zip(values, objective.vector_params)]
             with torch.enable_grad(), without_forward_hooks(objective.model):
                 loss = objective.batch_loss(batch, parameters=sharded.gathered(leaves))

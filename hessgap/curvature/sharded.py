@@ -107,12 +107,11 @@ def without_forward_hooks(model: nn.Module) -> Iterator[None]:
             module._forward_hooks.update(post)
 
 
-def sharded_pass(objective, rules, directions, flat_total: torch.Tensor, total: list[torch.Tensor], stats):
-    """The HVP engine's pass for FSDP2 shards (``stats``: its PassStats, ``rules``: its SecondOrderRules): every
-    rank walks as many batches as the rank with the most (collectives run inside each batch's passes), one
-    direction at a time (the directions' shards cannot be vmapped through the collectives). The products come out summed over
-    the ranks' data already; only the weights and losses are added up here."""
-    ranks, sharded = objective.ranks, objective.sharded
+def rank_batches(objective):
+    """``(batch, weight)`` for this rank's batches, as many as the rank with the most: a rank with fewer runs its
+    first batch again at weight 0, since every batch's passes are collectives all ranks must join. Reading the
+    shard is settled across the ranks first (it may fail on one rank only)."""
+    ranks = objective.ranks
     error, batches = None, []
     try:
         batches = list(objective.batches())
@@ -121,7 +120,17 @@ def sharded_pass(objective, rules, directions, flat_total: torch.Tensor, total: 
     ranks.settle(error)
     counts = ranks.sum_numbers([len(batches) if r == ranks.rank else 0 for r in range(ranks.world_size)])
     for index in range(int(max(counts))):
-        batch, weight = (batches[index], batches[index].weight) if index < len(batches) else (batches[0], 0.0)
+        yield (batches[index], batches[index].weight) if index < len(batches) else (batches[0], 0.0)
+
+
+def sharded_pass(objective, rules, directions, flat_total: torch.Tensor, total: list[torch.Tensor], stats):
+    """The HVP engine's pass for FSDP2 shards (``stats``: its PassStats, ``rules``: its SecondOrderRules): every
+    rank walks as many batches as the rank with the most (collectives run inside each batch's passes), one
+    direction at a time (the directions' shards cannot be vmapped through the collectives). The products come out summed over
+    the ranks' data already; only the weights and losses are added up here."""
+    ranks, sharded = objective.ranks, objective.sharded
+    error = None  # a non-finite loss, raised after the loop
+    for batch, weight in rank_batches(objective):
         leaves = sharded.leaves()
         with torch.enable_grad(), rules.watch(), without_forward_hooks(objective.model):
             parameters, failure = sharded.gathered(leaves), None
