@@ -128,6 +128,13 @@ def attention_rforward_reference(q, k, v, bias, o, lse, rq, rk, rv, causal, scal
 def attention_rbackward_reference(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho, rg, causal, scale):
     p = _probabilities(_scores(q, k, bias, causal, scale), lse)
     rp, _ = _rp(q, k, p, rq, rk, scale)
+    r_dq, r_dk, r_dv, _ = rbackward_from_probabilities(q, k, v, p, o, g, rq, rk, rv, rp, ro, rg, scale)
+    return r_dq, r_dk, r_dv
+
+
+def rbackward_from_probabilities(q, k, v, p, o, g, rq, rk, rv, rp, ro, rg, scale):
+    """R{∂L/∂q}, R{∂L/∂k}, R{∂L/∂v} and R{∂L/∂S} (the scores') of attention given its probabilities ``p`` and their
+    tangent ``rp``, materialized: the twin above, and the rule of attention with a learned bias."""
     dp = g @ v.transpose(-1, -2)
     delta = (g * o).sum(-1, keepdim=True)
     ds = p * (dp - delta)
@@ -141,7 +148,7 @@ def attention_rbackward_reference(q, k, v, bias, o, lse, g, rq, rk, rv, ro, rho,
     r_ds = rp * (dp - delta) + p * (r_dp - r_delta)
     r_dq = scale * (r_ds @ k + ds @ rk)
     r_dk = scale * (r_ds.transpose(-1, -2) @ q + ds.transpose(-1, -2) @ rq)
-    return r_dq, r_dk, r_dv
+    return r_dq, r_dk, r_dv, r_ds
 
 
 # ---- fake kernels (shape only), registered when the build is there --------------------------------------

@@ -112,15 +112,6 @@ class BiasedAttention(OpRule):
     def rvjp(self, saved, rsaved, g, rg, need):
         q, k, v, p, o = saved
         rq, rk, rv, rp, ro = rsaved
-        dp, delta, ds = self._ds(p, g, v, o)
-        r_dp = g @ rv.transpose(-1, -2)
-        r_delta = (g * ro).sum(-1, keepdim=True)
-        r_dv = rp.transpose(-1, -2) @ g
-        if rg is not None:
-            r_dp = r_dp + rg @ v.transpose(-1, -2)
-            r_delta = r_delta + (rg * o).sum(-1, keepdim=True)
-            r_dv = r_dv + p.transpose(-1, -2) @ rg
-        r_ds = rp * (dp - delta) + p * (r_dp - r_delta)
-        grads = [self.scale * (r_ds @ k + ds @ rk), self.scale * (r_ds.transpose(-1, -2) @ q + ds.transpose(-1, -2) @ rq),
-                 r_dv, sum_to(r_ds, self.mask_shape, True)]
+        r_dq, r_dk, r_dv, r_ds = ops.rbackward_from_probabilities(q, k, v, p, o, g, rq, rk, rv, rp, ro, rg, self.scale)
+        grads = [r_dq, r_dk, r_dv, sum_to(r_ds, self.mask_shape, True)]
         return [t if wanted else None for t, wanted in zip(self._back(grads), need)]
