@@ -33,7 +33,7 @@ from .capture import Captured
 from .plan import GraphPlan
 from .program import GraphState, Program, _arg_nodes
 from .rules import GraphUnsupported, arith, attention, conv, dense, norm
-from .rules.base import LinearRule, add, describe
+from .rules.base import LinearRule, describe
 
 
 def _without_tangents(count: int):
@@ -194,13 +194,7 @@ class GaussNewtonProgram(Program):
                                           need)
                 else:
                     outs = first_order(step.rule, state.saved[step.index], rsaved.pop(step.index, None), g, rg, need)
-            for j, slot, r in zip(step.inputs, step.param, outs):
-                if j is None or r is None:
-                    continue
-                if slot is None:
-                    rgrads[j] = add(rgrads.get(j), r)
-                else:
-                    totals.add(slot, r)
+            self._route(step, outs, rgrads, totals)
 
     def apply_ggn(self, state: GraphState, directions: Sequence[torch.Tensor], sums: ChunkSums) -> None:
         """w·Jᵀ·H_L·J·v for the k directions, into ``sums`` as :meth:`Program.apply` (w: the batch's weight)."""

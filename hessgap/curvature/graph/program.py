@@ -211,6 +211,17 @@ class Program:
 
     # ---- the R-passes for a chunk of directions --------------------------------------------------------
 
+    @staticmethod
+    def _route(step, outs, rgrads: dict, sums: ChunkSums) -> None:
+        """A step's R-gradients: a parameter's into the sums, the others to the nodes they flow back to."""
+        for j, slot, r in zip(step.inputs, step.param, outs):
+            if j is None or r is None:
+                continue
+            if slot is None:
+                rgrads[j] = add(rgrads.get(j), r)
+            else:
+                sums.add(slot, r)
+
     def apply(self, state: GraphState, directions: Sequence[torch.Tensor], sums: ChunkSums) -> None:
         """w·H·v for the k directions (per-parameter ``(k, *shape)`` tensors), each parameter's product added into
         ``sums`` (see :class:`~hessgap.curvature.sums.ChunkSums`) as the R-backward reaches it."""
@@ -240,10 +251,4 @@ class Program:
             need = [j is not None for j in step.inputs]
             outs = step.rule.rvjp(state.saved[step.index], rsaved.pop(step.index, None),
                                   state.grads.get(step.index), rg, need)
-            for j, slot, r in zip(step.inputs, step.param, outs):
-                if j is None or r is None:
-                    continue
-                if slot is None:
-                    rgrads[j] = add(rgrads.get(j), r)
-                else:
-                    sums.add(slot, r)
+            self._route(step, outs, rgrads, sums)
