@@ -49,40 +49,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessgap
 
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+from _timing import CLOCKS
+from zoo_models import CausalLM, ImageClassifier, SequenceClassifier
+
 IGNORE = -100
 
 
 # ---- models ----------------------------------------------------------------------------------------------------
-
-class CausalLM(nn.Module):
-    """Next-token logits, classes second, (B, vocab, T − 1)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].transpose(1, 2)
-
-
-class SequenceClassifier(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-class ImageClassifier(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).logits
-
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of (N, C, H, W) maps, through channels-last (as timm's ConvNeXt does)."""
