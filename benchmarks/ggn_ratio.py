@@ -30,31 +30,12 @@ import copy
 import statistics
 
 import torch
+from fused_graph_ratio import ImageClassifier, LanguageModel
 from torch import nn
 
 import hessgap
 
 import _timing
-
-
-class LanguageModel(nn.Module):
-    """A causal LM's logits shifted for next-token prediction, classes second: (B, vocab, T−1)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits[:, :-1].transpose(1, 2)
-
-
-class ImageClassifier(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(pixel_values=x).logits
 
 
 def make_case(name: str, args):
